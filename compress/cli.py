@@ -1,0 +1,199 @@
+"""The ``compress`` command: a thin face of the API. Flags map one-to-one onto CompressConfig fields.
+
+Exit codes: 0 success, 2 a user error (bad flag, missing file, infeasible target), 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from compress.config import AXES, IMPORTANCE_METHODS, LAYER_METRICS, PROXIES, STAGES, CompressConfig
+from compress.errors import CompressError, ConfigError
+
+_HELP = {
+    "teacher": "teacher: a built-in alias (smollm2-135m, gemma3-270m), a Hugging Face folder, a .gguf file or a hub id",
+    "target_size": "student size: parameters (90M), a ratio of the teacher (0.67x) or a percentage (67%%)",
+    "out": "run directory (default runs/<teacher>-<target-size>)",
+    "data": "text / jsonl / parquet file or folder, or a hub dataset (default: Debian's kernel and Python docs)",
+    "axes": f"comma-separated axes the planner may shrink, of {', '.join(AXES)} (kv = whole GQA groups)",
+    "align": "every pruned dimension is a multiple of this (NPU channel alignment; 32 or 64)",
+    "importance": f"how units are scored: {', '.join(IMPORTANCE_METHODS)}",
+    "calib_samples": "calibration sequences for importance (Minitron used 1024)",
+    "calib_seq_len": "tokens per calibration sequence",
+    "batch_size": "sequences per forward pass",
+    "batch_aggregation": "how per-sample scores combine over the batch: mean, l2, var",
+    "sequence_aggregation": "how per-token scores combine over a sequence: mean, l2, var",
+    "layer_metric": f"layer importance: {', '.join(LAYER_METRICS)}",
+    "tolerance": "accept shapes within this fraction of the target size",
+    "proxy": f"how the planner ranks shapes: {', '.join(PROXIES)} (loss runs the best few on calibration text)",
+    "search_candidates": "how many shapes the loss proxy checks",
+    "eval_samples": "validation sequences for perplexity",
+    "eval_seq_len": "tokens per validation sequence",
+    "bf16": "bf16 autocast for importance and the planner's loss check (reported perplexities are fp32)",
+    "stop_after": f"last stage to run: {', '.join(STAGES)}",
+    "seed": "random seed",
+    "trust_remote_code": "allow a teacher's own modelling code to run",
+}
+
+_EPILOG = """examples:
+  compress --teacher smollm2-135m --target-size 0.67x --out runs/demo --stop-after prune
+  compress --teacher ./my-llama --data ./corpus/ --target-size 90M --axes heads,hidden,mlp,layers
+  compress fetch                       # download the built-in teachers and the default data
+  compress eval runs/demo/pruned --text notes.txt
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compress",
+        description="Prune a teacher language model to a target size with activation-based importance.",
+        epilog=_EPILOG + "\nsubcommands: compress fetch --help, compress eval --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = CompressConfig()
+    for f in dataclasses.fields(CompressConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP[f.name] + f" (default {default})")
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, default=None, help=_HELP[f.name] + f" (default {','.join(default)})")
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(flag, type=kind, default=None, help=_HELP[f.name] + f" (default {default})")
+    parser.add_argument("--config", help="a JSON file of config fields; flags given here override it")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines, only the summary")
+    return parser
+
+
+def _config_from(args: argparse.Namespace) -> CompressConfig:
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            values = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"--config {args.config}: cannot read it as JSON ({error}); pass a JSON object of fields") from error
+    for f in dataclasses.fields(CompressConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            values[f.name] = tuple(a.strip() for a in value.split(",") if a.strip()) if f.name == "axes" else value
+    return CompressConfig.from_dict(values)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if quiet:
+            hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _summary(result: Any) -> str:
+    rows = [("stage", "seconds", "result")]
+    for stage in result.stages:
+        m = stage.metrics
+        if stage.stage == "score":
+            text = f"{m['method']} importance, {m['samples']} samples, {m['tokens']} tokens"
+        elif stage.stage == "plan":
+            s = m["shape"]
+            text = (
+                f"hidden {s['hidden']}, mlp {s['mlp']}, heads {s['kv_heads']}x{s['heads_per_group']}, "
+                f"layers {s['layers']}: {m['params'] / 1e6:.1f}M params ({m['params'] / m['teacher_params']:.2f}x)"
+            )
+        else:
+            text = f"{result.pruned_dir}"
+            if "pruned_perplexity" in m:
+                text += (
+                    f"  perplexity {m['teacher_perplexity']:.2f} (teacher) -> {m['pruned_perplexity']:.2f} "
+                    f"on {m['validation_tokens']} validation tokens"
+                )
+        rows.append((stage.stage, "reused" if stage.reused else f"{stage.seconds:.1f}", text))
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    return "\n".join(f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]}" for r in rows)
+
+
+def _fetch(argv: list[str]) -> int:
+    from compress.data import fetch_default_corpus
+    from compress.teachers import BUILTIN_TEACHERS, fetch_teacher
+
+    parser = argparse.ArgumentParser(prog="compress fetch", description="Download built-in teachers and the default data into the cache ($PDQ_CACHE).")
+    parser.add_argument("teachers", nargs="*", default=["smollm2-135m"], help=f"aliases of {', '.join(BUILTIN_TEACHERS)} (default smollm2-135m)")
+    parser.add_argument("--no-data", action="store_true", help="skip the default corpus")
+    parser.add_argument("--quiet", action="store_true", help="print only the paths")
+    args = parser.parse_args(argv)
+    for alias in args.teachers:
+        if alias not in BUILTIN_TEACHERS:
+            raise ConfigError(f"compress fetch {alias}: unknown alias; known: {', '.join(BUILTIN_TEACHERS)}")
+        print(f"{alias}: {fetch_teacher(alias)}")
+    if not args.no_data:
+        print(f"data: {fetch_default_corpus()}")
+    return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from compress.data import load_corpus, text_file_ids, token_batches
+    from compress.evaluate import perplexity
+    from compress.teachers import load_teacher
+
+    parser = argparse.ArgumentParser(prog="compress eval", description="Perplexity of a model on the validation split or on a text file.")
+    parser.add_argument("model", help="a checkpoint folder, .gguf file or built-in teacher alias")
+    parser.add_argument("--text", help="a UTF-8 text file to measure instead of the validation split")
+    parser.add_argument("--data", help="corpus whose validation split to use (default: the Debian docs)")
+    parser.add_argument("--samples", type=int, default=64, help="validation sequences (default 64)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    model, tokenizer = load_teacher(args.model)
+    if args.text:
+        ids = text_file_ids(args.text, tokenizer, args.seq_len)
+        source = args.text
+    else:
+        ids = token_batches(load_corpus(args.data), tokenizer, "validation", args.seq_len, args.samples)
+        source = f"validation split of {args.data or 'debian-docs'}"
+    result = perplexity(model, ids, args.batch_size, progress=True)
+    print(json.dumps({"model": args.model, "data": source, **result.to_dict()}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quiet = "--quiet" in argv
+    _setup_logging(quiet)
+    try:
+        if argv and argv[0] == "fetch":
+            return _fetch(argv[1:])
+        if argv and argv[0] == "eval":
+            return _eval(argv[1:])
+        args = _parser().parse_args(argv)
+        config = _config_from(args)
+        if args.print_config:
+            print(json.dumps(config.to_dict(), indent=2))
+            return 0
+        from compress.pipeline import run
+
+        result = run(config, progress=not args.quiet)
+        print(_summary(result))
+        return 0
+    except CompressError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue from the last finished stage", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

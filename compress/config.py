@@ -1,0 +1,141 @@
+"""The run's knobs: ``CompressConfig`` is exactly the CLI's schema; ``TargetSize`` is parsed once."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compress.errors import ConfigError
+
+STAGES = ("score", "plan", "prune")
+"""Stages built so far, in order; ``--stop-after`` takes one of them."""
+AXES = ("heads", "kv", "hidden", "mlp", "layers")
+IMPORTANCE_METHODS = ("activation", "magnitude", "random")
+LAYER_METRICS = ("block-influence", "perplexity")
+PROXIES = ("loss", "mass")
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+
+
+@dataclass(frozen=True)
+class TargetSize:
+    """A target parameter count, absolute (``90M``) or relative to the teacher (``0.67x``, ``67%``)."""
+
+    params: int | None = None
+    ratio: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TargetSize:
+        value = str(text).strip()
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([xX%]|[kKmMbBgG]?)", value)
+        if not match:
+            raise ConfigError(
+                f"--target-size {text!r} is not a size; use a parameter count like 90M or 1.2B, "
+                "a ratio like 0.67x, or a percentage like 67%"
+            )
+        number, unit = float(match.group(1)), match.group(2)
+        if number <= 0:
+            raise ConfigError(f"--target-size {text!r} must be greater than zero")
+        if unit in ("x", "X"):
+            return cls(ratio=number)
+        if unit == "%":
+            return cls(ratio=number / 100.0)
+        return cls(params=int(round(number * _SUFFIXES[unit.upper()])))
+
+    def params_for(self, teacher_params: int) -> int:
+        """The absolute target for a teacher of ``teacher_params`` parameters."""
+        if self.params is not None:
+            return self.params
+        assert self.ratio is not None
+        return int(round(self.ratio * teacher_params))
+
+    def __str__(self) -> str:
+        if self.params is not None:
+            return f"{self.params / 1e6:g}M"
+        return f"{self.ratio:g}x"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Every knob of a run; each field is one CLI flag (``target_size`` is ``--target-size``)."""
+
+    teacher: str = "smollm2-135m"
+    target_size: str = "0.67x"
+    out: str | None = None
+    data: str | None = None
+    axes: tuple[str, ...] = ("heads", "hidden", "mlp")
+    align: int = 64
+    importance: str = "activation"
+    calib_samples: int = 1024
+    calib_seq_len: int = 128
+    batch_size: int = 8
+    batch_aggregation: str = "l2"
+    sequence_aggregation: str = "mean"
+    layer_metric: str = "block-influence"
+    tolerance: float = 0.05
+    proxy: str = "loss"
+    search_candidates: int = 8
+    eval_samples: int = 64
+    eval_seq_len: int = 256
+    bf16: bool = True
+    stop_after: str = "prune"
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        TargetSize.parse(self.target_size)
+        object.__setattr__(self, "axes", tuple(self.axes))
+        unknown = [a for a in self.axes if a not in AXES]
+        if unknown or not self.axes:
+            raise ConfigError(f"--axes {','.join(self.axes)!r}: allowed axes are {', '.join(AXES)}")
+        _choice("importance", self.importance, IMPORTANCE_METHODS)
+        _choice("batch-aggregation", self.batch_aggregation, ("mean", "l2", "var"))
+        _choice("sequence-aggregation", self.sequence_aggregation, ("mean", "l2", "var"))
+        _choice("layer-metric", self.layer_metric, LAYER_METRICS)
+        _choice("proxy", self.proxy, PROXIES)
+        _choice("stop-after", self.stop_after, STAGES)
+        if self.align < 1 or self.align & (self.align - 1):
+            raise ConfigError(f"--align {self.align}: use a power of two such as 32 or 64 (NPU channel multiples)")
+        for name in ("calib_samples", "calib_seq_len", "batch_size", "search_candidates", "eval_samples", "eval_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not 0 < self.tolerance < 1:
+            raise ConfigError(f"--tolerance {self.tolerance}: use a fraction between 0 and 1, e.g. 0.05")
+
+    @property
+    def target(self) -> TargetSize:
+        return TargetSize.parse(self.target_size)
+
+    @property
+    def run_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(self.teacher).name or self.teacher)
+        return Path("runs") / f"{name}-{self.target_size}"
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["axes"] = list(self.axes)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CompressConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def fingerprint(self, *names: str) -> str:
+        """A short hash of the named fields: a stage's output is reused only if its fingerprint matches."""
+        blob = json.dumps({n: self.to_dict()[n] for n in names}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"--{flag} {value!r}: allowed values are {', '.join(allowed)}")

@@ -1,0 +1,246 @@
+"""Text data: the default Debian documentation corpus, user files, deterministic splits and token packing.
+
+The default corpus is real human-written English fetched from Debian's package registry with
+``apt-get download`` + ``dpkg -x`` (no install): the Linux kernel documentation (``linux-doc-6.1``) and
+the Python 3.11 documentation sources (``python3.11-doc``). Every corpus is split by document, by a hash
+of its text, so the split does not depend on file order and never leaks a document across splits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.errors import DataError
+from compress.io import cache_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CORPUS = "debian-docs"
+SPLITS = ("calibration", "train", "validation")
+# Per mille of documents in each split: 2% validation, 5% calibration (1024 x 256 tokens needs ~1.5 MB
+# of text; the default corpus has ~35 MB), the rest for distillation.
+_SPLIT_BOUNDS = {"validation": (0, 20), "calibration": (20, 70), "train": (70, 1000)}
+_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+_JSON_SUFFIXES = (".jsonl", ".json")
+
+
+@dataclass(frozen=True)
+class _DebianSource:
+    package: str
+    root: str  # folder inside the package
+    pattern: str
+
+
+_DEBIAN_SOURCES = (
+    _DebianSource("linux-doc-6.1", "usr/share/doc/linux-doc-6.1/Documentation", "**/*.rst.gz"),
+    _DebianSource("python3.11-doc", "usr/share/doc/python3.11/html/_sources", "**/*.rst.txt"),
+)
+
+
+def _apt_download(package: str, dest: Path) -> Path:
+    def attempt() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
+
+    if shutil.which("apt-get") is None:
+        raise DataError("the default corpus needs Debian's apt-get; pass your own text with --data FILE_OR_FOLDER")
+    result = attempt()
+    if result.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)  # package lists may be empty
+        result = attempt()
+    debs = sorted(dest.glob(f"{package}_*.deb"))
+    if result.returncode != 0 or not debs:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DataError(
+            f"apt-get download {package} failed: {last}; run 'apt-get update' (as root) and retry, "
+            "or pass your own text with --data FILE_OR_FOLDER"
+        )
+    return debs[-1]
+
+
+def fetch_default_corpus() -> Path:
+    """The default corpus as one JSON-lines file ({"id", "text"} per document), fetched on first use."""
+    out_dir = cache_dir() / "data" / DEFAULT_CORPUS
+    target = out_dir / "corpus.jsonl"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as work:
+        work_path = Path(work)
+        tmp = out_dir / "corpus.jsonl.tmp"
+        count = 0
+        with open(tmp, "w") as out:
+            for source in _DEBIAN_SOURCES:
+                log.info("fetching %s from Debian's package registry", source.package)
+                deb = _apt_download(source.package, work_path)
+                tree = work_path / source.package
+                subprocess.run(["dpkg", "-x", str(deb), str(tree)], check=True, capture_output=True)
+                for path in sorted((tree / source.root).glob(source.pattern)):
+                    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+                    text = raw.decode("utf-8", errors="replace").strip()
+                    if len(text) < 200:  # index stubs and empty pages carry no prose
+                        continue
+                    doc_id = f"{source.package}/{path.relative_to(tree / source.root)}"
+                    out.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+                    count += 1
+        if count == 0:
+            tmp.unlink(missing_ok=True)
+            raise DataError("the Debian documentation packages held no text; pass your own with --data")
+        tmp.replace(target)
+    log.info("default corpus: %d documents in %s", count, target)
+    return target
+
+
+def _data_files(path: Path) -> tuple[str, list[str]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    by_kind: dict[str, list[str]] = {"text": [], "json": [], "parquet": []}
+    for file in files:
+        name = file.name.lower()
+        if name.endswith(_TEXT_SUFFIXES):
+            by_kind["text"].append(str(file))
+        elif name.endswith(_JSON_SUFFIXES):
+            by_kind["json"].append(str(file))
+        elif name.endswith(".parquet"):
+            by_kind["parquet"].append(str(file))
+    kinds = [k for k, v in by_kind.items() if v]
+    if not kinds:
+        raise DataError(
+            f"--data {path}: no .txt/.md/.rst, .jsonl/.json or .parquet files found; point it at such files"
+        )
+    if len(kinds) > 1:
+        raise DataError(f"--data {path}: mixes {' and '.join(kinds)} files; pass one kind of file at a time")
+    return kinds[0], by_kind[kinds[0]]
+
+
+def load_corpus(data: str | None) -> Any:
+    """A ``datasets.Dataset`` with one document per row in a ``text`` column."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if data in (None, DEFAULT_CORPUS):
+        kind, files = "json", [str(fetch_default_corpus())]
+    else:
+        path = Path(data).expanduser()
+        if path.exists():
+            kind, files = _data_files(path)
+        elif "/" in data and not data.startswith((".", "/", "~")) and not Path(data).suffix:
+            try:
+                dataset = datasets.load_dataset(data, split="train")
+            except Exception as error:
+                raise DataError(
+                    f"--data {data}: not a local file or folder, and not loadable as a hub dataset "
+                    f"({type(error).__name__}); pass local text, jsonl or parquet files"
+                ) from error
+            return _with_text_column(dataset, data)
+        else:
+            raise DataError(f"--data {data}: no such file or folder; pass text, jsonl or parquet files")
+    try:
+        if kind == "text":
+            dataset = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
+        else:
+            dataset = datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as error:
+        raise DataError(f"--data {data or DEFAULT_CORPUS}: could not read it as {kind} ({error}); check the files") from error
+    return _with_text_column(dataset, data or DEFAULT_CORPUS)
+
+
+def _with_text_column(dataset: Any, name: str) -> Any:
+    if "text" not in dataset.column_names:
+        raise DataError(
+            f"--data {name}: no 'text' column (columns: {', '.join(dataset.column_names)}); "
+            "provide documents under a 'text' field"
+        )
+    if len(dataset) == 0:
+        raise DataError(f"--data {name}: holds no documents")
+    return dataset
+
+
+def _bucket(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", errors="replace")).digest()[:4], "big")
+
+
+def split_texts(dataset: Any, split: str) -> list[str]:
+    """The documents of one split, in a deterministic order (by hash), chosen by a hash of each text."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    low, high = _SPLIT_BOUNDS[split]
+    chosen = []
+    for text in dataset["text"]:
+        if not text or not text.strip():
+            continue
+        bucket = _bucket(text)
+        if low <= bucket % 1000 < high:
+            chosen.append((bucket, text))
+    chosen.sort()
+    return [text for _, text in chosen]
+
+
+def wants_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS in front of a text (Gemma does and needs it; SmolLM2 does not)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    return tokenizer("a", add_special_tokens=True).input_ids[:1] == [tokenizer.bos_token_id]
+
+
+def pack(texts: list[str], tokenizer: Any, seq_len: int, max_sequences: int) -> torch.Tensor:
+    """Concatenate documents (EOS between them) and cut into (sequences, seq_len) token ids.
+
+    Every sequence starts with BOS when the tokenizer wants one. Stops tokenizing once enough tokens exist.
+    """
+    bos = wants_bos(tokenizer)
+    body = seq_len - 1 if bos else seq_len
+    needed = max_sequences * body
+    stream: list[int] = []
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(texts), 64):
+        encoded = tokenizer(texts[start : start + 64], add_special_tokens=False).input_ids
+        for ids in encoded:
+            stream.extend(ids)
+            if eos is not None:
+                stream.append(eos)
+        if len(stream) >= needed:
+            break
+    count = min(max_sequences, len(stream) // body)
+    if count == 0:
+        raise DataError(
+            f"the data holds {len(stream)} tokens, fewer than one sequence of {seq_len}; "
+            "add text or lower the sequence length"
+        )
+    ids = torch.tensor(stream[: count * body], dtype=torch.long).view(count, body)
+    if bos:
+        ids = torch.cat([torch.full((count, 1), tokenizer.bos_token_id, dtype=torch.long), ids], dim=1)
+    return ids
+
+
+def token_batches(dataset: Any, tokenizer: Any, split: str, seq_len: int, sequences: int) -> torch.Tensor:
+    """``sequences`` packed sequences from ``split``; fewer (with a warning) when the split is small."""
+    ids = pack(split_texts(dataset, split), tokenizer, seq_len, sequences)
+    if ids.shape[0] < sequences:
+        log.warning(
+            "the %s split holds only %d sequences of %d tokens (asked for %d); using them all",
+            split, ids.shape[0], seq_len, sequences,
+        )
+    return ids
+
+
+def text_file_ids(path: str, tokenizer: Any, seq_len: int, max_sequences: int = 1 << 30) -> torch.Tensor:
+    """Token sequences of one user text file, for ``compress eval --text FILE``."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"--text {path}: no such file; pass a UTF-8 text file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"--text {path}: not UTF-8 text ({error}); convert it to UTF-8") from error
+    return pack([text], tokenizer, seq_len, max_sequences)

@@ -1,0 +1,261 @@
+"""The run: teacher → importance → plan → prune, each stage writing into the run directory.
+
+A stage's output is reused when it exists and was produced by the same settings (recorded in
+``stages.json``); when settings change, that stage and every later one run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.archspec import ArchSpec, resolve
+from compress.config import STAGES, CompressConfig
+from compress.data import load_corpus, token_batches
+from compress.errors import RunDirectoryError
+from compress.evaluate import Perplexity, mean_nll, perplexity
+from compress.io import read_json, write_json
+from compress.planner import PruningPlan, feasible_shapes, plan
+from compress.scoring import check_scores, score_importance
+from compress.surgery import apply_plan, save_checkpoint
+from compress.teachers import load_teacher
+from importance import ImportanceScores
+
+log = logging.getLogger(__name__)
+
+# Fields each stage's output depends on (plus every earlier stage's fingerprint).
+_STAGE_FIELDS = {
+    "score": ("teacher", "data", "importance", "calib_samples", "calib_seq_len", "batch_aggregation",
+              "sequence_aggregation", "layer_metric", "bf16", "seed"),
+    "plan": ("target_size", "axes", "align", "tolerance", "proxy", "search_candidates"),
+    "prune": ("eval_samples", "eval_seq_len"),
+}
+# Calibration sequences the planner's loss proxy runs each candidate on (16 x calib_seq_len tokens).
+_PROXY_SEQUENCES = 16
+
+
+@dataclass(frozen=True)
+class StageMetrics:
+    """What one stage produced and cost."""
+
+    stage: str
+    seconds: float
+    reused: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """Paths and metrics of a run; the pruned model is loaded on demand."""
+
+    run_dir: Path
+    config: CompressConfig
+    stages: tuple[StageMetrics, ...]
+
+    @property
+    def pruned_dir(self) -> Path:
+        return self.run_dir / "pruned"
+
+    @property
+    def plan(self) -> PruningPlan:
+        return PruningPlan.load(self.run_dir / "plan.json")
+
+    def load_pruned(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.pruned_dir)
+
+    def metrics(self) -> dict[str, Any]:
+        return {s.stage: s.metrics for s in self.stages}
+
+
+class _Run:
+    """Lazily loaded shared state of one run (teacher, data) so reused stages load nothing."""
+
+    def __init__(self, config: CompressConfig, progress: bool) -> None:
+        self.config = config
+        self.progress = progress
+        self.dir = config.run_dir
+        self._teacher: tuple[Any, Any] | None = None
+        self._spec: ArchSpec | None = None
+        self._dataset: Any = None
+
+    @property
+    def teacher(self) -> Any:
+        if self._teacher is None:
+            log.info("loading teacher %s", self.config.teacher)
+            self._teacher = load_teacher(self.config.teacher, self.config.trust_remote_code)
+        return self._teacher[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        self.teacher  # noqa: B018 - loads both
+        assert self._teacher is not None
+        return self._teacher[1]
+
+    @property
+    def spec(self) -> ArchSpec:
+        if self._spec is None:
+            self._spec = resolve(self.teacher)
+        return self._spec
+
+    @property
+    def dataset(self) -> Any:
+        if self._dataset is None:
+            self._dataset = load_corpus(self.config.data)
+        return self._dataset
+
+    def ids(self, split: str, seq_len: int, sequences: int) -> torch.Tensor:
+        return token_batches(self.dataset, self.tokenizer, split, seq_len, sequences)
+
+
+def _prepare_run_dir(config: CompressConfig) -> None:
+    run_dir = config.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"--out {run_dir} is a file; choose a folder name")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "config.json").exists():
+        raise RunDirectoryError(
+            f"--out {run_dir} is not empty and holds no pdq-compress run (no config.json); "
+            "choose a new or empty folder"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", config.to_dict())
+    except OSError as error:
+        raise RunDirectoryError(f"--out {run_dir}: cannot write there ({error.strerror}); choose a writable folder") from error
+
+
+def run(config: CompressConfig, progress: bool = True) -> CompressResult:
+    """Run every stage up to ``config.stop_after``, reusing finished ones.
+
+    If the very first stage of a new run directory fails, the directory is removed again, so bad input
+    leaves nothing behind; finished stages of an existing run are always kept.
+    """
+    fresh = not config.run_dir.exists() or not any(config.run_dir.iterdir())
+    _prepare_run_dir(config)
+    try:
+        return _run_stages(config, progress)
+    except BaseException:
+        if fresh and not (config.run_dir / "stages.json").exists():
+            shutil.rmtree(config.run_dir, ignore_errors=True)
+        raise
+
+
+def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
+    state = _Run(config, progress)
+    stages_file = state.dir / "stages.json"
+    done: dict[str, str] = read_json(stages_file) if stages_file.exists() else {}
+    results: list[StageMetrics] = []
+    fingerprints, upstream = {}, ""
+    for stage in STAGES[: STAGES.index(config.stop_after) + 1]:
+        upstream = hashlib.sha256((config.fingerprint(*_STAGE_FIELDS[stage]) + upstream).encode()).hexdigest()[:16]
+        fingerprints[stage] = upstream
+    if "plan" in fingerprints and done.get("plan") != fingerprints["plan"]:
+        # Refuse an infeasible target before the expensive scoring stage, not after it.
+        feasible_shapes(state.spec, state.teacher.config, config.target, config.axes, config.align, config.tolerance)
+    for stage, fingerprint in fingerprints.items():
+        started = time.perf_counter()
+        metrics_file = state.dir / f"{stage}.metrics.json"
+        if done.get(stage) == fingerprint and metrics_file.exists():
+            log.info("stage %s: reusing finished output", stage)
+            results.append(StageMetrics(stage, 0.0, True, read_json(metrics_file)))
+            continue
+        log.info("stage %s", stage)
+        metrics = _STAGE_RUNNERS[stage](state)
+        write_json(metrics_file, metrics)
+        done[stage] = fingerprint
+        for later in STAGES[STAGES.index(stage) + 1 :]:
+            done.pop(later, None)
+        write_json(stages_file, done)
+        results.append(StageMetrics(stage, time.perf_counter() - started, False, metrics))
+    return CompressResult(state.dir, config, tuple(results))
+
+
+def _score(state: _Run) -> dict[str, Any]:
+    c = state.config
+    ids = state.ids("calibration", c.calib_seq_len, c.calib_samples) if c.importance == "activation" else None
+    scores = score_importance(
+        state.teacher,
+        state.spec,
+        c.importance,
+        ids=ids,
+        seed=c.seed,
+        **(
+            {
+                "batch_size": c.batch_size,
+                "batch_aggregation": c.batch_aggregation,
+                "sequence_aggregation": c.sequence_aggregation,
+                "bf16": c.bf16,
+                "layer_metric": c.layer_metric,
+                "progress": state.progress,
+            }
+            if c.importance == "activation"
+            else {}
+        ),
+    )
+    scores.save(state.dir / "scores.safetensors")
+    return {"method": scores.method, "samples": scores.samples, "tokens": scores.tokens}
+
+
+def _plan(state: _Run) -> dict[str, Any]:
+    c = state.config
+    scores = ImportanceScores.load(state.dir / "scores.safetensors")
+    check_scores(scores, state.spec)
+    calib = state.ids("calibration", c.calib_seq_len, _PROXY_SEQUENCES) if c.proxy == "loss" else None
+    teacher, spec = state.teacher, state.spec
+
+    def evaluate(kept: dict[str, list[int]], shape: Any) -> float:
+        trial = PruningPlan(spec.family, shape, shape, kept, {}, 0, 0, 0, "", (), 1, 0.0, "", "")
+        student = apply_plan(teacher, spec, trial)
+        return mean_nll(student, calib, batch_size=c.batch_size, bf16=c.bf16)
+
+    chosen = plan(
+        spec,
+        teacher.config,
+        scores,
+        c.target,
+        axes=c.axes,
+        align=c.align,
+        tolerance=c.tolerance,
+        proxy=c.proxy,
+        search_candidates=c.search_candidates,
+        evaluate=evaluate if spec.causal_lm and c.proxy == "loss" else None,
+    )
+    chosen.save(state.dir / "plan.json")
+    return {
+        "shape": chosen.shape.to_dict(),
+        "params": chosen.params,
+        "teacher_params": chosen.teacher_params,
+        "target_params": chosen.target_params,
+        "candidates": len(chosen.candidates),
+        "reason": chosen.reason,
+    }
+
+
+def _prune(state: _Run) -> dict[str, Any]:
+    c = state.config
+    chosen = PruningPlan.load(state.dir / "plan.json")
+    student = apply_plan(state.teacher, state.spec, chosen)
+    save_checkpoint(student, state.tokenizer, state.dir / "pruned")
+    metrics: dict[str, Any] = {"params": chosen.params, "teacher_params": chosen.teacher_params}
+    if state.spec.causal_lm:
+        valid = state.ids("validation", c.eval_seq_len, c.eval_samples)
+        teacher_ppl: Perplexity = perplexity(state.teacher, valid, c.batch_size, progress=state.progress)
+        pruned_ppl = perplexity(student, valid, c.batch_size, progress=state.progress)
+        metrics.update(
+            teacher_perplexity=teacher_ppl.perplexity,
+            pruned_perplexity=pruned_ppl.perplexity,
+            validation_tokens=pruned_ppl.tokens,
+            validation_seq_len=pruned_ppl.seq_len,
+        )
+    return metrics
+
+
+_STAGE_RUNNERS = {"score": _score, "plan": _plan, "prune": _prune}

@@ -1,0 +1,1 @@
+"""Knowledge-distillation retraining (torch only). Not built yet: tracked by the distillation issue."""

@@ -1,0 +1,21 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# The cache the setup fetched the real teacher and data into; tiny-model tests get an empty one.
+REAL_CACHE = os.environ.get("PDQ_CACHE") or str(Path.home() / ".cache" / "pdq-compress")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(request, tmp_path_factory, monkeypatch):
+    """Tests never read or write the user's cache, except those marked real_teacher."""
+    if request.node.get_closest_marker("real_teacher"):
+        monkeypatch.setenv("PDQ_CACHE", REAL_CACHE)
+    else:
+        monkeypatch.setenv("PDQ_CACHE", str(tmp_path_factory.mktemp("cache")))

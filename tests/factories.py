@@ -1,0 +1,140 @@
+"""Tiny *real* architectures built from transformers configs, and a tokenizer trained on the spot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+VOCAB = 256
+TEXT = (
+    "The kernel schedules tasks on every processor. Each task has a priority and a time slice. "
+    "Python reads the source file, compiles it to bytecode and runs it in the interpreter loop. "
+    "Memory is divided into pages; a page fault brings the missing page in from the disk. "
+) * 40
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, mlp: int = 128, seed: int = 0, **kw):
+    _seeded(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_qwen2(seed: int = 0):
+    _seeded(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # random biases, so that slicing them is actually exercised
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_()
+    return model
+
+
+def tiny_mistral(seed: int = 0):
+    _seeded(seed)
+    config = MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_gemma3(seed: int = 0):
+    _seeded(seed)
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, query_pre_attn_scalar=32,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # Gemma norms start at zero (weight = 1 + w): make them non-trivial
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.3)
+    return model
+
+
+def tiny_phi3(seed: int = 0):
+    _seeded(seed)
+    config = Phi3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_bert(seed: int = 0):
+    _seeded(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64,
+    )
+    return BertModel(config).eval()
+
+
+FAMILY_FACTORIES = {
+    "llama": tiny_llama,
+    "qwen2": tiny_qwen2,
+    "mistral": tiny_mistral,
+    "gemma3": tiny_gemma3,
+    "phi3": tiny_phi3,
+    "bert": tiny_bert,
+}
+
+
+def tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of VOCAB tokens trained on TEXT (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator([TEXT], trainer)
+    if add_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def write_teacher(tmp: Path, model=None, tokenizer=None) -> Path:
+    """A tiny teacher checkpoint folder (config + safetensors + tokenizer)."""
+    folder = tmp / "teacher"
+    (model or tiny_llama()).save_pretrained(folder)
+    (tokenizer or tiny_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+def write_corpus(tmp: Path, documents: int = 120) -> Path:
+    """A folder of small text documents, varied enough that every split gets some."""
+    folder = tmp / "corpus"
+    folder.mkdir()
+    sentences = TEXT.split(". ")
+    for i in range(documents):
+        body = ". ".join(sentences[(i + j) % len(sentences)] for j in range(12))
+        (folder / f"doc{i:03d}.txt").write_text(f"Document {i}. {body}\n")
+    return folder

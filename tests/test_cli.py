@@ -1,0 +1,144 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from factories import tiny_llama, write_corpus, write_teacher
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from compress.cli import main
+
+SMALL = ["--calib-samples", "8", "--calib-seq-len", "16", "--eval-samples", "4", "--eval-seq-len", "16",
+         "--align", "16", "--tolerance", "0.15", "--search-candidates", "3", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    return write_teacher(tmp_path, tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=3)), write_corpus(tmp_path)
+
+
+def _run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_prune_end_to_end_writes_a_reloadable_checkpoint_and_reuses_stages(inputs, tmp_path, capsys):
+    teacher, corpus = inputs
+    out = tmp_path / "run"
+    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL) == 0
+    for name in ("config.json", "scores.safetensors", "plan.json", "pruned/config.json", "pruned/model.safetensors",
+                 "pruned/tokenizer.json"):
+        assert (out / name).exists(), name
+    plan = json.loads((out / "plan.json").read_text())
+    assert abs(plan["params"] - 0.7 * plan["teacher_params"]) <= 0.15 * 0.7 * plan["teacher_params"]
+    assert plan["candidates"] and plan["reason"]
+    model, info = AutoModelForCausalLM.from_pretrained(out / "pruned", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert sum(p.numel() for p in model.parameters()) == plan["params"]
+    metrics = json.loads((out / "prune.metrics.json").read_text())
+    assert metrics["pruned_perplexity"] > 0 and metrics["teacher_perplexity"] > 0
+    first = capsys.readouterr().out
+    assert "perplexity" in first
+
+    mtime = (out / "pruned" / "model.safetensors").stat().st_mtime_ns
+    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL) == 0
+    assert capsys.readouterr().out.count("reused") == 3
+    assert (out / "pruned" / "model.safetensors").stat().st_mtime_ns == mtime
+
+    # A changed target re-plans and re-prunes but keeps the importance scores.
+    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.5x", "--out", out, *SMALL) == 0
+    summary = capsys.readouterr().out
+    assert summary.count("reused") == 1 and summary.splitlines()[1].startswith("score")
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_magnitude_and_random_importance_run_without_calibration(inputs, tmp_path):
+    teacher, corpus = inputs
+    for method in ("magnitude", "random"):
+        out = tmp_path / method
+        assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out,
+                    "--importance", method, *SMALL) == 0
+        assert json.loads((out / "plan.json").read_text())["importance"] == method
+
+
+def _error_of(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(inputs, tmp_path, capsys):
+    teacher, corpus = inputs
+    out = tmp_path / "out"
+    cases = [
+        (["--teacher", tmp_path / "missing-dir"], "no such file"),
+        (["--teacher", "not-a-model-anywhere"], "not a built-in alias"),
+        (["--teacher", teacher, "--data", tmp_path / "nothing.txt"], "no such file"),
+        (["--teacher", teacher, "--target-size", "3x"], "larger than the teacher"),
+        (["--teacher", teacher, "--target-size", "1K"], "nearest feasible sizes"),
+        (["--teacher", teacher, "--target-size", "huge"], "--target-size"),
+        (["--teacher", teacher, "--align", "48"], "--align"),
+    ]
+    for argv, message in cases:
+        args = [*argv]
+        if "--data" not in args:
+            args += ["--data", corpus]
+        if "--target-size" not in args:
+            args += ["--target-size", "0.7x"]
+        assert _run(*SMALL, "--out", out, *args) == 2, argv
+        assert message in _error_of(capsys), argv
+        assert not out.exists(), f"{argv} left {out}"
+
+
+def test_unsupported_architecture_is_named(tmp_path, capsys):
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(folder)
+    write_teacher(tmp_path)  # only for its tokenizer
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tmp_path / "teacher" / name).read_bytes())
+    assert _run("--teacher", folder, "--data", write_corpus(tmp_path), "--target-size", "0.7x",
+                "--out", tmp_path / "o", *SMALL) == 2
+    assert "gpt2" in _error_of(capsys)
+
+
+def test_foreign_output_folder_is_refused(inputs, tmp_path, capsys):
+    teacher, corpus = inputs
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", foreign, *SMALL) == 2
+    assert "not empty" in _error_of(capsys)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+
+def test_print_config_and_help_work_as_a_subprocess(tmp_path):
+    env = {**os.environ, "PDQ_CACHE": str(tmp_path)}
+    shown = subprocess.run([sys.executable, "-m", "compress.cli", "--target-size", "50%", "--print-config"],
+                           capture_output=True, text=True, env=env, check=True)
+    assert json.loads(shown.stdout)["target_size"] == "50%"
+    helped = subprocess.run([sys.executable, "-m", "compress.cli", "--help"], capture_output=True, text=True, env=env)
+    assert helped.returncode == 0 and "--target-size" in helped.stdout and "examples:" in helped.stdout
+    bad = subprocess.run([sys.executable, "-m", "compress.cli", "--target-size", "x"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+
+
+def test_eval_subcommand_on_a_text_file(inputs, tmp_path, capsys):
+    teacher, _ = inputs
+    text = tmp_path / "notes.txt"
+    text.write_text("The kernel schedules tasks on every processor. " * 50)
+    assert _run("eval", teacher, "--text", text, "--seq-len", "16") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] > 1 and result["data"] == str(text)
+    assert _run("eval", teacher, "--text", tmp_path / "none.txt") == 2
+
+
+def test_cli_flags_map_one_to_one_onto_the_config():
+    import dataclasses
+
+    from compress.cli import _parser
+    from compress.config import CompressConfig
+
+    flags = {a.dest for a in _parser()._actions} - {"help", "config", "print_config", "quiet"}
+    assert flags == {f.name for f in dataclasses.fields(CompressConfig)}
+    assert Path  # used above

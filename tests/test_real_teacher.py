@@ -1,0 +1,33 @@
+"""End-to-end on the real SmolLM2-135M teacher and the real Debian corpus, with small budgets."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from compress.cli import main
+
+pytestmark = pytest.mark.real_teacher
+
+
+def test_prune_smollm2_to_two_thirds(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["--teacher", "smollm2-135m", "--target-size", "0.67x", "--out", str(out), "--stop-after", "prune",
+                 "--calib-samples", "64", "--search-candidates", "2", "--eval-samples", "8", "--quiet"])
+    assert code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["teacher_params"] == 134_515_008
+    assert abs(plan["params"] / plan["teacher_params"] - 0.67) <= 0.05 * 0.67
+    assert plan["shape"]["mlp"] % 64 == 0 and plan["shape"]["hidden"] % 64 == 0
+    model, info = AutoModelForCausalLM.from_pretrained(out / "pruned", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.config.num_key_value_heads == 3
+    metrics = json.loads((out / "prune.metrics.json").read_text())
+    # The real teacher on held-out kernel/Python docs: perplexity in the tens; pruning costs but stays finite.
+    assert 5 < metrics["teacher_perplexity"] < 100
+    assert metrics["teacher_perplexity"] < metrics["pruned_perplexity"] < 10_000
+    with torch.no_grad():
+        logits = model(torch.tensor([[504, 3767, 314]])).logits
+    assert torch.isfinite(logits).all()
