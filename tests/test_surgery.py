@@ -105,3 +105,51 @@ def test_teacher_is_left_untouched():
     spec, plan = _plan_for(model, Shape(32, 64, 1, 2, 1))
     apply_plan(model, spec, plan)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FACTORIES))
+def test_removing_an_mlp_neuron_equals_zeroing_its_activation_in_every_family(family):
+    model = FAMILY_FACTORIES[family]()
+    spec = resolve(model)
+    plan = keep_all_plan(spec, model.config)
+    neuron = 5
+    kept = dict(plan.kept)
+    for i in range(spec.num_layers):
+        kept[f"mlp.{i}"] = [j for j in range(spec.mlp) if j != neuron]
+    shape = Shape(spec.hidden, spec.mlp - 1, spec.kv_heads, spec.group_size, spec.num_layers)
+    pruned = apply_plan(model, spec, type(plan)(**{**plan.__dict__, "kept": kept, "shape": shape}))
+
+    def zero(module, args):
+        x = args[0].clone()
+        x[..., neuron] = 0
+        return (x,)
+
+    for path in spec.mlp_output_paths:  # the input of the down projection is the neuron's activation
+        model.get_submodule(path).register_forward_pre_hook(zero)
+    ids = torch.randint(3, 200, (2, 10))
+    assert (_outputs(model, ids) - _outputs(pruned, ids)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FACTORIES))
+def test_scores_follow_a_permutation_of_channels_in_every_family(family):
+    from compress.scoring import activation_scores
+
+    model = FAMILY_FACTORIES[family]()
+    spec = resolve(model)
+    plan = keep_all_plan(spec, model.config)
+    generator = torch.Generator().manual_seed(0)
+    kept = dict(plan.kept)
+    kept["hidden"] = torch.randperm(spec.hidden, generator=generator).tolist()
+    for i in range(spec.num_layers):
+        kept[f"mlp.{i}"] = torch.randperm(spec.mlp, generator=generator).tolist()
+    permuted = apply_plan(model, spec, type(plan)(**{**plan.__dict__, "kept": kept}))  # same function, channels reordered
+    ids = torch.randint(3, 200, (4, 12))
+    expected = _outputs(model, ids)
+    if not spec.causal_lm:  # an encoder outputs hidden states, whose channels are permuted too
+        expected = expected[..., kept["hidden"]]
+    assert (expected - _outputs(permuted, ids)).abs().max() <= 1e-4
+    before = activation_scores(model, spec, ids, batch_size=2, bf16=False, progress=False).scores
+    after = activation_scores(permuted, resolve(permuted), ids, batch_size=2, bf16=False, progress=False).scores
+    assert torch.allclose(after["hidden"], before["hidden"][kept["hidden"]], rtol=1e-3, atol=1e-6)
+    assert torch.allclose(after["mlp.1"], before["mlp.1"][kept["mlp.1"]], rtol=1e-3, atol=1e-6)
+    assert torch.allclose(after["heads.0"], before["heads.0"], rtol=1e-3, atol=1e-6)
