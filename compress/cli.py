@@ -35,7 +35,17 @@ _HELP = {
     "search_candidates": "how many shapes the loss proxy checks",
     "eval_samples": "validation sequences for perplexity",
     "eval_seq_len": "tokens per validation sequence",
-    "bf16": "bf16 autocast for importance and the planner's loss check (reported perplexities are fp32)",
+    "bf16": "bf16 autocast for importance, the planner's loss check and distillation (reported perplexities are fp32)",
+    "distill_tokens": "distillation budget in training tokens",
+    "distill_seq_len": "tokens per distillation sequence",
+    "distill_batch_size": "sequences per distillation micro-batch (per process under torchrun)",
+    "distill_grad_accum": "micro-batches per optimizer step",
+    "distill_lr": "peak learning rate",
+    "distill_optimizer": "adamw, or muon (2-D hidden matrices; the rest stays on AdamW)",
+    "distill_schedule": "wsd (warmup-stable-decay), cosine or constant",
+    "distill_temperature": "softmax temperature of the KL (Minitron found 1 best)",
+    "distill_ce_weight": "weight of a cross-entropy term on the data next to the KL (0: logits only)",
+    "distill_eval_every": "steps between validation perplexity checks and checkpoints",
     "stop_after": f"last stage to run: {', '.join(STAGES)}",
     "seed": "random seed",
     "trust_remote_code": "allow a teacher's own modelling code to run",
@@ -46,6 +56,8 @@ _EPILOG = """examples:
   compress --teacher ./my-llama --data ./corpus/ --target-size 90M --axes heads,hidden,mlp,layers
   compress fetch                       # download the built-in teachers and the default data
   compress eval runs/demo/pruned --text notes.txt
+  compress --teacher smollm2-135m --target-size 0.67x --out runs/demo --stop-after distill --distill-tokens 200000
+  torchrun --nproc-per-node 2 -m compress.cli distill --student runs/demo/pruned --out runs/demo/student-ddp
 """
 
 
@@ -53,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compress",
         description="Prune a teacher language model to a target size with activation-based importance.",
-        epilog=_EPILOG + "\nsubcommands: compress fetch --help, compress eval --help",
+        epilog=_EPILOG + "\nsubcommands: compress fetch --help, compress eval --help, compress distill --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     defaults = CompressConfig()
@@ -101,7 +113,7 @@ def _setup_logging(quiet: bool) -> None:
         pass
 
 
-def _summary(result: Any) -> str:
+def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
     rows = [("stage", "seconds", "result")]
     for stage in result.stages:
         m = stage.metrics
@@ -112,6 +124,11 @@ def _summary(result: Any) -> str:
             text = (
                 f"hidden {s['hidden']}, mlp {s['mlp']}, heads {s['kv_heads']}x{s['heads_per_group']}, "
                 f"layers {s['layers']}: {m['params'] / 1e6:.1f}M params ({m['params'] / m['teacher_params']:.2f}x)"
+            )
+        elif stage.stage == "distill":
+            text = (
+                f"{result.student_dir}  perplexity {m['student_perplexity_before']:.2f} -> {m['student_perplexity']:.2f} "
+                f"after {m['tokens']:,} tokens ({m['tokens_per_second']:,.0f} tokens/s)"
             )
         else:
             text = f"{result.pruned_dir}"
@@ -168,6 +185,54 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+_DISTILL_FLAGS = ("teacher", "data", "eval_samples", "eval_seq_len", "batch_size", "bf16", "seed")
+
+
+def _distill(argv: list[str]) -> int:
+    import torch.distributed as dist
+
+    from compress.data import load_corpus
+    from compress.distillation import distill_student
+    from compress.teachers import load_teacher
+
+    parser = argparse.ArgumentParser(
+        prog="compress distill",
+        description="Distill a student checkpoint from a teacher. Runs under torchrun for several processes: "
+        "torchrun --nproc-per-node 2 -m compress.cli distill --student DIR --out DIR",
+    )
+    parser.add_argument("--student", required=True, help="the student's Hugging Face checkpoint folder")
+    parser.add_argument("--out", required=True, help="folder for the distilled student (checkpoints go in OUT/checkpoints)")
+    parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming OUT/checkpoints")
+    parser.add_argument("--quiet", action="store_true")
+    defaults = CompressConfig()
+    for f in dataclasses.fields(CompressConfig):
+        if f.name in _DISTILL_FLAGS or f.name.startswith("distill_"):
+            default = getattr(defaults, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(default, bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP[f.name])
+            else:
+                parser.add_argument(flag, type=type(default) if default is not None else str, default=None, help=_HELP[f.name])
+    args = parser.parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(CompressConfig)} and v is not None}
+    config = CompressConfig.from_dict(values)
+    out = Path(args.out)
+    checkpoints = out.with_name(out.name + ".checkpoints")
+    if args.no_resume and checkpoints.exists():
+        import shutil
+
+        shutil.rmtree(checkpoints)
+    teacher, tokenizer = load_teacher(config.teacher, config.trust_remote_code)
+    metrics = distill_student(Path(args.student), teacher, tokenizer, load_corpus(config.data), config, out,
+                              checkpoints, progress=not args.quiet)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        summary = {k: v for k, v in metrics.items() if k != "history"}
+        print(json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = "--quiet" in argv
@@ -177,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fetch(argv[1:])
         if argv and argv[0] == "eval":
             return _eval(argv[1:])
+        if argv and argv[0] == "distill":
+            return _distill(argv[1:])
         args = _parser().parse_args(argv)
         config = _config_from(args)
         if args.print_config:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import ConfigError
+from distill import DistillConfig
 
-STAGES = ("score", "plan", "prune")
+STAGES = ("score", "plan", "prune", "distill")
 """Stages built so far, in order; ``--stop-after`` takes one of them."""
 AXES = ("heads", "kv", "hidden", "mlp", "layers")
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
@@ -82,6 +83,16 @@ class CompressConfig:
     eval_samples: int = 64
     eval_seq_len: int = 256
     bf16: bool = True
+    distill_tokens: int = 200_000
+    distill_seq_len: int = 256
+    distill_batch_size: int = 8
+    distill_grad_accum: int = 1
+    distill_lr: float = 3e-4
+    distill_optimizer: str = "adamw"
+    distill_schedule: str = "wsd"
+    distill_temperature: float = 1.0
+    distill_ce_weight: float = 0.0
+    distill_eval_every: int = 50
     stop_after: str = "prune"
     seed: int = 0
     trust_remote_code: bool = False
@@ -100,7 +111,12 @@ class CompressConfig:
         _choice("stop-after", self.stop_after, STAGES)
         if self.align < 1 or self.align & (self.align - 1):
             raise ConfigError(f"--align {self.align}: use a power of two such as 32 or 64 (NPU channel multiples)")
-        for name in ("calib_samples", "calib_seq_len", "batch_size", "search_candidates", "eval_samples", "eval_seq_len"):
+        _choice("distill-optimizer", self.distill_optimizer, ("adamw", "muon"))
+        _choice("distill-schedule", self.distill_schedule, ("wsd", "cosine", "constant"))
+        if self.distill_lr <= 0 or self.distill_temperature <= 0 or self.distill_ce_weight < 0:
+            raise ConfigError("--distill-lr and --distill-temperature must be positive, --distill-ce-weight >= 0")
+        for name in ("calib_samples", "calib_seq_len", "batch_size", "search_candidates", "eval_samples", "eval_seq_len",
+                     "distill_tokens", "distill_seq_len", "distill_batch_size", "distill_grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not 0 < self.tolerance < 1:
@@ -109,6 +125,23 @@ class CompressConfig:
     @property
     def target(self) -> TargetSize:
         return TargetSize.parse(self.target_size)
+
+    def distill_config(self) -> DistillConfig:
+        """The distillation stage's knobs."""
+        return DistillConfig(
+            tokens=self.distill_tokens,
+            batch_size=self.distill_batch_size,
+            grad_accum=self.distill_grad_accum,
+            lr=self.distill_lr,
+            optimizer=self.distill_optimizer,
+            schedule=self.distill_schedule,
+            temperature=self.distill_temperature,
+            ce_weight=self.distill_ce_weight,
+            eval_every=self.distill_eval_every,
+            checkpoint_every=self.distill_eval_every,
+            bf16=self.bf16,
+            seed=self.seed,
+        )
 
     @property
     def run_dir(self) -> Path:

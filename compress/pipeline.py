@@ -36,6 +36,9 @@ _STAGE_FIELDS = {
               "sequence_aggregation", "layer_metric", "bf16", "seed"),
     "plan": ("target_size", "axes", "align", "tolerance", "proxy", "search_candidates"),
     "prune": ("eval_samples", "eval_seq_len"),
+    "distill": ("distill_tokens", "distill_seq_len", "distill_batch_size", "distill_grad_accum", "distill_lr",
+                "distill_optimizer", "distill_schedule", "distill_temperature", "distill_ce_weight",
+                "distill_eval_every"),
 }
 # Calibration sequences the planner's loss proxy runs each candidate on (16 x calib_seq_len tokens).
 _PROXY_SEQUENCES = 16
@@ -64,6 +67,10 @@ class CompressResult:
         return self.run_dir / "pruned"
 
     @property
+    def student_dir(self) -> Path:
+        return self.run_dir / "student"
+
+    @property
     def plan(self) -> PruningPlan:
         return PruningPlan.load(self.run_dir / "plan.json")
 
@@ -86,6 +93,7 @@ class _Run:
         self._teacher: tuple[Any, Any] | None = None
         self._spec: ArchSpec | None = None
         self._dataset: Any = None
+        self.fingerprint = ""
 
     @property
     def teacher(self) -> Any:
@@ -168,6 +176,7 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
             results.append(StageMetrics(stage, 0.0, True, read_json(metrics_file)))
             continue
         log.info("stage %s", stage)
+        state.fingerprint = fingerprint
         metrics = _STAGE_RUNNERS[stage](state)
         write_json(metrics_file, metrics)
         done[stage] = fingerprint
@@ -258,4 +267,17 @@ def _prune(state: _Run) -> dict[str, Any]:
     return metrics
 
 
-_STAGE_RUNNERS = {"score": _score, "plan": _plan, "prune": _prune}
+def _distill(state: _Run) -> dict[str, Any]:
+    from compress.distillation import distill_student
+
+    # Checkpoints resume only a run with the same settings and the same pruned student: the folder is
+    # named after the stage's fingerprint, and folders of other settings are removed.
+    checkpoints = state.dir / "checkpoints" / state.fingerprint
+    for other in (state.dir / "checkpoints").glob("*"):
+        if other != checkpoints:
+            shutil.rmtree(other, ignore_errors=True)
+    return distill_student(state.dir / "pruned", state.teacher, state.tokenizer, state.dataset, state.config,
+                           state.dir / "student", checkpoints, progress=state.progress)
+
+
+_STAGE_RUNNERS = {"score": _score, "plan": _plan, "prune": _prune, "distill": _distill}

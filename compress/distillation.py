@@ -1,0 +1,77 @@
+"""The distillation stage: hands ``distill`` a ready student, the teacher and token batches.
+
+Used by the pipeline (``--stop-after distill``) and by ``compress distill``, which also runs under
+``torchrun --nproc-per-node N`` (DDP; gloo on CPU, nccl on GPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from compress.config import CompressConfig
+from compress.data import token_batches
+from compress.errors import CompressError
+from compress.evaluate import perplexity
+from compress.surgery import save_checkpoint
+from distill import DistillError, distill
+
+log = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def distill_student(
+    student_dir: Path,
+    teacher: Any,
+    tokenizer: Any,
+    dataset: Any,
+    config: CompressConfig,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Distill the checkpoint in ``student_dir`` from ``teacher``; save it to ``out_dir``; return metrics."""
+    from transformers import AutoModelForCausalLM
+
+    if not (student_dir / "config.json").exists():
+        raise CompressError(f"no student checkpoint in {student_dir}; run the prune stage first or pass --student DIR")
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    settings = config.distill_config()
+    sequences = math.ceil(config.distill_tokens / config.distill_seq_len)
+    train = token_batches(dataset, tokenizer, "train", config.distill_seq_len, sequences)
+    valid = token_batches(dataset, tokenizer, "validation", config.eval_seq_len, config.eval_samples)
+
+    def evaluate(model: Any) -> float:
+        return perplexity(model, valid, config.batch_size).perplexity
+
+    before = evaluate(student) if _rank() == 0 else float("nan")
+    try:
+        result = distill(student, teacher, train, settings, evaluate=evaluate if _rank() == 0 else None,
+                         checkpoint_dir=checkpoint_dir, progress=progress)
+    except DistillError as error:
+        raise CompressError(str(error)) from error
+    metrics: dict[str, Any] = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_sequences": int(train.shape[0]),
+        "seq_len": config.distill_seq_len,
+        "tokens_per_second": result.tokens_per_second,
+        "seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "resumed_from_step": result.resumed_from_step,
+        "history": list(result.history),
+        "student_perplexity_before": before,
+        "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
+    }
+    if _rank() == 0:
+        metrics["student_perplexity"] = result.history[-1].get("val_perplexity", evaluate(student))
+        save_checkpoint(student, tokenizer, out_dir)
+    return metrics

@@ -1,0 +1,107 @@
+"""Knobs and results of one distillation run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("wsd", "cosine", "constant")
+
+
+class DistillError(RuntimeError):
+    """A distillation run cannot continue (bad settings, or the loss became NaN/inf)."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How to distill: budget, batch, optimizer, schedule, loss mix, checkpointing."""
+
+    tokens: int | None = 300_000  # budget in training tokens (ignored when ``steps`` is set)
+    steps: int | None = None
+    batch_size: int = 8  # sequences per micro-batch and process
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 10
+    schedule: str = "wsd"
+    decay_fraction: float = 0.2  # share of steps in warmup-stable-decay's final decay
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    hidden_weight: float = 0.0
+    hidden_loss: str = "cosine"
+    hidden_pairs: tuple[tuple[int, int], ...] = ()  # (student layer, teacher layer) of hidden_states
+    kl_chunk: int = 1024  # positions per KL chunk
+    clip: float = 1.0
+    bf16: bool = True
+    eval_every: int = 50  # steps; 0 = only at the end
+    checkpoint_every: int = 50  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise DistillError(f"optimizer {self.optimizer!r}: allowed are {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise DistillError(f"schedule {self.schedule!r}: allowed are {', '.join(SCHEDULES)}")
+        if self.steps is None and not self.tokens:
+            raise DistillError("give a budget: tokens or steps")
+        if self.temperature <= 0:
+            raise DistillError(f"temperature {self.temperature}: must be positive")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise DistillError("batch_size and grad_accum must be at least 1")
+        object.__setattr__(self, "hidden_pairs", tuple(tuple(p) for p in self.hidden_pairs))
+
+    def global_batch(self, world_size: int = 1) -> int:
+        """Sequences per optimizer step, over all processes."""
+        return self.batch_size * self.grad_accum * world_size
+
+    def total_steps(self, seq_len: int, world_size: int = 1) -> int:
+        if self.steps is not None:
+            return self.steps
+        assert self.tokens is not None
+        return max(1, math.ceil(self.tokens / (self.global_batch(world_size) * seq_len)))
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate at optimizer step ``step`` (0-based) of ``total``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        floor = self.lr * self.min_lr_ratio
+        if self.schedule == "constant":
+            return self.lr
+        if self.schedule == "cosine":
+            progress = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
+            return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        decay_start = total - max(1, int(total * self.decay_fraction))
+        if step < decay_start:
+            return self.lr
+        progress = (step - decay_start + 1) / max(1, total - decay_start)
+        return self.lr + (floor - self.lr) * min(progress, 1.0)  # linear decay to the floor
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["hidden_pairs"] = [list(p) for p in self.hidden_pairs]
+        return values
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """What a distillation run did and measured."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    final_loss: float
+    history: tuple[dict[str, float], ...] = field(default_factory=tuple)  # {"step", "tokens", "loss", "val_perplexity"?}
+    resumed_from_step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["history"] = list(self.history)
+        return values

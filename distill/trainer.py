@@ -1,0 +1,243 @@
+"""The distillation loop: one entry point for a notebook, the CLI and ``torchrun`` (DDP over gloo or nccl).
+
+``distill(student, teacher, train_ids, config)`` trains ``student`` in place to match ``teacher``'s
+next-token distributions on ``train_ids`` (sequences, seq_len). Models are duck-typed like Hugging Face
+causal LMs: ``model.base_model(input_ids=...)`` gives hidden states and ``model.get_output_embeddings()``
+the output projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from distill.config import DistillConfig, DistillError, DistillResult
+from distill.losses import HiddenStateLoss, logit_distillation_loss
+
+log = logging.getLogger(__name__)
+
+
+def _cap(model: nn.Module) -> float | None:
+    return getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+
+
+class KnowledgeDistillationLoss(nn.Module):
+    """Student forward + teacher forward + loss, as one module so that DDP sees the whole step.
+
+    The teacher is held outside the module tree: DDP neither broadcasts nor tracks it.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, config: DistillConfig, hidden: HiddenStateLoss | None) -> None:
+        super().__init__()
+        self.student = student
+        self.hidden = hidden
+        self.config = config
+        object.__setattr__(self, "_teacher", teacher)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        c, teacher = self.config, self._teacher
+        want_states = self.hidden is not None
+        student_out = self.student.base_model(input_ids=ids, output_hidden_states=want_states)
+        student_hidden = student_out.last_hidden_state[:, :-1]  # (batch, seq-1, width): predicts ids[:, 1:]
+        teacher_out = teacher_hidden = teacher_head = None
+        if c.kl_weight or self.hidden is not None:  # plain cross-entropy training needs no teacher pass
+            with torch.no_grad():
+                teacher_out = teacher.base_model(input_ids=ids, output_hidden_states=want_states)
+            teacher_hidden = teacher_out.last_hidden_state[:, :-1]
+            teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+            teacher_head = teacher.get_output_embeddings().weight
+        loss = logit_distillation_loss(
+            student_hidden.reshape(-1, student_hidden.shape[-1]),
+            self.student.get_output_embeddings().weight,
+            teacher_hidden,
+            teacher_head,
+            targets=ids[:, 1:].reshape(-1),
+            temperature=c.temperature,
+            kl_weight=c.kl_weight,
+            ce_weight=c.ce_weight,
+            chunk=c.kl_chunk,
+            student_cap=_cap(self.student),
+            teacher_cap=_cap(teacher),
+        )
+        if self.hidden is not None and teacher_out is not None:
+            loss = loss + c.hidden_weight * self.hidden(student_out.hidden_states, teacher_out.hidden_states)
+        return loss
+
+
+def _optimizers(student: nn.Module, extra: nn.Module | None, config: DistillConfig) -> list[torch.optim.Optimizer]:
+    params = [p for p in student.parameters() if p.requires_grad]
+    if extra is not None:
+        params += [p for p in extra.parameters() if p.requires_grad]
+    embeddings = {id(p) for m in (student.get_input_embeddings(), student.get_output_embeddings()) for p in m.parameters()}
+    # No weight decay on norms and biases (1-D); Muon only for hidden 2-D matrices, as its authors advise:
+    # embeddings, the output head and every 1-D parameter go to AdamW.
+    matrices = [p for p in params if p.ndim == 2 and id(p) not in embeddings]
+    decayed = [p for p in params if p.ndim >= 2 and (config.optimizer == "adamw" or id(p) in embeddings)]
+    flat = [p for p in params if p.ndim < 2]
+    adamw_groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": flat, "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    if config.optimizer == "adamw":
+        return [adamw]
+    muon = torch.optim.Muon(matrices, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return [adamw, muon]
+
+
+class _Order:
+    """Deterministic sequence order: a fresh seeded permutation per epoch, indexable by global position."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.count, self.seed = count, seed
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def take(self, start: int, length: int) -> torch.Tensor:
+        out = []
+        for position in range(start, start + length):
+            epoch = position // self.count
+            if epoch not in self._cache:
+                self._cache = {epoch: torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + epoch))}
+            out.append(int(self._cache[epoch][position % self.count]))
+        return torch.tensor(out, dtype=torch.long)
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _autocast(bf16: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_ids: torch.Tensor,
+    config: DistillConfig,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> DistillResult:
+    """Distill ``teacher`` into ``student`` (in place) on ``train_ids`` (sequences, seq_len).
+
+    ``evaluate(student)`` returns a validation perplexity, called every ``config.eval_every`` steps and at
+    the end. With ``checkpoint_dir``, training state is saved every ``config.checkpoint_every`` steps and,
+    with ``resume``, a rerun continues from the latest checkpoint exactly.
+    Raises DistillError when the loss becomes NaN or infinite (the last good checkpoint is kept).
+    """
+    world, rank = _distributed()
+    device = next(student.parameters()).device
+    torch.manual_seed(config.seed)
+    seq_len = int(train_ids.shape[1])
+    total = config.total_steps(seq_len, world)
+    per_step = config.global_batch(world)
+    if train_ids.shape[0] < per_step:
+        log.warning("only %d training sequences for a global batch of %d: they repeat within a step",
+                    train_ids.shape[0], per_step)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    hidden = None
+    if config.hidden_weight and config.hidden_pairs:
+        hidden = HiddenStateLoss(list(config.hidden_pairs), student.config.hidden_size, teacher.config.hidden_size,
+                                 config.hidden_loss).to(device)
+    optimizers = _optimizers(student, hidden, config)
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    history: list[dict[str, float]] = []
+    step = tokens = 0
+    resumed = 0
+    if folder is not None and resume and (found := latest_checkpoint(folder)) is not None:
+        state = load_checkpoint(found, student, optimizers, hidden)
+        step, tokens, history = state["step"], state["tokens"], state["history"]
+        resumed = step
+        log.info("resuming distillation from %s (step %d of %d)", found, step, total)
+
+    module: nn.Module = KnowledgeDistillationLoss(student, teacher, config, hidden)
+    if world > 1:
+        module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    order = _Order(int(train_ids.shape[0]), config.seed)
+    started = time.perf_counter()
+    trained_tokens = 0
+    loss_value = float("nan")
+    bar = tqdm(total=total, initial=step, desc="distill", unit="step", disable=not progress or rank != 0)
+    while step < total:
+        for group_optimizer in optimizers:
+            for group in group_optimizer.param_groups:
+                group["lr"] = config.lr_at(step, total)
+        indices = order.take(step * per_step, per_step)
+        mine = indices[rank * config.batch_size * config.grad_accum : (rank + 1) * config.batch_size * config.grad_accum]
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            batch = train_ids[mine[micro * config.batch_size : (micro + 1) * config.batch_size]].to(device)
+            sync = contextlib.nullcontext() if micro == config.grad_accum - 1 or world == 1 else module.no_sync()
+            with sync, _autocast(config.bf16, device):
+                loss = module(batch) / config.grad_accum
+            with sync:
+                loss.backward()
+            step_loss += float(loss.detach())
+        if world > 1:
+            reduced = torch.tensor([step_loss], device=device)
+            dist.all_reduce(reduced)
+            step_loss = float(reduced) / world
+        if not math.isfinite(step_loss):
+            last = latest_checkpoint(folder) if folder else None
+            raise DistillError(
+                f"the distillation loss became {step_loss} at step {step}; "
+                + (f"the last good checkpoint is {last}; " if last else "")
+                + "lower the learning rate (--distill-lr) or check the data"
+            )
+        params = [p for group_optimizer in optimizers for g in group_optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, config.clip)
+        for group_optimizer in optimizers:
+            group_optimizer.step()
+            group_optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += per_step * seq_len
+        trained_tokens += per_step * seq_len
+        loss_value = step_loss
+        record: dict[str, float] = {
+            "step": step, "tokens": tokens, "loss": step_loss, "lr": config.lr_at(step - 1, total),
+            "seconds": time.perf_counter() - started,  # since this process started training (before evaluation)
+        }
+        if evaluate is not None and (step == total or (config.eval_every and step % config.eval_every == 0)):
+            student.eval()
+            record["val_perplexity"] = float(evaluate(student))
+            student.train()
+        history.append(record)
+        elapsed = time.perf_counter() - started
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{trained_tokens / max(elapsed, 1e-9):,.0f}")
+        bar.update(1)
+        if folder is not None and (step == total or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+            if rank == 0:
+                save_checkpoint(folder, step, student, optimizers, hidden,
+                                {"tokens": tokens, "history": history, "config": config.to_dict()},
+                                keep=config.keep_checkpoints)
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    student.eval()
+    seconds = time.perf_counter() - started
+    return DistillResult(
+        steps=step,
+        tokens=tokens,
+        seconds=seconds,
+        tokens_per_second=trained_tokens / seconds if seconds > 0 else 0.0,
+        final_loss=loss_value if trained_tokens else (history[-1]["loss"] if history else float("nan")),
+        history=tuple(history),
+        resumed_from_step=resumed,
+    )
+

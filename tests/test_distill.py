@@ -1,0 +1,101 @@
+import pytest
+import torch
+from factories import tiny_llama
+
+from compress.archspec import Shape, resolve
+from compress.planner import keep_all_plan, select
+from compress.scoring import random_scores
+from compress.surgery import apply_plan
+from distill import DistillConfig, DistillError, distill, latest_checkpoint, logit_distillation_loss
+from distill.trainer import _optimizers
+
+
+def _pair(seed=0):
+    # A larger init scale gives the random teacher peaked next-token distributions worth distilling.
+    teacher = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2, seed=seed, initializer_range=0.2)
+    spec = resolve(teacher)
+    plan = keep_all_plan(spec, teacher.config)
+    shape = Shape(64, 64, 2, 2, 2)
+    plan = type(plan)(**{**plan.__dict__, "shape": shape, "kept": select(spec, random_scores(spec, 0), shape)})
+    return teacher, apply_plan(teacher, spec, plan)
+
+
+def test_chunked_kl_equals_unchunked_in_value_and_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    head = torch.randn(50, 16, requires_grad=True)
+    t_hidden, t_head = torch.randn(37, 24), torch.randn(50, 24)
+    targets = torch.randint(0, 50, (37,))
+    values, grads = [], []
+    for chunk in (5, 1000):
+        loss = logit_distillation_loss(hidden, head, t_hidden, t_head, targets, temperature=2.0, ce_weight=0.5, chunk=chunk)
+        values.append(loss.detach())
+        grads.append(torch.autograd.grad(loss, (hidden, head)))
+    assert torch.allclose(values[0], values[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[0], grads[1], strict=True))
+
+
+def test_kl_is_zero_when_student_equals_teacher():
+    hidden, head = torch.randn(10, 8), torch.randn(30, 8)
+    assert logit_distillation_loss(hidden, head, hidden, head).abs() < 1e-5
+
+
+def test_schedules():
+    wsd = DistillConfig(steps=100, lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.01)
+    lrs = [wsd.lr_at(s, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in lrs[10:80]) and lrs[99] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:], strict=False))
+    cosine = DistillConfig(steps=100, lr=1.0, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0)
+    assert cosine.lr_at(0, 100) == pytest.approx(1.0) and cosine.lr_at(50, 100) == pytest.approx(0.5)
+    assert DistillConfig(tokens=1000, batch_size=2, grad_accum=2).total_steps(seq_len=10, world_size=2) == 13
+
+
+def test_muon_gets_only_hidden_matrices():
+    _, student = _pair()
+    adamw, muon = _optimizers(student, None, DistillConfig(optimizer="muon"))
+    muon_params = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+    assert id(student.model.embed_tokens.weight) not in muon_params
+    assert id(student.model.layers[0].mlp.down_proj.weight) in muon_params
+    adamw_params = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert not muon_params & adamw_params
+    assert len(muon_params | adamw_params) == len(list(student.parameters()))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_distillation_lowers_the_kl(optimizer):
+    teacher, student = _pair()
+    ids = torch.randint(3, 250, (64, 16))
+    config = DistillConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=2, optimizer=optimizer, eval_every=0)
+    result = distill(student, teacher, ids, config, progress=False)
+    first = sum(r["loss"] for r in result.history[:5]) / 5
+    last = sum(r["loss"] for r in result.history[-5:]) / 5
+    assert last < 0.7 * first
+    assert result.tokens == 40 * 8 * 16 and result.tokens_per_second > 0
+
+
+def test_kl_only_ignores_labels_and_ce_mix_uses_them():
+    teacher, student = _pair()
+    ids = torch.randint(3, 250, (8, 12))
+    plain = distill(student, teacher, ids, DistillConfig(steps=1, batch_size=8, lr=0.0, warmup_steps=0), progress=False)
+    _, student2 = _pair()
+    mixed = distill(student2, teacher, ids, DistillConfig(steps=1, batch_size=8, lr=0.0, warmup_steps=0, ce_weight=1.0), progress=False)
+    assert mixed.final_loss > plain.final_loss + 1.0  # cross-entropy on random tokens is large
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    teacher, student = _pair()
+    ids = torch.randint(3, 250, (32, 12))
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] > 3 else output
+
+    student.model.norm.register_forward_hook(poison)
+    config = DistillConfig(steps=10, batch_size=4, checkpoint_every=2, eval_every=0)
+    with pytest.raises(DistillError, match="became nan at step 3.*step-0000002"):
+        distill(student, teacher, ids, config, checkpoint_dir=tmp_path, progress=False)
+    good = latest_checkpoint(tmp_path)
+    assert good is not None and good.name == "step-0000002"
