@@ -46,6 +46,9 @@ _HELP = {
     "distill_temperature": "softmax temperature of the KL (Minitron found 1 best)",
     "distill_ce_weight": "weight of a cross-entropy term on the data next to the KL (0: logits only)",
     "distill_eval_every": "steps between validation perplexity checks and checkpoints",
+    "teacher_correction_tokens": "first fine-tune the teacher on this many training tokens (Minitron's teacher "
+    "correction, for data unlike the teacher's own; 0: off)",
+    "teacher_correction_lr": "learning rate of the teacher correction",
     "stop_after": f"last stage to run: {', '.join(STAGES)}",
     "seed": "random seed",
     "trust_remote_code": "allow a teacher's own modelling code to run",
@@ -117,7 +120,12 @@ def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
     rows = [("stage", "seconds", "result")]
     for stage in result.stages:
         m = stage.metrics
-        if stage.stage == "score":
+        if stage.stage == "correct":
+            if not m.get("tokens"):
+                continue
+            text = (f"{result.run_dir / 'teacher'}  teacher perplexity {m['perplexity_before']:.2f} -> "
+                    f"{m['perplexity_after']:.2f} after {m['tokens']:,} tokens")
+        elif stage.stage == "score":
             text = f"{m['method']} importance, {m['samples']} samples, {m['tokens']} tokens"
         elif stage.stage == "plan":
             s = m["shape"]

@@ -13,8 +13,9 @@ from typing import Any
 from compress.errors import ConfigError
 from distill import DistillConfig
 
-STAGES = ("score", "plan", "prune", "distill")
-"""Stages built so far, in order; ``--stop-after`` takes one of them."""
+STAGES = ("correct", "score", "plan", "prune", "distill")
+"""Stages built so far, in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
+``--teacher-correction-tokens`` is set."""
 AXES = ("heads", "kv", "hidden", "mlp", "layers")
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
 LAYER_METRICS = ("block-influence", "perplexity")
@@ -93,6 +94,8 @@ class CompressConfig:
     distill_temperature: float = 1.0
     distill_ce_weight: float = 0.0
     distill_eval_every: int = 50
+    teacher_correction_tokens: int = 0
+    teacher_correction_lr: float = 5e-5
     stop_after: str = "prune"
     seed: int = 0
     trust_remote_code: bool = False
@@ -113,6 +116,8 @@ class CompressConfig:
             raise ConfigError(f"--align {self.align}: use a power of two such as 32 or 64 (NPU channel multiples)")
         _choice("distill-optimizer", self.distill_optimizer, ("adamw", "muon"))
         _choice("distill-schedule", self.distill_schedule, ("wsd", "cosine", "constant"))
+        if self.teacher_correction_tokens < 0 or self.teacher_correction_lr <= 0:
+            raise ConfigError("--teacher-correction-tokens must be >= 0 and --teacher-correction-lr positive")
         if self.distill_lr <= 0 or self.distill_temperature <= 0 or self.distill_ce_weight < 0:
             raise ConfigError("--distill-lr and --distill-temperature must be positive, --distill-ce-weight >= 0")
         for name in ("calib_samples", "calib_seq_len", "batch_size", "search_candidates", "eval_samples", "eval_seq_len",

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 # Fields each stage's output depends on (plus every earlier stage's fingerprint).
 _STAGE_FIELDS = {
-    "score": ("teacher", "data", "importance", "calib_samples", "calib_seq_len", "batch_aggregation",
+    "correct": ("teacher", "data", "teacher_correction_tokens", "teacher_correction_lr", "distill_seq_len",
+                "distill_batch_size", "eval_samples", "eval_seq_len"),
+    "score": ("importance", "calib_samples", "calib_seq_len", "batch_aggregation",
               "sequence_aggregation", "layer_metric", "bf16", "seed"),
     "plan": ("target_size", "axes", "align", "tolerance", "proxy", "search_candidates"),
     "prune": ("eval_samples", "eval_seq_len"),
@@ -97,9 +99,12 @@ class _Run:
 
     @property
     def teacher(self) -> Any:
+        """The teacher every stage uses: the corrected one (``run_dir/teacher``) when correction is on."""
         if self._teacher is None:
-            log.info("loading teacher %s", self.config.teacher)
-            self._teacher = load_teacher(self.config.teacher, self.config.trust_remote_code)
+            corrected = self.dir / "teacher"
+            source = str(corrected) if self.config.teacher_correction_tokens and (corrected / "config.json").exists() else self.config.teacher
+            log.info("loading teacher %s", source)
+            self._teacher = load_teacher(source, self.config.trust_remote_code)
         return self._teacher[0]
 
     @property
@@ -143,7 +148,7 @@ def _prepare_run_dir(config: CompressConfig) -> None:
 def run(config: CompressConfig, progress: bool = True) -> CompressResult:
     """Run every stage up to ``config.stop_after``, reusing finished ones.
 
-    If the very first stage of a new run directory fails, the directory is removed again, so bad input
+    If a new run directory fails before any stage produced output, it is removed again, so bad input
     leaves nothing behind; finished stages of an existing run are always kept.
     """
     fresh = not config.run_dir.exists() or not any(config.run_dir.iterdir())
@@ -151,7 +156,9 @@ def run(config: CompressConfig, progress: bool = True) -> CompressResult:
     try:
         return _run_stages(config, progress)
     except BaseException:
-        if fresh and not (config.run_dir / "stages.json").exists():
+        stages_file = config.run_dir / "stages.json"
+        finished = set(read_json(stages_file)) if stages_file.exists() else set()
+        if fresh and finished <= {"correct"} and not (config.run_dir / "teacher").exists():
             shutil.rmtree(config.run_dir, ignore_errors=True)
         raise
 
@@ -165,6 +172,8 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
     for stage in STAGES[: STAGES.index(config.stop_after) + 1]:
         upstream = hashlib.sha256((config.fingerprint(*_STAGE_FIELDS[stage]) + upstream).encode()).hexdigest()[:16]
         fingerprints[stage] = upstream
+    if any(done.get(stage) != fingerprint for stage, fingerprint in fingerprints.items()):
+        state.dataset  # noqa: B018 - unreadable data fails here, before any stage spends time
     if "plan" in fingerprints and done.get("plan") != fingerprints["plan"]:
         # Refuse an infeasible target before the expensive scoring stage, not after it.
         feasible_shapes(state.spec, state.teacher.config, config.target, config.axes, config.align, config.tolerance)
@@ -185,6 +194,35 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
         write_json(stages_file, done)
         results.append(StageMetrics(stage, time.perf_counter() - started, False, metrics))
     return CompressResult(state.dir, config, tuple(results))
+
+
+def _correct(state: _Run) -> dict[str, Any]:
+    """Minitron's teacher correction: a short cross-entropy fine-tune of the teacher on the training split."""
+    c = state.config
+    corrected = state.dir / "teacher"
+    if not c.teacher_correction_tokens:
+        shutil.rmtree(corrected, ignore_errors=True)
+        return {"tokens": 0}
+    from distill import DistillConfig, distill
+
+    teacher = state.teacher
+    if (corrected / "config.json").exists():  # settings changed: start again from the original teacher
+        shutil.rmtree(corrected)
+        state._teacher = None
+        teacher = state.teacher
+    train = state.ids("train", c.distill_seq_len, -(-c.teacher_correction_tokens // c.distill_seq_len))
+    valid = state.ids("validation", c.eval_seq_len, c.eval_samples)
+    before = perplexity(teacher, valid, c.batch_size).perplexity
+    settings = DistillConfig(tokens=c.teacher_correction_tokens, batch_size=c.distill_batch_size,
+                             lr=c.teacher_correction_lr, kl_weight=0.0, ce_weight=1.0, eval_every=0,
+                             checkpoint_every=0, bf16=c.bf16, seed=c.seed)
+    teacher.requires_grad_(True)
+    result = distill(teacher, None, train, settings, progress=state.progress)
+    teacher.requires_grad_(False).eval()
+    after = perplexity(teacher, valid, c.batch_size).perplexity
+    save_checkpoint(teacher, state.tokenizer, corrected)
+    return {"tokens": result.tokens, "steps": result.steps, "perplexity_before": before, "perplexity_after": after,
+            "tokens_per_second": result.tokens_per_second}
 
 
 def _score(state: _Run) -> dict[str, Any]:
@@ -280,4 +318,4 @@ def _distill(state: _Run) -> dict[str, Any]:
                            state.dir / "student", checkpoints, progress=state.progress)
 
 
-_STAGE_RUNNERS = {"score": _score, "plan": _plan, "prune": _prune, "distill": _distill}
+_STAGE_RUNNERS = {"correct": _correct, "score": _score, "plan": _plan, "prune": _prune, "distill": _distill}

@@ -38,7 +38,7 @@ class KnowledgeDistillationLoss(nn.Module):
     The teacher is held outside the module tree: DDP neither broadcasts nor tracks it.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, config: DistillConfig, hidden: HiddenStateLoss | None) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, config: DistillConfig, hidden: HiddenStateLoss | None) -> None:
         super().__init__()
         self.student = student
         self.hidden = hidden
@@ -51,7 +51,7 @@ class KnowledgeDistillationLoss(nn.Module):
         student_out = self.student.base_model(input_ids=ids, output_hidden_states=want_states)
         student_hidden = student_out.last_hidden_state[:, :-1]  # (batch, seq-1, width): predicts ids[:, 1:]
         teacher_out = teacher_hidden = teacher_head = None
-        if c.kl_weight or self.hidden is not None:  # plain cross-entropy training needs no teacher pass
+        if teacher is not None and (c.kl_weight or self.hidden is not None):  # plain CE training needs no teacher
             with torch.no_grad():
                 teacher_out = teacher.base_model(input_ids=ids, output_hidden_states=want_states)
             teacher_hidden = teacher_out.last_hidden_state[:, :-1]
@@ -68,7 +68,7 @@ class KnowledgeDistillationLoss(nn.Module):
             ce_weight=c.ce_weight,
             chunk=c.kl_chunk,
             student_cap=_cap(self.student),
-            teacher_cap=_cap(teacher),
+            teacher_cap=_cap(teacher) if teacher is not None else None,
         )
         if self.hidden is not None and teacher_out is not None:
             loss = loss + c.hidden_weight * self.hidden(student_out.hidden_states, teacher_out.hidden_states)
@@ -125,7 +125,7 @@ def _autocast(bf16: bool, device: torch.device) -> contextlib.AbstractContextMan
 
 def distill(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | None,
     train_ids: torch.Tensor,
     config: DistillConfig,
     evaluate: Callable[[nn.Module], float] | None = None,
@@ -134,6 +134,8 @@ def distill(
     progress: bool = True,
 ) -> DistillResult:
     """Distill ``teacher`` into ``student`` (in place) on ``train_ids`` (sequences, seq_len).
+
+    ``teacher`` may be None for plain cross-entropy training (``kl_weight`` 0, no hidden-state loss).
 
     ``evaluate(student)`` returns a validation perplexity, called every ``config.eval_every`` steps and at
     the end. With ``checkpoint_dir``, training state is saved every ``config.checkpoint_every`` steps and,
@@ -149,10 +151,13 @@ def distill(
     if train_ids.shape[0] < per_step:
         log.warning("only %d training sequences for a global batch of %d: they repeat within a step",
                     train_ids.shape[0], per_step)
-    teacher.eval().requires_grad_(False)
+    if teacher is None and (config.kl_weight or config.hidden_weight):
+        raise DistillError("kl_weight and hidden_weight need a teacher; pass one, or set both to 0 for plain training")
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     student.train()
     hidden = None
-    if config.hidden_weight and config.hidden_pairs:
+    if teacher is not None and config.hidden_weight and config.hidden_pairs:
         hidden = HiddenStateLoss(list(config.hidden_pairs), student.config.hidden_size, teacher.config.hidden_size,
                                  config.hidden_loss).to(device)
     optimizers = _optimizers(student, hidden, config)

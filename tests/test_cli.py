@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from factories import tiny_llama, write_corpus, write_teacher
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -142,3 +143,33 @@ def test_cli_flags_map_one_to_one_onto_the_config():
     flags = {a.dest for a in _parser()._actions} - {"help", "config", "print_config", "quiet"}
     assert flags == {f.name for f in dataclasses.fields(CompressConfig)}
     assert Path  # used above
+
+
+def test_teacher_correction_fine_tunes_the_teacher_before_scoring(inputs, tmp_path):
+    teacher, corpus = inputs
+    out = tmp_path / "corrected"
+    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL,
+                "--teacher-correction-tokens", "2048", "--teacher-correction-lr", "3e-3", "--distill-seq-len", "16") == 0
+    metrics = json.loads((out / "correct.metrics.json").read_text())
+    assert metrics["tokens"] >= 2048 and metrics["perplexity_after"] < metrics["perplexity_before"]
+    corrected = AutoModelForCausalLM.from_pretrained(out / "teacher")
+    original = AutoModelForCausalLM.from_pretrained(teacher)
+    assert any(not torch.equal(a, b) for a, b in zip(corrected.state_dict().values(), original.state_dict().values(), strict=True))
+    assert json.loads((out / "prune.metrics.json").read_text())["teacher_perplexity"] == pytest.approx(metrics["perplexity_after"], rel=1e-4)
+
+
+def test_distill_stage_end_to_end_on_a_tiny_model(inputs, tmp_path, capsys):
+    teacher, corpus = inputs
+    out = tmp_path / "distilled"
+    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL,
+                "--stop-after", "distill", "--distill-tokens", "2048", "--distill-seq-len", "16",
+                "--distill-batch-size", "4", "--distill-lr", "3e-3", "--distill-eval-every", "8") == 0
+    assert "distill" in capsys.readouterr().out
+    metrics = json.loads((out / "distill.metrics.json").read_text())
+    assert metrics["tokens"] == 2048 and metrics["steps"] == 32
+    assert [r["step"] for r in metrics["history"] if "val_perplexity" in r] == [8, 16, 24, 32]
+    student, info = AutoModelForCausalLM.from_pretrained(out / "student", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
+    assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in pruned.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), pruned.state_dict().values(), strict=True))
