@@ -36,7 +36,10 @@ class DistillConfig:
     hidden_weight: float = 0.0
     hidden_loss: str = "cosine"
     hidden_pairs: tuple[tuple[int, int], ...] = ()  # (student layer, teacher layer) of hidden_states
-    kl_chunk: int = 1024  # positions per KL chunk
+    # Logits memory bound: positions per KL chunk = kl_chunk_elements // vocabulary. 2^28 fp32 elements
+    # (1 GiB a logits tensor) covers SmolLM2 at 8 x 256 tokens in one chunk, so nothing is recomputed
+    # there, and splits Gemma's 262k vocabulary into chunks of 1,024 positions.
+    kl_chunk_elements: int = 2**28
     clip: float = 1.0
     bf16: bool = True
     eval_every: int = 50  # steps; 0 = only at the end

@@ -66,7 +66,7 @@ class KnowledgeDistillationLoss(nn.Module):
             temperature=c.temperature,
             kl_weight=c.kl_weight,
             ce_weight=c.ce_weight,
-            chunk=c.kl_chunk,
+            chunk=max(1, c.kl_chunk_elements // self.student.get_output_embeddings().weight.shape[0]),
             student_cap=_cap(self.student),
             teacher_cap=_cap(teacher) if teacher is not None else None,
         )

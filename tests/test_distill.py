@@ -99,3 +99,14 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
         distill(student, teacher, ids, config, checkpoint_dir=tmp_path, progress=False)
     good = latest_checkpoint(tmp_path)
     assert good is not None and good.name == "step-0000002"
+
+
+def test_trainer_loss_does_not_depend_on_the_logits_memory_bound():
+    teacher, student = _pair()
+    ids = torch.randint(3, 250, (4, 12))
+    losses = []
+    for elements in (2**28, 256 * 5):  # one chunk, or chunks of 5 positions with recomputation
+        _, fresh = _pair()
+        config = DistillConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=0, kl_chunk_elements=elements, bf16=False)
+        losses.append([r["loss"] for r in distill(fresh, teacher, ids, config, progress=False).history])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
