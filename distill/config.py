@@ -94,7 +94,7 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class DistillResult:
-    """What a distillation run did and measured."""
+    """What a distillation run did and measured. ``seconds`` and ``tokens_per_second`` leave validation out."""
 
     steps: int
     tokens: int

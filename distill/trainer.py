@@ -177,6 +177,7 @@ def distill(
     order = _Order(int(train_ids.shape[0]), config.seed)
     started = time.perf_counter()
     trained_tokens = 0
+    evaluating = 0.0  # seconds spent in validation, left out of throughput
     loss_value = float("nan")
     bar = tqdm(total=total, initial=step, desc="distill", unit="step", disable=not progress or rank != 0)
     while step < total:
@@ -188,10 +189,11 @@ def distill(
         step_loss = 0.0
         for micro in range(config.grad_accum):
             batch = train_ids[mine[micro * config.batch_size : (micro + 1) * config.batch_size]].to(device)
-            sync = contextlib.nullcontext() if micro == config.grad_accum - 1 or world == 1 else module.no_sync()
-            with sync, _autocast(config.bf16, device):
-                loss = module(batch) / config.grad_accum
-            with sync:
+            # DDP all-reduces gradients only on the last micro-batch of a step.
+            accumulate = world > 1 and micro < config.grad_accum - 1
+            with module.no_sync() if accumulate else contextlib.nullcontext():
+                with _autocast(config.bf16, device):
+                    loss = module(batch) / config.grad_accum
                 loss.backward()
             step_loss += float(loss.detach())
         if world > 1:
@@ -216,14 +218,16 @@ def distill(
         loss_value = step_loss
         record: dict[str, float] = {
             "step": step, "tokens": tokens, "loss": step_loss, "lr": config.lr_at(step - 1, total),
-            "seconds": time.perf_counter() - started,  # since this process started training (before evaluation)
+            "seconds": time.perf_counter() - started - evaluating,  # training time of this process so far
         }
         if evaluate is not None and (step == total or (config.eval_every and step % config.eval_every == 0)):
+            eval_started = time.perf_counter()
             student.eval()
             record["val_perplexity"] = float(evaluate(student))
             student.train()
+            evaluating += time.perf_counter() - eval_started
         history.append(record)
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started - evaluating
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{trained_tokens / max(elapsed, 1e-9):,.0f}")
         bar.update(1)
         if folder is not None and (step == total or (config.checkpoint_every and step % config.checkpoint_every == 0)):
@@ -235,7 +239,7 @@ def distill(
                 dist.barrier()
     bar.close()
     student.eval()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - evaluating
     return DistillResult(
         steps=step,
         tokens=tokens,

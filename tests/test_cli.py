@@ -173,3 +173,16 @@ def test_distill_stage_end_to_end_on_a_tiny_model(inputs, tmp_path, capsys):
     pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
     assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in pruned.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), pruned.state_dict().values(), strict=True))
+
+
+def test_broken_teacher_files_give_one_clear_line(inputs, tmp_path, capsys):
+    teacher, corpus = inputs
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated download
+    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", tmp_path / "o", *SMALL) == 2
+    assert "could not load the checkpoint" in _error_of(capsys)
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    assert _run("--teacher", gguf, "--data", corpus, "--target-size", "0.7x", "--out", tmp_path / "p", *SMALL) == 2
+    assert "could not read GGUF file" in _error_of(capsys)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()

@@ -70,10 +70,14 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     subprocess.run(_args(teacher, student, corpus, tmp_path / "one", *common, "--distill-batch-size", "8"),
                    env=env, check=True, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "compress.cli"]
-    two = _args(teacher, student, corpus, tmp_path / "two", *common, "--distill-batch-size", "4")
-    result = subprocess.run([*torchrun, *two[3:]], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
+    # 2 processes x 4 sequences, and 2 processes x 2 micro-batches of 2 (exercises DDP's no_sync accumulation)
+    for name, batch in (("two", ["--distill-batch-size", "4"]), ("two-accum", ["--distill-batch-size", "2", "--distill-grad-accum", "2"])):
+        two = _args(teacher, student, corpus, tmp_path / name, *common, *batch)
+        result = subprocess.run([*torchrun, *two[3:]], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    a = _weights(tmp_path / "one")
+    for name in ("two", "two-accum"):
+        b = _weights(tmp_path / name)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4, name
     moved = max(float((a[k] - load_file(str(tmp_path / "student" / "model.safetensors"))[k]).abs().max()) for k in a)
     assert moved > 1e-3  # training actually changed the weights
