@@ -30,9 +30,9 @@ from compress.archspec import resolve
 from compress.config import CompressConfig, TargetSize
 from compress.data import load_corpus, token_batches
 from compress.evaluate import mean_nll, perplexity
-from compress.planner import PruningPlan, plan, select
+from compress.planner import plan, select
 from compress.scoring import score_importance
-from compress.surgery import apply_plan
+from compress.surgery import apply_plan, prune
 from compress.teachers import load_teacher
 from distill import DistillConfig, distill
 
@@ -72,19 +72,17 @@ def main() -> None:
     magnitude = score_importance(teacher, spec, "magnitude")
 
     def evaluate_proxy(kept, shape):
-        trial = PruningPlan(spec.family, shape, shape, kept, {}, 0, 0, 0, "", (), 1, 0.0, "", "")
-        return mean_nll(apply_plan(teacher, spec, trial), calib[:16], defaults.batch_size, bf16=True)
+        return mean_nll(prune(teacher, spec, shape, kept), calib[:16], defaults.batch_size, bf16=True)
 
     chosen = plan(spec, teacher.config, activation, TargetSize.parse(args.target_size), axes=defaults.axes,
                   align=defaults.align, tolerance=defaults.tolerance, evaluate=evaluate_proxy)
-    same_shape = dict(chosen.__dict__, kept=select(spec, magnitude, chosen.shape), importance="magnitude")
     print(f"student shape {chosen.shape.to_dict()}, {chosen.params / 1e6:.1f}M params")
 
     def student_for(arm: str):
         if arm in "ab":
             return apply_plan(teacher, spec, chosen)
         if arm == "d":
-            return apply_plan(teacher, spec, PruningPlan(**same_shape))
+            return prune(teacher, spec, chosen.shape, select(spec, magnitude, chosen.shape))
         torch.manual_seed(0)
         model = apply_plan(teacher, spec, chosen)
         model.apply(model._init_weights)  # same class and shape, fresh Hugging Face initialization
@@ -93,6 +91,9 @@ def main() -> None:
 
     settings = DistillConfig(tokens=args.tokens, batch_size=defaults.distill_batch_size, lr=defaults.distill_lr,
                              eval_every=args.eval_every, checkpoint_every=0, bf16=defaults.bf16, seed=defaults.seed)
+    # Timing first, while nothing else has run for long: the long arms come after.
+    timing = _overhead(teacher, apply_plan(teacher, spec, chosen), train, settings, args.timing_steps)
+    print(json.dumps(timing, indent=2))
     arms = {}
     for arm in args.arms:
         student = student_for(arm)
@@ -107,9 +108,6 @@ def main() -> None:
                      "tokens": result.tokens, "steps": result.steps, "tokens_per_second": result.tokens_per_second}
         print(f"({arm}) {ARMS[arm]}: {before:,.1f} -> {curve[-1]['val_perplexity']:,.2f} after {result.tokens:,} tokens "
               f"({result.tokens_per_second:,.0f} tokens/s)")
-
-    timing = _overhead(teacher, apply_plan(teacher, spec, chosen), train, settings, args.timing_steps)
-    print(json.dumps(timing, indent=2))
 
     report = {
         "teacher": args.teacher, "teacher_perplexity": teacher_ppl, "target_size": args.target_size,

@@ -24,9 +24,9 @@ from compress.archspec import resolve
 from compress.config import CompressConfig, TargetSize
 from compress.data import load_corpus, token_batches
 from compress.evaluate import mean_nll, perplexity
-from compress.planner import PruningPlan, plan
+from compress.planner import plan
 from compress.scoring import score_importance
-from compress.surgery import apply_plan
+from compress.surgery import apply_plan, prune
 from compress.teachers import load_teacher
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,8 +63,7 @@ def main() -> None:
         print(f"{method} importance: {time.perf_counter() - t:.1f} s")
 
     def evaluate(kept, shape):
-        trial = PruningPlan(spec.family, shape, shape, kept, {}, 0, 0, 0, "", (), 1, 0.0, "", "")
-        return mean_nll(apply_plan(teacher, spec, trial), proxy_ids, defaults.batch_size, bf16=defaults.bf16)
+        return mean_nll(prune(teacher, spec, shape, kept), proxy_ids, defaults.batch_size, bf16=defaults.bf16)
 
     rows = []
     for size in args.sizes.split(","):

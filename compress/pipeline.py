@@ -24,7 +24,7 @@ from compress.evaluate import Perplexity, mean_nll, perplexity
 from compress.io import read_json, write_json
 from compress.planner import PruningPlan, feasible_shapes, plan
 from compress.scoring import check_scores, score_importance
-from compress.surgery import apply_plan, save_checkpoint
+from compress.surgery import apply_plan, prune, save_checkpoint
 from compress.teachers import load_teacher
 from importance import ImportanceScores
 
@@ -259,9 +259,7 @@ def _plan(state: _Run) -> dict[str, Any]:
     teacher, spec = state.teacher, state.spec
 
     def evaluate(kept: dict[str, list[int]], shape: Any) -> float:
-        trial = PruningPlan(spec.family, shape, shape, kept, {}, 0, 0, 0, "", (), 1, 0.0, "", "")
-        student = apply_plan(teacher, spec, trial)
-        return mean_nll(student, calib, batch_size=c.batch_size, bf16=c.bf16)
+        return mean_nll(prune(teacher, spec, shape, kept), calib, batch_size=c.batch_size, bf16=c.bf16)
 
     chosen = plan(
         spec,

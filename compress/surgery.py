@@ -10,7 +10,7 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
-from compress.archspec import ArchSpec, config_for
+from compress.archspec import ArchSpec, Shape, config_for
 from compress.io import atomic_dir
 from compress.planner import PruningPlan
 
@@ -30,11 +30,11 @@ def _dim_index(segments: tuple, kept: dict[str, list[int]]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def pruned_state_dict(model: nn.Module, spec: ArchSpec, plan: PruningPlan) -> dict[str, torch.Tensor]:
-    """The teacher's state dict sliced to the plan, with layers renumbered. Tied tensors stay one tensor."""
+def pruned_state_dict(model: nn.Module, spec: ArchSpec, shape: Shape, kept: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """The teacher's state dict sliced to the kept indices, with layers renumbered. Tied tensors stay one tensor."""
     state = model.state_dict()
     layout = {t.name: t for t in spec.tensors}
-    renumber = {old: new for new, old in enumerate(plan.kept["layers"])}
+    renumber = {old: new for new, old in enumerate(kept["layers"])}
     prefix = spec.family_spec.layers_path + "."
     by_source: dict[int, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
@@ -48,7 +48,7 @@ def pruned_state_dict(model: nn.Module, spec: ArchSpec, plan: PruningPlan) -> di
         if key not in by_source:
             sliced = state[source.name]
             for dim, segments in enumerate(source.dims):
-                index = _dim_index(segments, plan.kept)
+                index = _dim_index(segments, kept)
                 if index.numel() != sliced.shape[dim] or not torch.equal(index, torch.arange(sliced.shape[dim])):
                     sliced = sliced.index_select(dim, index)
             by_source[key] = sliced.clone() if sliced.data_ptr() == state[source.name].data_ptr() else sliced
@@ -57,18 +57,18 @@ def pruned_state_dict(model: nn.Module, spec: ArchSpec, plan: PruningPlan) -> di
             rest = name[len(prefix) :].split(".", 1)[1]
             new_name = f"{prefix}{renumber[source.layer]}.{rest}"
         out[new_name] = by_source[key]
-    _compensate_embedding_scale(out, spec, plan)
+    _compensate_embedding_scale(out, spec, shape)
     return out
 
 
-def _compensate_embedding_scale(state: dict[str, torch.Tensor], spec: ArchSpec, plan: PruningPlan) -> None:
+def _compensate_embedding_scale(state: dict[str, torch.Tensor], spec: ArchSpec, shape: Shape) -> None:
     """Gemma multiplies embeddings by sqrt(hidden_size), which a smaller hidden size changes. Scaling every
     residual-output norm by the same factor scales the whole residual stream uniformly, which the
     pre-norms and the final norm cancel: the pruned model computes what the sliced teacher computes."""
     family = spec.family_spec
-    if not family.embed_scale_follows_hidden or plan.shape.hidden == spec.hidden:
+    if not family.embed_scale_follows_hidden or shape.hidden == spec.hidden:
         return
-    factor = (plan.shape.hidden / spec.hidden) ** 0.5
+    factor = (shape.hidden / spec.hidden) ** 0.5
     offset = family.norm_weight_offset
     suffixes = tuple(f".{norm}.weight" for norm in family.residual_output_norms)
     for name, tensor in state.items():
@@ -78,8 +78,13 @@ def _compensate_embedding_scale(state: dict[str, torch.Tensor], spec: ArchSpec, 
 
 def apply_plan(model: nn.Module, spec: ArchSpec, plan: PruningPlan) -> nn.Module:
     """A new model of the teacher's class with the plan applied; the teacher is left untouched."""
-    config = config_for(model.config, spec, plan.shape, plan.kept["layers"])
-    state = pruned_state_dict(model, spec, plan)
+    return prune(model, spec, plan.shape, plan.kept)
+
+
+def prune(model: nn.Module, spec: ArchSpec, shape: Shape, kept: dict[str, list[int]]) -> nn.Module:
+    """A new model of the teacher's class of ``shape``, keeping the units ``kept`` lists per axis."""
+    config = config_for(model.config, spec, shape, kept["layers"])
+    state = pruned_state_dict(model, spec, shape, kept)
     with init_empty_weights(include_buffers=False):  # no random init: every weight comes from the teacher
         student = type(model)(config)
     student.load_state_dict(state, strict=True, assign=True)

@@ -22,19 +22,24 @@ def _chunk_loss(
     teacher_cap: float | None,
 ) -> torch.Tensor:
     # student_hidden: (positions, hidden); teacher_hidden: (positions, teacher hidden)
-    logits = _capped((student_hidden @ student_head.t()).float(), student_cap)
+    logits = _capped(F.linear(student_hidden, student_head).float(), student_cap)
     total = logits.new_zeros(())
     if kl_weight and teacher_hidden is not None and teacher_head is not None:
         with torch.no_grad():
-            teacher_logits = _capped((teacher_hidden @ teacher_head.t()).float(), teacher_cap)
-            teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
-        student_log_probs = F.log_softmax(logits / temperature, dim=-1)
+            teacher_logits = _capped(F.linear(teacher_hidden, teacher_head).float(), teacher_cap)
+            teacher_log_probs = F.log_softmax(_scaled(teacher_logits, temperature), dim=-1)
+        student_log_probs = F.log_softmax(_scaled(logits, temperature), dim=-1)
         # forward KL(teacher || student), summed over positions; T^2 keeps gradient scale independent of T
         kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="sum")
         total = total + kl_weight * kl * temperature**2
     if ce_weight and targets is not None:
         total = total + ce_weight * F.cross_entropy(logits, targets, reduction="sum")
     return total
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # At T = 1 (the default) a division would cost a pass over positions x vocabulary, forward and backward.
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _capped(logits: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -12,20 +12,23 @@ PYTHON=${PYTHON:-python3}
 }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
+quiet_pip() {  # this machine's pip config names an index folder that may be missing: drop those warnings
+  "${PIP[@]}" "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 # torch first, pinned: a version range with no torch installed would let pip pick a multi-GB CUDA build.
 # This machine keeps the CPU wheel of 2.13.0 in /opt/wheels.
 if ! .venv/bin/python -c 'import sys, torch; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
   FIND_LINKS=()
   [ -d /opt/wheels ] && FIND_LINKS=(--find-links /opt/wheels)
-  "${PIP[@]}" install "${FIND_LINKS[@]}" "torch==2.13.0"
+  quiet_pip install "${FIND_LINKS[@]}" "torch==2.13.0"
 fi
 
 # The project itself (editable) and its dependencies; redone only when pyproject.toml changes.
 stamp=.venv/.pdq-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  "${PIP[@]}" install -e ".[dev]"
+  quiet_pip install -e ".[dev]"
   echo "$want" > "$stamp"
 fi
 
