@@ -132,47 +132,54 @@ def main() -> None:
 
 
 def _overhead(teacher, student, train, settings: DistillConfig, steps: int) -> dict:
-    """Median step time of the trainer and of a bare loop doing the same work, plus the bare step's parts."""
-    batch = settings.batch_size
-    config = DistillConfig(**{**settings.to_dict(), "tokens": None, "steps": steps, "eval_every": 0})
-    result = distill(student, teacher, train, config, progress=False)
-    stamps = [0.0] + [r["seconds"] for r in result.history]
-    trainer_steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][2:]  # skip warm-up steps
+    """Median step time of the trainer and of a bare loop doing the same work, plus the bare step's parts.
 
+    The two run in alternating blocks (trainer, bare, trainer, bare) so that neither always runs first on a
+    warmed-up or cooled-down machine; the first step of every block (allocations, optimizer state) is dropped.
+    """
+    batch = settings.batch_size
+    block = max(3, steps // 2)
+    config = DistillConfig(**{**settings.to_dict(), "tokens": None, "steps": block, "eval_every": 0})
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay)
     parts = {"teacher_forward": [], "student_forward_and_kl": [], "backward": [], "optimizer": []}
-    bare_steps = []
-    for step in range(steps):
-        ids = train[step * batch : (step + 1) * batch]
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=ids).logits[:, :-1].float()
-            t1 = time.perf_counter()
-            student_logits = student(input_ids=ids).logits[:, :-1].float()
-            loss = F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
-                            reduction="sum") / (student_logits.shape[0] * student_logits.shape[1])
-        t2 = time.perf_counter()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), settings.clip)
-        t3 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
-        bare_steps.append(t4 - t0)
-        for name, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-            parts[name].append(value)
-    bare = statistics.median(bare_steps[2:])
+    trainer_steps, bare_steps = [], []
+    for _ in range(2):
+        result = distill(student, teacher, train, config, progress=False)
+        stamps = [0.0] + [r["seconds"] for r in result.history]
+        trainer_steps += [b - a for a, b in zip(stamps, stamps[1:], strict=False)][1:]
+        for step in range(block):
+            ids = train[step * batch : (step + 1) * batch]
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids).logits[:, :-1].float()
+                t1 = time.perf_counter()
+                student_logits = student(input_ids=ids).logits[:, :-1].float()
+                loss = F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
+                                reduction="sum") / (student_logits.shape[0] * student_logits.shape[1])
+            t2 = time.perf_counter()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), settings.clip)
+            t3 = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t4 = time.perf_counter()
+            if step == 0:
+                continue
+            bare_steps.append(t4 - t0)
+            for name, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                parts[name].append(value)
+    bare = statistics.median(bare_steps)
     trainer = statistics.median(trainer_steps)
     tokens_per_step = batch * int(train.shape[1])
     return {
-        "steps_timed": steps - 2,
+        "steps_timed": len(bare_steps),
         "trainer_step_seconds_median": trainer,
         "bare_step_seconds_median": bare,
         "trainer_overhead": trainer / bare - 1,
         "trainer_tokens_per_second": tokens_per_step / trainer,
         "bare_tokens_per_second": tokens_per_step / bare,
-        "bare_parts_seconds_median": {k: statistics.median(v[2:]) for k, v in parts.items()},
+        "bare_parts_seconds_median": {k: statistics.median(v) for k, v in parts.items()},
     }
 
 
@@ -200,7 +207,7 @@ def _markdown(report: dict) -> str:
 def _overhead_sentence(t: dict) -> str:
     parts = ", ".join(f"{k.replace('_', ' ')} {v * 1000:.0f} ms" for k, v in t["bare_parts_seconds_median"].items())
     return (
-        f"Trainer vs bare loop (median of {t['steps_timed']} steps each, same process): trainer "
+        f"Trainer vs bare loop (median of {t['steps_timed']} steps each, alternating blocks in one process): trainer "
         f"{t['trainer_step_seconds_median']:.3f} s/step ({t['trainer_tokens_per_second']:,.0f} tokens/s), bare loop "
         f"{t['bare_step_seconds_median']:.3f} s/step ({t['bare_tokens_per_second']:,.0f} tokens/s): overhead "
         f"{t['trainer_overhead']:+.1%}. Bare step parts: {parts}."

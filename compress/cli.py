@@ -209,8 +209,8 @@ def _distill(argv: list[str]) -> int:
         "torchrun --nproc-per-node 2 -m compress.cli distill --student DIR --out DIR",
     )
     parser.add_argument("--student", required=True, help="the student's Hugging Face checkpoint folder")
-    parser.add_argument("--out", required=True, help="folder for the distilled student (checkpoints go in OUT/checkpoints)")
-    parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming OUT/checkpoints")
+    parser.add_argument("--out", required=True, help="folder for the distilled student; resumable checkpoints go in OUT.checkpoints/ beside it")
+    parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming from OUT.checkpoints/")
     parser.add_argument("--quiet", action="store_true")
     defaults = CompressConfig()
     for f in dataclasses.fields(CompressConfig):

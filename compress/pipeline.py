@@ -19,7 +19,7 @@ import torch
 from compress.archspec import ArchSpec, resolve
 from compress.config import STAGES, CompressConfig
 from compress.data import load_corpus, token_batches
-from compress.errors import RunDirectoryError
+from compress.errors import CompressError, RunDirectoryError
 from compress.evaluate import Perplexity, mean_nll, perplexity
 from compress.io import read_json, write_json
 from compress.planner import PruningPlan, feasible_shapes, plan
@@ -77,9 +77,18 @@ class CompressResult:
         return PruningPlan.load(self.run_dir / "plan.json")
 
     def load_pruned(self) -> Any:
+        """The pruned model (before distillation), loaded from the run directory."""
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(self.pruned_dir)
+
+    def load_student(self) -> Any:
+        """The distilled student, loaded from the run directory (needs ``stop_after="distill"``)."""
+        from transformers import AutoModelForCausalLM
+
+        if not (self.student_dir / "config.json").exists():
+            raise CompressError(f"{self.student_dir} holds no student yet; run with stop_after='distill'")
+        return AutoModelForCausalLM.from_pretrained(self.student_dir)
 
     def metrics(self) -> dict[str, Any]:
         return {s.stage: s.metrics for s in self.stages}

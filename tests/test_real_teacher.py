@@ -31,3 +31,17 @@ def test_prune_smollm2_to_two_thirds(tmp_path, capsys):
     with torch.no_grad():
         logits = model(torch.tensor([[504, 3767, 314]])).logits
     assert torch.isfinite(logits).all()
+
+    # The same command continued to distillation reuses the pruned student and trains it for two steps.
+    code = main(["--teacher", "smollm2-135m", "--target-size", "0.67x", "--out", str(out), "--stop-after", "distill",
+                 "--calib-samples", "64", "--search-candidates", "2", "--eval-samples", "8", "--quiet",
+                 "--distill-tokens", "4096", "--distill-eval-every", "1"])
+    assert code == 0
+    assert capsys.readouterr().out.count("reused") == 3
+    distilled = json.loads((out / "distill.metrics.json").read_text())
+    assert distilled["steps"] == 2 and distilled["tokens"] == 4096
+    assert [r["step"] for r in distilled["history"] if "val_perplexity" in r] == [1, 2]
+    assert distilled["student_perplexity"] == distilled["history"][-1]["val_perplexity"]
+    assert distilled["student_perplexity"] < distilled["student_perplexity_before"]  # 2 KD steps already help
+    student, info = AutoModelForCausalLM.from_pretrained(out / "student", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
