@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.plots import finish_perplexity_plot
 from compress.archspec import resolve
 from compress.config import CompressConfig, TargetSize
 from compress.data import load_corpus, token_batches
@@ -233,16 +234,10 @@ def _plot(report: dict, path: Path) -> None:
     for arm, row in report["arms"].items():
         ax.plot([p["tokens"] / 1000 for p in row["curve"]], [p["val_perplexity"] for p in row["curve"]],
                 marker="o", markersize=3, label=f"({arm}) {row['name']}")
-    ax.axhline(report["teacher_perplexity"], color="black", linestyle="--", linewidth=1,
-               label=f"teacher ({report['teacher_perplexity']:.1f})")
-    ax.set_yscale("log")
     ax.set_xlabel("training tokens (thousands)")
     ax.set_ylabel("validation perplexity (log scale)")
-    ax.set_title(f"{report['teacher']} → {report['student_params'] / 1e6:.0f}M student: recovery by training")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_perplexity_plot(fig, ax, report["teacher_perplexity"],
+                           f"{report['teacher']} → {report['student_params'] / 1e6:.0f}M student: recovery by training", path)
 
 
 if __name__ == "__main__":

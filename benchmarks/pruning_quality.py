@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.plots import finish_perplexity_plot
 from compress.archspec import resolve
 from compress.config import CompressConfig, TargetSize
 from compress.data import load_corpus, token_batches
@@ -140,17 +141,10 @@ def _plot(report: dict, path: Path) -> None:
         values = [next(r["perplexity"] for r in report["rows"] if r["target"] == t and r["method"] == method) for t in targets]
         bars = ax.bar([i + (m - 1) * width for i in range(len(targets))], values, width, label=method)
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=7, padding=2)
-    ax.axhline(report["teacher_perplexity"], color="black", linestyle="--", linewidth=1,
-               label=f"teacher ({report['teacher_perplexity']:.1f})")
-    ax.set_yscale("log")
     ax.set_xticks(range(len(targets)), [f"{t} of {report['teacher_params'] / 1e6:.0f}M" for t in targets])
     ax.set_xlabel("target size (fraction of teacher parameters)")
     ax.set_ylabel("validation perplexity (log scale, lower is better)")
-    ax.set_title(f"{report['teacher']} pruned without retraining")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_perplexity_plot(fig, ax, report["teacher_perplexity"], f"{report['teacher']} pruned without retraining", path)
 
 
 if __name__ == "__main__":
