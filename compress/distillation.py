@@ -72,6 +72,7 @@ def distill_student(
         "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
     }
     if _rank() == 0:
-        metrics["student_perplexity"] = result.history[-1].get("val_perplexity", evaluate(student))
+        last = result.history[-1]  # the trainer evaluates at the final step, so this is normally measured already
+        metrics["student_perplexity"] = last["val_perplexity"] if "val_perplexity" in last else evaluate(student)
         save_checkpoint(student, tokenizer, out_dir)
     return metrics
