@@ -71,21 +71,26 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG + "\nsubcommands: compress fetch --help, compress eval --help, compress distill --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    defaults = CompressConfig()
-    for f in dataclasses.fields(CompressConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP[f.name] + f" (default {default})")
-        elif isinstance(default, tuple):
-            parser.add_argument(flag, default=None, help=_HELP[f.name] + f" (default {','.join(default)})")
-        else:
-            kind = type(default) if default is not None else str
-            parser.add_argument(flag, type=kind, default=None, help=_HELP[f.name] + f" (default {default})")
+    _add_config_flags(parser, [f.name for f in dataclasses.fields(CompressConfig)])
     parser.add_argument("--config", help="a JSON file of config fields; flags given here override it")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines, only the summary")
     return parser
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    """One flag per named CompressConfig field (``--distill-lr`` for ``distill_lr``); unset flags stay None."""
+    defaults = CompressConfig()
+    for name in names:
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP[name] + f" (default {default})")
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, default=None, help=_HELP[name] + f" (default {','.join(default)})")
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(flag, type=kind, default=None, help=_HELP[name] + f" (default {default})")
 
 
 def _config_from(args: argparse.Namespace) -> CompressConfig:
@@ -212,15 +217,8 @@ def _distill(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="folder for the distilled student; resumable checkpoints go in OUT.checkpoints/ beside it")
     parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming from OUT.checkpoints/")
     parser.add_argument("--quiet", action="store_true")
-    defaults = CompressConfig()
-    for f in dataclasses.fields(CompressConfig):
-        if f.name in _DISTILL_FLAGS or f.name.startswith("distill_"):
-            default = getattr(defaults, f.name)
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(default, bool):
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP[f.name])
-            else:
-                parser.add_argument(flag, type=type(default) if default is not None else str, default=None, help=_HELP[f.name])
+    _add_config_flags(parser, [f.name for f in dataclasses.fields(CompressConfig)
+                               if f.name in _DISTILL_FLAGS or f.name.startswith("distill_")])
     args = parser.parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(CompressConfig)} and v is not None}
     config = CompressConfig.from_dict(values)

@@ -12,6 +12,7 @@ from typing import Any
 
 from compress.errors import ConfigError
 from distill import DistillConfig
+from distill.config import OPTIMIZERS, SCHEDULES
 
 STAGES = ("correct", "score", "plan", "prune", "distill")
 """Stages built so far, in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
@@ -114,8 +115,8 @@ class CompressConfig:
         _choice("stop-after", self.stop_after, STAGES)
         if self.align < 1 or self.align & (self.align - 1):
             raise ConfigError(f"--align {self.align}: use a power of two such as 32 or 64 (NPU channel multiples)")
-        _choice("distill-optimizer", self.distill_optimizer, ("adamw", "muon"))
-        _choice("distill-schedule", self.distill_schedule, ("wsd", "cosine", "constant"))
+        _choice("distill-optimizer", self.distill_optimizer, OPTIMIZERS)
+        _choice("distill-schedule", self.distill_schedule, SCHEDULES)
         if self.teacher_correction_tokens < 0 or self.teacher_correction_lr <= 0:
             raise ConfigError("--teacher-correction-tokens must be >= 0 and --teacher-correction-lr positive")
         if self.distill_lr <= 0 or self.distill_temperature <= 0 or self.distill_ce_weight < 0:
