@@ -119,6 +119,11 @@ def _distributed() -> tuple[int, int]:
     return 1, 0
 
 
+def _due(step: int, total: int, every: int) -> bool:
+    """Whether periodic work (validation, a checkpoint) falls on ``step``: every ``every`` steps and at the end."""
+    return step == total or (every > 0 and step % every == 0)
+
+
 def _autocast(bf16: bool, device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -175,10 +180,10 @@ def distill(
     if world > 1:
         module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     order = _Order(int(train_ids.shape[0]), config.seed)
+    params = [p for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]]
+    started_tokens = tokens
     started = time.perf_counter()
-    trained_tokens = 0
     evaluating = 0.0  # seconds spent in validation, left out of throughput
-    loss_value = float("nan")
     bar = tqdm(total=total, initial=step, desc="distill", unit="step", disable=not progress or rank != 0)
     while step < total:
         for group_optimizer in optimizers:
@@ -207,20 +212,17 @@ def distill(
                 + (f"the last good checkpoint is {last}; " if last else "")
                 + "lower the learning rate (--distill-lr) or check the data"
             )
-        params = [p for group_optimizer in optimizers for g in group_optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, config.clip)
         for group_optimizer in optimizers:
             group_optimizer.step()
             group_optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += per_step * seq_len
-        trained_tokens += per_step * seq_len
-        loss_value = step_loss
         record: dict[str, float] = {
             "step": step, "tokens": tokens, "loss": step_loss, "lr": config.lr_at(step - 1, total),
             "seconds": time.perf_counter() - started - evaluating,  # training time of this process so far
         }
-        if evaluate is not None and (step == total or (config.eval_every and step % config.eval_every == 0)):
+        if evaluate is not None and _due(step, total, config.eval_every):
             eval_started = time.perf_counter()
             student.eval()
             record["val_perplexity"] = float(evaluate(student))
@@ -228,9 +230,9 @@ def distill(
             evaluating += time.perf_counter() - eval_started
         history.append(record)
         elapsed = time.perf_counter() - started - evaluating
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{trained_tokens / max(elapsed, 1e-9):,.0f}")
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{(tokens - started_tokens) / max(elapsed, 1e-9):,.0f}")
         bar.update(1)
-        if folder is not None and (step == total or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+        if folder is not None and _due(step, total, config.checkpoint_every):
             if rank == 0:
                 save_checkpoint(folder, step, student, optimizers, hidden,
                                 {"tokens": tokens, "history": history, "config": config.to_dict()},
@@ -244,8 +246,8 @@ def distill(
         steps=step,
         tokens=tokens,
         seconds=seconds,
-        tokens_per_second=trained_tokens / seconds if seconds > 0 else 0.0,
-        final_loss=loss_value if trained_tokens else (history[-1]["loss"] if history else float("nan")),
+        tokens_per_second=(tokens - started_tokens) / seconds if seconds > 0 else 0.0,
+        final_loss=history[-1]["loss"] if history else float("nan"),
         history=tuple(history),
         resumed_from_step=resumed,
     )
