@@ -13,8 +13,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from compress.config import AXES, IMPORTANCE_METHODS, LAYER_METRICS, PROXIES, STAGES, CompressConfig
+from compress.config import (
+    AXES,
+    IMPORTANCE_METHODS,
+    LAYER_METRICS,
+    PROXIES,
+    QUANT_CHOICES,
+    STAGES,
+    CompressConfig,
+)
 from compress.errors import CompressError, ConfigError
+from quant.profiles import PROFILES
 
 _HELP = {
     "teacher": "teacher: a built-in alias (smollm2-135m, gemma3-270m), a Hugging Face folder, a .gguf file or a hub id",
@@ -49,6 +58,13 @@ _HELP = {
     "teacher_correction_tokens": "first fine-tune the teacher on this many training tokens (Minitron's teacher "
     "correction, for data unlike the teacher's own; 0: off)",
     "teacher_correction_lr": "learning rate of the teacher correction",
+    "seq_len": "static sequence length of the exported prefill graph and capacity of the decode graph's KV cache",
+    "quant": f"integer recipe of the quantized graphs: {', '.join(QUANT_CHOICES)}",
+    "npu_profile": f"NPU rules the graphs are made for and checked against: {', '.join(PROFILES)}",
+    "quant_transforms": "comma-separated float rewrites before quantization: rotate (QuaRot-style), smooth "
+    "(SmoothQuant); empty for none",
+    "quant_calib_samples": "calibration sequences (of --seq-len tokens) for quantization ranges and smoothing",
+    "quant_eval_samples": "validation sequences (of --seq-len tokens) for the graphs' perplexity",
     "stop_after": f"last stage to run: {', '.join(STAGES)}",
     "seed": "random seed",
     "trust_remote_code": "allow a teacher's own modelling code to run",
@@ -61,14 +77,19 @@ _EPILOG = """examples:
   compress eval runs/demo/pruned --text notes.txt
   compress --teacher smollm2-135m --target-size 0.67x --out runs/demo --stop-after distill --distill-tokens 200000
   torchrun --nproc-per-node 2 -m compress.cli distill --student runs/demo/pruned --out runs/demo/student-ddp
+  compress --teacher smollm2-135m --target-size 0.67x --out runs/demo --stop-after quantize --quant a16w8 --npu-profile qnn-htp
+  compress --teacher smollm2-135m --target-size 1x --out runs/teacher --stop-after quantize --quant a8w8 --npu-profile generic-a8w8
+  compress inspect runs/demo/onnx/model.a16w8.onnx --npu-profile qnn-htp
 """
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="compress",
-        description="Prune a teacher language model to a target size with activation-based importance.",
-        epilog=_EPILOG + "\nsubcommands: compress fetch --help, compress eval --help, compress distill --help",
+        description="Prune a teacher language model to a target size with activation-based importance, distill it, "
+        "and export static-shape float and integer (QDQ) ONNX graphs for an NPU.",
+        epilog=_EPILOG + "\nsubcommands: compress fetch --help, compress eval --help, compress distill --help, "
+        "compress inspect --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_flags(parser, [f.name for f in dataclasses.fields(CompressConfig)])
@@ -103,7 +124,8 @@ def _config_from(args: argparse.Namespace) -> CompressConfig:
     for f in dataclasses.fields(CompressConfig):
         value = getattr(args, f.name)
         if value is not None:
-            values[f.name] = tuple(a.strip() for a in value.split(",") if a.strip()) if f.name == "axes" else value
+            is_list = f.name in ("axes", "quant_transforms")
+            values[f.name] = tuple(a.strip() for a in value.split(",") if a.strip()) if is_list else value
     return CompressConfig.from_dict(values)
 
 
@@ -138,11 +160,25 @@ def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
                 f"hidden {s['hidden']}, mlp {s['mlp']}, heads {s['kv_heads']}x{s['heads_per_group']}, "
                 f"layers {s['layers']}: {m['params'] / 1e6:.1f}M params ({m['params'] / m['teacher_params']:.2f}x)"
             )
-        elif stage.stage == "distill":
+        elif stage.stage == "distill" and "skipped" not in m:
             text = (
                 f"{result.student_dir}  perplexity {m['student_perplexity_before']:.2f} -> {m['student_perplexity']:.2f} "
                 f"after {m['tokens']:,} tokens ({m['tokens_per_second']:,.0f} tokens/s)"
             )
+        elif stage.stage == "export":
+            g = m["fp32"]
+            text = (f"{result.run_dir / 'onnx'}/model.onnx, decode.onnx  fp32 perplexity {g['perplexity']:.2f}, "
+                    f"{g['prefill_mb']:.0f} MB, prefill {g['prefill_latency_ms']:.0f} ms, "
+                    f"decode {g['decode_tokens_per_second']:.1f} tokens/s")
+        elif stage.stage == "quantize":
+            if m["quant"] == "none":
+                continue
+            g = m[m["quant"]]
+            text = (f"model.{m['quant']}.onnx ({m['npu_profile']})  perplexity {g['perplexity']:.2f}, agreement "
+                    f"{g['agreement']:.3f}, {g['prefill_mb']:.0f} MB, prefill {g['prefill_latency_ms']:.0f} ms, decode "
+                    f"{g['decode_tokens_per_second']:.1f} tokens/s, {len(m['violations'])} profile violations")
+        elif stage.stage == "distill" and "skipped" in m:
+            text = m["skipped"]
         else:
             text = f"{result.pruned_dir}"
             if "pruned_perplexity" in m:
@@ -239,6 +275,38 @@ def _distill(argv: list[str]) -> int:
     return 0
 
 
+def _inspect(argv: list[str]) -> int:
+    import onnx
+
+    from quant.profiles import check, get_profile
+
+    parser = argparse.ArgumentParser(
+        prog="compress inspect",
+        description="Check an ONNX graph against an NPU profile: dynamic dimensions, control flow, operators "
+        "outside the profile's set, float islands, weight types and channel alignment. Exits 1 on any violation.",
+    )
+    parser.add_argument("model", help="an .onnx file")
+    parser.add_argument("--npu-profile", default="qnn-htp", help=f"one of {', '.join(PROFILES)} (default qnn-htp)")
+    parser.add_argument("--float", action="store_true", help="the graph is a float graph: check shapes and operators only")
+    args = parser.parse_args(argv)
+    if args.npu_profile not in PROFILES:
+        raise ConfigError(f"--npu-profile {args.npu_profile!r}: known profiles are {', '.join(PROFILES)}")
+    path = Path(args.model)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; pass the path of an .onnx graph")
+    try:
+        model = onnx.load(path)
+    except Exception as error:  # noqa: BLE001 - any parse failure is the user's file
+        raise ConfigError(f"{path}: not a readable ONNX model ({error})") from error
+    violations = check(model, get_profile(args.npu_profile), quantized=not args.float)
+    for v in violations:
+        print(v)
+    nodes = len(model.graph.node)
+    verdict = "passes" if not violations else f"has {len(violations)} violation(s) of"
+    print(f"{path}: {nodes} nodes, {verdict} the {args.npu_profile} profile")
+    return 1 if violations else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet = "--quiet" in argv
@@ -250,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(argv[1:])
         if argv and argv[0] == "distill":
             return _distill(argv[1:])
+        if argv and argv[0] == "inspect":
+            return _inspect(argv[1:])
         args = _parser().parse_args(argv)
         config = _config_from(args)
         if args.print_config:

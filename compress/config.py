@@ -13,10 +13,15 @@ from typing import Any
 from compress.errors import ConfigError
 from distill import DistillConfig
 from distill.config import OPTIMIZERS, SCHEDULES
+from quant.profiles import PROFILES
+from quant.quantize import PRESETS
 
-STAGES = ("correct", "score", "plan", "prune", "distill")
+TRANSFORMS = ("rotate", "smooth", "embed-rows")  # compress.outliers rewrites, in the order they apply
+
+STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize")
 """Stages built so far, in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
-``--teacher-correction-tokens`` is set."""
+``--teacher-correction-tokens`` is set; ``quantize`` does nothing with ``--quant none``."""
+QUANT_CHOICES = ("none", *PRESETS)
 AXES = ("heads", "kv", "hidden", "mlp", "layers")
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
 LAYER_METRICS = ("block-influence", "perplexity")
@@ -97,6 +102,12 @@ class CompressConfig:
     distill_eval_every: int = 50
     teacher_correction_tokens: int = 0
     teacher_correction_lr: float = 5e-5
+    seq_len: int = 256
+    quant: str = "a16w8"
+    npu_profile: str = "qnn-htp"
+    quant_transforms: tuple[str, ...] = ("rotate", "smooth")
+    quant_calib_samples: int = 8
+    quant_eval_samples: int = 16
     stop_after: str = "prune"
     seed: int = 0
     trust_remote_code: bool = False
@@ -113,6 +124,13 @@ class CompressConfig:
         _choice("layer-metric", self.layer_metric, LAYER_METRICS)
         _choice("proxy", self.proxy, PROXIES)
         _choice("stop-after", self.stop_after, STAGES)
+        _choice("quant", self.quant, QUANT_CHOICES)
+        _choice("npu-profile", self.npu_profile, tuple(PROFILES))
+        object.__setattr__(self, "quant_transforms", tuple(self.quant_transforms))
+        bad = [t for t in self.quant_transforms if t not in TRANSFORMS]
+        if bad:
+            raise ConfigError(f"--quant-transforms {','.join(self.quant_transforms)!r}: allowed are {', '.join(TRANSFORMS)} "
+                              "(comma-separated, or empty for none)")
         if self.align < 1 or self.align & (self.align - 1):
             raise ConfigError(f"--align {self.align}: use a power of two such as 32 or 64 (NPU channel multiples)")
         _choice("distill-optimizer", self.distill_optimizer, OPTIMIZERS)
@@ -122,7 +140,8 @@ class CompressConfig:
         if self.distill_lr <= 0 or self.distill_temperature <= 0 or self.distill_ce_weight < 0:
             raise ConfigError("--distill-lr and --distill-temperature must be positive, --distill-ce-weight >= 0")
         for name in ("calib_samples", "calib_seq_len", "batch_size", "search_candidates", "eval_samples", "eval_seq_len",
-                     "distill_tokens", "distill_seq_len", "distill_batch_size", "distill_grad_accum"):
+                     "distill_tokens", "distill_seq_len", "distill_batch_size", "distill_grad_accum", "seq_len",
+                     "quant_calib_samples", "quant_eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not 0 < self.tolerance < 1:
@@ -159,6 +178,7 @@ class CompressConfig:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["axes"] = list(self.axes)
+        values["quant_transforms"] = list(self.quant_transforms)
         return values
 
     @classmethod

@@ -1,4 +1,5 @@
-"""The run: teacher → importance → plan → prune, each stage writing into the run directory.
+"""The run: teacher → importance → plan → prune → distill → export → quantize, each stage writing into
+the run directory.
 
 A stage's output is reused when it exists and was produced by the same settings (recorded in
 ``stages.json``); when settings change, that stage and every later one run again.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from compress.archspec import ArchSpec, resolve
@@ -41,6 +43,8 @@ _STAGE_FIELDS = {
     "distill": ("distill_tokens", "distill_seq_len", "distill_batch_size", "distill_grad_accum", "distill_lr",
                 "distill_optimizer", "distill_schedule", "distill_temperature", "distill_ce_weight",
                 "distill_eval_every"),
+    "export": ("seq_len", "quant_transforms", "quant_calib_samples", "quant_eval_samples", "npu_profile"),
+    "quantize": ("quant", "npu_profile"),
 }
 # Calibration sequences the planner's loss proxy runs each candidate on (16 x calib_seq_len tokens).
 _PROXY_SEQUENCES = 16
@@ -321,8 +325,75 @@ def _distill(state: _Run) -> dict[str, Any]:
     for other in (state.dir / "checkpoints").glob("*"):
         if other != checkpoints:
             shutil.rmtree(other, ignore_errors=True)
+    chosen = PruningPlan.load(state.dir / "plan.json")
+    if chosen.params >= chosen.teacher_params:
+        shutil.rmtree(state.dir / "student", ignore_errors=True)
+        return {"skipped": "the plan keeps every parameter: the student is the teacher"}
     return distill_student(state.dir / "pruned", state.teacher, state.tokenizer, state.dataset, state.config,
                            state.dir / "student", checkpoints, progress=state.progress)
 
 
-_STAGE_RUNNERS = {"correct": _correct, "score": _score, "plan": _plan, "prune": _prune, "distill": _distill}
+def _final_model(state: _Run) -> tuple[Path, Any]:
+    """The model the graphs are made of: the distilled student, or the pruned one when distillation was skipped."""
+    from transformers import AutoModelForCausalLM
+
+    source = state.dir / "student"
+    if not (source / "config.json").exists():
+        source = state.dir / "pruned"
+    return source, AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+
+
+def _prepared(state: _Run) -> tuple[Path, Any, torch.Tensor]:
+    from compress.quantization import prepare
+    from quant.profiles import get_profile
+
+    c = state.config
+    source, model = _final_model(state)
+    calib = state.ids("calibration", c.seq_len, c.quant_calib_samples)
+    conv = get_profile(c.npu_profile).linear_as_conv
+    return source, prepare(model, c.seq_len, c.quant_transforms, calib, seed=c.seed, conv=conv), calib
+
+
+def _export(state: _Run) -> dict[str, Any]:
+    from compress.quantization import export_graphs, measure
+    from quant import runtime
+
+    c = state.config
+    source, lm, _ = _prepared(state)
+    folder = state.dir / "onnx"
+    shutil.rmtree(folder, ignore_errors=True)  # graphs of other settings (and their quantized copies) go
+    prefill, decode = export_graphs(lm, folder)
+    valid = state.ids("validation", c.seq_len, c.quant_eval_samples)
+    with torch.no_grad():
+        expected = lm.prefill(valid[:1])[0].numpy()
+    got = runtime.prefill_logits(runtime.session(prefill), valid[:1].numpy())
+    metrics, _ = measure(prefill, decode, valid.numpy(), None)
+    return {"source": str(source), "seq_len": c.seq_len, "transforms": list(c.quant_transforms),
+            "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "fp32": metrics}
+
+
+def _quantize(state: _Run) -> dict[str, Any]:
+    from compress.quantization import measure, quantize_graphs
+    from quant import runtime
+    from quant.profiles import get_profile
+    from quant.quantize import PRESETS
+
+    c = state.config
+    if c.quant == "none":
+        return {"quant": "none"}
+    _, lm, calib = _prepared(state)
+    folder = state.dir / "onnx"
+    valid = state.ids("validation", c.seq_len, c.quant_eval_samples).numpy()
+    _, reference = runtime.quality(runtime.session(folder / "model.onnx"), valid)
+    graphs = quantize_graphs(lm, folder, PRESETS[c.quant], get_profile(c.npu_profile), calib.numpy())
+    metrics, _ = measure(graphs.prefill, graphs.decode, valid, reference)
+    violations = graphs.violations["prefill"] + graphs.violations["decode"]
+    if violations:
+        log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",
+                    len(violations), c.npu_profile, graphs.prefill, c.npu_profile)
+    return {"quant": c.quant, "npu_profile": c.npu_profile, c.quant: metrics, "violations": violations,
+            "reports": {k: v.to_dict() for k, v in graphs.reports.items()}}
+
+
+_STAGE_RUNNERS = {"correct": _correct, "score": _score, "plan": _plan, "prune": _prune, "distill": _distill,
+                  "export": _export, "quantize": _quantize}

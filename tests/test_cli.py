@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from factories import tiny_llama, write_corpus, write_teacher
@@ -186,3 +187,40 @@ def test_broken_teacher_files_give_one_clear_line(inputs, tmp_path, capsys):
     assert _run("--teacher", gguf, "--data", corpus, "--target-size", "0.7x", "--out", tmp_path / "p", *SMALL) == 2
     assert "could not read GGUF file" in _error_of(capsys)
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
+
+
+def test_quantize_stage_writes_checked_graphs_and_inspect_judges_them(inputs, tmp_path, capsys):
+    teacher, corpus = inputs
+    out = tmp_path / "quantized"
+    args = ["--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL,
+            "--stop-after", "quantize", "--distill-tokens", "256", "--distill-seq-len", "16", "--distill-batch-size", "4",
+            "--seq-len", "16", "--quant-calib-samples", "4", "--quant-eval-samples", "2"]
+    assert _run(*args, "--quant", "a8w8", "--npu-profile", "generic-a8w8") == 0
+    assert "model.a8w8.onnx" in capsys.readouterr().out
+    for name in ("model.onnx", "decode.onnx", "model.a8w8.onnx", "decode.a8w8.onnx"):
+        assert (out / "onnx" / name).exists(), name
+    exported = json.loads((out / "export.metrics.json").read_text())
+    assert exported["source"].endswith("student") and exported["max_abs_diff_vs_torch"] <= 1e-4
+    metrics = json.loads((out / "quantize.metrics.json").read_text())
+    assert metrics["violations"] == [] and 0 < metrics["a8w8"]["agreement"] <= 1
+    assert metrics["a8w8"]["prefill_mb"] < exported["fp32"]["prefill_mb"]  # tiny: scales and zero points weigh a lot
+
+    assert _run("inspect", out / "onnx" / "model.a8w8.onnx", "--npu-profile", "generic-a8w8") == 0
+    assert "passes" in capsys.readouterr().out
+    assert _run("inspect", out / "onnx" / "model.onnx", "--npu-profile", "generic-a8w8") == 1  # float graph
+    assert "float-island" in capsys.readouterr().out
+    assert _run("inspect", out / "onnx" / "model.onnx", "--float") == 0
+    assert _run("inspect", tmp_path / "missing.onnx") == 2
+    assert "no such file" in capsys.readouterr().err
+
+    # Another recipe re-runs only the quantize stage; another profile also re-exports (QNN: linears as Convs).
+    assert _run(*args, "--quant", "a16w8", "--npu-profile", "generic-a8w8") == 0
+    assert capsys.readouterr().out.count("reused") == 5  # score, plan, prune, distill, export
+    assert (out / "onnx" / "model.a16w8.onnx").exists()
+    assert _run(*args, "--quant", "a16w8", "--npu-profile", "qnn-htp") == 0
+    assert capsys.readouterr().out.count("reused") == 4
+    assert any(n.op_type == "Conv" for n in onnx.load(out / "onnx" / "model.a16w8.onnx").graph.node)
+    assert not (out / "onnx" / "model.a8w8.onnx").exists()  # graphs of other settings are not left behind
+    metrics = json.loads((out / "quantize.metrics.json").read_text())
+    # The tiny student was pruned with --align 16: QNN's multiples of 32 are reported, nothing else.
+    assert metrics["violations"] and all(v.startswith("alignment") for v in metrics["violations"])

@@ -1,0 +1,211 @@
+"""Do the integer graphs keep the model's accuracy, and which method buys what?
+
+For one model (default: the smollm2-135m teacher; ``--model DIR`` for a pruned or distilled student):
+
+1. **Methods table** (prefill graphs): each row one combination of float rewrite and recipe, quantized
+   whole-graph for A16W8 (qnn-htp profile) and A8W8 (generic-a8w8 profile), validation perplexity and
+   top-1 agreement with the fp32 graph.
+2. **Final graphs** (the recipe ``compress`` ships): fp32, A16W8 and A8W8 prefill and decode graphs:
+   perplexity, agreement, size on disk, median prefill latency, decode tokens/s, ``compress inspect``
+   violations.
+
+Writes ``benchmarks/results/quant_accuracy{,_<name>}.{md,json}``.
+
+    python -m benchmarks.quant_accuracy [--model DIR] [--rows all|final] [--eval-seqs 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress.config import CompressConfig
+from compress.data import load_corpus, token_batches
+from compress.quantization import export_graphs, prepare, quantize_graphs
+from compress.teachers import load_teacher
+from quant import runtime
+from quant.profiles import get_profile
+from quant.quantize import PRESETS, QuantRecipe
+
+RESULTS = Path(__file__).parent / "results"
+
+A16 = QuantRecipe("a16w8", 16)
+A8 = QuantRecipe("a8w8", 8)
+RS = ("residual", "softmax")
+# (label, transforms, fused norm, linears as 1x1 Conv in the A16W8 (qnn-htp) graph, A16W8 recipe, A8W8 recipe).
+# A16W8 graphs are made for qnn-htp (per-channel weights on Conv only), A8W8 graphs for generic-a8w8
+# (per-channel weights on MatMul and Gemm).
+METHOD_ROWS = [
+    ("ORT recipe as is: decomposed RMSNorm, MinMax", (), False, False, A16, A8),
+    ("fused RMSNorm (one RMSNormalization node)", (), True, False, A16, A8),
+    ("+ SmoothQuant (down, o)", ("smooth",), True, False, A16, A8),
+    ("+ rotation (QuaRot-style)", ("rotate",), True, False, A16, A8),
+    ("+ rotation + SmoothQuant", ("rotate", "smooth"), True, False, A16, A8),
+    ("fused RMSNorm, A8 residual + softmax in 16 bits", (), True, False, None, QuantRecipe("a8w8", 8, sixteen_bit=RS)),
+    ("+ rotation, A8 residual + softmax in 16 bits", ("rotate",), True, False, None, QuantRecipe("a8w8", 8, sixteen_bit=RS)),
+    ("+ rotation + SmoothQuant, A8 residual + softmax in 16 bits", ("rotate", "smooth"), True, False, None,
+     QuantRecipe("a8w8", 8, sixteen_bit=RS)),
+    ("+ rotation + SmoothQuant, A8 residual + softmax + down input in 16 bits", ("rotate", "smooth"), True, False, None,
+     QuantRecipe("a8w8", 8, sixteen_bit=(*RS, "mlp-down"))),
+    ("fused RMSNorm, linears as 1x1 Conv (per-channel on QNN)", (), True, True, A16, None),
+    ("+ per-row embedding scales", ("embed-rows",), True, True, A16, QuantRecipe("a8w8", 8, sixteen_bit=RS)),
+    ("+ rotation + per-row embedding scales", ("rotate", "embed-rows"), True, True, A16,
+     QuantRecipe("a8w8", 8, sixteen_bit=RS)),
+    ("+ rotation + SmoothQuant + per-row embedding scales", ("rotate", "smooth", "embed-rows"), True, True, A16,
+     QuantRecipe("a8w8", 8, sixteen_bit=RS)),
+    ("+ per-row embedding scales, percentile 99.999 calibration", ("embed-rows",), True, True,
+     QuantRecipe("a16w8", 16, calibration="percentile"), QuantRecipe("a8w8", 8, calibration="percentile", sixteen_bit=RS)),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="teacher alias or Hugging Face checkpoint directory")
+    parser.add_argument("--name", default=None, help="results suffix (default: teacher for the alias, else 'student')")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-seqs", type=int, default=16)
+    parser.add_argument("--calib-seqs", type=int, default=8)
+    parser.add_argument("--rows", default="all", help="'all', 'final', or comma-separated method row numbers")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    started = time.perf_counter()
+    defaults = CompressConfig(teacher=args.model, target_size="1x")
+    model, tokenizer = load_teacher(args.model)
+    model.eval()
+    dataset = load_corpus(None)
+    valid = token_batches(dataset, tokenizer, "validation", args.seq_len, args.eval_seqs).numpy()
+    calib = token_batches(dataset, tokenizer, "calibration", args.seq_len, args.calib_seqs)
+    report: dict = {
+        "model": args.model, "seq_len": args.seq_len, "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
+        "calibration_sequences": int(calib.shape[0]), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "data": "Debian documentation corpus (validation / calibration splits)", "seed": defaults.seed,
+    }
+    rows = list(range(len(METHOD_ROWS))) if args.rows == "all" else (
+        [] if args.rows == "final" else [int(r) for r in args.rows.split(",")])
+    work = Path(tempfile.mkdtemp(prefix="pdq-quant-"))
+    try:
+        reference_top1, fp32 = _fp32_reference(model, args.seq_len, work, valid)
+        report["fp32_perplexity"] = fp32
+        report["methods"] = []
+        for index in rows:
+            label, transforms, fused, conv, a16, a8 = METHOD_ROWS[index]
+            row = {"row": index, "method": label, "transforms": list(transforms), "fused_norm": fused, "conv": conv}
+            for recipe, profile, as_conv in ((a16, "qnn-htp", conv), (a8, "generic-a8w8", False)):
+                if recipe is None:
+                    continue
+                lm = prepare(model, args.seq_len, transforms, calib, fused_norm=fused, conv=as_conv)
+                folder = work / f"row{index}-{recipe.name}"
+                export_graphs_prefill(lm, folder)
+                graphs = quantize_graphs(lm, folder, recipe, get_profile(profile), calib.numpy(), decode=False)
+                quality, _ = runtime.quality(runtime.session(graphs.prefill), valid, reference_top1)
+                row[recipe.name] = {"perplexity": quality.perplexity, "agreement": quality.agreement,
+                                    "sixteen_bit_tensors": graphs.reports["prefill"].sixteen_bit_tensors,
+                                    "recipe": recipe.to_dict(), "profile": profile,
+                                    "violations": len(graphs.violations["prefill"])}
+                print(f"[{index}] {label} {recipe.name}: perplexity {quality.perplexity:.2f} "
+                      f"(fp32 {fp32:.2f}), agreement {quality.agreement:.3f}", flush=True)
+                shutil.rmtree(folder, ignore_errors=True)
+            report["methods"].append(row)
+        if args.rows in ("all", "final"):
+            report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["seconds"] = time.perf_counter() - started
+    name = args.name or (args.model if not Path(args.model).exists() else "student")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"quant_accuracy_{name}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def export_graphs_prefill(lm, folder: Path) -> None:  # noqa: ANN001
+    from compress.export import Prefill
+    from quant.export import export
+
+    prefill = Prefill(lm)
+    export(prefill, prefill.example(lm.capacity), folder / "model.onnx", *prefill.names())
+
+
+def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple[np.ndarray, float]:  # noqa: ANN001
+    lm = prepare(model, seq_len, ())
+    export_graphs_prefill(lm, work / "fp32")
+    quality, top1 = runtime.quality(runtime.session(work / "fp32" / "model.onnx"), valid)
+    print(f"fp32 graph perplexity {quality.perplexity:.2f} on {quality.tokens} tokens", flush=True)
+    return top1, quality.perplexity
+
+
+def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid: np.ndarray,  # noqa: ANN001
+                  reference_top1: np.ndarray) -> dict:
+    lm = prepare(model, seq_len, ("rotate", "smooth"), calib)
+    export_graphs(lm, folder)
+    graphs = {"fp32": (folder / "model.onnx", folder / "decode.onnx", [])}
+    for name, profile in (("a16w8", "qnn-htp"), ("a8w8", "generic-a8w8")):
+        q = quantize_graphs(lm, folder, PRESETS[name], get_profile(profile), calib.numpy())
+        graphs[name] = (q.prefill, q.decode, q.violations["prefill"] + q.violations["decode"])
+    out = {}
+    prompt = [int(t) for t in valid[0, :64]]
+    for name, (prefill, decode, violations) in graphs.items():
+        sess = runtime.session(prefill)
+        quality, _ = runtime.quality(sess, valid, reference_top1)
+        latency = runtime.prefill_latency(sess, seq_len)
+        _, _, per_token = runtime.decode(runtime.session(decode), prompt, 64, prefill_sess=sess)
+        out[name] = {
+            "perplexity": quality.perplexity, "agreement": quality.agreement,
+            "prefill_mb": prefill.stat().st_size / 1e6, "decode_mb": decode.stat().st_size / 1e6,
+            "prefill_latency_ms": latency * 1000, "decode_tokens_per_second": 1 / per_token,
+            "violations": violations,
+        }
+        print(f"{name}: {json.dumps(out[name])}", flush=True)
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Quantization accuracy: {report['model']}", "",
+             f"Prefill graphs of {report['seq_len']} tokens; validation perplexity on {report['validation_tokens']:,} "
+             f"tokens of {report['data']}; calibration on {report['calibration_sequences']} sequences of the "
+             f"calibration split. fp32 graph perplexity {report['fp32_perplexity']:.2f}. Agreement = top-1 next-token "
+             f"agreement with the fp32 graph. Measured {report['date']} on {report['machine']}.", ""]
+    if report.get("methods"):
+        lines += ["| # | method | A16W8 perplexity | A16W8 agreement | A8W8 perplexity | A8W8 agreement | A8 tensors in 16 bits |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in report["methods"]:
+            a16, a8 = row.get("a16w8"), row.get("a8w8")
+            lines.append(
+                f"| {row['row']} | {row['method']} | {_ppl(a16)} | {_agree(a16)} | {_ppl(a8)} | {_agree(a8)} | "
+                f"{a8['sixteen_bit_tensors'] if a8 else '–'} |")
+        lines.append("")
+    if report.get("final"):
+        lines += ["| graph | perplexity | vs fp32 | agreement | prefill MB | decode MB | prefill latency (ms, median) | "
+                  "decode tokens/s | inspect violations |", "|---|---|---|---|---|---|---|---|---|"]
+        base = report["final"]["fp32"]["perplexity"]
+        for name, g in report["final"].items():
+            lines.append(
+                f"| {name} | {g['perplexity']:.2f} | {g['perplexity'] / base - 1:+.1%} | "
+                f"{_agree(g)} | {g['prefill_mb']:.0f} | {g['decode_mb']:.0f} | "
+                f"{g['prefill_latency_ms']:.0f} | {g['decode_tokens_per_second']:.1f} | {len(g['violations'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ppl(cell: dict | None) -> str:
+    return "–" if cell is None else f"{cell['perplexity']:,.2f}"
+
+
+def _agree(cell: dict | None) -> str:
+    return "–" if cell is None or cell["agreement"] is None else f"{cell['agreement']:.3f}"
+
+
+if __name__ == "__main__":
+    main()

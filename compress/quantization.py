@@ -1,0 +1,118 @@
+"""Export and quantize a causal LM into the run directory's ``onnx/`` graphs, and measure each graph.
+
+``prepare(model, seq_len, transforms, calibration_ids)`` gives the export-ready float module with the
+outlier rewrites applied (:mod:`compress.outliers`); ``export_graphs`` writes its prefill and decode
+graphs; ``quantize_graphs`` turns both into QDQ graphs for a recipe and NPU profile; ``measure``
+evaluates any graph with ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from compress.config import TRANSFORMS
+from compress.export import DecodeStep, Prefill, StaticLM
+from compress.outliers import normalize_embedding, rotate, smooth
+from quant import runtime
+from quant.export import export
+from quant.profiles import NpuProfile, check
+from quant.quantize import QuantRecipe, QuantReport, quantize
+
+log = logging.getLogger(__name__)
+
+
+def prepare(model: nn.Module, seq_len: int, transforms: tuple[str, ...] = TRANSFORMS,
+            calibration_ids: torch.Tensor | None = None, fused_norm: bool = True, seed: int = 0,
+            conv: bool = False) -> StaticLM:
+    """The export-ready float copy of ``model`` with ``transforms`` applied in TRANSFORMS order; with
+    ``conv``, linear layers become 1x1 Convs (for profiles that take per-channel weights only on Conv)."""
+    unknown = set(transforms) - set(TRANSFORMS)
+    if unknown:
+        raise ValueError(f"unknown transforms {sorted(unknown)}; known: {', '.join(TRANSFORMS)}")
+    lm = StaticLM(model, seq_len, fused_norm=fused_norm).eval()
+    if "rotate" in transforms:
+        rotate(lm, seed)
+    if "smooth" in transforms:
+        if calibration_ids is None:
+            raise ValueError("smoothing needs calibration_ids")
+        smooth(lm, calibration_ids)
+    if "embed-rows" in transforms:
+        normalize_embedding(lm)
+    return lm.convolutional() if conv else lm
+
+
+def export_graphs(lm: StaticLM, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``model.onnx`` (prefill) and ``decode.onnx`` (one step, static cache) into ``out_dir``."""
+    prefill, step = Prefill(lm), DecodeStep(lm)
+    prefill_path = export(prefill, prefill.example(lm.capacity), out_dir / "model.onnx", *prefill.names())
+    decode_path = export(step, step.example(), out_dir / "decode.onnx", *step.names())
+    return prefill_path, decode_path
+
+
+def decode_feeds(lm: StaticLM, ids: np.ndarray, steps_per_sequence: int = 4) -> list[dict[str, np.ndarray]]:
+    """Calibration inputs for the decode graph: real caches from prefill runs of ``lm`` on ``ids``."""
+    feeds = []
+    names = DecodeStep(lm).names()[0]
+    with torch.no_grad():
+        for row in ids:
+            for cut in np.linspace(lm.capacity // 4, lm.capacity - 1, steps_per_sequence).astype(int):
+                prompt = torch.zeros(1, lm.capacity, dtype=torch.long)
+                prompt[0, :cut] = torch.as_tensor(row[:cut])
+                _, keys, values = lm.prefill(prompt)
+                cache = [t for pair in zip(keys, values, strict=True) for t in pair]
+                mask = torch.zeros(1, lm.capacity)
+                mask[0, :cut] = 1.0
+                inputs = (torch.as_tensor(row[cut : cut + 1])[None], torch.tensor([[cut]]), mask, *cache)
+                feeds.append({n: t.numpy() for n, t in zip(names, inputs, strict=True)})
+    return feeds
+
+
+def measure(prefill: Path, decode: Path | None, valid: np.ndarray, reference_top1: np.ndarray | None,
+            prompt_tokens: int = 64, new_tokens: int = 64) -> tuple[dict, np.ndarray]:
+    """Perplexity, agreement with ``reference_top1``, size on disk, median prefill latency and decode
+    tokens/s of one graph pair, with ONNX Runtime on this machine. Also returns the graph's top-1."""
+    sess = runtime.session(prefill)
+    quality, top1 = runtime.quality(sess, valid, reference_top1)
+    metrics = {
+        "perplexity": quality.perplexity, "agreement": quality.agreement, "validation_tokens": quality.tokens,
+        "prefill_mb": prefill.stat().st_size / 1e6,
+        "prefill_latency_ms": runtime.prefill_latency(sess, int(valid.shape[1])) * 1000,
+    }
+    if decode is not None:
+        prompt = [int(t) for t in valid[0, :prompt_tokens]]
+        _, _, per_token = runtime.decode(runtime.session(decode), prompt, new_tokens, prefill_sess=sess)
+        metrics.update(decode_mb=decode.stat().st_size / 1e6, decode_tokens_per_second=1.0 / per_token,
+                       decode_prompt_tokens=len(prompt), decode_new_tokens=new_tokens)
+    return metrics, top1
+
+
+@dataclass
+class QuantizedGraphs:
+    prefill: Path
+    decode: Path | None
+    reports: dict[str, QuantReport]
+    violations: dict[str, list[str]]
+
+
+def quantize_graphs(lm: StaticLM, float_dir: Path, recipe: QuantRecipe, profile: NpuProfile,
+                    calibration_ids: np.ndarray, decode: bool = True) -> QuantizedGraphs:
+    """Quantize ``model.onnx`` (and ``decode.onnx``) in ``float_dir`` to ``model.<recipe>.onnx`` etc."""
+    prefill_feeds = [{"input_ids": row[None].astype(np.int64)} for row in calibration_ids]
+    reports, violations = {}, {}
+    out = float_dir / f"model.{recipe.name}.onnx"
+    reports["prefill"] = quantize(float_dir / "model.onnx", out, prefill_feeds, recipe, profile)
+    violations["prefill"] = [str(v) for v in check(onnx.load(out), profile)]
+    decode_out = None
+    if decode:
+        decode_out = float_dir / f"decode.{recipe.name}.onnx"
+        feeds = decode_feeds(lm, calibration_ids[: max(1, len(calibration_ids) // 2)])
+        reports["decode"] = quantize(float_dir / "decode.onnx", decode_out, feeds, recipe, profile)
+        violations["decode"] = [str(v) for v in check(onnx.load(decode_out), profile)]
+    return QuantizedGraphs(out, decode_out, reports, violations)

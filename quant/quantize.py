@@ -1,0 +1,213 @@
+"""Post-training static quantization of a float ONNX graph into QDQ format, whole graph, per NPU profile.
+
+Everything goes through ``onnxruntime.quantization``: for the ``qnn-htp`` profile its QNN helpers
+(``qnn_preprocess_model``, ``get_qnn_qdq_config``), for the others ``StaticQuantConfig`` with ORT's own
+mixed-precision fixer. Every operator is quantized (normalizations, softmax, residual adds included);
+a recipe may keep named *groups* of tensors at 16 bits in an 8-bit graph, and the report lists them.
+
+Groups, found from the graph's structure rather than from names:
+
+- ``residual``: the residual stream, i.e. the inputs of every normalization and the Add chains that
+  produce them (one outlier token sets their range; 8 bits then round ordinary tokens to zero);
+- ``softmax``: inputs and outputs of every Softmax (the masked scores span [-100, +30]);
+- ``mlp-down``: the input of each MatMul fed by an elementwise Mul (SwiGLU's silu(gate)·up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from quant.profiles import NpuProfile
+
+log = logging.getLogger(__name__)
+
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+GROUPS = ("residual", "softmax", "mlp-down")
+_NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How to quantize: integer types, calibration, and tensor groups kept at 16 bits."""
+
+    name: str
+    activation_bits: int = 8  # 8 → uint8, 16 → uint16
+    weight_bits: int = 8  # symmetric int8
+    per_channel: bool = True  # on the operators the profile allows
+    calibration: str = "minmax"
+    percentile: float = 99.999
+    sixteen_bit: tuple[str, ...] = ()  # groups (see GROUPS) kept at 16 bits in an 8-bit graph
+
+    def __post_init__(self) -> None:
+        if self.activation_bits not in (8, 16) or self.weight_bits != 8:
+            raise ValueError("activation_bits must be 8 or 16 and weight_bits 8")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
+        unknown = set(self.sixteen_bit) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"unknown tensor groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    "a16w8": QuantRecipe("a16w8", activation_bits=16),
+    "a8w8": QuantRecipe("a8w8", activation_bits=8, sixteen_bit=("residual", "softmax")),
+}
+
+
+@dataclass
+class QuantReport:
+    recipe: dict
+    profile: str
+    calibration_samples: int
+    sixteen_bit_tensors: int
+    sixteen_bit_groups: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def tensor_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """The activation tensors of each group in GROUPS (see the module docstring)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name for t in model.graph.initializer}
+    residual: list[str] = []
+    stack = [n.input[0] for n in model.graph.node if n.op_type in _NORMS]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name in initializers:
+            continue
+        seen.add(name)
+        residual.append(name)
+        node = producers.get(name)
+        if node is not None and node.op_type == "Add":
+            stack += [i for i in node.input if i]
+    softmax = [t for n in model.graph.node if n.op_type == "Softmax" for t in (*n.input, *n.output)]
+    down = [n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers
+            and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "Mul"]
+    return {"residual": residual, "softmax": softmax, "mlp-down": down}
+
+
+def shared_weights(model: onnx.ModelProto) -> list[str]:
+    """Initializers read both by a Gather (as its table) and by a MatMul/Gemm (as its weight)."""
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    multiplied = {n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm")}
+    initializers = {t.name for t in model.graph.initializer}
+    return sorted(gathered & multiplied & initializers)
+
+
+_WEIGHT_AXIS = {"MatMul": 1, "Gemm": 0, "Conv": 0}  # the output-channel axis of each operator's weight
+
+
+def _per_channel(config, model: onnx.ModelProto, profile: NpuProfile, keep_per_tensor: set[str]) -> None:  # noqa: ANN001
+    """Switch weights to per-channel on the profile's operators, including weights the QNN helper pinned
+    per-tensor (it targets QNN, where MatMul takes per-tensor weights only)."""
+    config.per_channel = True
+    axes = {op: _WEIGHT_AXIS[op] for op in profile.per_channel_ops if op in _WEIGHT_AXIS}
+    config.extra_options["QDQOpTypePerChannelSupportToAxis"] = axes
+    overrides = config.extra_options["TensorQuantOverrides"]
+    initializers = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in axes and len(node.input) > 1 and node.input[1] in overrides and node.input[1] in initializers:
+            name = node.input[1]
+            if name not in keep_per_tensor and "axis" not in overrides[name][0]:
+                overrides[name] = [{**overrides[name][0], "axis": axes[node.op_type]}]
+
+
+class _Reader:
+    """ORT CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        self._feeds = list(feeds)
+        self._i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._i >= len(self._feeds):
+            return None
+        self._i += 1
+        return self._feeds[self._i - 1]
+
+    def rewind(self) -> None:
+        self._i = 0
+
+
+def quantize(
+    float_path: str | Path,
+    out_path: str | Path,
+    feeds: Iterable[dict[str, np.ndarray]],
+    recipe: QuantRecipe,
+    profile: NpuProfile,
+) -> QuantReport:
+    """Quantize the float graph at ``float_path`` into a QDQ graph at ``out_path`` (written atomically).
+
+    ``feeds`` are calibration inputs (one dict of input name → array per run), real data from the
+    calibration split. Returns what was done, including how many tensors were kept at 16 bits.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+    from onnxruntime.quantization import quantize as ort_quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    started = time.perf_counter()
+    feeds = list(feeds)
+    if not feeds:
+        raise ValueError("quantization needs at least one calibration input")
+    activation = QuantType.QUInt16 if recipe.activation_bits == 16 else QuantType.QUInt8
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[recipe.calibration]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.") as tmp:
+        # A private copy: ORT writes '<stem>-inferred.onnx' next to its input, and two runs on one file race.
+        source = Path(tmp) / "float.onnx"
+        shutil.copyfile(float_path, source)
+        model = onnx.load(source)
+        groups = tensor_groups(model)
+        chosen = {g: sorted(set(groups[g])) for g in recipe.sixteen_bit} if recipe.activation_bits == 8 else {}
+        overrides = {name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names}
+        for name in shared_weights(model):  # a tied embedding: one int8 tensor for the lookup and the head
+            overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
+        # ORT's calibrators hold every intermediate tensor of every calibration run in memory (its
+        # CalibMaxIntermediateOutputs option drops data instead of reducing it), so callers bound the
+        # number of calibration runs.
+        extra = {"CalibPercentile": recipe.percentile}
+        if profile.name.startswith("qnn"):
+            preprocessed = Path(tmp) / "preprocessed.onnx"
+            if qnn_preprocess_model(source, preprocessed):
+                source = preprocessed
+        # ORT's QNN config helper also fixes mixed-precision boundaries (converts between 8- and 16-bit
+        # tensors) and the types each operator needs; other profiles then switch on per-channel weights
+        # for the operators they take them on.
+        config = get_qnn_qdq_config(
+            str(source), _Reader(feeds), calibrate_method=method, activation_type=activation,
+            weight_type=QuantType.QInt8, per_channel=recipe.per_channel and "Conv" in profile.per_channel_ops,
+            init_overrides=overrides or None, activation_symmetric=False, weight_symmetric=True,
+        )
+        config.extra_options.update(extra)
+        if not profile.name.startswith("qnn") and recipe.per_channel:
+            _per_channel(config, model, profile, keep_per_tensor=set(shared_weights(model)))
+        del model
+        staged = Path(tmp) / "quantized.onnx"
+        ort_quantize(str(source), str(staged), config)
+        staged.replace(out_path)
+    report = QuantReport(
+        recipe=recipe.to_dict(), profile=profile.name, calibration_samples=len(feeds),
+        sixteen_bit_tensors=len(overrides), sixteen_bit_groups={g: len(v) for g, v in chosen.items()},
+        seconds=time.perf_counter() - started,
+    )
+    log.info("quantized %s → %s: %s", Path(float_path).name, out_path.name, json.dumps(report.to_dict()))
+    return report

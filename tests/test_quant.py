@@ -1,0 +1,173 @@
+"""Export, outlier rewrites, QDQ quantization and graph inspection on tiny real architectures."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from factories import tiny_gemma3, tiny_llama, tiny_qwen2
+from onnx import TensorProto, helper
+
+from compress.errors import UnsupportedArchitectureError
+from compress.export import StaticLM
+from compress.outliers import fold_norms, rotate, smooth
+from compress.quantization import export_graphs, prepare, quantize_graphs
+from quant import runtime
+from quant.profiles import check, get_profile
+from quant.quantize import PRESETS, QuantRecipe, tensor_groups
+
+CAPACITY = 32
+
+
+def _ids(model, n: int = 6, length: int = CAPACITY, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def llama_graphs(tmp_path_factory):
+    model = tiny_llama()
+    lm = prepare(model, CAPACITY, ())
+    folder = tmp_path_factory.mktemp("llama")
+    export_graphs(lm, folder)
+    return model, lm, folder
+
+
+def test_float_prefill_graph_matches_torch_and_is_static(llama_graphs):
+    model, _, folder = llama_graphs
+    ids = _ids(model, 2)
+    graph = onnx.load(folder / "model.onnx")
+    sess = runtime.session(folder / "model.onnx")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.numpy()
+    got = runtime.prefill_logits(sess, ids.numpy())
+    assert np.abs(got - expected).max() <= 1e-4
+    problems = check(graph, get_profile("qnn-htp"), quantized=False)
+    assert problems == []
+    table = [t for t in graph.graph.initializer if list(t.dims) == [model.config.vocab_size, model.config.hidden_size]]
+    assert len(table) == 1, "the tied embedding must be stored once"
+    assert sum(n.op_type == "RMSNormalization" for n in graph.graph.node) == 2 * model.config.num_hidden_layers + 1
+
+
+def test_decode_graph_continues_prefill_like_torch(llama_graphs):
+    model, _, folder = llama_graphs
+    ids = _ids(model, 1)[0]
+    prefill, step = runtime.session(folder / "model.onnx"), runtime.session(folder / "decode.onnx")
+    prompt = [int(t) for t in ids[:10]]
+    tokens, logits, _ = runtime.decode(step, prompt, 5, prefill_sess=prefill)
+    # the same tokens fed one at a time through the decode graph alone
+    tokens_alone, logits_alone, _ = runtime.decode(step, prompt, 5)
+    assert tokens == tokens_alone
+    full = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        expected = model(input_ids=full).logits[0].numpy()
+    for i in range(4):  # logits after generated token i predict position len(prompt) + i + 1
+        assert np.abs(logits[i] - expected[len(prompt) + i]).max() <= 1e-4
+        assert np.abs(logits_alone[i] - expected[len(prompt) + i]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama-tied", "qwen2-biases-untied"])
+def test_outlier_rewrites_keep_float_outputs(make):
+    model = make()
+    with torch.no_grad():  # non-trivial norm weights, so folding them is exercised
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 2.0)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
+        model.model.norm.weight.uniform_(0.5, 2.0)
+    ids = _ids(model, 3)
+    with torch.no_grad():
+        expected = model(input_ids=ids[:1]).logits
+        for rewrite in (fold_norms, rotate, lambda lm: smooth(rotate(lm), ids)):
+            lm = rewrite(StaticLM(model, CAPACITY))
+            assert torch.allclose(lm.prefill(ids[:1])[0], expected, atol=1e-5)
+    rotated = rotate(StaticLM(model, CAPACITY))
+    assert rotated.tied == model.config.tie_word_embeddings
+
+
+def test_unsupported_family_is_refused_by_name():
+    with pytest.raises(UnsupportedArchitectureError, match="gemma3_text"):
+        StaticLM(tiny_gemma3(), CAPACITY)
+
+
+@pytest.mark.parametrize(("quant", "profile", "tolerance"), [("a16w8", "qnn-htp", 0.05), ("a8w8", "generic-a8w8", 0.15)])
+def test_quantized_graphs_pass_inspection_and_track_torch(tmp_path, quant, profile, tolerance):
+    model = tiny_llama()
+    calib = _ids(model, 6, seed=2)
+    lm = prepare(model, CAPACITY, ("rotate", "smooth"), calib)
+    export_graphs(lm, tmp_path)
+    graphs = quantize_graphs(lm, tmp_path, PRESETS[quant], get_profile(profile), calib.numpy())
+    assert graphs.violations == {"prefill": [], "decode": []}
+    ids = _ids(model, 2, seed=3)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.numpy()
+    got = runtime.prefill_logits(runtime.session(graphs.prefill), ids.numpy())
+    # Relative error of the logits, against their spread: the stated tolerance of each recipe.
+    error = np.sqrt(((got - expected) ** 2).mean()) / expected.std()
+    assert error <= tolerance, f"{quant}: relative logit error {error:.4f}"
+    weights = [t for t in onnx.load(graphs.prefill).graph.initializer if t.data_type == TensorProto.INT8]
+    assert weights and all(t.data_type == TensorProto.INT8 for t in weights)
+    step = runtime.session(graphs.decode)
+    tokens, _, _ = runtime.decode(step, [int(t) for t in ids[0, :8]], 3)
+    assert len(tokens) == 3
+
+
+def test_a8w8_keeps_the_named_groups_in_16_bits(tmp_path):
+    model = tiny_llama()
+    lm = prepare(model, CAPACITY, ())
+    export_graphs(lm, tmp_path)
+    groups = tensor_groups(onnx.load(tmp_path / "model.onnx"))
+    assert len(groups["residual"]) >= 2 * model.config.num_hidden_layers
+    assert len(groups["softmax"]) == 2 * model.config.num_hidden_layers
+    recipe = QuantRecipe("a8w8", 8, sixteen_bit=("residual",))
+    graphs = quantize_graphs(lm, tmp_path, recipe, get_profile("generic-a8w8"), _ids(model, 4).numpy(), decode=False)
+    assert graphs.reports["prefill"].sixteen_bit_groups == {"residual": len(set(groups["residual"]))}
+    quantized = onnx.load(graphs.prefill)
+    zero_points = {t.name: t.data_type for t in quantized.graph.initializer}
+    uint16_points = {n.input[2] for n in quantized.graph.node if n.op_type == "QuantizeLinear"
+                     and len(n.input) > 2 and zero_points.get(n.input[2]) == TensorProto.UINT16}
+    assert len(uint16_points) >= len(set(groups["residual"])) // 2, "the residual stream must be quantized to 16 bits"
+
+
+def _graph(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(initializers)),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    return model
+
+
+def test_inspect_reports_dynamic_dims_unsupported_ops_and_float_matmuls():
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.ones(16, np.float32))
+    model = _graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("NonZero", ["y"], ["z"]),
+         helper.make_node("HardSwish", ["y"], ["h"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("z", TensorProto.INT64, [2, "n"]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", 4])],
+        [weight],
+    )
+    kinds = {(v.kind, v.where.split()[0]) for v in check(model, get_profile("qnn-htp"))}
+    assert ("dynamic-dim", "x") in kinds
+    assert ("shape-arithmetic", "NonZero") in kinds
+    assert ("op", "HardSwish") in kinds
+    assert ("float-island", "MatMul") in kinds
+
+
+def test_inspect_passes_a_clean_qdq_matmul_and_flags_misaligned_channels():
+    def qdq(channels: int) -> onnx.ModelProto:
+        w = helper.make_tensor("w_q", TensorProto.INT8, [4, channels], np.ones(4 * channels, np.int8))
+        scales = [helper.make_tensor(n, TensorProto.FLOAT, [], [0.1]) for n in ("s", "sw", "so")]
+        zps = [helper.make_tensor("z", TensorProto.UINT8, [], [128]), helper.make_tensor("zw", TensorProto.INT8, [], [0]),
+               helper.make_tensor("zo", TensorProto.UINT8, [], [128])]
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+            helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+            helper.make_node("DequantizeLinear", ["w_q", "sw", "zw"], ["wd"]),
+            helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+            helper.make_node("QuantizeLinear", ["y", "so", "zo"], ["yq"]),
+            helper.make_node("DequantizeLinear", ["yq", "so", "zo"], ["out"]),
+        ]
+        return _graph(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                      [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, channels])], [w, *scales, *zps])
+
+    assert check(qdq(64), get_profile("generic-a8w8")) == []
+    assert [v.kind for v in check(qdq(64), get_profile("qnn-htp"))] == ["alignment"]  # 4 input rows, not 32
+    assert check(qdq(48), get_profile("generic-a8w8")) == []
