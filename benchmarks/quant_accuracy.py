@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress.config import CompressConfig
+from compress.config import DEFAULT_TRANSFORMS, CompressConfig
 from compress.data import load_corpus, token_batches
-from compress.quantization import export_graphs, prepare, quantize_graphs
+from compress.quantization import export_graphs, measure, prepare, quantize_graphs
 from compress.teachers import load_teacher
 from quant import runtime
 from quant.profiles import get_profile
@@ -42,29 +42,25 @@ RESULTS = Path(__file__).parent / "results"
 A16 = QuantRecipe("a16w8", 16)
 A8 = QuantRecipe("a8w8", 8)
 RS = ("residual", "softmax")
+A8RS = QuantRecipe("a8w8", 8, sixteen_bit=RS)
 # (label, transforms, fused norm, linears as 1x1 Conv in the A16W8 (qnn-htp) graph, A16W8 recipe, A8W8 recipe).
 # A16W8 graphs are made for qnn-htp (per-channel weights on Conv only), A8W8 graphs for generic-a8w8
 # (per-channel weights on MatMul and Gemm).
 METHOD_ROWS = [
-    ("ORT recipe as is: decomposed RMSNorm, MinMax", (), False, False, A16, A8),
+    ("ORT recipe as is: decomposed RMSNorm, MinMax, MatMul weights", (), False, False, A16, A8),
     ("fused RMSNorm (one RMSNormalization node)", (), True, False, A16, A8),
-    ("+ SmoothQuant (down, o)", ("smooth",), True, False, A16, A8),
-    ("+ rotation (QuaRot-style)", ("rotate",), True, False, A16, A8),
-    ("+ rotation + SmoothQuant", ("rotate", "smooth"), True, False, A16, A8),
-    ("fused RMSNorm, A8 residual + softmax in 16 bits", (), True, False, None, QuantRecipe("a8w8", 8, sixteen_bit=RS)),
-    ("+ rotation, A8 residual + softmax in 16 bits", ("rotate",), True, False, None, QuantRecipe("a8w8", 8, sixteen_bit=RS)),
-    ("+ rotation + SmoothQuant, A8 residual + softmax in 16 bits", ("rotate", "smooth"), True, False, None,
-     QuantRecipe("a8w8", 8, sixteen_bit=RS)),
-    ("+ rotation + SmoothQuant, A8 residual + softmax + down input in 16 bits", ("rotate", "smooth"), True, False, None,
-     QuantRecipe("a8w8", 8, sixteen_bit=(*RS, "mlp-down"))),
-    ("fused RMSNorm, linears as 1x1 Conv (per-channel on QNN)", (), True, True, A16, None),
-    ("+ per-row embedding scales", ("embed-rows",), True, True, A16, QuantRecipe("a8w8", 8, sixteen_bit=RS)),
-    ("+ rotation + per-row embedding scales", ("rotate", "embed-rows"), True, True, A16,
-     QuantRecipe("a8w8", 8, sixteen_bit=RS)),
-    ("+ rotation + SmoothQuant + per-row embedding scales", ("rotate", "smooth", "embed-rows"), True, True, A16,
-     QuantRecipe("a8w8", 8, sixteen_bit=RS)),
-    ("+ per-row embedding scales, percentile 99.999 calibration", ("embed-rows",), True, True,
-     QuantRecipe("a16w8", 16, calibration="percentile"), QuantRecipe("a8w8", 8, calibration="percentile", sixteen_bit=RS)),
+    ("+ A8: residual stream and softmax in 16 bits", (), True, False, None, A8RS),
+    ("+ linears as 1x1 Conv (per-channel weights on QNN)", (), True, True, A16, None),
+    ("+ per-row embedding scales (the a16w8 default)", ("embed-rows",), True, True, A16, A8RS),
+    ("+ rotation (QuaRot-style)", ("rotate", "embed-rows"), True, True, A16, A8RS),
+    ("+ rotation + SmoothQuant", ("rotate", "smooth", "embed-rows"), True, True, None, A8RS),
+    ("+ rotation; A8 SwiGLU gating also in 16 bits (the a8w8 default)", ("rotate", "embed-rows"), True, True, None,
+     QuantRecipe("a8w8", 8, sixteen_bit=(*RS, "swiglu"))),
+    ("+ rotation; A8 SwiGLU gating and attention matmul inputs in 16 bits", ("rotate", "embed-rows"), True, True,
+     None, QuantRecipe("a8w8", 8, sixteen_bit=(*RS, "swiglu", "attention"))),
+    ("rotation, percentile (99.999) instead of MinMax calibration", ("rotate", "embed-rows"), True, True,
+     QuantRecipe("a16w8", 16, calibration="percentile"),
+     QuantRecipe("a8w8", 8, calibration="percentile", sixteen_bit=(*RS, "swiglu"))),
 ]
 
 
@@ -149,25 +145,24 @@ def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple
 
 def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid: np.ndarray,  # noqa: ANN001
                   reference_top1: np.ndarray) -> dict:
-    lm = prepare(model, seq_len, ("rotate", "smooth"), calib)
-    export_graphs(lm, folder)
-    graphs = {"fp32": (folder / "model.onnx", folder / "decode.onnx", [])}
-    for name, profile in (("a16w8", "qnn-htp"), ("a8w8", "generic-a8w8")):
-        q = quantize_graphs(lm, folder, PRESETS[name], get_profile(profile), calib.numpy())
-        graphs[name] = (q.prefill, q.decode, q.violations["prefill"] + q.violations["decode"])
+    """The graphs ``compress --stop-after quantize`` writes, for each shipped recipe and its profile."""
     out = {}
-    prompt = [int(t) for t in valid[0, :64]]
-    for name, (prefill, decode, violations) in graphs.items():
-        sess = runtime.session(prefill)
-        quality, _ = runtime.quality(sess, valid, reference_top1)
-        latency = runtime.prefill_latency(sess, seq_len)
-        _, _, per_token = runtime.decode(runtime.session(decode), prompt, 64, prefill_sess=sess)
-        out[name] = {
-            "perplexity": quality.perplexity, "agreement": quality.agreement,
-            "prefill_mb": prefill.stat().st_size / 1e6, "decode_mb": decode.stat().st_size / 1e6,
-            "prefill_latency_ms": latency * 1000, "decode_tokens_per_second": 1 / per_token,
-            "violations": violations,
-        }
+    float_dir = folder / "fp32"
+    export_graphs(prepare(model, seq_len, ()), float_dir)
+    out["fp32"], _ = measure(float_dir / "model.onnx", float_dir / "decode.onnx", valid, reference_top1)
+    out["fp32"].update(violations=[], transforms=[], profile="-")
+    print(f"fp32: {json.dumps(out['fp32'])}", flush=True)
+    for name, profile_name in (("a16w8", "qnn-htp"), ("a8w8", "generic-a8w8")):
+        profile = get_profile(profile_name)
+        transforms = DEFAULT_TRANSFORMS[name]
+        lm = prepare(model, seq_len, transforms, calib, conv=profile.linear_as_conv)
+        export_graphs(lm, folder / name)
+        graphs = quantize_graphs(lm, folder / name, PRESETS[name], profile, calib.numpy())
+        out[name], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1)
+        out[name].update(violations=graphs.violations["prefill"] + graphs.violations["decode"],
+                         transforms=list(transforms), profile=profile_name,
+                         sixteen_bit_tensors=graphs.reports["prefill"].sixteen_bit_tensors,
+                         sixteen_bit_groups=graphs.reports["prefill"].sixteen_bit_groups)
         print(f"{name}: {json.dumps(out[name])}", flush=True)
     return out
 
@@ -188,12 +183,14 @@ def markdown(report: dict) -> str:
                 f"{a8['sixteen_bit_tensors'] if a8 else '–'} |")
         lines.append("")
     if report.get("final"):
-        lines += ["| graph | perplexity | vs fp32 | agreement | prefill MB | decode MB | prefill latency (ms, median) | "
-                  "decode tokens/s | inspect violations |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| graph | profile | rewrites | perplexity | vs fp32 | agreement | prefill MB | decode MB | "
+                  "prefill latency (ms, median) | decode tokens/s | inspect violations |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         base = report["final"]["fp32"]["perplexity"]
         for name, g in report["final"].items():
             lines.append(
-                f"| {name} | {g['perplexity']:.2f} | {g['perplexity'] / base - 1:+.1%} | "
+                f"| {name} | {g['profile']} | {', '.join(g['transforms']) or '–'} | {g['perplexity']:.2f} | "
+                f"{g['perplexity'] / base - 1:+.1%} | "
                 f"{_agree(g)} | {g['prefill_mb']:.0f} | {g['decode_mb']:.0f} | "
                 f"{g['prefill_latency_ms']:.0f} | {g['decode_tokens_per_second']:.1f} | {len(g['violations'])} |")
     return "\n".join(lines) + "\n"

@@ -62,7 +62,8 @@ _HELP = {
     "quant": f"integer recipe of the quantized graphs: {', '.join(QUANT_CHOICES)}",
     "npu_profile": f"NPU rules the graphs are made for and checked against: {', '.join(PROFILES)}",
     "quant_transforms": "comma-separated float rewrites before quantization: rotate (QuaRot-style), smooth "
-    "(SmoothQuant); empty for none",
+    "(SmoothQuant), embed-rows (per-row embedding scales); '' for none; default: embed-rows for a16w8, "
+    "rotate,embed-rows for a8w8",
     "quant_calib_samples": "calibration sequences (of --seq-len tokens) for quantization ranges and smoothing",
     "quant_eval_samples": "validation sequences (of --seq-len tokens) for the graphs' perplexity",
     "stop_after": f"last stage to run: {', '.join(STAGES)}",

@@ -17,6 +17,9 @@ from quant.profiles import PROFILES
 from quant.quantize import PRESETS
 
 TRANSFORMS = ("rotate", "smooth", "embed-rows")  # compress.outliers rewrites, in the order they apply
+# The rewrites each recipe was measured best with (benchmarks/results/quant_accuracy_*.md): 16-bit
+# activations need only the per-row embedding scales; 8-bit ones also need the rotation.
+DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("embed-rows",), "a8w8": ("rotate", "embed-rows")}
 
 STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize")
 """Stages built so far, in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
@@ -105,7 +108,7 @@ class CompressConfig:
     seq_len: int = 256
     quant: str = "a16w8"
     npu_profile: str = "qnn-htp"
-    quant_transforms: tuple[str, ...] = ("rotate", "smooth")
+    quant_transforms: tuple[str, ...] | None = None  # None: DEFAULT_TRANSFORMS[quant]
     quant_calib_samples: int = 8
     quant_eval_samples: int = 16
     stop_after: str = "prune"
@@ -126,7 +129,8 @@ class CompressConfig:
         _choice("stop-after", self.stop_after, STAGES)
         _choice("quant", self.quant, QUANT_CHOICES)
         _choice("npu-profile", self.npu_profile, tuple(PROFILES))
-        object.__setattr__(self, "quant_transforms", tuple(self.quant_transforms))
+        transforms = DEFAULT_TRANSFORMS[self.quant] if self.quant_transforms is None else self.quant_transforms
+        object.__setattr__(self, "quant_transforms", tuple(transforms))
         bad = [t for t in self.quant_transforms if t not in TRANSFORMS]
         if bad:
             raise ConfigError(f"--quant-transforms {','.join(self.quant_transforms)!r}: allowed are {', '.join(TRANSFORMS)} "

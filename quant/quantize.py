@@ -9,8 +9,11 @@ Groups, found from the graph's structure rather than from names:
 
 - ``residual``: the residual stream, i.e. the inputs of every normalization and the Add chains that
   produce them (one outlier token sets their range; 8 bits then round ordinary tokens to zero);
-- ``softmax``: inputs and outputs of every Softmax (the masked scores span [-100, +30]);
-- ``mlp-down``: the input of each MatMul fed by an elementwise Mul (SwiGLU's silu(gate)·up).
+- ``softmax``: inputs and outputs of every Softmax, and the scores' scaling and masking before it (the
+  masked scores span [-100, +30]);
+- ``swiglu``: the MLP's gating, from the gate and up projections' outputs through silu(gate)·up to the
+  down projection's input (the worst tensor for 8 bits);
+- ``attention``: both inputs of every MatMul between two activations (queries·keys, weights·values).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from quant.profiles import NpuProfile
 log = logging.getLogger(__name__)
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
-GROUPS = ("residual", "softmax", "mlp-down")
+GROUPS = ("residual", "softmax", "swiglu", "attention")
 _NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
 
 
@@ -64,7 +67,9 @@ class QuantRecipe:
 
 PRESETS = {
     "a16w8": QuantRecipe("a16w8", activation_bits=16),
-    "a8w8": QuantRecipe("a8w8", activation_bits=8, sixteen_bit=("residual", "softmax")),
+    # 16 bits where 8 measurably break the model: the residual stream (one outlier token sets its range),
+    # the attention scores and probabilities, and the MLP's gating; every matmul input stays 8-bit.
+    "a8w8": QuantRecipe("a8w8", activation_bits=8, sixteen_bit=("residual", "softmax", "swiglu")),
 }
 
 
@@ -97,10 +102,40 @@ def tensor_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
         node = producers.get(name)
         if node is not None and node.op_type == "Add":
             stack += [i for i in node.input if i]
-    softmax = [t for n in model.graph.node if n.op_type == "Softmax" for t in (*n.input, *n.output)]
-    down = [n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in initializers
-            and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "Mul"]
-    return {"residual": residual, "softmax": softmax, "mlp-down": down}
+    softmax: list[str] = []
+    for node in model.graph.node:
+        if node.op_type != "Softmax":
+            continue
+        softmax += [*node.input, *node.output]
+        # back through the scaling and masking of the scores to the MatMul that made them
+        source = producers.get(node.input[0])
+        while source is not None and source.op_type in ("Add", "Sub", "Mul", "Div"):
+            activations = [i for i in source.input if i and i not in initializers]
+            softmax += activations
+            source = producers.get(activations[0]) if len(activations) == 1 else None
+    swiglu: list[str] = []
+    layout = ("Transpose", "Unsqueeze", "Reshape", "Squeeze")
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Conv") or n.input[1] not in initializers:
+            continue
+        source = n.input[0]
+        while producers.get(source) is not None and producers[source].op_type in layout:
+            source = producers[source].input[0]  # a Conv reads the Mul through a layout change
+        if producers.get(source) is None or producers[source].op_type != "Mul":
+            continue
+        stack, chain = [n.input[0]], []
+        while stack:  # back through the gating to the gate/up projections' outputs (included)
+            name = stack.pop()
+            if name in chain or name in initializers:
+                continue
+            chain.append(name)
+            node = producers.get(name)
+            if node is not None and node.op_type in ("Mul", "Sigmoid", *layout):
+                stack += [i for i in node.input if i]
+        swiglu += chain
+    attention = [i for n in model.graph.node if n.op_type == "MatMul" and not set(n.input) & initializers
+                 for i in n.input]
+    return {"residual": residual, "softmax": softmax, "swiglu": swiglu, "attention": attention}
 
 
 def shared_weights(model: onnx.ModelProto) -> list[str]:
@@ -130,20 +165,27 @@ def _per_channel(config, model: onnx.ModelProto, profile: NpuProfile, keep_per_t
 
 
 class _Reader:
-    """ORT CalibrationDataReader over a list of feed dicts."""
+    """ORT CalibrationDataReader over a list of feed dicts, with the ``set_range`` ORT's strided
+    calibration uses to collect a few runs at a time."""
 
     def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
         self._feeds = list(feeds)
-        self._i = 0
+        self._i, self._end = 0, len(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._i, self._end = start_index, min(end_index, len(self._feeds))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._i >= len(self._feeds):
+        if self._i >= self._end:
             return None
         self._i += 1
         return self._feeds[self._i - 1]
 
     def rewind(self) -> None:
-        self._i = 0
+        self._i, self._end = 0, len(self._feeds)
 
 
 def quantize(
@@ -181,10 +223,10 @@ def quantize(
         overrides = {name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names}
         for name in shared_weights(model):  # a tied embedding: one int8 tensor for the lookup and the head
             overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
-        # ORT's calibrators hold every intermediate tensor of every calibration run in memory (its
-        # CalibMaxIntermediateOutputs option drops data instead of reducing it), so callers bound the
-        # number of calibration runs.
-        extra = {"CalibPercentile": recipe.percentile}
+        # ORT's calibrators keep every intermediate tensor of the runs of one collection pass (about
+        # 0.6 GB per 256-token SmolLM2 run), and its CalibMaxIntermediateOutputs option drops data instead
+        # of reducing it. A stride of one run per pass reduces ranges / histograms as they come.
+        extra = {"CalibPercentile": recipe.percentile, "CalibStridedMinMax": 1}
         if profile.name.startswith("qnn"):
             preprocessed = Path(tmp) / "preprocessed.onnx"
             if qnn_preprocess_model(source, preprocessed):

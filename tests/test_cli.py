@@ -213,8 +213,9 @@ def test_quantize_stage_writes_checked_graphs_and_inspect_judges_them(inputs, tm
     assert _run("inspect", tmp_path / "missing.onnx") == 2
     assert "no such file" in capsys.readouterr().err
 
-    # Another recipe re-runs only the quantize stage; another profile also re-exports (QNN: linears as Convs).
-    assert _run(*args, "--quant", "a16w8", "--npu-profile", "generic-a8w8") == 0
+    # Another recipe with the same float rewrites re-runs only the quantize stage; another profile also
+    # re-exports (QNN: linears as Convs), as do other rewrites (each recipe has its own default).
+    assert _run(*args, "--quant", "a16w8", "--npu-profile", "generic-a8w8", "--quant-transforms", "rotate,embed-rows") == 0
     assert capsys.readouterr().out.count("reused") == 5  # score, plan, prune, distill, export
     assert (out / "onnx" / "model.a16w8.onnx").exists()
     assert _run(*args, "--quant", "a16w8", "--npu-profile", "qnn-htp") == 0
