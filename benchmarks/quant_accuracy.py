@@ -47,7 +47,7 @@ A8RS = QuantRecipe("a8w8", 8, sixteen_bit=RS)
 # A16W8 graphs are made for qnn-htp (per-channel weights on Conv only), A8W8 graphs for generic-a8w8
 # (per-channel weights on MatMul and Gemm).
 METHOD_ROWS = [
-    ("ORT recipe as is: decomposed RMSNorm, MinMax, MatMul weights", (), False, False, A16, A8),
+    ("decomposed RMSNorm (Pow, ReduceMean, Sqrt, ...), MinMax, per-tensor MatMul weights", (), False, False, A16, A8),
     ("fused RMSNorm (one RMSNormalization node)", (), True, False, A16, A8),
     ("+ A8: residual stream and softmax in 16 bits", (), True, False, None, A8RS),
     ("+ linears as 1x1 Conv (per-channel weights on QNN)", (), True, True, A16, None),

@@ -195,6 +195,9 @@ def plan(
 ) -> PruningPlan:
     """Choose the shape and the kept units. ``evaluate(kept, shape)`` returns a calibration loss (proxy ``loss``)."""
     teacher_params = spec.params
+    if teacher_params <= target.params_for(teacher_params) <= teacher_params * (1 + tolerance):
+        # 1x: no pruning (export or quantize the teacher itself)
+        return dataclasses.replace(keep_all_plan(spec, teacher_config), reason="the target is the teacher's size: keep everything")
     goal, within = feasible_shapes(spec, teacher_config, target, axes, align, tolerance)
     candidates = []
     for shape, params in within:

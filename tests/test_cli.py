@@ -225,3 +225,14 @@ def test_quantize_stage_writes_checked_graphs_and_inspect_judges_them(inputs, tm
     metrics = json.loads((out / "quantize.metrics.json").read_text())
     # The tiny student was pruned with --align 16: QNN's multiples of 32 are reported, nothing else.
     assert metrics["violations"] and all(v.startswith("alignment") for v in metrics["violations"])
+
+
+def test_target_1x_exports_the_teacher_without_distilling(inputs, tmp_path, capsys):
+    teacher, corpus = inputs
+    out = tmp_path / "teacher-graphs"
+    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "1x", "--out", out, *SMALL,
+                "--stop-after", "export", "--seq-len", "16", "--quant-calib-samples", "2", "--quant-eval-samples", "2") == 0
+    assert "the student is the teacher" in capsys.readouterr().out
+    assert not (out / "student").exists()
+    exported = json.loads((out / "export.metrics.json").read_text())
+    assert exported["source"].endswith("pruned") and exported["max_abs_diff_vs_torch"] <= 1e-4
