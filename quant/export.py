@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from quant.ops import OPSET, TRANSLATIONS
-from quant.profiles import Violation, get_profile
 from quant.profiles import check as check_graph
+from quant.profiles import get_profile
 
 log = logging.getLogger(__name__)
 
@@ -75,4 +75,4 @@ def _quiet_exporter():  # noqa: ANN202
             logger.setLevel(level)
 
 
-__all__ = ["ExportError", "Violation", "export"]
+__all__ = ["ExportError", "export"]
