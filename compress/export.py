@@ -135,6 +135,7 @@ class StaticLM(nn.Module):
         # rows of max |value| 1, the lookup multiplies the row's scale back in, and a tied head multiplies
         # each logit by it. One int8 per-tensor table then fits every row.
         self.embed_scale: nn.Parameter | None = None
+        self.embed_scale_rows: nn.Parameter | None = None  # the same scales as a (vocab, 1) table for the lookup
         # RoPE tables cover every position the model was trained for: decoding past the cache capacity
         # (a sliding window) keeps counting positions.
         positions = torch.arange(max(capacity, int(getattr(config, "max_position_embeddings", capacity))))[None]
@@ -166,7 +167,7 @@ class StaticLM(nn.Module):
     def embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
         if self.embed_scale is not None:
-            x = x * F.embedding(input_ids, self.embed_scale[:, None])
+            x = x * F.embedding(input_ids, self.embed_scale_rows)
         return x
 
     def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:

@@ -82,6 +82,8 @@ def normalize_embedding(lm: StaticLM) -> StaticLM:
     scale = lm.embed.abs().amax(1).clamp(min=1e-8)
     lm.embed.div_(scale[:, None])
     lm.embed_scale = nn.Parameter(scale)
+    # A (vocab, 1) copy for the lookup: an Unsqueeze of a large constant would stay in the graph.
+    lm.embed_scale_rows = nn.Parameter(scale[:, None].clone())
     return lm
 
 

@@ -192,7 +192,8 @@ def _check_weights(graph, profile: NpuProfile, initializers, producers, consumer
                 found.append(Violation("weight-type", where, f"per-channel weight {weight.name}; {profile.name} "
                                        f"takes per-channel only on {', '.join(profile.per_channel_ops)}"))
             if profile.channel_multiple > 1:
-                bad = [d for d in weight.dims if d % profile.channel_multiple]
+                channels = list(weight.dims[:2])  # out and in channels; a Conv's kernel dims are not channels
+                bad = [d for d in channels if d % profile.channel_multiple]
                 if bad:
                     found.append(Violation("alignment", where, f"weight {weight.name} {list(weight.dims)}: "
                                            f"dimensions must be multiples of {profile.channel_multiple}"))

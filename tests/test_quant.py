@@ -93,7 +93,7 @@ def test_unsupported_family_is_refused_by_name():
 def test_quantized_graphs_pass_inspection_and_track_torch(tmp_path, quant, profile, tolerance):
     model = tiny_llama()
     calib = _ids(model, 6, seed=2)
-    lm = prepare(model, CAPACITY, ("rotate", "smooth"), calib)
+    lm = prepare(model, CAPACITY, ("rotate", "smooth", "embed-rows"), calib, conv=get_profile(profile).linear_as_conv)
     export_graphs(lm, tmp_path)
     graphs = quantize_graphs(lm, tmp_path, PRESETS[quant], get_profile(profile), calib.numpy())
     assert graphs.violations == {"prefill": [], "decode": []}
