@@ -121,9 +121,9 @@ def main() -> None:
     report["seconds"] = time.perf_counter() - started
     name = args.name or (args.model if not Path(args.model).exists() else "student")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"quant_accuracy_{name}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    stem = f"quant_accuracy_{name}"  # names like smollm2-135m-0.67x hold dots: no with_suffix
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
 
 
