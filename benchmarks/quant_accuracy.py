@@ -103,7 +103,7 @@ def main() -> None:
                     continue
                 lm = prepare(model, args.seq_len, transforms, calib, fused_norm=fused, conv=as_conv)
                 folder = work / f"row{index}-{recipe.name}"
-                export_graphs_prefill(lm, folder)
+                export_graphs(lm, folder, decode=False)
                 graphs = quantize_graphs(lm, folder, recipe, get_profile(profile), calib.numpy(), decode=False)
                 quality, _ = runtime.quality(runtime.session(graphs.prefill), valid, reference_top1)
                 row[recipe.name] = {"perplexity": quality.perplexity, "agreement": quality.agreement,
@@ -127,17 +127,9 @@ def main() -> None:
     print(markdown(report))
 
 
-def export_graphs_prefill(lm, folder: Path) -> None:  # noqa: ANN001
-    from compress.export import Prefill
-    from quant.export import export
-
-    prefill = Prefill(lm)
-    export(prefill, prefill.example(lm.capacity), folder / "model.onnx", *prefill.names())
-
-
 def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple[np.ndarray, float]:  # noqa: ANN001
     lm = prepare(model, seq_len, ())
-    export_graphs_prefill(lm, work / "fp32")
+    export_graphs(lm, work / "fp32", decode=False)
     quality, top1 = runtime.quality(runtime.session(work / "fp32" / "model.onnx"), valid)
     print(f"fp32 graph perplexity {quality.perplexity:.2f} on {quality.tokens} tokens", flush=True)
     return top1, quality.perplexity

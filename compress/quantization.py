@@ -48,12 +48,14 @@ def prepare(model: nn.Module, seq_len: int, transforms: tuple[str, ...] = TRANSF
     return lm.convolutional() if conv else lm
 
 
-def export_graphs(lm: StaticLM, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``model.onnx`` (prefill) and ``decode.onnx`` (one step, static cache) into ``out_dir``."""
-    prefill, step = Prefill(lm), DecodeStep(lm)
+def export_graphs(lm: StaticLM, out_dir: Path, decode: bool = True) -> tuple[Path, Path | None]:
+    """Write ``model.onnx`` (prefill) and, with ``decode``, ``decode.onnx`` (one step, static cache) into ``out_dir``."""
+    prefill = Prefill(lm)
     prefill_path = export(prefill, prefill.example(lm.capacity), out_dir / "model.onnx", *prefill.names())
-    decode_path = export(step, step.example(), out_dir / "decode.onnx", *step.names())
-    return prefill_path, decode_path
+    if not decode:
+        return prefill_path, None
+    step = DecodeStep(lm)
+    return prefill_path, export(step, step.example(), out_dir / "decode.onnx", *step.names())
 
 
 def decode_feeds(lm: StaticLM, ids: np.ndarray, steps_per_sequence: int = 4) -> list[dict[str, np.ndarray]]:
