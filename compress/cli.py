@@ -55,6 +55,8 @@ _HELP = {
     "distill_temperature": "softmax temperature of the KL (Minitron found 1 best)",
     "distill_ce_weight": "weight of a cross-entropy term on the data next to the KL (0: logits only)",
     "distill_eval_every": "steps between validation perplexity checks and checkpoints",
+    "distill_parallel": "under torchrun: ddp (a whole student per process) or fsdp (weights, gradients and AdamW "
+    "state sharded across processes; the teacher stays whole). Checkpoints resume under either",
     "teacher_correction_tokens": "first fine-tune the teacher on this many training tokens (Minitron's teacher "
     "correction, for data unlike the teacher's own; 0: off)",
     "teacher_correction_lr": "learning rate of the teacher correction",

@@ -12,7 +12,7 @@ from typing import Any
 
 from compress.errors import ConfigError
 from distill import DistillConfig
-from distill.config import OPTIMIZERS, SCHEDULES
+from distill.config import OPTIMIZERS, PARALLEL, SCHEDULES
 from quant.profiles import PROFILES
 from quant.quantize import PRESETS
 
@@ -103,6 +103,7 @@ class CompressConfig:
     distill_temperature: float = 1.0
     distill_ce_weight: float = 0.0
     distill_eval_every: int = 50
+    distill_parallel: str = "ddp"
     teacher_correction_tokens: int = 0
     teacher_correction_lr: float = 5e-5
     seq_len: int = 256
@@ -139,6 +140,10 @@ class CompressConfig:
             raise ConfigError(f"--align {self.align}: use a power of two such as 32 or 64 (NPU channel multiples)")
         _choice("distill-optimizer", self.distill_optimizer, OPTIMIZERS)
         _choice("distill-schedule", self.distill_schedule, SCHEDULES)
+        _choice("distill-parallel", self.distill_parallel, PARALLEL)
+        if self.distill_parallel == "fsdp" and self.distill_optimizer == "muon":
+            raise ConfigError("--distill-optimizer muon needs whole matrices, which FSDP shards: "
+                              "use --distill-optimizer adamw with --distill-parallel fsdp")
         if self.teacher_correction_tokens < 0 or self.teacher_correction_lr <= 0:
             raise ConfigError("--teacher-correction-tokens must be >= 0 and --teacher-correction-lr positive")
         if self.distill_lr <= 0 or self.distill_temperature <= 0 or self.distill_ce_weight < 0:
@@ -170,6 +175,7 @@ class CompressConfig:
             checkpoint_every=self.distill_eval_every,
             bf16=self.bf16,
             seed=self.seed,
+            parallel=self.distill_parallel,
         )
 
     @property

@@ -1,7 +1,7 @@
 """The distillation stage: hands ``distill`` a ready student, the teacher and token batches.
 
 Used by the pipeline (``--stop-after distill``) and by ``compress distill``, which also runs under
-``torchrun --nproc-per-node N`` (DDP; gloo on CPU, nccl on GPUs).
+``torchrun --nproc-per-node N`` (DDP or FSDP; gloo on CPU, nccl on GPUs).
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def distill_student(
 
     before = evaluate(student) if _rank() == 0 else float("nan")
     try:
-        result = distill(student, teacher, train, settings, evaluate=evaluate if _rank() == 0 else None,
-                         checkpoint_dir=checkpoint_dir, progress=progress)
+        # Every process evaluates: under FSDP the forward pass gathers shards from all of them.
+        result = distill(student, teacher, train, settings, evaluate=evaluate, checkpoint_dir=checkpoint_dir,
+                         progress=progress)
     except DistillError as error:
         raise CompressError(str(error)) from error
     metrics: dict[str, Any] = {
@@ -67,6 +68,8 @@ def distill_student(
         "seconds": result.seconds,
         "final_loss": result.final_loss,
         "resumed_from_step": result.resumed_from_step,
+        "parallel": result.parallel,
+        "processes": result.processes,
         "history": list(result.history),
         "student_perplexity_before": before,
         "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),

@@ -1,7 +1,10 @@
 """Resumable training state: weights and optimizer tensors in safetensors, the rest in JSON.
 
-Each checkpoint is written to a temporary folder and renamed into place, so a kill at any moment
-leaves the previous checkpoint intact; a checkpoint counts only once its ``state.json`` exists.
+State is taken through ``torch.distributed.checkpoint.state_dict`` as full, unsharded tensors keyed by
+parameter name, so the same checkpoint format serves one process, DDP and FSDP (where every process must
+take part in gathering the shards, and process 0 writes). Each checkpoint is written to a temporary
+folder and renamed into place, so a kill at any moment leaves the previous checkpoint intact; a
+checkpoint counts only once its ``state.json`` exists.
 """
 
 from __future__ import annotations
@@ -13,59 +16,94 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 _PREFIX = "step-"
+FORMAT = 2  # 1 (before FSDP): optimizer state keyed by parameter index
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_SCATTER = StateDictOptions(full_state_dict=True)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name -> every name of the same parameter object (tied weights have several)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name.removeprefix("module."))  # DDP's wrapper is not in the names
+    return {name: group for group in names.values() for name in group}
+
+
+def _stored_once(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop names whose tensor is already stored under another name (safetensors refuses shared memory)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in weights.items():
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor.detach().contiguous()
+    return out
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """{"state": {name: {key: value}}, "param_groups": [...]} -> tensors "name/key" and the JSON rest."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for index, values in state["state"].items():
+    for name, values in state["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().contiguous()
+                tensors[f"{name}/{key}"] = value.detach().contiguous()
             else:
-                scalars.setdefault(str(index), {})[key] = value
+                scalars.setdefault(name, {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    state: dict[str, dict[str, Any]] = {}
+    for flat, value in tensors.items():
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    for name, values in meta["scalars"].items():
+        state.setdefault(name, {}).update(values)
+    # JSON turned tuples (AdamW's betas) into lists; only "params" is a list in a param group
+    groups = [{k: v if k == "params" or not isinstance(v, list) else tuple(v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(
-    folder: Path,
-    step: int,
-    model: nn.Module,
-    optimizers: list[torch.optim.Optimizer],
-    extra_modules: nn.Module | None,
-    state: dict[str, Any],
-    keep: int = 2,
-) -> Path:
-    """Write ``folder/step-NNNNNNN`` atomically and prune older checkpoints beyond ``keep``."""
+    folder: Path, step: int, root: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict[str, Any], keep: int = 2
+) -> Path | None:
+    """Write ``folder/step-NNNNNNN`` atomically and prune older checkpoints beyond ``keep``.
+
+    ``root`` is the module that owns every trained parameter (plain, DDP- or FSDP-wrapped). Every process
+    must call this; process 0 writes and gets the path, the others get None.
+    """
+    weights = get_model_state_dict(root, options=_GATHER)
+    optimizer = get_optimizer_state_dict(root, optimizers, options=_GATHER)
+    if _rank() != 0:
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{_PREFIX}{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{target.name}.tmp-"))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        if extra_modules is not None and len(list(extra_modules.parameters())):
-            save_model(extra_modules, str(tmp / "extra.safetensors"))
-        metas = []
-        tensors: dict[str, torch.Tensor] = {"rng": torch.get_rng_state()}
-        for number, optimizer in enumerate(optimizers):
-            flat, meta = _flatten_optimizer(optimizer.state_dict())
-            tensors.update({f"opt{number}.{k}": v for k, v in flat.items()})
-            metas.append(meta)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizers": metas}, indent=1))
+        save_file(_stored_once(weights), str(tmp / "model.safetensors"))
+        tensors, meta = _flatten_optimizer(optimizer)
+        save_file({**tensors, "rng": torch.get_rng_state()}, str(tmp / "optimizer.safetensors"))
+        record = {**state, "step": step, "format": FORMAT, "optimizer": meta}
+        (tmp / "state.json").write_text(json.dumps(record, indent=1))
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -89,29 +127,25 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer], extra_modules: nn.Module | None
-) -> dict[str, Any]:
-    """Restore weights, optimizer state and RNG in place; return the JSON state (step, tokens, history...)."""
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if unexpected or any(not _is_tied_alias(model, name) for name in missing):
-        raise RuntimeError(f"checkpoint {path} does not fit the model (missing {missing}, unexpected {unexpected})")
-    if extra_modules is not None and (path / "extra.safetensors").exists():
-        load_model(extra_modules, str(path / "extra.safetensors"))
+def load_checkpoint(path: Path, root: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Restore weights, optimizer state and RNG in place; return the JSON state (step, tokens, history...).
+
+    Every process reads the files itself (one machine, or a folder all machines share).
+    """
     state = json.loads((path / "state.json").read_text())
+    if state.get("format") != FORMAT:
+        raise RuntimeError(f"checkpoint {path} was written by an older version of pdq-compress; "
+                           f"delete {path.parent} (or pass --no-resume) to start the distillation over")
+    weights = load_file(str(path / "model.safetensors"))
+    for name, group in _aliases(root).items():
+        if name not in weights and (stored := next((n for n in group if n in weights), None)) is not None:
+            weights[name] = weights[stored]
+    try:
+        set_model_state_dict(root, weights, options=_SCATTER)
+    except RuntimeError as error:
+        raise RuntimeError(f"checkpoint {path} does not fit the model: {error}") from error
     tensors = load_file(str(path / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("rng"))
-    for number, (optimizer, meta) in enumerate(zip(optimizers, state["optimizers"], strict=True)):
-        prefix = f"opt{number}."
-        flat = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        optimizer.load_state_dict(_unflatten_optimizer(flat, meta))
+    rng = tensors.pop("rng")
+    set_optimizer_state_dict(root, optimizers, _unflatten_optimizer(tensors, state.pop("optimizer")), options=_SCATTER)
+    torch.set_rng_state(rng)
     return state
-
-
-def _is_tied_alias(model: nn.Module, name: str) -> bool:
-    """True when ``name`` shares its storage with another parameter (save_model stores tied tensors once)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if name not in params:
-        return False
-    pointer = params[name].data_ptr()
-    return any(other != name and p.data_ptr() == pointer for other, p in params.items())

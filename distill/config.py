@@ -9,6 +9,7 @@ from typing import Any
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine", "constant")
+PARALLEL = ("ddp", "fsdp")
 
 
 class DistillError(RuntimeError):
@@ -46,12 +47,19 @@ class DistillConfig:
     checkpoint_every: int = 50  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     seed: int = 0
+    # Under torchrun: "ddp" keeps a whole student per process; "fsdp" shards the student's weights,
+    # gradients and AdamW state across processes (the frozen teacher stays whole on each).
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise DistillError(f"optimizer {self.optimizer!r}: allowed are {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise DistillError(f"schedule {self.schedule!r}: allowed are {', '.join(SCHEDULES)}")
+        if self.parallel not in PARALLEL:
+            raise DistillError(f"parallel {self.parallel!r}: allowed are {', '.join(PARALLEL)}")
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            raise DistillError("Muon needs whole matrices, which FSDP shards: use optimizer adamw with fsdp, or ddp")
         if self.steps is None and not self.tokens:
             raise DistillError("give a budget: tokens or steps")
         if self.temperature <= 0:
@@ -103,6 +111,8 @@ class DistillResult:
     final_loss: float
     history: tuple[dict[str, float], ...] = field(default_factory=tuple)  # {"step", "tokens", "loss", "val_perplexity"?}
     resumed_from_step: int = 0
+    parallel: str = "none"  # what ran: none (one process), ddp or fsdp
+    processes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""The distillation loop: one entry point for a notebook, the CLI and ``torchrun`` (DDP over gloo or nccl).
+"""The distillation loop: one entry point for a notebook, the CLI and ``torchrun`` (DDP or FSDP, gloo or nccl).
 
 ``distill(student, teacher, train_ids, config)`` trains ``student`` in place to match ``teacher``'s
 next-token distributions on ``train_ids`` (sequences, seq_len). Models are duck-typed like Hugging Face
@@ -9,6 +9,7 @@ the output projection.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ def _cap(model: nn.Module) -> float | None:
 
 
 class KnowledgeDistillationLoss(nn.Module):
-    """Student forward + teacher forward + loss, as one module so that DDP sees the whole step.
+    """Student forward + teacher forward + loss, as one module so that DDP or FSDP sees the whole step.
 
     The teacher is held outside the module tree: DDP neither broadcasts nor tracks it.
     """
@@ -110,6 +111,23 @@ class _Order:
         return torch.tensor(out, dtype=torch.long)
 
 
+def _shard(module: KnowledgeDistillationLoss) -> None:
+    """FSDP2: one unit per transformer block (Hugging Face's ``_no_split_modules``), the rest in the root unit.
+
+    The root holds the embeddings, final norm and (tied) head together, so a tied weight stays one tensor.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(module.student, "_no_split_modules", None) or ())
+    units = [m for m in module.student.modules() if type(m).__name__ in blocks]
+    if not units:
+        log.warning("FSDP: %s names no transformer block class (_no_split_modules); sharding it as one unit",
+                    type(module.student).__name__)
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(module)
+
+
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -117,6 +135,19 @@ def _distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
+
+
+def _evaluate(evaluate: Callable[[nn.Module], float], model: nn.Module, sharded_root: nn.Module | None) -> float:
+    """``evaluate(model)`` in eval mode; under FSDP every process must call it, as the forward gathers shards."""
+    model.eval()
+    if sharded_root is not None:
+        sharded_root.unshard()  # the root unit (embeddings, final norm, head); blocks gather in their forward
+    try:
+        return float(evaluate(model))
+    finally:
+        if sharded_root is not None:
+            sharded_root.reshard()
+        model.train()
 
 
 def _due(step: int, total: int, every: int) -> bool:
@@ -147,11 +178,9 @@ def distill(
     with ``resume``, a rerun continues from the latest checkpoint exactly.
     Raises DistillError when the loss becomes NaN or infinite (the last good checkpoint is kept).
     """
-    world, rank = _distributed()
+    world, _ = _distributed()
     device = next(student.parameters()).device
     torch.manual_seed(config.seed)
-    seq_len = int(train_ids.shape[1])
-    total = config.total_steps(seq_len, world)
     per_step = config.global_batch(world)
     if train_ids.shape[0] < per_step:
         log.warning("only %d training sequences for a global batch of %d: they repeat within a step",
@@ -160,24 +189,67 @@ def distill(
         raise DistillError("kl_weight and hidden_weight need a teacher; pass one, or set both to 0 for plain training")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
-    student.train()
+    sharded = world > 1 and config.parallel == "fsdp"
+    # FSDP turns the module it shards into another class holding shards: train a copy and give the
+    # caller's student the gathered weights at the end, so it comes back a plain model.
+    trained = copy.deepcopy(student) if sharded else student
+    trained.train()
     hidden = None
     if teacher is not None and config.hidden_weight and config.hidden_pairs:
         hidden = HiddenStateLoss(list(config.hidden_pairs), student.config.hidden_size, teacher.config.hidden_size,
                                  config.hidden_loss).to(device)
-    optimizers = _optimizers(student, hidden, config)
+    loss_module = KnowledgeDistillationLoss(trained, teacher, config, hidden)
+    if sharded:
+        _shard(loss_module)
+        for param in student.parameters():  # the copy holds them now; freed until the gather at the end
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    try:
+        return _loop(loss_module, train_ids, config, evaluate, checkpoint_dir, resume, progress, sharded)
+    finally:
+        if sharded:
+            _gather_into(student, loss_module)
+
+
+def _gather_into(student: nn.Module, loss_module: nn.Module) -> None:
+    """Put the full weights of the sharded ``loss_module.student`` into the plain ``student`` (all processes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(loss_module, options=StateDictOptions(full_state_dict=True))
+    for name, param in student.named_parameters(remove_duplicate=False):
+        param.data = full[f"student.{name}"].detach().to(param.device)
+    student.eval()
+
+
+def _loop(
+    loss_module: KnowledgeDistillationLoss,
+    train_ids: torch.Tensor,
+    config: DistillConfig,
+    evaluate: Callable[[nn.Module], float] | None,
+    checkpoint_dir: str | Path | None,
+    resume: bool,
+    progress: bool,
+    sharded: bool,
+) -> DistillResult:
+    """The training loop of ``distill`` on the (possibly sharded) ``loss_module``."""
+    world, rank = _distributed()
+    seq_len = int(train_ids.shape[1])
+    total = config.total_steps(seq_len, world)
+    per_step = config.global_batch(world)
+    trained, hidden = loss_module.student, loss_module.hidden
+    device = next(loss_module.parameters()).device
+    optimizers = _optimizers(trained, hidden, config)  # after sharding: they must hold the shards
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     history: list[dict[str, float]] = []
     step = tokens = 0
     resumed = 0
     if folder is not None and resume and (found := latest_checkpoint(folder)) is not None:
-        state = load_checkpoint(found, student, optimizers, hidden)
+        state = load_checkpoint(found, loss_module, optimizers)
         step, tokens, history = state["step"], state["tokens"], state["history"]
         resumed = step
         log.info("resuming distillation from %s (step %d of %d)", found, step, total)
 
-    module: nn.Module = KnowledgeDistillationLoss(student, teacher, config, hidden)
-    if world > 1:
+    module: nn.Module = loss_module
+    if world > 1 and not sharded:
         module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     order = _Order(int(train_ids.shape[0]), config.seed)
     params = [p for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]]
@@ -194,9 +266,11 @@ def distill(
         step_loss = 0.0
         for micro in range(config.grad_accum):
             batch = train_ids[mine[micro * config.batch_size : (micro + 1) * config.batch_size]].to(device)
-            # DDP all-reduces gradients only on the last micro-batch of a step.
+            # DDP and FSDP reduce gradients only on the last micro-batch of a step.
             accumulate = world > 1 and micro < config.grad_accum - 1
-            with module.no_sync() if accumulate else contextlib.nullcontext():
+            if sharded:
+                module.set_requires_gradient_sync(not accumulate)
+            with module.no_sync() if accumulate and not sharded else contextlib.nullcontext():
                 with _autocast(config.bf16, device):
                     loss = module(batch) / config.grad_accum
                 loss.backward()
@@ -224,23 +298,20 @@ def distill(
         }
         if evaluate is not None and _due(step, total, config.eval_every):
             eval_started = time.perf_counter()
-            student.eval()
-            record["val_perplexity"] = float(evaluate(student))
-            student.train()
+            record["val_perplexity"] = _evaluate(evaluate, trained, loss_module if sharded else None)
             evaluating += time.perf_counter() - eval_started
         history.append(record)
         elapsed = time.perf_counter() - started - evaluating
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{(tokens - started_tokens) / max(elapsed, 1e-9):,.0f}")
         bar.update(1)
         if folder is not None and _due(step, total, config.checkpoint_every):
-            if rank == 0:
-                save_checkpoint(folder, step, student, optimizers, hidden,
-                                {"tokens": tokens, "history": history, "config": config.to_dict()},
-                                keep=config.keep_checkpoints)
+            save_checkpoint(folder, step, loss_module, optimizers,
+                            {"tokens": tokens, "history": history, "config": config.to_dict()},
+                            keep=config.keep_checkpoints)
             if world > 1:
                 dist.barrier()
     bar.close()
-    student.eval()
+    trained.eval()
     seconds = time.perf_counter() - started - evaluating
     return DistillResult(
         steps=step,
@@ -250,5 +321,7 @@ def distill(
         final_loss=history[-1]["loss"] if history else float("nan"),
         history=tuple(history),
         resumed_from_step=resumed,
+        parallel=("fsdp" if sharded else "ddp") if world > 1 else "none",
+        processes=world,
     )
 

@@ -1,10 +1,14 @@
-"""Distillation across processes: a SIGKILLed run resumes to the same weights; torchrun (gloo) matches one process."""
+"""Distillation across processes: a SIGKILLed run resumes to the same weights; torchrun (gloo, DDP and FSDP) matches one
+process, and FSDP resumes from checkpoints."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from factories import tiny_tokenizer, write_corpus
 from safetensors.torch import load_file
@@ -63,21 +67,42 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_weights(tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "compress.cli"]
+
+
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     teacher, student, corpus = _inputs(tmp_path)
     env = _env(tmp_path)
-    common = ["--distill-tokens", "1280", "--distill-eval-every", "0", "--no-bf16"]
+    common = ["--distill-tokens", "1280", "--distill-eval-every", "4", "--no-bf16"]
     subprocess.run(_args(teacher, student, corpus, tmp_path / "one", *common, "--distill-batch-size", "8"),
                    env=env, check=True, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "compress.cli"]
-    # 2 processes x 4 sequences, and 2 processes x 2 micro-batches of 2 (exercises DDP's no_sync accumulation)
-    for name, batch in (("two", ["--distill-batch-size", "4"]), ("two-accum", ["--distill-batch-size", "2", "--distill-grad-accum", "2"])):
-        two = _args(teacher, student, corpus, tmp_path / name, *common, *batch)
-        result = subprocess.run([*torchrun, *two[3:]], env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-2000:]
+    # 2 processes x 4 sequences, and 2 x 2 micro-batches of 2 (DDP's no_sync / FSDP's deferred reduce-scatter)
+    runs = {
+        "ddp": ["--distill-batch-size", "4"],
+        "ddp-accum": ["--distill-batch-size", "2", "--distill-grad-accum", "2"],
+        "fsdp": ["--distill-batch-size", "4", "--distill-parallel", "fsdp"],
+        "fsdp-accum": ["--distill-batch-size", "2", "--distill-grad-accum", "2", "--distill-parallel", "fsdp"],
+    }
     a = _weights(tmp_path / "one")
-    for name in ("two", "two-accum"):
+    for name, extra in runs.items():
+        args = _args(teacher, student, corpus, tmp_path / name, *common, *extra)
+        result = subprocess.run([*TORCHRUN, *args[3:]], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        metrics = json.loads(result.stdout)
+        assert (metrics["parallel"], metrics["processes"]) == (name.split("-")[0], 2)
         b = _weights(tmp_path / name)
+        assert a.keys() == b.keys()
         assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4, name
     moved = max(float((a[k] - load_file(str(tmp_path / "student" / "model.safetensors"))[k]).abs().max()) for k in a)
     assert moved > 1e-3  # training actually changed the weights
+
+    # FSDP resumes exactly from a checkpoint it wrote (gathered from both shards), and from one written by DDP.
+    for source in ("fsdp", "ddp"):
+        resumed = tmp_path / f"resumed-from-{source}"
+        shutil.copytree(tmp_path / f"{source}.checkpoints" / "step-0000008", Path(f"{resumed}.checkpoints") / "step-0000008")
+        args = _args(teacher, student, corpus, resumed, *common, *runs["fsdp"])
+        result = subprocess.run([*TORCHRUN, *args[3:]], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads(result.stdout)["resumed_from_step"] == 8
+        b = _weights(resumed)
+        assert max(float((_weights(tmp_path / "fsdp")[k] - b[k]).abs().max()) for k in a) <= 1e-6, source
