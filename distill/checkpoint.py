@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from distill.config import DistillError
+
 _PREFIX = "step-"
 FORMAT = 2  # 1 (before FSDP): optimizer state keyed by parameter index
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -134,7 +136,7 @@ def load_checkpoint(path: Path, root: nn.Module, optimizers: list[torch.optim.Op
     """
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != FORMAT:
-        raise RuntimeError(f"checkpoint {path} was written by an older version of pdq-compress; "
+        raise DistillError(f"checkpoint {path} was written by an older version of pdq-compress; "
                            f"delete {path.parent} (or pass --no-resume) to start the distillation over")
     weights = load_file(str(path / "model.safetensors"))
     for name, group in _aliases(root).items():
@@ -143,7 +145,8 @@ def load_checkpoint(path: Path, root: nn.Module, optimizers: list[torch.optim.Op
     try:
         set_model_state_dict(root, weights, options=_SCATTER)
     except RuntimeError as error:
-        raise RuntimeError(f"checkpoint {path} does not fit the model: {error}") from error
+        raise DistillError(f"checkpoint {path} does not fit the model ({error}); delete {path.parent} "
+                           "(or pass --no-resume) to start the distillation over") from error
     tensors = load_file(str(path / "optimizer.safetensors"))
     rng = tensors.pop("rng")
     set_optimizer_state_dict(root, optimizers, _unflatten_optimizer(tensors, state.pop("optimizer")), options=_SCATTER)
