@@ -1,14 +1,18 @@
 """pdq-compress: prune, distill and quantize a teacher language model into a small NPU-ready student.
 
-The steps, usable one by one on in-memory objects::
+All at once, as the command line does: ``result = compress.run(teacher="smollm2-135m", target_size="0.67x")``.
+Or the steps one by one on in-memory objects::
 
     model, tokenizer = compress.load_teacher("smollm2-135m")
     spec = compress.resolve(model)
     scores = compress.score_importance(model, spec, "activation", ids=calibration_ids)
     chosen = compress.plan(spec, model.config, scores, compress.TargetSize.parse("0.67x"))
     student = compress.apply_plan(model, spec, chosen)
-
-or all at once: ``compress.run(compress.CompressConfig(teacher=..., target_size=...))``.
+    compress.distill(student, model, train_ids, compress.DistillConfig(tokens=200_000))
+    lm = compress.prepare(student, seq_len=256, transforms=("embed-rows",), calibration_ids=calib)
+    prefill, decode = compress.export_graphs(lm, "onnx/")
+    graphs = compress.quantize_graphs(lm, "onnx/", compress.PRESETS["a16w8"], compress.get_profile("qnn-htp"), calib)
+    compress.quality(student, valid_ids).perplexity
 """
 
 from compress.archspec import ArchSpec, FamilySpec, Shape, register, resolve
@@ -23,12 +27,17 @@ from compress.errors import (
     TeacherNotFoundError,
     UnsupportedArchitectureError,
 )
-from compress.evaluate import perplexity
+from compress.evaluate import Quality, perplexity, quality
 from compress.pipeline import CompressResult, StageMetrics, run
 from compress.planner import PruningPlan, keep_all_plan, plan
+from compress.quantization import export_graphs, measure, prepare, quantize_graphs
+from compress.report import write_report
 from compress.scoring import score_importance
 from compress.surgery import apply_plan, save_checkpoint
 from compress.teachers import load_teacher
+from distill import DistillConfig, DistillResult, distill
+from quant.profiles import NpuProfile, get_profile
+from quant.quantize import PRESETS, QuantRecipe
 
 __all__ = [
     "ArchSpec",
@@ -37,9 +46,15 @@ __all__ = [
     "CompressResult",
     "ConfigError",
     "DataError",
+    "DistillConfig",
+    "DistillResult",
+    "NpuProfile",
+    "PRESETS",
     "FamilySpec",
     "PlanInfeasibleError",
     "PruningPlan",
+    "Quality",
+    "QuantRecipe",
     "RunDirectoryError",
     "Shape",
     "StageMetrics",
@@ -47,15 +62,23 @@ __all__ = [
     "TeacherNotFoundError",
     "UnsupportedArchitectureError",
     "apply_plan",
+    "distill",
+    "export_graphs",
+    "get_profile",
     "keep_all_plan",
     "load_corpus",
     "load_teacher",
+    "measure",
     "perplexity",
     "plan",
+    "prepare",
+    "quality",
+    "quantize_graphs",
     "register",
     "resolve",
     "run",
     "save_checkpoint",
     "score_importance",
     "token_batches",
+    "write_report",
 ]

@@ -9,7 +9,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,8 @@ _HELP = {
     "tolerance": "accept shapes within this fraction of the target size",
     "proxy": f"how the planner ranks shapes: {', '.join(PROXIES)} (loss runs the best few on calibration text)",
     "search_candidates": "how many shapes the loss proxy checks",
-    "eval_samples": "validation sequences for perplexity",
+    "eval_samples": "validation sequences for perplexity and top-1 agreement with the teacher (the graphs use "
+    "as many, of --seq-len tokens)",
     "eval_seq_len": "tokens per validation sequence",
     "bf16": "bf16 autocast for importance, the planner's loss check and distillation (reported perplexities are fp32)",
     "distill_tokens": "distillation budget in training tokens",
@@ -67,13 +70,14 @@ _HELP = {
     "(SmoothQuant), embed-rows (per-row embedding scales); '' for none; default: embed-rows for a16w8, "
     "rotate,embed-rows for a8w8",
     "quant_calib_samples": "calibration sequences (of --seq-len tokens) for quantization ranges and smoothing",
-    "quant_eval_samples": "validation sequences (of --seq-len tokens) for the graphs' perplexity",
+    "student": "student family: minitron (the teacher pruned by importance, then distilled)",
     "stop_after": f"last stage to run: {', '.join(STAGES)}",
     "seed": "random seed",
     "trust_remote_code": "allow a teacher's own modelling code to run",
 }
 
 _EPILOG = """examples:
+  compress --teacher smollm2-135m --target-size 0.67x       # every stage, report in runs/smollm2-135m-0.67x/
   compress --teacher smollm2-135m --target-size 0.67x --out runs/demo --stop-after prune
   compress --teacher ./my-llama --data ./corpus/ --target-size 90M --axes heads,hidden,mlp,layers
   compress fetch                       # download the built-in teachers and the default data
@@ -83,6 +87,10 @@ _EPILOG = """examples:
   compress --teacher smollm2-135m --target-size 0.67x --out runs/demo --stop-after quantize --quant a16w8 --npu-profile qnn-htp
   compress --teacher smollm2-135m --target-size 1x --out runs/teacher --stop-after quantize --quant a8w8 --npu-profile generic-a8w8
   compress inspect runs/demo/onnx/model.a16w8.onnx --npu-profile qnn-htp
+  compress report runs/demo                                  # rebuild report.md / .json / plots
+
+exit codes: 0 done, 1 a failure (or inspect found violations), 2 a usage error (bad flag, missing file,
+unusable run directory), 130 interrupted (rerun the same command to continue)
 """
 
 
@@ -92,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Prune a teacher language model to a target size with activation-based importance, distill it, "
         "and export static-shape float and integer (QDQ) ONNX graphs for an NPU.",
         epilog=_EPILOG + "\nsubcommands: compress fetch --help, compress eval --help, compress distill --help, "
-        "compress inspect --help",
+        "compress inspect --help, compress report --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_flags(parser, [f.name for f in dataclasses.fields(CompressConfig)])
@@ -133,8 +141,11 @@ def _config_from(args: argparse.Namespace) -> CompressConfig:
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+    # The root logger passes INFO on (a run's run.log takes it all); the terminal shows WARNING and up with --quiet.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
@@ -182,6 +193,8 @@ def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
                     f"{g['decode_tokens_per_second']:.1f} tokens/s, {len(m['violations'])} profile violations")
         elif stage.stage == "distill" and "skipped" in m:
             text = m["skipped"]
+        elif stage.stage == "report":
+            text = f"{result.run_dir / 'report.md'}  {m['verdict']}"
         else:
             text = f"{result.pruned_dir}"
             if "pruned_perplexity" in m:
@@ -310,8 +323,28 @@ def _inspect(argv: list[str]) -> int:
     return 1 if violations else 0
 
 
+def _report(argv: list[str]) -> int:
+    from compress.report import write_report
+
+    parser = argparse.ArgumentParser(prog="compress report", description="Rebuild report.md, report.json and the "
+                                     "report_*.png plots of a run directory from what its stages measured.")
+    parser.add_argument("run_dir", help="a run directory (the --out of a compress run)")
+    parser.add_argument("--quiet", action="store_true", help="print only the report's path")
+    args = parser.parse_args(argv)
+    report = write_report(args.run_dir)
+    path = Path(args.run_dir) / "report.md"
+    print(path if args.quiet else f"{path}\n{report['verdict']}")
+    return 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: cleanup runs, finished stages stay
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     quiet = "--quiet" in argv
     _setup_logging(quiet)
     try:
@@ -323,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             return _distill(argv[1:])
         if argv and argv[0] == "inspect":
             return _inspect(argv[1:])
+        if argv and argv[0] == "report":
+            return _report(argv[1:])
         args = _parser().parse_args(argv)
         config = _config_from(args)
         if args.print_config:

@@ -21,9 +21,11 @@ TRANSFORMS = ("rotate", "smooth", "embed-rows")  # compress.outliers rewrites, i
 # activations need only the per-row embedding scales; 8-bit ones also need the rotation.
 DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("embed-rows",), "a8w8": ("rotate", "embed-rows")}
 
-STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize")
-"""Stages built so far, in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
+STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", "report")
+"""The stages in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
 ``--teacher-correction-tokens`` is set; ``quantize`` does nothing with ``--quant none``."""
+STUDENTS = ("minitron",)
+"""Student families built so far: ``minitron`` is the teacher pruned by importance, then distilled."""
 QUANT_CHOICES = ("none", *PRESETS)
 AXES = ("heads", "kv", "hidden", "mlp", "layers")
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
@@ -111,8 +113,8 @@ class CompressConfig:
     npu_profile: str = "qnn-htp"
     quant_transforms: tuple[str, ...] | None = None  # None: DEFAULT_TRANSFORMS[quant]
     quant_calib_samples: int = 8
-    quant_eval_samples: int = 16
-    stop_after: str = "prune"
+    student: str = "minitron"
+    stop_after: str = "report"
     seed: int = 0
     trust_remote_code: bool = False
 
@@ -128,6 +130,9 @@ class CompressConfig:
         _choice("layer-metric", self.layer_metric, LAYER_METRICS)
         _choice("proxy", self.proxy, PROXIES)
         _choice("stop-after", self.stop_after, STAGES)
+        if self.student not in STUDENTS:
+            raise ConfigError(f"--student {self.student!r}: only {', '.join(STUDENTS)} (the teacher pruned by importance, "
+                              "then distilled) is built so far")
         _choice("quant", self.quant, QUANT_CHOICES)
         _choice("npu-profile", self.npu_profile, tuple(PROFILES))
         transforms = DEFAULT_TRANSFORMS[self.quant] if self.quant_transforms is None else self.quant_transforms
@@ -150,7 +155,7 @@ class CompressConfig:
             raise ConfigError("--distill-lr and --distill-temperature must be positive, --distill-ce-weight >= 0")
         for name in ("calib_samples", "calib_seq_len", "batch_size", "search_candidates", "eval_samples", "eval_seq_len",
                      "distill_tokens", "distill_seq_len", "distill_batch_size", "distill_grad_accum", "seq_len",
-                     "quant_calib_samples", "quant_eval_samples"):
+                     "quant_calib_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not 0 < self.tolerance < 1:

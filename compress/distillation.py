@@ -17,7 +17,7 @@ import torch.distributed as dist
 from compress.config import CompressConfig
 from compress.data import token_batches
 from compress.errors import CompressError
-from compress.evaluate import perplexity
+from compress.evaluate import quality
 from compress.surgery import save_checkpoint
 from distill import DistillError, distill
 
@@ -37,8 +37,12 @@ def distill_student(
     out_dir: Path,
     checkpoint_dir: Path,
     progress: bool = True,
+    reference: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Distill the checkpoint in ``student_dir`` from ``teacher``; save it to ``out_dir``; return metrics."""
+    """Distill the checkpoint in ``student_dir`` from ``teacher``; save it to ``out_dir``; return metrics.
+
+    ``reference``: the teacher's top-1 predictions on the validation sequences, for the student's agreement.
+    """
     from transformers import AutoModelForCausalLM
 
     if not (student_dir / "config.json").exists():
@@ -49,10 +53,15 @@ def distill_student(
     train = token_batches(dataset, tokenizer, "train", config.distill_seq_len, sequences)
     valid = token_batches(dataset, tokenizer, "validation", config.eval_seq_len, config.eval_samples)
 
+    agreement: dict[str, float | None] = {}
+
     def evaluate(model: Any) -> float:
-        return perplexity(model, valid, config.batch_size).perplexity
+        measured = quality(model, valid, config.batch_size, reference)
+        agreement["last"] = measured.agreement
+        return measured.perplexity.perplexity
 
     before = evaluate(student) if _rank() == 0 else float("nan")
+    agreement_before = agreement.get("last")
     try:
         # Every process evaluates: under FSDP the forward pass gathers shards from all of them.
         result = distill(student, teacher, train, settings, evaluate=evaluate, checkpoint_dir=checkpoint_dir,
@@ -72,10 +81,12 @@ def distill_student(
         "processes": result.processes,
         "history": list(result.history),
         "student_perplexity_before": before,
+        "student_agreement_before": agreement_before,
         "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
     }
     if _rank() == 0:
         last = result.history[-1]  # the trainer evaluates at the final step, so this is normally measured already
         metrics["student_perplexity"] = last["val_perplexity"] if "val_perplexity" in last else evaluate(student)
+        metrics["student_agreement"] = agreement.get("last")
         save_checkpoint(student, tokenizer, out_dir)
     return metrics

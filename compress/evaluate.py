@@ -43,27 +43,35 @@ def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def nll_sum(model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood of a (batch, seq) block, and the number of predicted tokens."""
+def nll_sum(model: nn.Module, ids: torch.Tensor, top1: list[torch.Tensor] | None = None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of a (batch, seq) block, and the number of predicted tokens.
+
+    With ``top1``, the block's most likely next tokens (batch, seq-1) are appended to it.
+    """
     hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1]  # (batch, seq-1, hidden)
     targets = ids[:, 1:].reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     total = 0.0
+    best = []
     for start in range(0, flat.shape[0], _LOGIT_CHUNK):
         logits = _logits(model, flat[start : start + _LOGIT_CHUNK]).float()
         total += float(
             nn.functional.cross_entropy(logits, targets[start : start + _LOGIT_CHUNK], reduction="sum")
         )
+        best.append(logits.argmax(-1))
+    if top1 is not None:
+        top1.append(torch.cat(best).reshape(ids.shape[0], ids.shape[1] - 1))
     return total, int(targets.numel())
 
 
-def mean_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, bf16: bool = False, progress: bool = False) -> float:
-    """Mean next-token NLL over (sequences, seq) token ids."""
+def mean_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, bf16: bool = False, progress: bool = False,
+             top1: list[torch.Tensor] | None = None) -> float:
+    """Mean next-token NLL over (sequences, seq) token ids (and, with ``top1``, the top-1 predictions per block)."""
     total, count = 0.0, 0
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         for start in tqdm(range(0, len(ids), batch_size), desc="perplexity", unit="batch", disable=not progress):
-            block_total, block_count = nll_sum(model, ids[start : start + batch_size])
+            block_total, block_count = nll_sum(model, ids[start : start + batch_size], top1)
             total += block_total
             count += block_count
     return total / max(count, 1)
@@ -79,3 +87,23 @@ def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, progres
         sequences=int(ids.shape[0]),
         seq_len=int(ids.shape[1]),
     )
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Perplexity, the top-1 next-token predictions behind it, and their agreement with a reference's."""
+
+    perplexity: Perplexity
+    top1: torch.Tensor  # (sequences, seq_len - 1)
+    agreement: float | None  # share of positions whose top-1 equals the reference's; None without one
+
+
+def quality(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, reference: torch.Tensor | None = None,
+            progress: bool = False) -> Quality:
+    """fp32 perplexity over ``ids`` and top-1 agreement with ``reference`` (e.g. the teacher's top-1), in one pass."""
+    blocks: list[torch.Tensor] = []
+    nll = mean_nll(model, ids, batch_size=batch_size, bf16=False, progress=progress, top1=blocks)
+    top1 = torch.cat(blocks)
+    agreement = None if reference is None else float((top1 == reference).float().mean())
+    return Quality(Perplexity(math.exp(min(nll, 700.0)), nll, int(ids.shape[0] * (ids.shape[1] - 1)), int(ids.shape[0]),
+                              int(ids.shape[1])), top1, agreement)

@@ -1,5 +1,5 @@
-"""The run: teacher → importance → plan → prune → distill → export → quantize, each stage writing into
-the run directory.
+"""The run: teacher → importance → plan → prune → distill → export → quantize → report, each stage writing
+into the run directory.
 
 A stage's output is reused when it exists and was produced by the same settings (recorded in
 ``stages.json``); when settings change, that stage and every later one run again.
@@ -8,6 +8,7 @@ A stage's output is reused when it exists and was produced by the same settings 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -22,7 +23,7 @@ from compress.archspec import ArchSpec, resolve
 from compress.config import STAGES, CompressConfig
 from compress.data import load_corpus, token_batches
 from compress.errors import CompressError, RunDirectoryError
-from compress.evaluate import Perplexity, mean_nll, perplexity
+from compress.evaluate import Perplexity, mean_nll, perplexity, quality
 from compress.io import read_json, write_json
 from compress.planner import PruningPlan, feasible_shapes, plan
 from compress.scoring import check_scores, score_importance
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Fields each stage's output depends on (plus every earlier stage's fingerprint).
 _STAGE_FIELDS = {
-    "correct": ("teacher", "data", "teacher_correction_tokens", "teacher_correction_lr", "distill_seq_len",
+    "correct": ("teacher", "data", "student", "teacher_correction_tokens", "teacher_correction_lr", "distill_seq_len",
                 "distill_batch_size", "eval_samples", "eval_seq_len"),
     "score": ("importance", "calib_samples", "calib_seq_len", "batch_aggregation",
               "sequence_aggregation", "layer_metric", "bf16", "seed"),
@@ -43,8 +44,9 @@ _STAGE_FIELDS = {
     "distill": ("distill_tokens", "distill_seq_len", "distill_batch_size", "distill_grad_accum", "distill_lr",
                 "distill_optimizer", "distill_schedule", "distill_temperature", "distill_ce_weight",
                 "distill_eval_every"),
-    "export": ("seq_len", "quant_transforms", "quant_calib_samples", "quant_eval_samples", "npu_profile"),
+    "export": ("seq_len", "quant_transforms", "quant_calib_samples", "npu_profile"),
     "quantize": ("quant", "npu_profile"),
+    "report": (),
 }
 # Calibration sequences the planner's loss proxy runs each candidate on (16 x calib_seq_len tokens).
 _PROXY_SEQUENCES = 16
@@ -97,6 +99,24 @@ class CompressResult:
     def metrics(self) -> dict[str, Any]:
         return {s.stage: s.metrics for s in self.stages}
 
+    @property
+    def report(self) -> dict[str, Any]:
+        """``report.json`` of the run (needs the report stage)."""
+        path = self.run_dir / "report.json"
+        if not path.exists():
+            raise CompressError(f"{path} does not exist yet; run with stop_after='report' or `compress report {self.run_dir}`")
+        return read_json(path)
+
+    @property
+    def graphs(self) -> dict[str, Path]:
+        """The ONNX graphs the run wrote, by name (``model``, ``decode``, ``model.a16w8``...)."""
+        folder = self.run_dir / "onnx"
+        return {p.name.removesuffix(".onnx"): p for p in sorted(folder.glob("*.onnx"))} if folder.exists() else {}
+
+    def _repr_markdown_(self) -> str:  # a notebook shows the report when a cell ends with the result
+        path = self.run_dir / "report.md"
+        return path.read_text() if path.exists() else f"run directory {self.run_dir}: {[s.stage for s in self.stages]}"
+
 
 class _Run:
     """Lazily loaded shared state of one run (teacher, data) so reused stages load nothing."""
@@ -109,6 +129,7 @@ class _Run:
         self._spec: ArchSpec | None = None
         self._dataset: Any = None
         self.fingerprint = ""
+        self.teacher_fingerprint = ""  # of the correct stage: which teacher, data and correction
 
     @property
     def teacher(self) -> Any:
@@ -141,6 +162,44 @@ class _Run:
     def ids(self, split: str, seq_len: int, sequences: int) -> torch.Tensor:
         return token_batches(self.dataset, self.tokenizer, split, seq_len, sequences)
 
+    def validation(self, seq_len: int) -> Reference:
+        """The run's validation sequences of ``seq_len`` tokens with the teacher's perplexity and top-1 on them.
+
+        Every model and graph of the run is measured on these, so their numbers compare. The teacher's part
+        is computed once per length and kept in ``validation.<seq_len>.safetensors``.
+        """
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        ids = self.ids("validation", seq_len, self.config.eval_samples)
+        path = self.dir / f"validation.{seq_len}.safetensors"
+        if path.exists():
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+            stored = load_file(str(path))
+            if meta.get("teacher") == self.teacher_fingerprint and torch.equal(stored["ids"], ids):
+                return Reference(ids, stored["teacher_top1"], Perplexity(**json.loads(meta["perplexity"])))
+        measured = quality(self.teacher, ids, self.config.batch_size, progress=self.progress)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"ids": ids.contiguous(), "teacher_top1": measured.top1.contiguous()}, str(tmp),
+                  metadata={"teacher": self.teacher_fingerprint, "perplexity": json.dumps(measured.perplexity.to_dict())})
+        tmp.replace(path)
+        return Reference(ids, measured.top1, measured.perplexity)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Validation sequences and the teacher's perplexity and top-1 predictions on them."""
+
+    ids: torch.Tensor
+    teacher_top1: torch.Tensor
+    teacher: Perplexity
+
+
+def folder_mb(path: Path) -> float:
+    """Size on disk of a checkpoint's weight files, in MB."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
+
 
 def _prepare_run_dir(config: CompressConfig) -> None:
     run_dir = config.run_dir
@@ -158,22 +217,45 @@ def _prepare_run_dir(config: CompressConfig) -> None:
         raise RunDirectoryError(f"--out {run_dir}: cannot write there ({error.strerror}); choose a writable folder") from error
 
 
-def run(config: CompressConfig, progress: bool = True) -> CompressResult:
-    """Run every stage up to ``config.stop_after``, reusing finished ones.
+def run(config: CompressConfig | None = None, progress: bool = True, **fields: Any) -> CompressResult:
+    """Run every stage up to ``config.stop_after`` (by default all, ending with the report), reusing finished ones.
 
+    ``compress.run(teacher="smollm2-135m", target_size="0.67x")`` is ``run(CompressConfig(...))``; fields
+    given next to a config override it. Every stage logs to ``run.log`` in the run directory.
     If a new run directory fails before any stage produced output, it is removed again, so bad input
     leaves nothing behind; finished stages of an existing run are always kept.
     """
+    if config is None or fields:
+        config = CompressConfig.from_dict({**(config.to_dict() if config else {}), **fields})
     fresh = not config.run_dir.exists() or not any(config.run_dir.iterdir())
     _prepare_run_dir(config)
+    handler = logging.FileHandler(config.run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = root.level
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
     try:
+        log.info("run %s: %s", config.run_dir, json.dumps(config.to_dict()))
         return _run_stages(config, progress)
-    except BaseException:
+    except BaseException as error:
+        # To run.log only: the terminal gets the CLI's one line (or Python's traceback for a failure).
+        interrupted = isinstance(error, KeyboardInterrupt)
+        handler.handle(log.makeRecord(
+            log.name, logging.WARNING if interrupted else logging.ERROR, __file__, 0,
+            "interrupted" if interrupted else f"{type(error).__name__}: {error}", (),
+            None if interrupted or isinstance(error, CompressError) else (type(error), error, error.__traceback__)))
         stages_file = config.run_dir / "stages.json"
         finished = set(read_json(stages_file)) if stages_file.exists() else set()
         if fresh and finished <= {"correct"} and not (config.run_dir / "teacher").exists():
+            handler.close()
             shutil.rmtree(config.run_dir, ignore_errors=True)
         raise
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
@@ -185,6 +267,7 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
     for stage in STAGES[: STAGES.index(config.stop_after) + 1]:
         upstream = hashlib.sha256((config.fingerprint(*_STAGE_FIELDS[stage]) + upstream).encode()).hexdigest()[:16]
         fingerprints[stage] = upstream
+    state.teacher_fingerprint = fingerprints["correct"]
     if any(done.get(stage) != fingerprint for stage, fingerprint in fingerprints.items()):
         state.dataset  # noqa: B018 - unreadable data fails here, before any stage spends time
     if "plan" in fingerprints and done.get("plan") != fingerprints["plan"]:
@@ -302,16 +385,17 @@ def _prune(state: _Run) -> dict[str, Any]:
     chosen = PruningPlan.load(state.dir / "plan.json")
     student = apply_plan(state.teacher, state.spec, chosen)
     save_checkpoint(student, state.tokenizer, state.dir / "pruned")
-    metrics: dict[str, Any] = {"params": chosen.params, "teacher_params": chosen.teacher_params}
+    metrics: dict[str, Any] = {"params": chosen.params, "teacher_params": chosen.teacher_params,
+                               "pruned_mb": folder_mb(state.dir / "pruned")}
     if state.spec.causal_lm:
-        valid = state.ids("validation", c.eval_seq_len, c.eval_samples)
-        teacher_ppl: Perplexity = perplexity(state.teacher, valid, c.batch_size, progress=state.progress)
-        pruned_ppl = perplexity(student, valid, c.batch_size, progress=state.progress)
+        reference = state.validation(c.eval_seq_len)
+        pruned = quality(student, reference.ids, c.batch_size, reference.teacher_top1, progress=state.progress)
         metrics.update(
-            teacher_perplexity=teacher_ppl.perplexity,
-            pruned_perplexity=pruned_ppl.perplexity,
-            validation_tokens=pruned_ppl.tokens,
-            validation_seq_len=pruned_ppl.seq_len,
+            teacher_perplexity=reference.teacher.perplexity,
+            pruned_perplexity=pruned.perplexity.perplexity,
+            pruned_agreement=pruned.agreement,
+            validation_tokens=pruned.perplexity.tokens,
+            validation_seq_len=pruned.perplexity.seq_len,
         )
     return metrics
 
@@ -329,8 +413,10 @@ def _distill(state: _Run) -> dict[str, Any]:
     if chosen.params >= chosen.teacher_params:
         shutil.rmtree(state.dir / "student", ignore_errors=True)
         return {"skipped": "the plan keeps every parameter: the student is the teacher"}
-    return distill_student(state.dir / "pruned", state.teacher, state.tokenizer, state.dataset, state.config,
-                           state.dir / "student", checkpoints, progress=state.progress)
+    reference = state.validation(state.config.eval_seq_len)
+    metrics = distill_student(state.dir / "pruned", state.teacher, state.tokenizer, state.dataset, state.config,
+                              state.dir / "student", checkpoints, progress=state.progress, reference=reference.teacher_top1)
+    return {**metrics, "student_mb": folder_mb(state.dir / "student")}
 
 
 def _final_model(state: _Run) -> tuple[Path, Any]:
@@ -355,6 +441,8 @@ def _prepared(state: _Run) -> tuple[Path, Any, torch.Tensor]:
 
 
 def _export(state: _Run) -> dict[str, Any]:
+    from safetensors.numpy import save_file
+
     from compress.quantization import export_graphs, measure
     from quant import runtime
 
@@ -363,18 +451,22 @@ def _export(state: _Run) -> dict[str, Any]:
     folder = state.dir / "onnx"
     shutil.rmtree(folder, ignore_errors=True)  # graphs of other settings (and their quantized copies) go
     prefill, decode = export_graphs(lm, folder)
-    valid = state.ids("validation", c.seq_len, c.quant_eval_samples)
+    reference = state.validation(c.seq_len)
+    valid = reference.ids
     with torch.no_grad():
         expected = lm.prefill(valid[:1])[0].numpy()
     got = runtime.prefill_logits(runtime.session(prefill), valid[:1].numpy())
-    metrics, _ = measure(prefill, decode, valid.numpy(), None)
+    metrics, top1 = measure(prefill, decode, valid.numpy(), reference.teacher_top1.numpy())
+    save_file({"top1": top1}, str(folder / "model.top1.safetensors"))  # the reference of the integer graphs
     return {"source": str(source), "seq_len": c.seq_len, "transforms": list(c.quant_transforms),
-            "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "fp32": metrics}
+            "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "teacher_perplexity": reference.teacher.perplexity,
+            "fp32": metrics}
 
 
 def _quantize(state: _Run) -> dict[str, Any]:
+    from safetensors.numpy import load_file
+
     from compress.quantization import measure, quantize_graphs
-    from quant import runtime
     from quant.profiles import get_profile
     from quant.quantize import PRESETS
 
@@ -383,10 +475,12 @@ def _quantize(state: _Run) -> dict[str, Any]:
         return {"quant": "none"}
     _, lm, calib = _prepared(state)
     folder = state.dir / "onnx"
-    valid = state.ids("validation", c.seq_len, c.quant_eval_samples).numpy()
-    _, reference = runtime.quality(runtime.session(folder / "model.onnx"), valid)
+    reference = state.validation(c.seq_len)
+    float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
     graphs = quantize_graphs(lm, folder, PRESETS[c.quant], get_profile(c.npu_profile), calib.numpy())
-    metrics, _ = measure(graphs.prefill, graphs.decode, valid, reference)
+    metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1)
+    metrics["agreement_with_float"] = metrics.pop("agreement")
+    metrics["agreement"] = float((top1 == reference.teacher_top1.numpy()).mean())
     violations = graphs.violations["prefill"] + graphs.violations["decode"]
     if violations:
         log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",
@@ -395,5 +489,12 @@ def _quantize(state: _Run) -> dict[str, Any]:
             "reports": {k: v.to_dict() for k, v in graphs.reports.items()}}
 
 
+def _report(state: _Run) -> dict[str, Any]:
+    from compress.report import write_report
+
+    report = write_report(state.dir)
+    return {"files": report["files"], "verdict": report["verdict"]}
+
+
 _STAGE_RUNNERS = {"correct": _correct, "score": _score, "plan": _plan, "prune": _prune, "distill": _distill,
-                  "export": _export, "quantize": _quantize}
+                  "export": _export, "quantize": _quantize, "report": _report}

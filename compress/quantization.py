@@ -48,8 +48,9 @@ def prepare(model: nn.Module, seq_len: int, transforms: tuple[str, ...] = TRANSF
     return lm.convolutional() if conv else lm
 
 
-def export_graphs(lm: StaticLM, out_dir: Path, decode: bool = True) -> tuple[Path, Path | None]:
+def export_graphs(lm: StaticLM, out_dir: str | Path, decode: bool = True) -> tuple[Path, Path | None]:
     """Write ``model.onnx`` (prefill) and, with ``decode``, ``decode.onnx`` (one step, static cache) into ``out_dir``."""
+    out_dir = Path(out_dir)
     prefill = Prefill(lm)
     prefill_path = export(prefill, prefill.example(lm.capacity), out_dir / "model.onnx", *prefill.names())
     if not decode:
@@ -103,9 +104,11 @@ class QuantizedGraphs:
     violations: dict[str, list[str]]
 
 
-def quantize_graphs(lm: StaticLM, float_dir: Path, recipe: QuantRecipe, profile: NpuProfile,
+def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, profile: NpuProfile,
                     calibration_ids: np.ndarray, decode: bool = True) -> QuantizedGraphs:
     """Quantize ``model.onnx`` (and ``decode.onnx``) in ``float_dir`` to ``model.<recipe>.onnx`` etc."""
+    float_dir = Path(float_dir)
+    calibration_ids = np.asarray(calibration_ids)
     prefill_feeds = [{"input_ids": row[None].astype(np.int64)} for row in calibration_ids]
     reports, violations = {}, {}
     out = float_dir / f"model.{recipe.name}.onnx"

@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import onnx
@@ -13,7 +15,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from compress.cli import main
 
 SMALL = ["--calib-samples", "8", "--calib-seq-len", "16", "--eval-samples", "4", "--eval-seq-len", "16",
-         "--align", "16", "--tolerance", "0.15", "--search-candidates", "3", "--batch-size", "4", "--quiet"]
+         "--align", "16", "--tolerance", "0.15", "--search-candidates", "3", "--batch-size", "4", "--quiet",
+         "--stop-after", "prune"]  # a later --stop-after overrides
 
 
 @pytest.fixture
@@ -194,7 +197,7 @@ def test_quantize_stage_writes_checked_graphs_and_inspect_judges_them(inputs, tm
     out = tmp_path / "quantized"
     args = ["--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL,
             "--stop-after", "quantize", "--distill-tokens", "256", "--distill-seq-len", "16", "--distill-batch-size", "4",
-            "--seq-len", "16", "--quant-calib-samples", "4", "--quant-eval-samples", "2"]
+            "--seq-len", "16", "--quant-calib-samples", "4"]
     assert _run(*args, "--quant", "a8w8", "--npu-profile", "generic-a8w8") == 0
     assert "model.a8w8.onnx" in capsys.readouterr().out
     for name in ("model.onnx", "decode.onnx", "model.a8w8.onnx", "decode.a8w8.onnx"):
@@ -231,8 +234,101 @@ def test_target_1x_exports_the_teacher_without_distilling(inputs, tmp_path, caps
     teacher, corpus = inputs
     out = tmp_path / "teacher-graphs"
     assert _run("--teacher", teacher, "--data", corpus, "--target-size", "1x", "--out", out, *SMALL,
-                "--stop-after", "export", "--seq-len", "16", "--quant-calib-samples", "2", "--quant-eval-samples", "2") == 0
+                "--stop-after", "export", "--seq-len", "16", "--quant-calib-samples", "2") == 0
     assert "the student is the teacher" in capsys.readouterr().out
     assert not (out / "student").exists()
     exported = json.loads((out / "export.metrics.json").read_text())
     assert exported["source"].endswith("pruned") and exported["max_abs_diff_vs_torch"] <= 1e-4
+
+
+WHOLE = ["--distill-tokens", "512", "--distill-seq-len", "16", "--distill-batch-size", "4", "--distill-eval-every", "4",
+         "--seq-len", "16", "--quant-calib-samples", "4", "--npu-profile", "generic-a8w8", "--stop-after", "report"]
+
+
+def test_whole_run_ends_in_a_report_whose_numbers_re_measure(inputs, tmp_path, capsys):
+    from compress import load_corpus, load_teacher, quality, token_batches
+    from quant import runtime
+
+    teacher, corpus = inputs
+    out = tmp_path / "whole"
+    args = ["--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL, *WHOLE]
+    assert _run(*args) == 0
+    summary = capsys.readouterr().out
+    assert "report.md" in summary
+    for name in ("config.json", "run.log", "stages.json", "scores.safetensors", "plan.json", "pruned/model.safetensors",
+                 "student/model.safetensors", "onnx/model.onnx", "onnx/decode.onnx", "onnx/model.a16w8.onnx",
+                 "onnx/decode.a16w8.onnx", "report.json", "report.md"):
+        assert (out / name).exists(), name
+    assert not [p for p in out.rglob(".*")], "temporary files left behind"
+    assert "stage distill" in (out / "run.log").read_text()
+
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["files"]["plots"]) == ["report_distill.png", "report_latency.png", "report_models.png",
+                                               "report_planner.png"]
+    assert all((out / p).stat().st_size > 10_000 for p in report["files"]["plots"])
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["teacher", "pruned", "distilled", "fp32 graph", "a16w8 graph (generic-a8w8)"]
+    assert report["verdict"] and report["data"]["validation_tokens"] == 4 * 15
+    markdown = (out / "report.md").read_text()
+    assert "## Verdict" in markdown and "report_models.png" in markdown
+
+    # Re-measure the artifacts independently: the report holds exactly what they give.
+    model, tokenizer = load_teacher(str(teacher))
+    ids = token_batches(load_corpus(str(corpus)), tokenizer, "validation", 16, 4)
+    measured_teacher = quality(model, ids, 4)
+    assert rows["teacher"]["perplexity"] == pytest.approx(measured_teacher.perplexity.perplexity, rel=1e-6)
+    for name, folder in (("pruned", "pruned"), ("distilled", "student")):
+        student = AutoModelForCausalLM.from_pretrained(out / folder, dtype=torch.float32)
+        again = quality(student, ids, 4, reference=measured_teacher.top1)
+        assert rows[name]["perplexity"] == pytest.approx(again.perplexity.perplexity, rel=1e-5), name
+        assert rows[name]["agreement"] == pytest.approx(again.agreement), name
+        assert rows[name]["params"] == sum(p.numel() for p in student.parameters())
+    for name, graph in (("fp32 graph", "model.onnx"), ("a16w8 graph (generic-a8w8)", "model.a16w8.onnx")):
+        path = out / "onnx" / graph
+        assert rows[name]["mb"] == path.stat().st_size / 1e6
+        again, top1 = runtime.quality(runtime.session(path), ids.numpy(), measured_teacher.top1.numpy())
+        assert rows[name]["perplexity"] == pytest.approx(again.perplexity, rel=1e-5), name
+        assert rows[name]["agreement"] == pytest.approx(again.agreement), name
+
+    # A finished run reruns in seconds, reusing everything; `compress report` rebuilds the report alone.
+    assert _run(*args) == 0
+    assert capsys.readouterr().out.count("reused") == 7  # every stage but correct, which is off
+    (out / "report.md").unlink()
+    assert _run("report", out, "--quiet") == 0 and (out / "report.md").exists()
+    assert _run("report", tmp_path) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_interrupted_runs_resume_without_redoing_finished_stages(inputs, tmp_path):
+    teacher, corpus = inputs
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "compress.cli", "--teacher", str(teacher), "--data", str(corpus), "--target-size",
+               "0.7x", "--out", str(out), *SMALL, *WHOLE, "--distill-tokens", "20000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def interrupt_at(stage, signum):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        log = out / "run.log"
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if log.exists() and f"stage {stage}\n" in log.read_text():
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)  # well inside the stage
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=120)
+        return process.returncode, stderr
+
+    code, _ = interrupt_at("distill", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    stages = json.loads((out / "stages.json").read_text())
+    assert list(stages) == ["correct", "score", "plan", "prune"]
+    code, stderr = interrupt_at("export", signal.SIGINT)
+    assert code == 130 and "rerun the same command" in stderr
+    assert list(json.loads((out / "stages.json").read_text())) == ["correct", "score", "plan", "prune", "distill"]
+    assert json.loads((out / "stages.json").read_text())["prune"] == stages["prune"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reused = [line.split()[0] for line in done.stdout.splitlines() if " reused " in line]
+    assert reused == ["score", "plan", "prune", "distill"]
+    assert (out / "report.json").exists() and not [p for p in out.rglob(".*")]

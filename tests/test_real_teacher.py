@@ -46,16 +46,20 @@ def test_prune_smollm2_to_two_thirds(tmp_path, capsys):
     student, info = AutoModelForCausalLM.from_pretrained(out / "student", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
-    # ... and on to static-shape float and A16W8 graphs for QNN, short ones to keep CI fast.
-    code = main(["--teacher", "smollm2-135m", "--target-size", "0.67x", "--out", str(out), "--stop-after", "quantize",
+    # ... and on to static-shape float and A16W8 graphs for QNN (short ones to keep CI fast) and the report.
+    code = main(["--teacher", "smollm2-135m", "--target-size", "0.67x", "--out", str(out),
                  "--calib-samples", "64", "--search-candidates", "2", "--eval-samples", "8", "--quiet",
                  "--distill-tokens", "4096", "--distill-eval-every", "1", "--seq-len", "64",
-                 "--quant", "a16w8", "--npu-profile", "qnn-htp", "--quant-calib-samples", "4", "--quant-eval-samples", "4"])
+                 "--quant", "a16w8", "--npu-profile", "qnn-htp", "--quant-calib-samples", "4"])
     assert code == 0
     exported = json.loads((out / "export.metrics.json").read_text())
     assert exported["source"].endswith("student") and exported["max_abs_diff_vs_torch"] <= 1e-3
     quantized = json.loads((out / "quantize.metrics.json").read_text())
     assert quantized["violations"] == []  # every dimension of the 0.67x student is a multiple of 32
     graph = quantized["a16w8"]
-    assert graph["agreement"] > 0.7
+    assert graph["agreement_with_float"] > 0.7
     assert graph["perplexity"] < 1.2 * exported["fp32"]["perplexity"]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["teacher", "pruned", "distilled", "fp32 graph", "a16w8 graph (qnn-htp)"]
+    assert report["rows"][2]["perplexity"] == distilled["student_perplexity"]
+    assert all((out / name).exists() for name in report["files"]["plots"]) and len(report["files"]["plots"]) == 4
