@@ -1,0 +1,120 @@
+"""Run the benchmarks whose results are missing, then rebuild ``benchmarks/results/README.md`` from every
+result present.
+
+    python -m benchmarks             # make-style: only what is missing (delete a result to redo it)
+    python -m benchmarks --all       # every benchmark (about four hours on a 2-core CPU)
+    python -m benchmarks --readme    # only rebuild the README from the results present
+    python -m benchmarks --list      # what would run, and why
+
+Benchmarks run one after another in their own processes (never two at once: they time things).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+PRUNED_RUN = ROOT / "runs" / "benchmarks-0.67x"  # the 0.67x pruned student the student quantization row uses
+
+
+@dataclass(frozen=True)
+class Target:
+    """One benchmark invocation and the result files it writes."""
+
+    module: str
+    outputs: tuple[str, ...]
+    args: tuple[str, ...] = ()
+    needs_pruned_run: bool = False
+    title: str = ""
+    extra: tuple[str, ...] = ()  # more result files shown in the README
+
+    def stale(self) -> str | None:
+        """Why this target must run, or None when its results are all there.
+
+        File times say nothing after a git clone, so a changed benchmark is rerun by deleting its results
+        (or with --all).
+        """
+        missing = [n for n in self.outputs if not (RESULTS / n).exists()]
+        return f"{', '.join(missing)} missing" if missing else None
+
+
+TARGETS = (
+    Target("pruning_quality", ("pruning_quality.json", "pruning_quality.md"), title="Pruning quality without retraining"),
+    Target("distill_recovery", ("distill_recovery.json", "distill_recovery.md", "distill_overhead.json"),
+           title="Distillation recovery and trainer overhead", extra=("distill_overhead.md",)),
+    Target("quant_accuracy", ("quant_accuracy_smollm2-135m.json", "quant_accuracy_smollm2-135m.md"),
+           title="Quantization accuracy: the teacher"),
+    Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-pruned.json", "quant_accuracy_smollm2-135m-0.67x-pruned.md"),
+           args=("--model", str(PRUNED_RUN / "pruned"), "--name", "smollm2-135m-0.67x-pruned"), needs_pruned_run=True,
+           title="Quantization accuracy: the 0.67x pruned student"),
+)
+
+
+def _prune_run() -> None:
+    """The pruned student the student quantization benchmark needs (reused when present)."""
+    command = [sys.executable, "-m", "compress.cli", "--teacher", "smollm2-135m", "--target-size", "0.67x",
+               "--out", str(PRUNED_RUN), "--stop-after", "prune", "--quiet"]
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
+def readme() -> Path:
+    """Write results/README.md: every benchmark's own markdown (headings one level down) and its plot."""
+    lines = ["# Benchmark results", "",
+             f"Rebuilt {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} by `python -m benchmarks` on {platform.machine()}, "
+             f"{os.cpu_count()} CPUs. Each section is one benchmark's own report (its date and machine inside); "
+             "the JSON files next to this one hold every number.", ""]
+    for target in TARGETS:
+        markdown = [RESULTS / n for n in (*target.outputs, *target.extra) if n.endswith(".md")]
+        present = [p for p in markdown if p.exists()]
+        if not present:
+            lines += [f"## {target.title}", "", f"Not run yet: `python -m benchmarks.{target.module} {' '.join(target.args)}`.", ""]
+            continue
+        for path in present:
+            body = path.read_text().strip().splitlines()
+            lines += [("#" + line if line.startswith("#") else line) for line in body] + [""]
+            plot = path.with_suffix(".png")
+            if plot.exists() and plot.name not in path.read_text():
+                lines += [f"![{plot.stem}]({plot.name})", ""]
+    out = RESULTS / "README.md"
+    tmp = out.with_name(".README.md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(out)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--all", action="store_true", help="rerun every benchmark, up to date or not")
+    parser.add_argument("--readme", action="store_true", help="only rebuild results/README.md")
+    parser.add_argument("--list", action="store_true", help="print what would run and why, run nothing")
+    args = parser.parse_args()
+    if not args.readme:
+        todo = [(t, "--all" if args.all else t.stale()) for t in TARGETS]
+        todo = [(t, why) for t, why in todo if why]
+        for target, why in todo:
+            print(f"{'would run' if args.list else 'running'} benchmarks.{target.module} {' '.join(target.args)}  ({why})",
+                  flush=True)
+            if args.list:
+                continue
+            if target.needs_pruned_run:
+                _prune_run()
+            subprocess.run([sys.executable, "-m", f"benchmarks.{target.module}", *target.args], check=True, cwd=ROOT)
+        if not todo:
+            print("every benchmark is up to date (--all reruns them)")
+        if args.list:
+            return 0
+    print(readme())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
