@@ -272,8 +272,8 @@ def _distill(argv: list[str]) -> int:
     _add_config_flags(parser, [f.name for f in dataclasses.fields(CompressConfig)
                                if f.name in _DISTILL_FLAGS or f.name.startswith("distill_")])
     args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(CompressConfig)} and v is not None}
-    config = CompressConfig.from_dict(values)
+    fields = {f.name for f in dataclasses.fields(CompressConfig)} - {"student"}  # here --student is a folder
+    config = CompressConfig.from_dict({k: v for k, v in vars(args).items() if k in fields and v is not None})
     out = Path(args.out)
     checkpoints = out.with_name(out.name + ".checkpoints")
     if args.no_resume and checkpoints.exists():
