@@ -30,7 +30,6 @@ from compress.errors import (
 from compress.evaluate import Quality, perplexity, quality
 from compress.pipeline import CompressResult, StageMetrics, run
 from compress.planner import PruningPlan, keep_all_plan, plan
-from compress.quantization import export_graphs, measure, prepare, quantize_graphs
 from compress.report import write_report
 from compress.scoring import score_importance
 from compress.surgery import apply_plan, save_checkpoint
@@ -38,6 +37,18 @@ from compress.teachers import load_teacher
 from distill import DistillConfig, DistillResult, distill
 from quant.profiles import NpuProfile, get_profile
 from quant.quantize import PRESETS, QuantRecipe
+
+# The export and quantization steps load onnx, onnxscript and onnxruntime (about a second): only on first use.
+_LAZY = {name: "compress.quantization" for name in ("export_graphs", "measure", "prepare", "quantize_graphs")}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'compress' has no attribute {name!r}")
+
 
 __all__ = [
     "ArchSpec",

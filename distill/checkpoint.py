@@ -19,20 +19,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from distill.config import DistillError
 
 _PREFIX = "step-"
 FORMAT = 2  # 1 (before FSDP): optimizer state keyed by parameter index
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-_SCATTER = StateDictOptions(full_state_dict=True)
 
 
 def _rank() -> int:
@@ -93,8 +84,15 @@ def save_checkpoint(
     ``root`` is the module that owns every trained parameter (plain, DDP- or FSDP-wrapped). Every process
     must call this; process 0 writes and gets the path, the others get None.
     """
-    weights = get_model_state_dict(root, options=_GATHER)
-    optimizer = get_optimizer_state_dict(root, optimizers, options=_GATHER)
+    from torch.distributed.checkpoint.state_dict import (  # ~1 s to import: only when checkpointing
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    gather = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(root, options=gather)
+    optimizer = get_optimizer_state_dict(root, optimizers, options=gather)
     if _rank() != 0:
         return None
     folder.mkdir(parents=True, exist_ok=True)
@@ -134,6 +132,13 @@ def load_checkpoint(path: Path, root: nn.Module, optimizers: list[torch.optim.Op
 
     Every process reads the files itself (one machine, or a folder all machines share).
     """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    scatter = StateDictOptions(full_state_dict=True)
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != FORMAT:
         raise DistillError(f"checkpoint {path} was written by an older version of pdq-compress; "
@@ -143,12 +148,12 @@ def load_checkpoint(path: Path, root: nn.Module, optimizers: list[torch.optim.Op
         if name not in weights and (stored := next((n for n in group if n in weights), None)) is not None:
             weights[name] = weights[stored]
     try:
-        set_model_state_dict(root, weights, options=_SCATTER)
+        set_model_state_dict(root, weights, options=scatter)
     except RuntimeError as error:
         raise DistillError(f"checkpoint {path} does not fit the model ({error}); delete {path.parent} "
                            "(or pass --no-resume) to start the distillation over") from error
     tensors = load_file(str(path / "optimizer.safetensors"))
     rng = tensors.pop("rng")
-    set_optimizer_state_dict(root, optimizers, _unflatten_optimizer(tensors, state.pop("optimizer")), options=_SCATTER)
+    set_optimizer_state_dict(root, optimizers, _unflatten_optimizer(tensors, state.pop("optimizer")), options=scatter)
     torch.set_rng_state(rng)
     return state
