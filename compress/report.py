@@ -79,8 +79,11 @@ def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]]) -> str:
             parts.append(f"Do not ship `{graph['path']}` yet: it has {graph['violations']} {quant['npu_profile']} violations "
                          f"(`compress inspect {graph['path']} --npu-profile {quant['npu_profile']}` lists them).")
         else:
-            parts.append(f"`{graph['path']}` loses {increase:+.1%} perplexity over the float graph, above the {bar:.0%} bar: "
-                         f"try `--quant a16w8` or other `--quant-transforms`, or ship the float graph ({float_graph['mb']:.0f} MB).")
+            instead = ("`--quant a16w8` (16-bit activations)" if name != "a16w8" else
+                       "other `--quant-transforms` or more `--quant-calib-samples`")
+            parts.append(f"`{graph['path']}` ({graph['mb']:.0f} MB, {size:.0%} of the float graph) costs {increase:+.1%} "
+                         f"perplexity over the float graph, above the {bar:.0%} bar for {name}: ship it if that is "
+                         f"acceptable, else try {instead}, or ship the float graph ({float_graph['mb']:.0f} MB).")
     elif float_graph:
         parts.append(f"Only the float graph was made (`--quant none`): `{float_graph['path']}`, {float_graph['mb']:.0f} MB.")
     student = by_name.get("distilled") or by_name.get("pruned")
