@@ -255,8 +255,9 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> list[str]:
                        marker="*", label="chosen", zorder=3)
         ax.axvline(p["target_params"] / 1e6, color="black", linestyle="--", linewidth=1, label="target size")
         ax.set_xlabel("parameters (millions)")
-        ax.set_ylabel("calibration loss after pruning (nats/token; lower is better)" if use_loss else "importance kept (higher is better)")
-        ax.set_title("Planner: candidate shapes near the target")
+        ax.set_ylabel("calibration loss (nats/token)" if use_loss else "importance kept")
+        ax.set_title("Planner: candidate shapes near the target, " + ("loss after pruning, lower is better" if use_loss
+                                                                    else "importance kept, higher is better"), fontsize=10)
         ax.legend(fontsize=8)
         save(fig, "report_planner.png")
     return written
@@ -264,11 +265,12 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> list[str]:
 
 def _perplexity_axis(ax: Any, values: list[float], axis: str) -> None:
     """Log scale when perplexities span more than 3x, else linear; plain numbers as tick labels either way."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     target = ax.xaxis if axis == "x" else ax.yaxis
     if max(values) / max(min(values), 1e-9) > 3:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 20, 50, 100, 200...
         target.set_minor_formatter(NullFormatter())
     target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.6g}"))
 
