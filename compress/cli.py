@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_config_flags(parser, [f.name for f in dataclasses.fields(CompressConfig)])
-    parser.add_argument("--config", help="a JSON file of config fields; flags given here override it")
+    parser.add_argument("--config", help="a YAML (.yaml, .yml) or JSON file of config fields, e.g. the config.json of "
+                        "an earlier run; flags given here override it")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines, only the summary")
     return parser
@@ -128,10 +129,18 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: list[str]) -> None
 def _config_from(args: argparse.Namespace) -> CompressConfig:
     values: dict[str, Any] = {}
     if args.config:
+        import yaml
+
+        kind = "YAML" if Path(args.config).suffix.lower() in (".yaml", ".yml") else "JSON"
         try:
-            values = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ConfigError(f"--config {args.config}: cannot read it as JSON ({error}); pass a JSON object of fields") from error
+            text = Path(args.config).read_text()
+            values = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
+        except (OSError, json.JSONDecodeError, yaml.YAMLError) as error:
+            reason = error.strerror if isinstance(error, OSError) else str(error).splitlines()[0]
+            raise ConfigError(f"--config {args.config}: cannot read it as {kind} ({reason}); pass a file of "
+                              "field: value pairs") from error
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {args.config}: expected field: value pairs, found {type(values).__name__}")
     for f in dataclasses.fields(CompressConfig):
         value = getattr(args, f.name)
         if value is not None:

@@ -456,7 +456,7 @@ def _export(state: _Run) -> dict[str, Any]:
     with torch.no_grad():
         expected = lm.prefill(valid[:1])[0].numpy()
     got = runtime.prefill_logits(runtime.session(prefill), valid[:1].numpy())
-    metrics, top1 = measure(prefill, decode, valid.numpy(), reference.teacher_top1.numpy())
+    metrics, top1 = measure(prefill, decode, valid.numpy(), reference.teacher_top1.numpy(), progress=state.progress)
     save_file({"top1": top1}, str(folder / "model.top1.safetensors"))  # the reference of the integer graphs
     return {"source": str(source), "seq_len": c.seq_len, "transforms": list(c.quant_transforms),
             "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "teacher_perplexity": reference.teacher.perplexity,
@@ -477,8 +477,9 @@ def _quantize(state: _Run) -> dict[str, Any]:
     folder = state.dir / "onnx"
     reference = state.validation(c.seq_len)
     float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
-    graphs = quantize_graphs(lm, folder, PRESETS[c.quant], get_profile(c.npu_profile), calib.numpy())
-    metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1)
+    graphs = quantize_graphs(lm, folder, PRESETS[c.quant], get_profile(c.npu_profile), calib.numpy(),
+                             progress=state.progress)
+    metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress)
     metrics["agreement_with_float"] = metrics.pop("agreement")
     metrics["agreement"] = float((top1 == reference.teacher_top1.numpy()).mean())
     violations = graphs.violations["prefill"] + graphs.violations["decode"]

@@ -78,11 +78,11 @@ def decode_feeds(lm: StaticLM, ids: np.ndarray, steps_per_sequence: int = 4) -> 
 
 
 def measure(prefill: Path, decode: Path | None, valid: np.ndarray, reference_top1: np.ndarray | None,
-            prompt_tokens: int = 64, new_tokens: int = 64) -> tuple[dict, np.ndarray]:
+            prompt_tokens: int = 64, new_tokens: int = 64, progress: bool = False) -> tuple[dict, np.ndarray]:
     """Perplexity, agreement with ``reference_top1``, size on disk, median prefill latency and decode
     tokens/s of one graph pair, with ONNX Runtime on this machine. Also returns the graph's top-1."""
     sess = runtime.session(prefill)
-    quality, top1 = runtime.quality(sess, valid, reference_top1)
+    quality, top1 = runtime.quality(sess, valid, reference_top1, progress=progress, label=prefill.name)
     metrics = {
         "perplexity": quality.perplexity, "agreement": quality.agreement, "validation_tokens": quality.tokens,
         "prefill_mb": prefill.stat().st_size / 1e6,
@@ -105,19 +105,19 @@ class QuantizedGraphs:
 
 
 def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, profile: NpuProfile,
-                    calibration_ids: np.ndarray, decode: bool = True) -> QuantizedGraphs:
+                    calibration_ids: np.ndarray, decode: bool = True, progress: bool = False) -> QuantizedGraphs:
     """Quantize ``model.onnx`` (and ``decode.onnx``) in ``float_dir`` to ``model.<recipe>.onnx`` etc."""
     float_dir = Path(float_dir)
     calibration_ids = np.asarray(calibration_ids)
     prefill_feeds = [{"input_ids": row[None].astype(np.int64)} for row in calibration_ids]
     reports, violations = {}, {}
     out = float_dir / f"model.{recipe.name}.onnx"
-    reports["prefill"] = quantize(float_dir / "model.onnx", out, prefill_feeds, recipe, profile)
+    reports["prefill"] = quantize(float_dir / "model.onnx", out, prefill_feeds, recipe, profile, progress)
     violations["prefill"] = [str(v) for v in check(onnx.load(out), profile)]
     decode_out = None
     if decode:
         decode_out = float_dir / f"decode.{recipe.name}.onnx"
         feeds = decode_feeds(lm, calibration_ids[: max(1, len(calibration_ids) // 2)])
-        reports["decode"] = quantize(float_dir / "decode.onnx", decode_out, feeds, recipe, profile)
+        reports["decode"] = quantize(float_dir / "decode.onnx", decode_out, feeds, recipe, profile, progress)
         violations["decode"] = [str(v) for v in check(onnx.load(decode_out), profile)]
     return QuantizedGraphs(out, decode_out, reports, violations)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -168,9 +169,10 @@ class _Reader:
     """ORT CalibrationDataReader over a list of feed dicts, with the ``set_range`` ORT's strided
     calibration uses to collect a few runs at a time."""
 
-    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]], bar: Any = None) -> None:
         self._feeds = list(feeds)
         self._i, self._end = 0, len(self._feeds)
+        self._bar = bar  # a tqdm bar advanced once per calibration run, or None
 
     def __len__(self) -> int:
         return len(self._feeds)
@@ -182,6 +184,8 @@ class _Reader:
         if self._i >= self._end:
             return None
         self._i += 1
+        if self._bar is not None:
+            self._bar.update(1)
         return self._feeds[self._i - 1]
 
     def rewind(self) -> None:
@@ -194,6 +198,7 @@ def quantize(
     feeds: Iterable[dict[str, np.ndarray]],
     recipe: QuantRecipe,
     profile: NpuProfile,
+    progress: bool = False,
 ) -> QuantReport:
     """Quantize the float graph at ``float_path`` into a QDQ graph at ``out_path`` (written atomically).
 
@@ -213,7 +218,10 @@ def quantize(
               "entropy": CalibrationMethod.Entropy}[recipe.calibration]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.") as tmp:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(feeds), desc=f"calibrate {Path(float_path).name}", unit="run", disable=not progress)
+    with bar, tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.") as tmp:
         # A private copy: ORT writes '<stem>-inferred.onnx' next to its input, and two runs on one file race.
         source = Path(tmp) / "float.onnx"
         shutil.copyfile(float_path, source)
@@ -235,7 +243,7 @@ def quantize(
         # tensors) and the types each operator needs; other profiles then switch on per-channel weights
         # for the operators they take them on.
         config = get_qnn_qdq_config(
-            str(source), _Reader(feeds), calibrate_method=method, activation_type=activation,
+            str(source), _Reader(feeds, bar), calibrate_method=method, activation_type=activation,
             weight_type=QuantType.QInt8, per_channel=recipe.per_channel and "Conv" in profile.per_channel_ops,
             init_overrides=overrides or None, activation_symmetric=False, weight_symmetric=True,
         )

@@ -53,14 +53,17 @@ def prefill_logits(sess, ids: np.ndarray) -> np.ndarray:  # noqa: ANN001
     return np.stack([sess.run(["logits"], {"input_ids": row[None].astype(np.int64)})[0][0] for row in ids])
 
 
-def quality(sess, ids: np.ndarray, reference_top1: np.ndarray | None = None) -> tuple[GraphQuality, np.ndarray]:  # noqa: ANN001
+def quality(sess, ids: np.ndarray, reference_top1: np.ndarray | None = None, progress: bool = False,  # noqa: ANN001
+            label: str = "graph") -> tuple[GraphQuality, np.ndarray]:
     """Next-token perplexity over ``ids`` [n, L] and agreement with ``reference_top1`` [n, L-1].
 
     Returns the quality and this graph's own top-1 predictions (to serve as a reference).
     """
+    from tqdm.auto import tqdm
+
     total, count, agree = 0.0, 0, 0
     top1 = np.zeros((ids.shape[0], ids.shape[1] - 1), dtype=np.int64)
-    for n, row in enumerate(ids):
+    for n, row in enumerate(tqdm(ids, desc=f"evaluate {label}", unit="seq", disable=not progress)):
         logits = sess.run(["logits"], {"input_ids": row[None].astype(np.int64)})[0][0, :-1].astype(np.float64)
         logp = _log_softmax(logits)
         total -= float(logp[np.arange(len(row) - 1), row[1:]].sum())

@@ -332,3 +332,19 @@ def test_interrupted_runs_resume_without_redoing_finished_stages(inputs, tmp_pat
     reused = [line.split()[0] for line in done.stdout.splitlines() if " reused " in line]
     assert reused == ["score", "plan", "prune", "distill"]
     assert (out / "report.json").exists() and not [p for p in out.rglob(".*")]
+
+
+def test_config_file_in_yaml_or_json_and_flags_override_it(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("teacher: smollm2-135m\ntarget_size: 50%\ndistill_tokens: 1000\naxes: [heads, mlp]\n")
+    assert _run("--config", tmp_path / "run.yaml", "--distill-tokens", "2000", "--print-config") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["target_size"], shown["distill_tokens"], shown["axes"]) == ("50%", 2000, ["heads", "mlp"])
+    (tmp_path / "run.json").write_text(json.dumps(shown))
+    assert _run("--config", tmp_path / "run.json", "--print-config") == 0
+    assert json.loads(capsys.readouterr().out) == shown
+    (tmp_path / "bad.yaml").write_text("teacher: [unclosed\n")
+    assert _run("--config", tmp_path / "bad.yaml") == 2
+    assert "cannot read it as YAML" in _error_of(capsys)
+    (tmp_path / "list.yml").write_text("- a\n- b\n")
+    assert _run("--config", tmp_path / "list.yml") == 2
+    assert "field: value pairs" in _error_of(capsys)
