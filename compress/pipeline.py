@@ -48,6 +48,7 @@ _STAGE_FIELDS = {
     "quantize": ("quant", "npu_profile"),
     "report": (),
 }
+_OURS = ("compress", "distill", "quant", "importance", "benchmarks")
 # Calibration sequences the planner's loss proxy runs each candidate on (16 x calib_seq_len tokens).
 _PROXY_SEQUENCES = 16
 
@@ -232,6 +233,8 @@ def run(config: CompressConfig | None = None, progress: bool = True, **fields: A
     handler = logging.FileHandler(config.run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
+    # Our INFO lines, and everyone's warnings (onnxscript's optimizer alone logs hundreds of INFO lines).
+    handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.split(".")[0] in _OURS)
     root = logging.getLogger()
     root.addHandler(handler)
     level = root.level
