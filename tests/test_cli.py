@@ -307,7 +307,9 @@ def test_interrupted_runs_resume_without_redoing_finished_stages(inputs, tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
     def interrupt_when(line, signum):
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # A test runner started in the background inherits an ignored SIGINT; Python keeps it ignored. Restore it.
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         log = out / "run.log"
         deadline = time.time() + 300
         # Wait for the line and a distillation checkpoint newer than the last one seen: the distillation is then
