@@ -79,7 +79,10 @@ def mean_nll(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, bf16: boo
 
 def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, progress: bool = False) -> Perplexity:
     """Perplexity in fp32 (the reported number; bf16 is only used for internal ranking)."""
-    nll = mean_nll(model, ids, batch_size=batch_size, bf16=False, progress=progress)
+    return _from_nll(mean_nll(model, ids, batch_size=batch_size, bf16=False, progress=progress), ids)
+
+
+def _from_nll(nll: float, ids: torch.Tensor) -> Perplexity:
     return Perplexity(
         perplexity=math.exp(min(nll, 700.0)),
         nll=nll,
@@ -105,5 +108,4 @@ def quality(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, reference:
     nll = mean_nll(model, ids, batch_size=batch_size, bf16=False, progress=progress, top1=blocks)
     top1 = torch.cat(blocks)
     agreement = None if reference is None else float((top1 == reference).float().mean())
-    return Quality(Perplexity(math.exp(min(nll, 700.0)), nll, int(ids.shape[0] * (ids.shape[1] - 1)), int(ids.shape[0]),
-                              int(ids.shape[1])), top1, agreement)
+    return Quality(_from_nll(nll, ids), top1, agreement)
