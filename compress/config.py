@@ -19,7 +19,7 @@ from quant.quantize import PRESETS
 TRANSFORMS = ("rotate", "smooth", "embed-rows")  # compress.outliers rewrites, in the order they apply
 # The rewrites each recipe was measured best with (benchmarks/results/quant_accuracy_*.md): 16-bit
 # activations need only the per-row embedding scales; 8-bit ones also need the rotation.
-DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("embed-rows",), "a8w8": ("rotate", "embed-rows")}
+DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("rotate", "embed-rows"), "a8w8": ("rotate", "embed-rows")}
 
 STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", "report")
 """The stages in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless

@@ -42,6 +42,7 @@ class NpuProfile:
     per_channel_ops: tuple[str, ...]  # operators whose weights may be per-channel
     channel_multiple: int  # weight matrix dimensions must be multiples of this (1: no rule)
     activation_types: tuple[str, ...] = ("uint8", "uint16")  # types per-tensor overrides may use
+    weight_types: tuple[str, ...] = ("int8", "int16")  # weight types per-tensor overrides may use
     default_quant: str = "a8w8"
     linear_as_conv: bool = False  # export linear layers as 1x1 Convs so their weights can be per-channel
 
@@ -172,7 +173,7 @@ def check(model: onnx.ModelProto, profile: NpuProfile, quantized: bool = True) -
 
 def _check_weights(graph, profile: NpuProfile, initializers, producers, consumers) -> list[Violation]:  # noqa: ANN001
     found = []
-    want = _TYPE_NAMES[profile.weight_type]
+    allowed = {_TYPE_NAMES[t] for t in (profile.weight_type, *profile.weight_types)}
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
@@ -182,10 +183,10 @@ def _check_weights(graph, profile: NpuProfile, initializers, producers, consumer
             if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in initializers:
                 continue  # activation x activation (attention) or already reported as a float island
             weight = initializers[dq.input[0]]
-            if weight.data_type != want:
+            if weight.data_type not in allowed:
                 found.append(Violation("weight-type", where, f"weight {weight.name} is "
                                        f"{TensorProto.DataType.Name(weight.data_type).lower()}, "
-                                       f"{profile.name} wants {profile.weight_type}"))
+                                       f"{profile.name} takes {' or '.join(sorted(set((profile.weight_type, *profile.weight_types))))}"))
             scale = initializers.get(dq.input[1])
             per_channel = scale is not None and len(scale.dims) > 0 and max(scale.dims) > 1
             if per_channel and node.op_type not in profile.per_channel_ops:

@@ -14,6 +14,13 @@ Groups, found from the graph's structure rather than from names:
 - ``swiglu``: the MLP's gating, from the gate and up projections' outputs through silu(gate)·up to the
   down projection's input (the worst tensor for 8 bits);
 - ``attention``: both inputs of every MatMul between two activations (queries·keys, weights·values).
+
+Weight groups a recipe may store as int16 (``sixteen_bit_weights``), also reported:
+
+- ``head-mix``: the square matrix a rotated model with a tied head applies before the head
+  (Qᵀ·diag(g)·Q, the final norm's weights seen in the rotated basis, see :func:`compress.outliers.rotate`).
+  Every column mixes all channels, so neither per-tensor nor per-channel int8 fits it: int8 costs about
+  2% perplexity on SmolLM2, int16 nothing measurable, and it is d×d (0.66 MB at 16 bits for d=576).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 GROUPS = ("residual", "softmax", "swiglu", "attention")
+WEIGHT_GROUPS = ("head-mix",)
 _NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
 
 
@@ -52,6 +60,7 @@ class QuantRecipe:
     calibration: str = "minmax"
     percentile: float = 99.999
     sixteen_bit: tuple[str, ...] = ()  # groups (see GROUPS) kept at 16 bits in an 8-bit graph
+    sixteen_bit_weights: tuple[str, ...] = ()  # weight groups (see WEIGHT_GROUPS) stored as int16
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (8, 16) or self.weight_bits != 8:
@@ -61,16 +70,20 @@ class QuantRecipe:
         unknown = set(self.sixteen_bit) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown tensor groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
+        unknown = set(self.sixteen_bit_weights) - set(WEIGHT_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown weight groups {sorted(unknown)}; known: {', '.join(WEIGHT_GROUPS)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 PRESETS = {
-    "a16w8": QuantRecipe("a16w8", activation_bits=16),
+    "a16w8": QuantRecipe("a16w8", activation_bits=16, sixteen_bit_weights=("head-mix",)),
     # 16 bits where 8 measurably break the model: the residual stream (one outlier token sets its range),
     # the attention scores and probabilities, and the MLP's gating; every matmul input stays 8-bit.
-    "a8w8": QuantRecipe("a8w8", activation_bits=8, sixteen_bit=("residual", "softmax", "swiglu")),
+    "a8w8": QuantRecipe("a8w8", activation_bits=8, sixteen_bit=("residual", "softmax", "swiglu"),
+                        sixteen_bit_weights=("head-mix",)),
 }
 
 
@@ -81,6 +94,7 @@ class QuantReport:
     calibration_samples: int
     sixteen_bit_tensors: int
     sixteen_bit_groups: dict[str, int] = field(default_factory=dict)
+    sixteen_bit_weights: list[str] = field(default_factory=list)  # initializers stored as int16
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -137,6 +151,18 @@ def tensor_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
     attention = [i for n in model.graph.node if n.op_type == "MatMul" and not set(n.input) & initializers
                  for i in n.input]
     return {"residual": residual, "softmax": softmax, "swiglu": swiglu, "attention": attention}
+
+
+def weight_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """The initializers of each group in WEIGHT_GROUPS (see the module docstring)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name for t in model.graph.initializer}
+    mixes = []
+    for node in model.graph.node:
+        source = producers.get(node.input[0]) if node.op_type == "Gemm" and node.input[1] in initializers else None
+        if source is not None and source.op_type == "MatMul" and source.input[1] in initializers:
+            mixes.append(source.input[1])
+    return {"head-mix": sorted(set(mixes))}
 
 
 def shared_weights(model: onnx.ModelProto) -> list[str]:
@@ -234,8 +260,12 @@ def quantize(
         groups = tensor_groups(model)
         chosen = {g: sorted(set(groups[g])) for g in recipe.sixteen_bit} if recipe.activation_bits == 8 else {}
         overrides = {name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names}
+        sixteen_bit_activations = len(overrides)
         for name in shared_weights(model):  # a tied embedding: one int8 tensor for the lookup and the head
             overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
+        wide = sorted({n for g in recipe.sixteen_bit_weights for n in weight_groups(model)[g]})
+        for name in wide:
+            overrides[name] = [{"quant_type": QuantType.QInt16, "symmetric": True}]
         # ORT's calibrators keep every intermediate tensor of the runs of one collection pass (about
         # 0.6 GB per 256-token SmolLM2 run), and its CalibMaxIntermediateOutputs option drops data instead
         # of reducing it. A stride of one run per pass reduces ranges / histograms as they come.
@@ -266,7 +296,8 @@ def quantize(
         staged.replace(out_path)
     report = QuantReport(
         recipe=recipe.to_dict(), profile=profile.name, calibration_samples=len(feeds),
-        sixteen_bit_tensors=len(overrides), sixteen_bit_groups={g: len(v) for g, v in chosen.items()},
+        sixteen_bit_tensors=sixteen_bit_activations, sixteen_bit_groups={g: len(v) for g, v in chosen.items()},
+        sixteen_bit_weights=wide,
         seconds=time.perf_counter() - started,
     )
     log.info("quantized %s → %s: %s", Path(float_path).name, out_path.name, json.dumps(report.to_dict()))

@@ -104,8 +104,16 @@ def test_quantized_graphs_pass_inspection_and_track_torch(tmp_path, quant, profi
     # Relative error of the logits, against their spread: the stated tolerance of each recipe.
     error = np.sqrt(((got - expected) ** 2).mean()) / expected.std()
     assert error <= tolerance, f"{quant}: relative logit error {error:.4f}"
-    weights = [t for t in onnx.load(graphs.prefill).graph.initializer if t.data_type == TensorProto.INT8]
-    assert weights and all(t.data_type == TensorProto.INT8 for t in weights)
+    quantized = onnx.load(graphs.prefill)
+    types = {t.name: t.data_type for t in quantized.graph.initializer}
+    dequantized = {n.output[0]: n.input[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
+    weights = {dequantized[n.input[1]] for n in quantized.graph.node
+               if n.op_type in ("MatMul", "Gemm", "Conv") and dequantized.get(n.input[1]) in types}
+    # The tied, rotated model's head mix (Qᵀ·diag(g)·Q) is the one int16 weight, and the report names it.
+    mixes = graphs.reports["prefill"].sixteen_bit_weights
+    assert len(mixes) == 1 and len(weights) == 7 * model.config.num_hidden_layers + 2
+    assert {types[w] for w in weights if not w.startswith(mixes[0])} == {TensorProto.INT8}
+    assert [types[w] for w in weights if w.startswith(mixes[0])] == [TensorProto.INT16]
     step = runtime.session(graphs.decode)
     tokens, _, _ = runtime.decode(step, [int(t) for t in ids[0, :8]], 3)
     assert len(tokens) == 3
