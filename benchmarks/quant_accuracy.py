@@ -11,7 +11,7 @@ For one model (default: the smollm2-135m teacher; ``--model DIR`` for a pruned o
 
 Writes ``benchmarks/results/quant_accuracy{,_<name>}.{md,json}``.
 
-    python -m benchmarks.quant_accuracy [--model DIR] [--rows all|final] [--eval-seqs 16]
+    python -m benchmarks.quant_accuracy [--model DIR] [--rows all|final|3,10,final] [--eval-seqs 16]
 """
 
 from __future__ import annotations
@@ -51,16 +51,18 @@ METHOD_ROWS = [
     ("fused RMSNorm (one RMSNormalization node)", (), True, False, A16, A8),
     ("+ A8: residual stream and softmax in 16 bits", (), True, False, None, A8RS),
     ("+ linears as 1x1 Conv (per-channel weights on QNN)", (), True, True, A16, None),
-    ("+ per-row embedding scales (the a16w8 default)", ("embed-rows",), True, True, A16, A8RS),
+    ("+ per-row embedding scales", ("embed-rows",), True, True, A16, A8RS),
     ("+ rotation (QuaRot-style)", ("rotate", "embed-rows"), True, True, A16, A8RS),
     ("+ rotation + SmoothQuant", ("rotate", "smooth", "embed-rows"), True, True, None, A8RS),
-    ("+ rotation; A8 SwiGLU gating also in 16 bits (the a8w8 default)", ("rotate", "embed-rows"), True, True, None,
+    ("+ rotation; A8 SwiGLU gating also in 16 bits", ("rotate", "embed-rows"), True, True, None,
      QuantRecipe("a8w8", 8, sixteen_bit=(*RS, "swiglu"))),
     ("+ rotation; A8 SwiGLU gating and attention matmul inputs in 16 bits", ("rotate", "embed-rows"), True, True,
      None, QuantRecipe("a8w8", 8, sixteen_bit=(*RS, "swiglu", "attention"))),
     ("rotation, percentile (99.999) instead of MinMax calibration", ("rotate", "embed-rows"), True, True,
      QuantRecipe("a16w8", 16, calibration="percentile"),
      QuantRecipe("a8w8", 8, calibration="percentile", sixteen_bit=(*RS, "swiglu"))),
+    ("+ rotation; the rotated head's mix matrix in int16 weights (the a16w8 and a8w8 defaults)",
+     ("rotate", "embed-rows"), True, True, PRESETS["a16w8"], PRESETS["a8w8"]),
 ]
 
 
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-seqs", type=int, default=16)
     parser.add_argument("--calib-seqs", type=int, default=8)
-    parser.add_argument("--rows", default="all", help="'all', 'final', or comma-separated method row numbers")
+    parser.add_argument("--rows", default="all", help="'all', or comma-separated method row numbers and/or 'final'")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -88,8 +90,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "data": "Debian documentation corpus (validation / calibration splits)", "seed": defaults.seed,
     }
-    rows = list(range(len(METHOD_ROWS))) if args.rows == "all" else (
-        [] if args.rows == "final" else [int(r) for r in args.rows.split(",")])
+    wanted = args.rows.split(",")
+    rows = list(range(len(METHOD_ROWS))) if "all" in wanted else [int(r) for r in wanted if r != "final"]
     work = Path(tempfile.mkdtemp(prefix="pdq-quant-"))
     try:
         reference_top1, fp32 = _fp32_reference(model, args.seq_len, work, valid)
@@ -114,7 +116,7 @@ def main() -> None:
                       f"(fp32 {fp32:.2f}), agreement {quality.agreement:.3f}", flush=True)
                 shutil.rmtree(folder, ignore_errors=True)
             report["methods"].append(row)
-        if args.rows in ("all", "final"):
+        if "all" in wanted or "final" in wanted:
             report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -154,7 +156,8 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
         out[name].update(violations=graphs.violations["prefill"] + graphs.violations["decode"],
                          transforms=list(transforms), profile=profile_name,
                          sixteen_bit_tensors=graphs.reports["prefill"].sixteen_bit_tensors,
-                         sixteen_bit_groups=graphs.reports["prefill"].sixteen_bit_groups)
+                         sixteen_bit_groups=graphs.reports["prefill"].sixteen_bit_groups,
+                         sixteen_bit_weights=graphs.reports["prefill"].sixteen_bit_weights)
         print(f"{name}: {json.dumps(out[name])}", flush=True)
     return out
 
@@ -175,16 +178,28 @@ def markdown(report: dict) -> str:
                 f"{a8['sixteen_bit_tensors'] if a8 else '–'} |")
         lines.append("")
     if report.get("final"):
-        lines += ["| graph | profile | rewrites | perplexity | vs fp32 | agreement | prefill MB | decode MB | "
-                  "prefill latency (ms, median) | decode tokens/s | inspect violations |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| graph | profile | rewrites | perplexity | vs fp32 | agreement | decode-graph perplexity | vs fp32 "
+                  "| decode-graph agreement | prefill MB | decode MB | prefill latency (ms, median) | decode tokens/s "
+                  "| inspect violations |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base = report["final"]["fp32"]["perplexity"]
+        decode_base = report["final"]["fp32"].get("decode_perplexity")
         for name, g in report["final"].items():
+            decode = g.get("decode_perplexity")
             lines.append(
                 f"| {name} | {g['profile']} | {', '.join(g['transforms']) or '–'} | {g['perplexity']:.2f} | "
-                f"{g['perplexity'] / base - 1:+.1%} | "
-                f"{_agree(g)} | {g['prefill_mb']:.0f} | {g['decode_mb']:.0f} | "
+                f"{g['perplexity'] / base - 1:+.1%} | {_agree(g)} | "
+                + (f"{decode:.2f} | {decode / decode_base - 1:+.1%} | {g['decode_agreement']:.3f} | "
+                   if decode is not None and decode_base else "– | – | – | ")
+                + f"{g['prefill_mb']:.0f} | {g['decode_mb']:.0f} | "
                 f"{g['prefill_latency_ms']:.0f} | {g['decode_tokens_per_second']:.1f} | {len(g['violations'])} |")
+        tokens = report["final"]["fp32"].get("decode_validation_tokens")
+        if tokens:
+            lines += ["", f"Decode graphs are scored on the second halves of the first validation sequences ({tokens:,} "
+                      "tokens), fed one token at a time after a prefill of the first halves; their agreement is with the "
+                      "fp32 prefill graph's top-1 at the same positions. Int16 weights: "
+                      + ("; ".join(f"{n}: {', '.join(g['sixteen_bit_weights'])}" for n, g in report["final"].items()
+                                   if g.get("sixteen_bit_weights")) or "none") + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ Or the steps one by one on in-memory objects::
     chosen = compress.plan(spec, model.config, scores, compress.TargetSize.parse("0.67x"))
     student = compress.apply_plan(model, spec, chosen)
     compress.distill(student, model, train_ids, compress.DistillConfig(tokens=200_000))
-    lm = compress.prepare(student, seq_len=256, transforms=("embed-rows",), calibration_ids=calib)
+    lm = compress.prepare(student, seq_len=256, transforms=("rotate", "embed-rows"), calibration_ids=calib)
     prefill, decode = compress.export_graphs(lm, "onnx/")
     graphs = compress.quantize_graphs(lm, "onnx/", compress.PRESETS["a16w8"], compress.get_profile("qnn-htp"), calib)
     compress.quality(student, valid_ids).perplexity

@@ -67,8 +67,8 @@ _HELP = {
     "quant": f"integer recipe of the quantized graphs: {', '.join(QUANT_CHOICES)}",
     "npu_profile": f"NPU rules the graphs are made for and checked against: {', '.join(PROFILES)}",
     "quant_transforms": "comma-separated float rewrites before quantization: rotate (QuaRot-style), smooth "
-    "(SmoothQuant), embed-rows (per-row embedding scales); '' for none; default: embed-rows for a16w8, "
-    "rotate,embed-rows for a8w8",
+    "(SmoothQuant), embed-rows (per-row embedding scales); '' for none; default: rotate,embed-rows for both "
+    "recipes",
     "quant_calib_samples": "calibration sequences (of --seq-len tokens) for quantization ranges and smoothing",
     "student": "student family: minitron (the teacher pruned by importance, then distilled)",
     "stop_after": f"last stage to run: {', '.join(STAGES)}",

@@ -484,6 +484,8 @@ def _quantize(state: _Run) -> dict[str, Any]:
                              progress=state.progress)
     metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress)
     metrics["agreement_with_float"] = metrics.pop("agreement")
+    if "decode_agreement" in metrics:
+        metrics["decode_agreement_with_float"] = metrics.pop("decode_agreement")
     metrics["agreement"] = float((top1 == reference.teacher_top1.numpy()).mean())
     violations = graphs.violations["prefill"] + graphs.violations["decode"]
     if violations:

@@ -78,9 +78,14 @@ def decode_feeds(lm: StaticLM, ids: np.ndarray, steps_per_sequence: int = 4) -> 
 
 
 def measure(prefill: Path, decode: Path | None, valid: np.ndarray, reference_top1: np.ndarray | None,
-            prompt_tokens: int = 64, new_tokens: int = 64, progress: bool = False) -> tuple[dict, np.ndarray]:
+            prompt_tokens: int = 64, new_tokens: int = 64, decode_samples: int = 4,
+            progress: bool = False) -> tuple[dict, np.ndarray]:
     """Perplexity, agreement with ``reference_top1``, size on disk, median prefill latency and decode
-    tokens/s of one graph pair, with ONNX Runtime on this machine. Also returns the graph's top-1."""
+    tokens/s of one graph pair, with ONNX Runtime on this machine. Also returns the graph's top-1.
+
+    The decode graph is also scored (``decode_perplexity``, ``decode_agreement``) on the second halves of
+    the first ``decode_samples`` validation sequences, fed one token at a time after a prefill of the first
+    halves: the path generation takes, with the cache passing through the graph at every step."""
     sess = runtime.session(prefill)
     quality, top1 = runtime.quality(sess, valid, reference_top1, progress=progress, label=prefill.name)
     metrics = {
@@ -93,6 +98,13 @@ def measure(prefill: Path, decode: Path | None, valid: np.ndarray, reference_top
         _, _, per_token = runtime.decode(runtime.session(decode), prompt, new_tokens, prefill_sess=sess)
         metrics.update(decode_mb=decode.stat().st_size / 1e6, decode_tokens_per_second=1.0 / per_token,
                        decode_prompt_tokens=len(prompt), decode_new_tokens=new_tokens)
+        if decode_samples > 0:
+            rows = valid[:decode_samples]
+            reference = reference_top1[:decode_samples] if reference_top1 is not None else None
+            scored = runtime.decode_quality(runtime.session(decode), sess, rows, rows.shape[1] // 2, reference,
+                                            progress=progress, label=decode.name)
+            metrics.update(decode_perplexity=scored.perplexity, decode_agreement=scored.agreement,
+                           decode_validation_tokens=scored.tokens)
     return metrics, top1
 
 

@@ -48,6 +48,7 @@ def _rows(run_dir: Path, config: dict[str, Any], m: dict[str, dict[str, Any]]) -
         name = quant["quant"]
         row = _graph_row(f"{name} graph ({quant['npu_profile']})", f"onnx/model.{name}.onnx", quant[name], prune.get("params"))
         row["agreement_with_float"] = quant[name].get("agreement_with_float")
+        row["decode_agreement_with_float"] = quant[name].get("decode_agreement_with_float")
         row["violations"] = len(quant["violations"])
         rows.append(row)
     return rows
@@ -56,7 +57,9 @@ def _rows(run_dir: Path, config: dict[str, Any], m: dict[str, dict[str, Any]]) -
 def _graph_row(name: str, path: str, g: dict[str, Any], params: int | None) -> dict[str, Any]:
     return {"name": name, "kind": "onnx", "path": path, "params": params, "mb": g["prefill_mb"],
             "decode_mb": g.get("decode_mb"), "perplexity": g["perplexity"], "agreement": g.get("agreement"),
-            "prefill_latency_ms": g["prefill_latency_ms"], "decode_tokens_per_second": g.get("decode_tokens_per_second")}
+            "prefill_latency_ms": g["prefill_latency_ms"], "decode_tokens_per_second": g.get("decode_tokens_per_second"),
+            "decode_perplexity": g.get("decode_perplexity"), "decode_agreement": g.get("decode_agreement"),
+            "decode_validation_tokens": g.get("decode_validation_tokens")}
 
 
 def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]]) -> str:
@@ -118,6 +121,18 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{_fmt(r.get('prefill_latency_ms'), ',.0f')} | {_fmt(r.get('decode_tokens_per_second'), '.1f')} | "
             f"{_fmt(r.get('violations'), 'd')} |")
     lines += ["", data["sentence"], ""]
+    decoded = [r for r in rows if r.get("decode_perplexity") is not None]
+    if decoded:
+        lines += ["## Decode graphs", "",
+                  f"Each decode graph scored on the second halves of the first validation sequences "
+                  f"({decoded[0]['decode_validation_tokens']:,} tokens), fed one token at a time after a prefill of the "
+                  "first halves (the generation path: the cache passes through the graph every step).", "",
+                  "| | perplexity | top-1 agreement with teacher | vs float graph |", "|---|---|---|---|"]
+        for r in decoded:
+            path = r["path"].replace("model.", "decode.")
+            lines.append(f"| {r['name']} (`{path}`) | {r['decode_perplexity']:,.2f} | {_fmt(r.get('decode_agreement'), '.3f')} | "
+                         f"{_fmt(r.get('decode_agreement_with_float'), '.3f')} |")
+        lines.append("")
     d = report.get("distillation")
     if d:
         lines += ["## Distillation", "",

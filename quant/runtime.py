@@ -98,51 +98,87 @@ def empty_cache(sess) -> dict[str, np.ndarray]:  # noqa: ANN001
     return feeds
 
 
-def decode(sess, prompt: Sequence[int], steps: int, prefill_sess=None) -> tuple[list[int], list[np.ndarray], float]:  # noqa: ANN001
-    """Greedy decoding: feed ``prompt`` token by token (or seed the cache with ``prefill_sess``), then
-    generate ``steps`` tokens. Returns the generated tokens, the logits of every decode step, and the
-    median seconds per generated token."""
-    state = empty_cache(sess)
-    capacity = state["attention_mask"].shape[1]
-    outputs = [o.name for o in sess.get_outputs()]
-    presents = [name for name in outputs if name.startswith("present.")]
-    position = 0
-    logits_seen: list[np.ndarray] = []
+class _Cache:
+    """A decode graph's host loop: the static cache and mask kept in step, optionally seeded by a prefill run."""
 
-    def step(token: int) -> np.ndarray:
-        nonlocal position, state
+    def __init__(self, sess) -> None:  # noqa: ANN001
+        self.sess = sess
+        self.state = empty_cache(sess)
+        self.capacity = self.state["attention_mask"].shape[1]
+        self.outputs = [o.name for o in sess.get_outputs()]
+        self.presents = [name for name in self.outputs if name.startswith("present.")]
+        self.position = 0
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token; the logits of the next."""
         feeds = {"input_ids": np.array([[token]], dtype=np.int64),
-                 "position_ids": np.array([[position]], dtype=np.int64), **state}
-        result = dict(zip(outputs, sess.run(outputs, feeds), strict=True))
-        mask = np.concatenate([state["attention_mask"][:, 1:], np.ones((1, 1), np.float32)], axis=1)
-        state = {"attention_mask": mask, **{p.replace("present.", "past."): result[p] for p in presents}}
-        position += 1
+                 "position_ids": np.array([[self.position]], dtype=np.int64), **self.state}
+        result = dict(zip(self.outputs, self.sess.run(self.outputs, feeds), strict=True))
+        mask = np.concatenate([self.state["attention_mask"][:, 1:], np.ones((1, 1), np.float32)], axis=1)
+        self.state = {"attention_mask": mask, **{p.replace("present.", "past."): result[p] for p in self.presents}}
+        self.position += 1
         return result["logits"][0, -1]
 
-    if prefill_sess is not None and prompt:
+    def prefill(self, prefill_sess, prompt: Sequence[int]) -> np.ndarray:  # noqa: ANN001
+        """Seed the cache with a prefill run over ``prompt``; the logits after its last token."""
         length = prefill_sess.get_inputs()[0].shape[1]
         padded = np.zeros((1, length), dtype=np.int64)
         padded[0, : len(prompt)] = prompt
         result = dict(zip([o.name for o in prefill_sess.get_outputs()], prefill_sess.run(None, {"input_ids": padded}),
                           strict=True))
-        for name in presents:  # prefill slots [0, len) hold the prompt; place them at the cache's end
+        for name in self.presents:  # prefill slots [0, len) hold the prompt; place them at the cache's end
             past = result[name][:, :, : len(prompt)]
-            cache = np.zeros(state[name.replace("present.", "past.")].shape, np.float32)
-            cache[:, :, capacity - len(prompt):] = past
-            state[name.replace("present.", "past.")] = cache
-        state["attention_mask"][0, capacity - len(prompt):] = 1.0
-        position = len(prompt)
-        last = result["logits"][0, len(prompt) - 1]
+            cache = np.zeros(self.state[name.replace("present.", "past.")].shape, np.float32)
+            cache[:, :, self.capacity - len(prompt):] = past
+            self.state[name.replace("present.", "past.")] = cache
+        self.state["attention_mask"][0, self.capacity - len(prompt):] = 1.0
+        self.position = len(prompt)
+        return result["logits"][0, len(prompt) - 1]
+
+
+def decode(sess, prompt: Sequence[int], steps: int, prefill_sess=None) -> tuple[list[int], list[np.ndarray], float]:  # noqa: ANN001
+    """Greedy decoding: feed ``prompt`` token by token (or seed the cache with ``prefill_sess``), then
+    generate ``steps`` tokens. Returns the generated tokens, the logits of every decode step, and the
+    median seconds per generated token."""
+    cache = _Cache(sess)
+    if prefill_sess is not None and prompt:
+        last = cache.prefill(prefill_sess, prompt)
     else:
         last = None
         for token in prompt:
-            last = step(int(token))
-    generated, times = [], []
+            last = cache.step(int(token))
+    generated, logits_seen, times = [], [], []
     for _ in range(steps):
         token = int(np.argmax(last))
         generated.append(token)
         start = time.perf_counter()
-        last = step(token)
+        last = cache.step(token)
         times.append(time.perf_counter() - start)
         logits_seen.append(last)
     return generated, logits_seen, statistics.median(times) if times else float("nan")
+
+
+def decode_quality(sess, prefill_sess, ids: np.ndarray, prompt_tokens: int,  # noqa: ANN001
+                   reference_top1: np.ndarray | None = None, progress: bool = False,
+                   label: str = "decode graph") -> GraphQuality:
+    """Perplexity of the decode graph on the continuations of ``ids`` [n, L]: the prefill graph reads the
+    first ``prompt_tokens``, then the decode graph is fed the rest one token at a time (teacher forcing)
+    and scored on each next token. Agreement compares with ``reference_top1`` [n, L-1] at those positions."""
+    from tqdm.auto import tqdm
+
+    length = ids.shape[1]
+    if not 0 < prompt_tokens < length:
+        raise ValueError(f"prompt_tokens must be in (0, {length}), got {prompt_tokens}")
+    total, count, agree = 0.0, 0, 0
+    for n, row in enumerate(tqdm(ids, desc=f"evaluate {label}", unit="seq", disable=not progress)):
+        cache = _Cache(sess)
+        logits = [cache.prefill(prefill_sess, [int(t) for t in row[:prompt_tokens]])]
+        logits += [cache.step(int(t)) for t in row[prompt_tokens:-1]]
+        scored = np.stack(logits).astype(np.float64)  # predictions of row[prompt_tokens:]
+        total -= float(_log_softmax(scored)[np.arange(len(scored)), row[prompt_tokens:]].sum())
+        count += len(scored)
+        if reference_top1 is not None:
+            agree += int((scored.argmax(-1) == reference_top1[n, prompt_tokens - 1:]).sum())
+    nll = total / count
+    return GraphQuality(perplexity=math.exp(nll), nll=nll, tokens=count,
+                        agreement=agree / count if reference_top1 is not None else None)

@@ -66,6 +66,25 @@ def test_decode_graph_continues_prefill_like_torch(llama_graphs):
         assert np.abs(logits_alone[i] - expected[len(prompt) + i]).max() <= 1e-4
 
 
+def test_decode_graph_scores_continuations_like_the_prefill_graph(llama_graphs):
+    model, _, folder = llama_graphs
+    ids = _ids(model, 2).numpy()
+    prefill, step = runtime.session(folder / "model.onnx"), runtime.session(folder / "decode.onnx")
+    logits = runtime.prefill_logits(prefill, ids)[:, :-1].astype(np.float64)
+    half = CAPACITY // 2
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp[:, half - 1:], ids[:, half:, None], -1).mean()
+    top1 = logits.argmax(-1)
+    scored = runtime.decode_quality(step, prefill, ids, half, reference_top1=top1)
+    assert scored.tokens == 2 * (CAPACITY - half)
+    assert abs(scored.nll - nll) <= 1e-5 and scored.agreement == 1.0
+    wrong = (top1 + 1) % model.config.vocab_size
+    assert runtime.decode_quality(step, prefill, ids, half, reference_top1=wrong).agreement == 0.0
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        runtime.decode_quality(step, prefill, ids, CAPACITY)
+
+
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama-tied", "qwen2-biases-untied"])
 def test_outlier_rewrites_keep_float_outputs(make):
     model = make()
