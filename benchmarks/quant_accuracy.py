@@ -99,7 +99,8 @@ def main() -> None:
         report["methods"] = []
         for index in rows:
             label, transforms, fused, conv, a16, a8 = METHOD_ROWS[index]
-            row = {"row": index, "method": label, "transforms": list(transforms), "fused_norm": fused, "conv": conv}
+            row = {"row": index, "method": label, "transforms": list(transforms), "fused_norm": fused, "conv": conv,
+                   "date": report["date"]}
             for recipe, profile, as_conv in ((a16, "qnn-htp", conv), (a8, "generic-a8w8", False)):
                 if recipe is None:
                     continue
@@ -124,9 +125,27 @@ def main() -> None:
     name = args.name or (args.model if not Path(args.model).exists() else "student")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"quant_accuracy_{name}"  # names like smollm2-135m-0.67x hold dots: no with_suffix
+    _keep_earlier(report, args.out / f"{stem}.json", wanted)
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
+
+
+def _keep_earlier(report: dict, path: Path, wanted: list[str]) -> None:
+    """A partial run (``--rows 3,final``) keeps the other method rows and final graphs of the results file,
+    when they were measured on the same data; each method row carries its date."""
+    if "all" in wanted or not path.exists():
+        return
+    earlier = json.loads(path.read_text())
+    same = all(earlier.get(k) == report[k] for k in ("model", "seq_len", "validation_tokens", "calibration_sequences"))
+    if not same:
+        print(f"not merging with {path}: it was measured on other data or lengths", flush=True)
+        return
+    done = {row["row"] for row in report["methods"]}
+    kept = [dict(row, date=row.get("date", earlier["date"])) for row in earlier.get("methods", []) if row["row"] not in done]
+    report["methods"] = sorted(kept + report["methods"], key=lambda row: row["row"])
+    if "final" not in wanted and "final" in earlier:
+        report["final"] = earlier["final"]
 
 
 def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple[np.ndarray, float]:  # noqa: ANN001
@@ -169,13 +188,13 @@ def markdown(report: dict) -> str:
              f"calibration split. fp32 graph perplexity {report['fp32_perplexity']:.2f}. Agreement = top-1 next-token "
              f"agreement with the fp32 graph. Measured {report['date']} on {report['machine']}.", ""]
     if report.get("methods"):
-        lines += ["| # | method | A16W8 perplexity | A16W8 agreement | A8W8 perplexity | A8W8 agreement | A8 tensors in 16 bits |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| # | method | A16W8 perplexity | A16W8 agreement | A8W8 perplexity | A8W8 agreement | A8 tensors in 16 bits "
+                  "| measured |", "|---|---|---|---|---|---|---|---|"]
         for row in report["methods"]:
             a16, a8 = row.get("a16w8"), row.get("a8w8")
             lines.append(
                 f"| {row['row']} | {row['method']} | {_ppl(a16)} | {_agree(a16)} | {_ppl(a8)} | {_agree(a8)} | "
-                f"{a8['sixteen_bit_tensors'] if a8 else '–'} |")
+                f"{a8['sixteen_bit_tensors'] if a8 else '–'} | {row.get('date', report['date'])} |")
         lines.append("")
     if report.get("final"):
         lines += ["| graph | profile | rewrites | perplexity | vs fp32 | agreement | decode-graph perplexity | vs fp32 "
