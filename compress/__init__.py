@@ -28,6 +28,7 @@ from compress.errors import (
     UnsupportedArchitectureError,
 )
 from compress.evaluate import Quality, perplexity, quality
+from compress.mobilellm import MobileLLMConfig, MobileLLMForCausalLM, share_blocks, unique_parameters, unshare
 from compress.pipeline import CompressResult, StageMetrics, run
 from compress.planner import PruningPlan, keep_all_plan, plan
 from compress.report import write_report
@@ -59,10 +60,12 @@ __all__ = [
     "DataError",
     "DistillConfig",
     "DistillResult",
-    "NpuProfile",
-    "PRESETS",
     "FamilySpec",
+    "MobileLLMConfig",
+    "MobileLLMForCausalLM",
+    "NpuProfile",
     "PlanInfeasibleError",
+    "PRESETS",
     "PruningPlan",
     "Quality",
     "QuantRecipe",
@@ -90,6 +93,9 @@ __all__ = [
     "run",
     "save_checkpoint",
     "score_importance",
+    "share_blocks",
     "token_batches",
+    "unique_parameters",
+    "unshare",
     "write_report",
 ]

@@ -70,7 +70,8 @@ _HELP = {
     "(SmoothQuant), embed-rows (per-row embedding scales); '' for none; default: rotate,embed-rows for both "
     "recipes",
     "quant_calib_samples": "calibration sequences (of --seq-len tokens) for quantization ranges and smoothing",
-    "student": "student family: minitron (the teacher pruned by importance, then distilled)",
+    "student": "student family: minitron (the teacher pruned by importance, then distilled) or mobilellm (the same, "
+    "deep and thin, each block applied twice in a row: MobileLLM's block-wise weight sharing, parameters counted once)",
     "stop_after": f"last stage to run: {', '.join(STAGES)}",
     "seed": "random seed",
     "trust_remote_code": "allow a teacher's own modelling code to run",

@@ -24,7 +24,7 @@ DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("rotate", "embed-rows")
 STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", "report")
 """The stages in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
 ``--teacher-correction-tokens`` is set; ``quantize`` does nothing with ``--quant none``."""
-STUDENTS = ("minitron",)
+STUDENTS = ("minitron", "mobilellm")
 """Student families built so far: ``minitron`` is the teacher pruned by importance, then distilled."""
 QUANT_CHOICES = ("none", *PRESETS)
 AXES = ("heads", "kv", "hidden", "mlp", "layers")
@@ -131,8 +131,8 @@ class CompressConfig:
         _choice("proxy", self.proxy, PROXIES)
         _choice("stop-after", self.stop_after, STAGES)
         if self.student not in STUDENTS:
-            raise ConfigError(f"--student {self.student!r}: only {', '.join(STUDENTS)} (the teacher pruned by importance, "
-                              "then distilled) is built so far")
+            raise ConfigError(f"--student {self.student!r}: choose {' or '.join(STUDENTS)} (the Mu-like encoder-decoder "
+                              "is not built yet)")
         _choice("quant", self.quant, QUANT_CHOICES)
         _choice("npu-profile", self.npu_profile, tuple(PROFILES))
         transforms = DEFAULT_TRANSFORMS[self.quant] if self.quant_transforms is None else self.quant_transforms

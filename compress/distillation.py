@@ -18,6 +18,7 @@ from compress.config import CompressConfig
 from compress.data import token_batches
 from compress.errors import CompressError
 from compress.evaluate import quality
+from compress.mobilellm import is_block_shared
 from compress.surgery import save_checkpoint
 from distill import DistillError, distill
 
@@ -49,6 +50,10 @@ def distill_student(
         raise CompressError(f"no student checkpoint in {student_dir}; run the prune stage first or pass --student DIR")
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     settings = config.distill_config()
+    if settings.parallel == "fsdp" and is_block_shared(student):
+        # fully_shard gives each decoder layer its own flat shards, and a shared layer lives in two of them.
+        raise CompressError("--distill-parallel fsdp cannot shard a block-shared (mobilellm) student: each shared "
+                            "block would sit in two FSDP units; use --distill-parallel ddp")
     sequences = math.ceil(config.distill_tokens / config.distill_seq_len)
     train = token_batches(dataset, tokenizer, "train", config.distill_seq_len, sequences)
     valid = token_batches(dataset, tokenizer, "validation", config.eval_seq_len, config.eval_samples)

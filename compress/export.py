@@ -25,7 +25,7 @@ from torch import nn
 from compress.errors import UnsupportedArchitectureError
 from quant.ops import rms_norm
 
-EXPORTABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+EXPORTABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "pdq_mobilellm")
 MASK_VALUE = -100.0  # bounded so that integer graphs can represent it; exp(-100) is 0 in float32 terms
 
 
@@ -122,7 +122,16 @@ class StaticLM(nn.Module):
         self.embed = nn.Parameter(base.embed_tokens.weight.detach().float().clone())
         head = model.get_output_embeddings().weight
         self.head = self.embed if head is base.embed_tokens.weight else nn.Parameter(head.detach().float().clone())
-        self.blocks = nn.ModuleList(_Block(layer, config) for layer in base.layers)
+        # Layers that share weights (MobileLLM-like students, compress.mobilellm) share one block, so the
+        # graphs store those weights once.
+        made: dict[int, _Block] = {}
+        blocks = []
+        for layer in base.layers:
+            key = layer.self_attn.q_proj.weight.data_ptr()
+            if key not in made:
+                made[key] = _Block(layer, config)
+            blocks.append(made[key])
+        self.blocks = nn.ModuleList(blocks)
         self.fused_norm = fused_norm  # False: RMSNorm as plain ops (Pow, ReduceMean, ...), to measure the difference
         for block in self.blocks:
             block.fused_norm = fused_norm
@@ -149,6 +158,11 @@ class StaticLM(nn.Module):
         self.register_buffer("sin_prefill", sin[0, :capacity].float()[None, None].clone(), persistent=False)
         causal = torch.full((capacity, capacity), MASK_VALUE).triu(1)[None, None]
         self.register_buffer("causal_bias", causal, persistent=False)
+
+    @property
+    def unique_blocks(self) -> list[nn.Module]:
+        """The blocks, each once (a shared block is applied at several depths); weight rewrites go through this."""
+        return list({id(b): b for b in self.blocks}.values())
 
     @property
     def tied(self) -> bool:
@@ -204,7 +218,7 @@ class StaticLM(nn.Module):
 
     def convolutional(self) -> StaticLM:
         """Every linear layer of the blocks as a 1x1 Conv (in place; apply after the float rewrites)."""
-        for block in self.blocks:
+        for block in self.unique_blocks:
             for name in ("q", "k", "v", "o", "gate", "up", "down"):
                 layer = getattr(block, name)
                 if isinstance(layer, nn.Linear):

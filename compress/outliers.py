@@ -28,7 +28,7 @@ from compress.export import StaticLM
 @torch.no_grad()
 def fold_norms(lm: StaticLM) -> StaticLM:
     """Fold every block's norm weights into the next linear layers (in place); returns ``lm``."""
-    for block in lm.blocks:
+    for block in lm.unique_blocks:
         for norm, readers in ((block.ln1, (block.q, block.k, block.v)), (block.ln2, (block.gate, block.up))):
             for linear in readers:
                 linear.weight.mul_(norm[None, :])
@@ -60,7 +60,7 @@ def rotate(lm: StaticLM, seed: int = 0) -> StaticLM:
     tied = lm.tied
     final = lm.norm.double()
     right(lm.embed)  # rows of E are written into the stream: E ← E·Q
-    for block in lm.blocks:
+    for block in lm.unique_blocks:
         for linear in (block.q, block.k, block.v, block.gate, block.up):
             right(linear.weight)
         left(block.o)
@@ -92,7 +92,7 @@ def activation_maxima(lm: StaticLM, ids: torch.Tensor) -> dict[str, list[torch.T
     """Per-channel max |x| of every block's ``o`` and ``down`` inputs over prefill runs on ``ids`` [n, L]."""
     maxima: dict[str, list[torch.Tensor]] = {"o": [], "down": []}
     hooks = []
-    for block in lm.blocks:
+    for block in lm.unique_blocks:
         for kind in ("o", "down"):
             slot = len(maxima[kind])
             maxima[kind].append(torch.zeros(getattr(block, kind).in_features))
@@ -115,7 +115,7 @@ def activation_maxima(lm: StaticLM, ids: torch.Tensor) -> dict[str, list[torch.T
 def smooth(lm: StaticLM, ids: torch.Tensor, alpha: float = 0.5) -> StaticLM:
     """SmoothQuant for ``down`` (through ``up``) and ``o`` (through ``v``), calibrated on ``ids``; in place."""
     maxima = activation_maxima(lm, ids)
-    for block, act_down, act_o in zip(lm.blocks, maxima["down"], maxima["o"], strict=True):
+    for block, act_down, act_o in zip(lm.unique_blocks, maxima["down"], maxima["o"], strict=True):
         s = _scales(act_down, block.down.weight.abs().amax(0), alpha)
         block.up.weight.div_(s[:, None])
         if block.up.bias is not None:

@@ -25,6 +25,7 @@ from compress.data import load_corpus, token_batches
 from compress.errors import CompressError, RunDirectoryError
 from compress.evaluate import Perplexity, mean_nll, perplexity, quality
 from compress.io import read_json, write_json
+from compress.mobilellm import share_blocks
 from compress.planner import PruningPlan, feasible_shapes, plan
 from compress.scoring import check_scores, score_importance
 from compress.surgery import apply_plan, prune, save_checkpoint
@@ -357,8 +358,13 @@ def _plan(state: _Run) -> dict[str, Any]:
     calib = state.ids("calibration", c.calib_seq_len, _PROXY_SEQUENCES) if c.proxy == "loss" else None
     teacher, spec = state.teacher, state.spec
 
+    repeats = 2 if c.student == "mobilellm" else 1
+
     def evaluate(kept: dict[str, list[int]], shape: Any) -> float:
-        return mean_nll(prune(teacher, spec, shape, kept), calib, batch_size=c.batch_size, bf16=c.bf16)
+        candidate = prune(teacher, spec, shape, kept)
+        if repeats > 1:
+            candidate = share_blocks(candidate, repeats)
+        return mean_nll(candidate, calib, batch_size=c.batch_size, bf16=c.bf16)
 
     chosen = plan(
         spec,
@@ -371,6 +377,7 @@ def _plan(state: _Run) -> dict[str, Any]:
         proxy=c.proxy,
         search_candidates=c.search_candidates,
         evaluate=evaluate if spec.causal_lm and c.proxy == "loss" else None,
+        repeats=repeats,
     )
     chosen.save(state.dir / "plan.json")
     return {

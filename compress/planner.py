@@ -63,6 +63,7 @@ class PruningPlan:
     proxy: str
     reason: str
     candidates: tuple[Candidate, ...] = field(default_factory=tuple)
+    repeats: int = 1  # MobileLLM-style block sharing: each kept layer applied this many times in a row
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -192,13 +193,23 @@ def plan(
     proxy: str = "loss",
     search_candidates: int = 8,
     evaluate: Callable[[dict[str, list[int]], Shape], float] | None = None,
+    repeats: int = 1,
 ) -> PruningPlan:
-    """Choose the shape and the kept units. ``evaluate(kept, shape)`` returns a calibration loss (proxy ``loss``)."""
+    """Choose the shape and the kept units. ``evaluate(kept, shape)`` returns a calibration loss (proxy ``loss``).
+
+    With ``repeats`` > 1 the student applies each kept layer that many times (MobileLLM's block sharing, see
+    :mod:`compress.mobilellm`): parameters are counted once, and the planner goes deep and thin, choosing
+    among the shapes with the most layers that fit the target."""
     teacher_params = spec.params
     if teacher_params <= target.params_for(teacher_params) <= teacher_params * (1 + tolerance):
         # 1x: no pruning (export or quantize the teacher itself)
         return dataclasses.replace(keep_all_plan(spec, teacher_config), reason="the target is the teacher's size: keep everything")
     goal, within = feasible_shapes(spec, teacher_config, target, axes, align, tolerance)
+    deep = ""
+    if repeats > 1:
+        depth = max(s.layers for s, _ in within)
+        within = [(s, p) for s, p in within if s.layers == depth]
+        deep = f"deep and thin ({depth} layers, each applied {repeats} times): "
     candidates = []
     for shape, params in within:
         kept = select(spec, scores, shape)
@@ -216,13 +227,13 @@ def plan(
         losses = {c.shape: evaluate(select(spec, scores, c.shape), c.shape) for c in checked}
         candidates = [dataclasses.replace(c, loss=losses.get(c.shape)) for c in candidates]
         chosen = min((c for c in candidates if c.loss is not None), key=lambda c: c.loss)
-        reason = (
+        reason = deep + (
             f"lowest calibration loss ({chosen.loss:.4f}) among {len(checked)} checked of {len(candidates)} "
             f"candidates within {tolerance:.0%} of {goal / 1e6:.1f}M"
         )
     else:
         chosen = candidates[0]
-        reason = f"most importance mass kept ({chosen.mass:.4f}) among {len(candidates)} candidates"
+        reason = deep + f"most importance mass kept ({chosen.mass:.4f}) among {len(candidates)} candidates"
 
     kept = select(spec, scores, chosen.shape)
     config = config_for(teacher_config, spec, chosen.shape, kept["layers"])
@@ -242,6 +253,7 @@ def plan(
         proxy=proxy if evaluate is not None else "mass",
         reason=reason,
         candidates=tuple(candidates),
+        repeats=repeats,
     )
 
 

@@ -77,8 +77,14 @@ def _compensate_embedding_scale(state: dict[str, torch.Tensor], spec: ArchSpec, 
 
 
 def apply_plan(model: nn.Module, spec: ArchSpec, plan: PruningPlan) -> nn.Module:
-    """A new model of the teacher's class with the plan applied; the teacher is left untouched."""
-    return prune(model, spec, plan.shape, plan.kept)
+    """A new model of the teacher's class with the plan applied (a MobileLLM-like block-shared model when the
+    plan repeats layers); the teacher is left untouched."""
+    student = prune(model, spec, plan.shape, plan.kept)
+    if plan.repeats > 1:
+        from compress.mobilellm import share_blocks
+
+        student = share_blocks(student, plan.repeats)
+    return student
 
 
 def prune(model: nn.Module, spec: ArchSpec, shape: Shape, kept: dict[str, list[int]]) -> nn.Module:
