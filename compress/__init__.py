@@ -28,11 +28,11 @@ from compress.errors import (
     UnsupportedArchitectureError,
 )
 from compress.evaluate import Quality, perplexity, quality
-from compress.mobilellm import MobileLLMConfig, MobileLLMForCausalLM, share_blocks, unique_parameters, unshare
 from compress.pipeline import CompressResult, StageMetrics, run
 from compress.planner import PruningPlan, keep_all_plan, plan
 from compress.report import write_report
 from compress.scoring import score_importance
+from compress.students import register as register_students
 from compress.surgery import apply_plan, save_checkpoint
 from compress.teachers import load_teacher
 from distill import DistillConfig, DistillResult, distill
@@ -41,6 +41,10 @@ from quant.quantize import PRESETS, QuantRecipe
 
 # The export and quantization steps load onnx, onnxscript and onnxruntime (about a second): only on first use.
 _LAZY = {name: "compress.quantization" for name in ("export_graphs", "measure", "prepare", "quantize_graphs")}
+# The student families' modeling code costs seconds of import; their classes load on first use too.
+_LAZY |= {name: "compress.mobilellm" for name in ("MobileLLMConfig", "MobileLLMForCausalLM", "share_blocks",
+                                                  "unique_parameters", "unshare")}
+_LAZY |= {name: "compress.mu" for name in ("MuConfig", "MuForConditionalGeneration")}
 
 
 def __getattr__(name: str) -> object:
@@ -63,6 +67,8 @@ __all__ = [
     "FamilySpec",
     "MobileLLMConfig",
     "MobileLLMForCausalLM",
+    "MuConfig",
+    "MuForConditionalGeneration",
     "NpuProfile",
     "PlanInfeasibleError",
     "PRESETS",
@@ -89,6 +95,7 @@ __all__ = [
     "quality",
     "quantize_graphs",
     "register",
+    "register_students",
     "resolve",
     "run",
     "save_checkpoint",

@@ -19,6 +19,7 @@ from compress.data import token_batches
 from compress.errors import CompressError
 from compress.evaluate import quality
 from compress.mobilellm import is_block_shared
+from compress.students import register as register_students
 from compress.surgery import save_checkpoint
 from distill import DistillError, distill
 
@@ -48,6 +49,7 @@ def distill_student(
 
     if not (student_dir / "config.json").exists():
         raise CompressError(f"no student checkpoint in {student_dir}; run the prune stage first or pass --student DIR")
+    register_students()
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     settings = config.distill_config()
     if settings.parallel == "fsdp" and is_block_shared(student):

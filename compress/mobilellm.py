@@ -8,9 +8,10 @@ layer j uses the weights of layer j - j % repeats. Each layer keeps its own modu
 slot), only the parameters are shared, so ``generate`` and every Llama code path work unchanged.
 
 The checkpoint is ``save_pretrained`` output: ``config.json`` (model_type ``pdq_mobilellm``, a
-``LlamaConfig`` with ``share_repeats``) and safetensors holding each unique block once. Importing
-``compress`` registers the classes with ``AutoConfig`` and ``AutoModelForCausalLM``, so
-``AutoModelForCausalLM.from_pretrained`` reloads it shared. ``unshare`` gives a plain
+``LlamaConfig`` with ``share_repeats``) and safetensors holding each unique block once. Importing this
+module (or calling ``compress.register_students()``, as every loader in ``compress`` does) registers the
+classes with ``AutoConfig`` and ``AutoModelForCausalLM``, so ``AutoModelForCausalLM.from_pretrained``
+reloads it shared. ``unshare`` gives a plain
 ``LlamaForCausalLM`` (the same function, every block stored) for tools that know only Llama.
 """
 

@@ -25,7 +25,6 @@ from compress.data import load_corpus, token_batches
 from compress.errors import CompressError, RunDirectoryError
 from compress.evaluate import Perplexity, mean_nll, perplexity, quality
 from compress.io import read_json, write_json
-from compress.mobilellm import share_blocks
 from compress.planner import PruningPlan, feasible_shapes, plan
 from compress.scoring import check_scores, score_importance
 from compress.surgery import apply_plan, prune, save_checkpoint
@@ -88,7 +87,7 @@ class CompressResult:
         """The pruned model (before distillation), loaded from the run directory."""
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(self.pruned_dir)
+        return _registered(AutoModelForCausalLM).from_pretrained(self.pruned_dir)
 
     def load_student(self) -> Any:
         """The distilled student, loaded from the run directory (needs ``stop_after="distill"``)."""
@@ -96,7 +95,7 @@ class CompressResult:
 
         if not (self.student_dir / "config.json").exists():
             raise CompressError(f"{self.student_dir} holds no student yet; run with stop_after='distill'")
-        return AutoModelForCausalLM.from_pretrained(self.student_dir)
+        return _registered(AutoModelForCausalLM).from_pretrained(self.student_dir)
 
     def metrics(self) -> dict[str, Any]:
         return {s.stage: s.metrics for s in self.stages}
@@ -363,6 +362,8 @@ def _plan(state: _Run) -> dict[str, Any]:
     def evaluate(kept: dict[str, list[int]], shape: Any) -> float:
         candidate = prune(teacher, spec, shape, kept)
         if repeats > 1:
+            from compress.mobilellm import share_blocks
+
             candidate = share_blocks(candidate, repeats)
         return mean_nll(candidate, calib, batch_size=c.batch_size, bf16=c.bf16)
 
@@ -429,6 +430,14 @@ def _distill(state: _Run) -> dict[str, Any]:
     return {**metrics, "student_mb": folder_mb(state.dir / "student")}
 
 
+def _registered(auto: Any) -> Any:
+    """``auto`` after the student families' classes are registered with it (see compress.students)."""
+    from compress.students import register
+
+    register()
+    return auto
+
+
 def _final_model(state: _Run) -> tuple[Path, Any]:
     """The model the graphs are made of: the distilled student, or the pruned one when distillation was skipped."""
     from transformers import AutoModelForCausalLM
@@ -436,7 +445,7 @@ def _final_model(state: _Run) -> tuple[Path, Any]:
     source = state.dir / "student"
     if not (source / "config.json").exists():
         source = state.dir / "pruned"
-    return source, AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    return source, _registered(AutoModelForCausalLM).from_pretrained(source, dtype=torch.float32).eval()
 
 
 def _prepared(state: _Run) -> tuple[Path, Any, torch.Tensor]:

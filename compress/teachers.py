@@ -210,8 +210,11 @@ def load_teacher(name: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Load ``--teacher`` as (fp32 model in eval mode, tokenizer)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from compress.students import register as register_students
+
     source = resolve_teacher(name)
     try:
+        register_students()  # a student of ours can be a teacher too
         config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
         auto = AutoModelForCausalLM if type(config) in AutoModelForCausalLM._model_mapping else AutoModel

@@ -125,3 +125,79 @@ def test_mobilellm_student_runs_from_the_cli_deep_and_thin(tmp_path, capsys):
     capsys.readouterr()
     assert main([str(a) for a in [*args, "--distill-parallel", "fsdp", "--distill-tokens", "512"]]) == 2
     assert "--distill-parallel ddp" in capsys.readouterr().err
+
+
+def _tiny_mu():
+    from compress.mu import MuConfig, MuForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = MuConfig(vocab_size=128, hidden_size=64, intermediate_size=128, encoder_layers=3, decoder_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    return MuForConditionalGeneration(config).eval()
+
+
+def test_mu_like_model_round_trips_through_the_auto_classes(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from compress.mu import MuForConditionalGeneration
+
+    model = _tiny_mu()
+    assert model.lm_head.weight is model.model.shared.weight, "one table for encoder, decoder and head"
+    layer = model.model.decoder_layers[0]
+    assert {n for n, _ in layer.named_children()} >= {"self_attn", "cross_attn", "attn_pre_norm", "attn_post_norm",
+                                                      "cross_pre_norm", "cross_post_norm", "mlp_pre_norm", "mlp_post_norm"}
+    ids, labels = _ids(2, 10) % 128, _ids(2, 7) % 128
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits.shape == (2, 7, 128) and torch.isfinite(out.loss)
+    model.save_pretrained(tmp_path / "mu")
+    assert json.loads((tmp_path / "mu" / "config.json").read_text())["model_type"] == "pdq_mu"
+    reloaded, info = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "mu", output_loading_info=True)
+    assert isinstance(reloaded, MuForConditionalGeneration) and not info["missing_keys"] and not info["unexpected_keys"]
+    assert reloaded.lm_head.weight is reloaded.model.shared.weight
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, labels=labels).logits, out.logits)
+    # Padding the input changes nothing for the real tokens' continuation.
+    padded = torch.cat((ids, torch.zeros(2, 3, dtype=torch.long)), dim=1)
+    mask = torch.cat((torch.ones(2, 10), torch.zeros(2, 3)), dim=1)
+    with torch.no_grad():
+        again = model(input_ids=padded, attention_mask=mask, labels=labels).logits
+    assert torch.allclose(again, out.logits, atol=1e-5)
+
+
+def test_mu_like_graphs_match_torch_and_pass_inspection(tmp_path):
+    from compress.mu_export import generate, write_mu_graphs
+    from quant.profiles import check, get_profile
+
+    model = _tiny_mu()
+    encoder_path, decoder_path = write_mu_graphs(model, tmp_path, length=12, capacity=16)
+    for path in (encoder_path, decoder_path):
+        assert check(onnx.load(path), get_profile("qnn-htp"), quantized=False) == []
+    prompt = [int(t) % 128 for t in _ids(1, 9)[0]]
+    encoder, decoder = runtime.session(encoder_path), runtime.session(decoder_path)
+    tokens, logits = generate(encoder, decoder, prompt, 6, model.config.decoder_start_token_id)
+    expected = model.greedy(torch.tensor([prompt]), 6)[0].tolist()
+    assert tokens == expected
+    with torch.no_grad():
+        full = model(input_ids=torch.tensor([prompt]),
+                     decoder_input_ids=torch.tensor([[model.config.decoder_start_token_id, *tokens[:-1]]])).logits[0]
+    assert np.abs(np.stack(logits) - full.numpy()).max() <= 1e-4
+    with pytest.raises(ValueError, match="at most 12"):
+        generate(encoder, decoder, list(range(13)), 1, 1)
+
+    # Both graphs quantize whole through the same recipes and profiles, calibrated on real decoder feeds.
+    from quant.quantize import PRESETS, quantize
+
+    encoder_feeds, decoder_feeds = [], []
+    for shift in range(3):
+        text = [(t + 7 * shift) % 128 for t in prompt]
+        generate(encoder, decoder, text, 5, model.config.decoder_start_token_id, record=decoder_feeds)
+        encoder_feeds.append({"input_ids": np.array([text + [0] * 3]), "attention_mask": np.array([[1.0] * 9 + [0.0] * 3],
+                                                                                                   dtype=np.float32)})
+    profile = get_profile("qnn-htp")
+    quantize(encoder_path, tmp_path / "encoder.a16w8.onnx", encoder_feeds, PRESETS["a16w8"], profile)
+    quantize(decoder_path, tmp_path / "decoder.a16w8.onnx", decoder_feeds, PRESETS["a16w8"], profile)
+    for name in ("encoder.a16w8.onnx", "decoder.a16w8.onnx"):
+        assert check(onnx.load(tmp_path / name), profile) == [], name
+    quantized, _ = generate(runtime.session(tmp_path / "encoder.a16w8.onnx"), runtime.session(tmp_path / "decoder.a16w8.onnx"),
+                            prompt, 6, model.config.decoder_start_token_id)
+    assert quantized == tokens
