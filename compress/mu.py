@@ -277,19 +277,26 @@ class MuForConditionalGeneration(MuPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                encoder_outputs: torch.Tensor | None = None, **_: Any) -> Seq2SeqLMOutput:
+                encoder_outputs: torch.Tensor | None = None, output_hidden_states: bool = False,
+                **_: Any) -> Seq2SeqLMOutput:
         """Logits [B, T, V] of the decoder over ``decoder_input_ids`` (or ``labels`` shifted right) given the
-        encoded ``input_ids``; with ``labels``, also their mean cross-entropy (-100 ignored)."""
+        encoded ``input_ids``; with ``labels``, also their mean cross-entropy (-100 ignored). With
+        ``output_hidden_states``, ``decoder_hidden_states`` holds the final (normalized) decoder states, and
+        ``logits`` is None: a distillation loss projects them through the head in chunks instead."""
         encoded = encoder_outputs if encoder_outputs is not None else self.model.encode(input_ids, attention_mask)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(labels)
-        logits = self.lm_head(self.model.decode(decoder_input_ids, encoded, attention_mask))
+        states = self.model.decode(decoder_input_ids, encoded, attention_mask)
+        if output_hidden_states and labels is None:
+            return Seq2SeqLMOutput(decoder_hidden_states=(states,), encoder_last_hidden_state=encoded)
+        logits = self.lm_head(states)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-        return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=encoded)
+        return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=encoded,
+                               decoder_hidden_states=(states,) if output_hidden_states else None)
 
     @torch.no_grad()
     def greedy(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,6 +4,14 @@
 next-token distributions on ``train_ids`` (sequences, seq_len). Models are duck-typed like Hugging Face
 causal LMs: ``model.base_model(input_ids=...)`` gives hidden states and ``model.get_output_embeddings()``
 the output projection.
+
+An encoder-decoder student (``config.is_encoder_decoder``, e.g. the Mu-like one) learns from a causal
+teacher across architectures: each batch is cut at a split point (pseudo-random per batch, reproducible
+from its tokens, between a quarter and three quarters of the length); the teacher reads the whole
+sequence, the student encodes the prefix and decodes the continuation (``decoder_input_ids`` = the start
+token, then the continuation shifted right), and the loss compares their predictions of the continuation
+tokens only. Such a student's ``forward(input_ids, decoder_input_ids, output_hidden_states=True)`` must return
+``decoder_hidden_states`` whose last entry feeds the output projection.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ class KnowledgeDistillationLoss(nn.Module):
         object.__setattr__(self, "_teacher", teacher)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if getattr(self.student.config, "is_encoder_decoder", False):
+            return self._across(ids)
         c, teacher = self.config, self._teacher
         want_states = self.hidden is not None
         student_out = self.student.base_model(input_ids=ids, output_hidden_states=want_states)
@@ -74,6 +84,42 @@ class KnowledgeDistillationLoss(nn.Module):
         if self.hidden is not None and teacher_out is not None:
             loss = loss + c.hidden_weight * self.hidden(student_out.hidden_states, teacher_out.hidden_states)
         return loss
+
+
+    def _across(self, ids: torch.Tensor) -> torch.Tensor:
+        """The loss of an encoder-decoder student on ``ids`` cut at ``split_point`` (see the module docstring)."""
+        c, teacher = self.config, self._teacher
+        if self.hidden is not None:
+            raise DistillError("the hidden-state loss pairs layers of one stack; an encoder-decoder student has two")
+        cut = split_point(ids)
+        prefix, continuation = ids[:, :cut], ids[:, cut:]
+        start = torch.full_like(continuation[:, :1], self.student.config.decoder_start_token_id)
+        out = self.student(input_ids=prefix, decoder_input_ids=torch.cat((start, continuation[:, :-1]), dim=1),
+                           output_hidden_states=True)
+        student_hidden = out.decoder_hidden_states[-1]  # position j predicts continuation[:, j]
+        teacher_hidden = teacher_head = None
+        if teacher is not None and c.kl_weight:
+            with torch.no_grad():
+                states = teacher.base_model(input_ids=ids).last_hidden_state[:, cut - 1 : -1]  # predict ids[:, cut:]
+            teacher_hidden = states.reshape(-1, states.shape[-1])
+            teacher_head = teacher.get_output_embeddings().weight
+        head = self.student.get_output_embeddings().weight
+        return logit_distillation_loss(
+            student_hidden.reshape(-1, student_hidden.shape[-1]), head, teacher_hidden, teacher_head,
+            targets=continuation.reshape(-1), temperature=c.temperature, kl_weight=c.kl_weight, ce_weight=c.ce_weight,
+            chunk=max(1, c.kl_chunk_elements // head.shape[0]), student_cap=_cap(self.student),
+            teacher_cap=_cap(teacher) if teacher is not None else None,
+        )
+
+
+def split_point(ids: torch.Tensor) -> int:
+    """Where an encoder-decoder student's batch is cut into prefix and continuation: between a quarter and
+    three quarters of the length, varying from batch to batch but a function of the tokens (so a resumed
+    run cuts each batch as the uninterrupted one did)."""
+    length = ids.shape[1]
+    low = max(1, length // 4)
+    span = max(1, length * 3 // 4 - low)
+    return low + int(ids[0, : min(8, length)].sum().item() * 2654435761 % span)
 
 
 def _optimizers(student: nn.Module, extra: nn.Module | None, config: DistillConfig) -> list[torch.optim.Optimizer]:
