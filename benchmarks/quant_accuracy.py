@@ -142,7 +142,8 @@ def _keep_earlier(report: dict, path: Path, wanted: list[str]) -> None:
         print(f"not merging with {path}: it was measured on other data or lengths", flush=True)
         return
     done = {row["row"] for row in report["methods"]}
-    kept = [dict(row, date=row.get("date", earlier["date"])) for row in earlier.get("methods", []) if row["row"] not in done]
+    kept = [dict(row, date=row.get("date", earlier["date"]), method=METHOD_ROWS[row["row"]][0])  # labels live here
+            for row in earlier.get("methods", []) if row["row"] not in done and row["row"] < len(METHOD_ROWS)]
     report["methods"] = sorted(kept + report["methods"], key=lambda row: row["row"])
     if "final" not in wanted and "final" in earlier:
         report["final"] = earlier["final"]
@@ -219,6 +220,11 @@ def markdown(report: dict) -> str:
                       "fp32 prefill graph's top-1 at the same positions. Int16 weights: "
                       + ("; ".join(f"{n}: {', '.join(g['sixteen_bit_weights'])}" for n, g in report["final"].items()
                                    if g.get("sixteen_bit_weights")) or "none") + "."]
+    lines += ["", "Notes:", "- CPU latency says little about an NPU: ONNX Runtime has no 16-bit kernels, so every 16-bit tensor runs "
+              "as DequantizeLinear → float op → QuantizeLinear, and the decode graphs also pass their whole KV cache "
+              "through Q/DQ each step. Compare latencies only within one run of this script.",
+              "- 'A8 tensors in 16 bits' counts activation tensors; rows measured before row 10 existed also counted "
+              "the tied embedding's int8 override (one more)."]
     return "\n".join(lines) + "\n"
 
 

@@ -60,12 +60,15 @@ def export_graphs(lm: StaticLM, out_dir: str | Path, decode: bool = True) -> tup
 
 
 def decode_feeds(lm: StaticLM, ids: np.ndarray, steps_per_sequence: int = 4) -> list[dict[str, np.ndarray]]:
-    """Calibration inputs for the decode graph: real caches from prefill runs of ``lm`` on ``ids``."""
+    """Calibration inputs for the decode graph: real caches from prefill runs of ``lm`` on ``ids``, for the
+    tokens at positions 0 and 1 (the first carries the model's massive activation, which a decode step
+    meets when it starts a sequence) and at ``steps_per_sequence`` positions from a quarter of the cache on."""
     feeds = []
     names = DecodeStep(lm).names()[0]
+    later = np.linspace(lm.capacity // 4, lm.capacity - 1, steps_per_sequence).astype(int)
     with torch.no_grad():
         for row in ids:
-            for cut in np.linspace(lm.capacity // 4, lm.capacity - 1, steps_per_sequence).astype(int):
+            for cut in (0, 1, *later):
                 prompt = torch.zeros(1, lm.capacity, dtype=torch.long)
                 prompt[0, :cut] = torch.as_tensor(row[:cut])
                 _, keys, values = lm.prefill(prompt)
