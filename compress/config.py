@@ -25,6 +25,8 @@ STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", 
 """The stages in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
 ``--teacher-correction-tokens`` is set; ``quantize`` does nothing with ``--quant none``."""
 STUDENTS = ("minitron", "mobilellm")
+# How many times in a row each kept block is applied (MobileLLM's immediate block-wise weight sharing).
+BLOCK_REPEATS = {"minitron": 1, "mobilellm": 2}
 """Student families built so far: ``minitron`` is the teacher pruned by importance, then distilled."""
 QUANT_CHOICES = ("none", *PRESETS)
 AXES = ("heads", "kv", "hidden", "mlp", "layers")

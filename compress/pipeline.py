@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from compress.archspec import ArchSpec, resolve
-from compress.config import STAGES, CompressConfig
+from compress.config import BLOCK_REPEATS, STAGES, CompressConfig
 from compress.data import load_corpus, token_batches
 from compress.errors import CompressError, RunDirectoryError
 from compress.evaluate import Perplexity, mean_nll, perplexity, quality
@@ -357,7 +357,7 @@ def _plan(state: _Run) -> dict[str, Any]:
     calib = state.ids("calibration", c.calib_seq_len, _PROXY_SEQUENCES) if c.proxy == "loss" else None
     teacher, spec = state.teacher, state.spec
 
-    repeats = 2 if c.student == "mobilellm" else 1
+    repeats = BLOCK_REPEATS[c.student]
 
     def evaluate(kept: dict[str, list[int]], shape: Any) -> float:
         candidate = prune(teacher, spec, shape, kept)
