@@ -50,7 +50,7 @@ def test_quant_settings_resolve_their_defaults_and_refuse_unknown_values():
     from compress.config import DEFAULT_TRANSFORMS
 
     assert CompressConfig(quant="a8w8").quant_transforms == DEFAULT_TRANSFORMS["a8w8"]
-    assert CompressConfig(quant="a16w8").quant_transforms == ("embed-rows",)
+    assert CompressConfig(quant="a16w8").quant_transforms == ("rotate", "embed-rows")  # the massive activation
     assert CompressConfig(quant_transforms=()).quant_transforms == ()
     for bad in ({"quant": "int4"}, {"npu_profile": "hexagon"}, {"quant_transforms": ("hadamard",)}, {"seq_len": 0}):
         with pytest.raises(ConfigError):

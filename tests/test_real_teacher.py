@@ -14,7 +14,8 @@ pytestmark = pytest.mark.real_teacher
 def test_prune_smollm2_to_two_thirds(tmp_path, capsys):
     out = tmp_path / "demo"
     code = main(["--teacher", "smollm2-135m", "--target-size", "0.67x", "--out", str(out), "--stop-after", "prune",
-                 "--calib-samples", "64", "--search-candidates", "2", "--eval-samples", "8", "--eval-seq-len", "64", "--quiet"])
+                 "--calib-samples", "64", "--search-candidates", "2", "--eval-samples", "8", "--eval-seq-len", "64", "--quiet",
+                 "--distill-seq-len", "64"])  # part of the teacher's fingerprint: the later calls reuse these stages
     assert code == 0
     plan = json.loads((out / "plan.json").read_text())
     assert plan["teacher_params"] == 134_515_008
@@ -25,9 +26,9 @@ def test_prune_smollm2_to_two_thirds(tmp_path, capsys):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert model.config.num_key_value_heads == 3
     metrics = json.loads((out / "prune.metrics.json").read_text())
-    # The real teacher on held-out kernel/Python docs (64-token windows, to keep CI fast): perplexity in the
-    # tens; pruning costs but stays finite.
-    assert 5 < metrics["teacher_perplexity"] < 100
+    # The real teacher on held-out kernel/Python docs: 23.96 on 256-token windows, about 128 on the 64-token
+    # windows used here to keep CI fast (less context); pruning costs but stays finite.
+    assert 5 < metrics["teacher_perplexity"] < 300
     assert metrics["teacher_perplexity"] < metrics["pruned_perplexity"] < 10_000
     with torch.no_grad():
         logits = model(torch.tensor([[504, 3767, 314]])).logits
