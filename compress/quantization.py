@@ -97,14 +97,15 @@ def measure(prefill: Path, decode: Path | None, valid: np.ndarray, reference_top
         "prefill_latency_ms": runtime.prefill_latency(sess, int(valid.shape[1])) * 1000,
     }
     if decode is not None:
+        step = runtime.session(decode)
         prompt = [int(t) for t in valid[0, :prompt_tokens]]
-        _, _, per_token = runtime.decode(runtime.session(decode), prompt, new_tokens, prefill_sess=sess)
+        _, _, per_token = runtime.decode(step, prompt, new_tokens, prefill_sess=sess)
         metrics.update(decode_mb=decode.stat().st_size / 1e6, decode_tokens_per_second=1.0 / per_token,
                        decode_prompt_tokens=len(prompt), decode_new_tokens=new_tokens)
         if decode_samples > 0:
             rows = valid[:decode_samples]
             reference = reference_top1[:decode_samples] if reference_top1 is not None else None
-            scored = runtime.decode_quality(runtime.session(decode), sess, rows, rows.shape[1] // 2, reference,
+            scored = runtime.decode_quality(step, sess, rows, rows.shape[1] // 2, reference,
                                             progress=progress, label=decode.name)
             metrics.update(decode_perplexity=scored.perplexity, decode_agreement=scored.agreement,
                            decode_validation_tokens=scored.tokens)

@@ -263,7 +263,8 @@ def quantize(
         sixteen_bit_activations = len(overrides)
         for name in shared_weights(model):  # a tied embedding: one int8 tensor for the lookup and the head
             overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
-        wide = sorted({n for g in recipe.sixteen_bit_weights for n in weight_groups(model)[g]})
+        weights = weight_groups(model)
+        wide = sorted({n for g in recipe.sixteen_bit_weights for n in weights[g]})
         for name in wide:
             overrides[name] = [{"quant_type": QuantType.QInt16, "symmetric": True}]
         # ORT's calibrators keep every intermediate tensor of the runs of one collection pass (about
