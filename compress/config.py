@@ -17,17 +17,18 @@ from quant.profiles import PROFILES
 from quant.quantize import PRESETS
 
 TRANSFORMS = ("rotate", "smooth", "embed-rows")  # compress.outliers rewrites, in the order they apply
-# The rewrites each recipe was measured best with (benchmarks/results/quant_accuracy_*.md): 16-bit
-# activations need only the per-row embedding scales; 8-bit ones also need the rotation.
+# The rewrites each recipe was measured best with (benchmarks/results/quant_accuracy_*.md): both need the
+# rotation (the first position's massive activation sets every residual range) and per-row embedding scales.
 DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("rotate", "embed-rows"), "a8w8": ("rotate", "embed-rows")}
 
 STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", "report")
 """The stages in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
 ``--teacher-correction-tokens`` is set; ``quantize`` does nothing with ``--quant none``."""
 STUDENTS = ("minitron", "mobilellm")
+"""Student families built so far: ``minitron`` is the teacher pruned by importance, then distilled;
+``mobilellm`` the same, deep and thin, with each block applied twice (compress.mobilellm)."""
 # How many times in a row each kept block is applied (MobileLLM's immediate block-wise weight sharing).
 BLOCK_REPEATS = {"minitron": 1, "mobilellm": 2}
-"""Student families built so far: ``minitron`` is the teacher pruned by importance, then distilled."""
 QUANT_CHOICES = ("none", *PRESETS)
 AXES = ("heads", "kv", "hidden", "mlp", "layers")
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
