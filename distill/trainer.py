@@ -61,30 +61,35 @@ class KnowledgeDistillationLoss(nn.Module):
         want_states = self.hidden is not None
         student_out = self.student.base_model(input_ids=ids, output_hidden_states=want_states)
         student_hidden = student_out.last_hidden_state[:, :-1]  # (batch, seq-1, width): predicts ids[:, 1:]
-        teacher_out = teacher_hidden = teacher_head = None
+        teacher_out = teacher_hidden = None
         if teacher is not None and (c.kl_weight or self.hidden is not None):  # plain CE training needs no teacher
             with torch.no_grad():
                 teacher_out = teacher.base_model(input_ids=ids, output_hidden_states=want_states)
             teacher_hidden = teacher_out.last_hidden_state[:, :-1]
-            teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-            teacher_head = teacher.get_output_embeddings().weight
-        loss = logit_distillation_loss(
-            student_hidden.reshape(-1, student_hidden.shape[-1]),
-            self.student.get_output_embeddings().weight,
-            teacher_hidden,
-            teacher_head,
-            targets=ids[:, 1:].reshape(-1),
-            temperature=c.temperature,
-            kl_weight=c.kl_weight,
-            ce_weight=c.ce_weight,
-            chunk=max(1, c.kl_chunk_elements // self.student.get_output_embeddings().weight.shape[0]),
-            student_cap=_cap(self.student),
-            teacher_cap=_cap(teacher) if teacher is not None else None,
-        )
+        loss = self._logit_loss(student_hidden, teacher_hidden, ids[:, 1:])
         if self.hidden is not None and teacher_out is not None:
             loss = loss + c.hidden_weight * self.hidden(student_out.hidden_states, teacher_out.hidden_states)
         return loss
 
+    def _logit_loss(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor | None,
+                    targets: torch.Tensor) -> torch.Tensor:
+        """The logit loss of final hidden states [batch, positions, width] predicting ``targets`` [batch, positions];
+        ``teacher_hidden`` None means cross-entropy only."""
+        c, teacher = self.config, self._teacher
+        head = self.student.get_output_embeddings().weight
+        return logit_distillation_loss(
+            student_hidden.reshape(-1, student_hidden.shape[-1]),
+            head,
+            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None,
+            teacher.get_output_embeddings().weight if teacher_hidden is not None else None,
+            targets=targets.reshape(-1),
+            temperature=c.temperature,
+            kl_weight=c.kl_weight,
+            ce_weight=c.ce_weight,
+            chunk=max(1, c.kl_chunk_elements // head.shape[0]),
+            student_cap=_cap(self.student),
+            teacher_cap=_cap(teacher) if teacher is not None else None,
+        )
 
     def _across(self, ids: torch.Tensor) -> torch.Tensor:
         """The loss of an encoder-decoder student on ``ids`` cut at ``split_point`` (see the module docstring)."""
@@ -97,19 +102,11 @@ class KnowledgeDistillationLoss(nn.Module):
         out = self.student(input_ids=prefix, decoder_input_ids=torch.cat((start, continuation[:, :-1]), dim=1),
                            output_hidden_states=True)
         student_hidden = out.decoder_hidden_states[-1]  # position j predicts continuation[:, j]
-        teacher_hidden = teacher_head = None
+        teacher_hidden = None
         if teacher is not None and c.kl_weight:
             with torch.no_grad():
-                states = teacher.base_model(input_ids=ids).last_hidden_state[:, cut - 1 : -1]  # predict ids[:, cut:]
-            teacher_hidden = states.reshape(-1, states.shape[-1])
-            teacher_head = teacher.get_output_embeddings().weight
-        head = self.student.get_output_embeddings().weight
-        return logit_distillation_loss(
-            student_hidden.reshape(-1, student_hidden.shape[-1]), head, teacher_hidden, teacher_head,
-            targets=continuation.reshape(-1), temperature=c.temperature, kl_weight=c.kl_weight, ce_weight=c.ce_weight,
-            chunk=max(1, c.kl_chunk_elements // head.shape[0]), student_cap=_cap(self.student),
-            teacher_cap=_cap(teacher) if teacher is not None else None,
-        )
+                teacher_hidden = teacher.base_model(input_ids=ids).last_hidden_state[:, cut - 1 : -1]  # ids[:, cut:]
+        return self._logit_loss(student_hidden, teacher_hidden, continuation)
 
 
 def split_point(ids: torch.Tensor) -> int:
