@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.mu import MASK_VALUE, MuForConditionalGeneration, rope_tables
+from quant import runtime
 
 
 def _names(prefix: str, layers: int) -> list[str]:
@@ -125,25 +126,11 @@ def generate(encoder_sess, decoder_sess, input_ids: list[int], steps: int, start
     encoder_mask = np.zeros((1, length), dtype=np.float32)
     encoder_mask[0, : len(input_ids)] = 1.0
     cross = encoder_sess.run(None, {"input_ids": ids, "attention_mask": encoder_mask})
-    inputs = {i.name: i for i in decoder_sess.get_inputs()}
-    outputs = [o.name for o in decoder_sess.get_outputs()]
-    feeds = {name: value for name, value in zip([o.name for o in encoder_sess.get_outputs()], cross, strict=True)}
-    feeds["encoder_mask"] = encoder_mask
-    for name, arg in inputs.items():
-        if name.startswith("past.") or name == "attention_mask":
-            feeds[name] = np.zeros(arg.shape, dtype=np.float32)
+    constants = dict(zip([o.name for o in encoder_sess.get_outputs()], cross, strict=True))
+    cache = runtime.DecodeCache(decoder_sess, {**constants, "encoder_mask": encoder_mask}, record)
     token, tokens, logits_seen = start_token, [], []
-    for position in range(steps):
-        feeds["input_ids"] = np.array([[token]], dtype=np.int64)
-        feeds["position_ids"] = np.array([[position]], dtype=np.int64)
-        if record is not None:
-            record.append(dict(feeds))
-        result = dict(zip(outputs, decoder_sess.run(outputs, feeds), strict=True))
-        feeds["attention_mask"] = np.concatenate([feeds["attention_mask"][:, 1:], np.ones((1, 1), np.float32)], axis=1)
-        for name in outputs:
-            if name.startswith("present."):
-                feeds[name.replace("present.", "past.")] = result[name]
-        logits_seen.append(result["logits"][0, -1])
+    for _ in range(steps):
+        logits_seen.append(cache.step(token))
         token = int(np.argmax(logits_seen[-1]))
         tokens.append(token)
     return tokens, logits_seen

@@ -98,21 +98,29 @@ def empty_cache(sess) -> dict[str, np.ndarray]:  # noqa: ANN001
     return feeds
 
 
-class _Cache:
-    """A decode graph's host loop: the static cache and mask kept in step, optionally seeded by a prefill run."""
+class DecodeCache:
+    """A decode graph's host loop: the static cache and mask kept in step, optionally seeded by a prefill run.
 
-    def __init__(self, sess) -> None:  # noqa: ANN001
+    ``constants`` are inputs fed unchanged at every step (an encoder-decoder's cross-attention keys and
+    values and its encoder mask); ``record``, when given, collects every step's feeds (calibration data)."""
+
+    def __init__(self, sess, constants: dict[str, np.ndarray] | None = None,  # noqa: ANN001
+                 record: list[dict[str, np.ndarray]] | None = None) -> None:
         self.sess = sess
         self.state = empty_cache(sess)
         self.capacity = self.state["attention_mask"].shape[1]
         self.outputs = [o.name for o in sess.get_outputs()]
         self.presents = [name for name in self.outputs if name.startswith("present.")]
         self.position = 0
+        self.constants = constants or {}
+        self.record = record
 
     def step(self, token: int) -> np.ndarray:
         """Feed one token; the logits of the next."""
         feeds = {"input_ids": np.array([[token]], dtype=np.int64),
-                 "position_ids": np.array([[self.position]], dtype=np.int64), **self.state}
+                 "position_ids": np.array([[self.position]], dtype=np.int64), **self.constants, **self.state}
+        if self.record is not None:
+            self.record.append(feeds)
         result = dict(zip(self.outputs, self.sess.run(self.outputs, feeds), strict=True))
         mask = np.concatenate([self.state["attention_mask"][:, 1:], np.ones((1, 1), np.float32)], axis=1)
         self.state = {"attention_mask": mask, **{p.replace("present.", "past."): result[p] for p in self.presents}}
@@ -140,7 +148,7 @@ def decode(sess, prompt: Sequence[int], steps: int, prefill_sess=None) -> tuple[
     """Greedy decoding: feed ``prompt`` token by token (or seed the cache with ``prefill_sess``), then
     generate ``steps`` tokens. Returns the generated tokens, the logits of every decode step, and the
     median seconds per generated token."""
-    cache = _Cache(sess)
+    cache = DecodeCache(sess)
     if prefill_sess is not None and prompt:
         last = cache.prefill(prefill_sess, prompt)
     else:
@@ -171,7 +179,7 @@ def decode_quality(sess, prefill_sess, ids: np.ndarray, prompt_tokens: int,  # n
         raise ValueError(f"prompt_tokens must be in (0, {length}), got {prompt_tokens}")
     total, count, agree = 0.0, 0, 0
     for n, row in enumerate(tqdm(ids, desc=f"evaluate {label}", unit="seq", disable=not progress)):
-        cache = _Cache(sess)
+        cache = DecodeCache(sess)
         logits = [cache.prefill(prefill_sess, [int(t) for t in row[:prompt_tokens]])]
         logits += [cache.step(int(t)) for t in row[prompt_tokens:-1]]
         scored = np.stack(logits).astype(np.float64)  # predictions of row[prompt_tokens:]
