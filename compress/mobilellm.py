@@ -70,6 +70,14 @@ AutoConfig.register(MobileLLMConfig.model_type, MobileLLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(MobileLLMConfig, MobileLLMForCausalLM, exist_ok=True)
 
 
+def _llama_fields(config: LlamaConfig) -> dict[str, Any]:
+    """The Llama fields of ``config``, without what names its class or its sharing."""
+    values = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "share_repeats"):
+        values.pop(key, None)
+    return values
+
+
 def share_blocks(model: LlamaForCausalLM, repeats: int = 2) -> MobileLLMForCausalLM:
     """A MobileLLM-like model that applies each decoder layer of ``model`` ``repeats`` times in a row.
 
@@ -78,9 +86,7 @@ def share_blocks(model: LlamaForCausalLM, repeats: int = 2) -> MobileLLMForCausa
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    values = model.config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "share_repeats"):
-        values.pop(key, None)
+    values = _llama_fields(model.config)
     layers = len(model.model.layers)
     values["num_hidden_layers"] = layers * repeats
     config = MobileLLMConfig(share_repeats=repeats, **values)
@@ -105,9 +111,7 @@ def share_blocks(model: LlamaForCausalLM, repeats: int = 2) -> MobileLLMForCausa
 
 def unshare(model: MobileLLMForCausalLM) -> LlamaForCausalLM:
     """The same function as a plain ``LlamaForCausalLM``: every layer stores its own copy of the weights."""
-    values = model.config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "share_repeats"):
-        values.pop(key, None)
+    values = _llama_fields(model.config)
     plain = LlamaForCausalLM(LlamaConfig(**values)).to(next(model.parameters()).dtype)
     plain.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})
     return plain.eval()
