@@ -196,7 +196,7 @@ class _Reader:
     calibration uses to collect a few runs at a time."""
 
     def __init__(self, feeds: Sequence[dict[str, np.ndarray]], bar: Any = None) -> None:
-        self._feeds = list(feeds)
+        self._feeds = feeds
         self._i, self._end = 0, len(self._feeds)
         self._bar = bar  # a tqdm bar advanced once per calibration run, or None
 
@@ -226,7 +226,7 @@ def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
 def quantize(
     float_path: str | Path,
     out_path: str | Path,
-    feeds: Iterable[dict[str, np.ndarray]],
+    feeds: Sequence[dict[str, np.ndarray]] | Iterable[dict[str, np.ndarray]],
     recipe: QuantRecipe,
     profile: NpuProfile,
     progress: bool = False,
@@ -234,14 +234,15 @@ def quantize(
     """Quantize the float graph at ``float_path`` into a QDQ graph at ``out_path`` (written atomically).
 
     ``feeds`` are calibration inputs (one dict of input name → array per run), real data from the
-    calibration split. Returns what was done, including how many tensors were kept at 16 bits.
+    calibration split; a ``Sequence`` is read item by item (it may build them on demand). Returns what was done, including how many tensors were kept at 16 bits.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantType
     from onnxruntime.quantization import quantize as ort_quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
     started = time.perf_counter()
-    feeds = list(feeds)
+    if not isinstance(feeds, Sequence):
+        feeds = list(feeds)  # a sequence stays as it is: its items may be built on demand
     if not feeds:
         raise ValueError("quantization needs at least one calibration input")
     activation = QuantType.QUInt16 if recipe.activation_bits == 16 else QuantType.QUInt8

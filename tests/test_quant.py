@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from compress.errors import UnsupportedArchitectureError
 from compress.export import StaticLM
 from compress.outliers import fold_norms, rotate, smooth
-from compress.quantization import export_graphs, prepare, quantize_graphs
+from compress.quantization import DecodeFeeds, export_graphs, prepare, quantize_graphs
 from quant import runtime
 from quant.profiles import check, get_profile
 from quant.quantize import PRESETS, QuantRecipe, tensor_groups
@@ -83,6 +83,28 @@ def test_decode_graph_scores_continuations_like_the_prefill_graph(llama_graphs):
     assert runtime.decode_quality(step, prefill, ids, half, reference_top1=wrong).agreement == 0.0
     with pytest.raises(ValueError, match="prompt_tokens"):
         runtime.decode_quality(step, prefill, ids, CAPACITY)
+
+
+def test_decode_calibration_feeds_are_what_the_host_loop_feeds(llama_graphs):
+    model, lm, folder = llama_graphs
+    ids = _ids(model, 2).numpy()
+    feeds = DecodeFeeds(lm, ids, steps_per_sequence=5)
+    assert len(feeds) == 2 * len(feeds.positions) and feeds.positions[:2] == [0, 1]
+    assert feeds.positions[-1] == CAPACITY - 1
+    prefill, step = runtime.session(folder / "model.onnx"), runtime.session(folder / "decode.onnx")
+    for index in range(len(feeds)):
+        row, cut = divmod(index, len(feeds.positions))
+        cut = feeds.positions[cut]
+        feed = feeds[index]
+        cache = runtime.DecodeCache(step)
+        if cut:
+            cache.prefill(prefill, [int(t) for t in ids[row, :cut]])
+        assert int(feed["input_ids"][0, 0]) == ids[row, cut] and int(feed["position_ids"][0, 0]) == cut == cache.position
+        assert set(feed) == {i.name for i in step.get_inputs()}
+        for name, value in cache.state.items():
+            assert np.abs(feed[name] - value).max() <= 1e-5, (index, name)
+    with pytest.raises(IndexError):
+        feeds[len(feeds)]
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama-tied", "qwen2-biases-untied"])
