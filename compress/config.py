@@ -116,6 +116,7 @@ class CompressConfig:
     npu_profile: str = "qnn-htp"
     quant_transforms: tuple[str, ...] | None = None  # None: DEFAULT_TRANSFORMS[quant]
     quant_calib_samples: int = 8
+    quant_decode_calib_tokens: int = 512
     student: str = "minitron"
     stop_after: str = "report"
     seed: int = 0
@@ -158,7 +159,7 @@ class CompressConfig:
             raise ConfigError("--distill-lr and --distill-temperature must be positive, --distill-ce-weight >= 0")
         for name in ("calib_samples", "calib_seq_len", "batch_size", "search_candidates", "eval_samples", "eval_seq_len",
                      "distill_tokens", "distill_seq_len", "distill_batch_size", "distill_grad_accum", "seq_len",
-                     "quant_calib_samples"):
+                     "quant_calib_samples", "quant_decode_calib_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if not 0 < self.tolerance < 1:

@@ -45,7 +45,7 @@ _STAGE_FIELDS = {
                 "distill_optimizer", "distill_schedule", "distill_temperature", "distill_ce_weight",
                 "distill_eval_every"),
     "export": ("seq_len", "quant_transforms", "quant_calib_samples", "npu_profile"),
-    "quantize": ("quant", "npu_profile"),
+    "quantize": ("quant", "npu_profile", "quant_decode_calib_tokens"),
     "report": (),
 }
 _OURS = ("compress", "distill", "quant", "importance", "benchmarks")
@@ -497,6 +497,7 @@ def _quantize(state: _Run) -> dict[str, Any]:
     reference = state.validation(c.seq_len)
     float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
     graphs = quantize_graphs(lm, folder, PRESETS[c.quant], get_profile(c.npu_profile), calib.numpy(),
+                             decode_calib_tokens=c.quant_decode_calib_tokens,
                              progress=state.progress)
     metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress)
     metrics["agreement_with_float"] = metrics.pop("agreement")

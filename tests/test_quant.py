@@ -88,8 +88,8 @@ def test_decode_graph_scores_continuations_like_the_prefill_graph(llama_graphs):
 def test_decode_calibration_feeds_are_what_the_host_loop_feeds(llama_graphs):
     model, lm, folder = llama_graphs
     ids = _ids(model, 2).numpy()
-    feeds = DecodeFeeds(lm, ids, steps_per_sequence=5)
-    assert len(feeds) == 2 * len(feeds.positions) and feeds.positions[:2] == [0, 1]
+    feeds = DecodeFeeds(lm, ids, tokens=14)
+    assert len(feeds) == 14 and len(feeds.positions) == 7 and feeds.positions[:2] == [0, 1]
     assert feeds.positions[-1] == CAPACITY - 1
     prefill, step = runtime.session(folder / "model.onnx"), runtime.session(folder / "decode.onnx")
     for index in range(len(feeds)):

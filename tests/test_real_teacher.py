@@ -52,7 +52,8 @@ def test_prune_smollm2_to_two_thirds(tmp_path, capsys):
     code = main(["--teacher", "smollm2-135m", "--target-size", "0.67x", "--out", str(out),
                  "--calib-samples", "64", "--search-candidates", "2", "--eval-samples", "8", "--eval-seq-len", "64", "--quiet",
                  "--distill-tokens", "1024", "--distill-seq-len", "64", "--distill-eval-every", "1", "--seq-len", "64",
-                 "--quant", "a16w8", "--npu-profile", "qnn-htp", "--quant-calib-samples", "2"])
+                 "--quant", "a16w8", "--npu-profile", "qnn-htp", "--quant-calib-samples", "2",
+                 "--quant-decode-calib-tokens", "64"])
     assert code == 0
     exported = json.loads((out / "export.metrics.json").read_text())
     assert exported["source"].endswith("student") and exported["max_abs_diff_vs_torch"] <= 1e-3
