@@ -18,6 +18,7 @@ each axis. Pruning algorithms work on the resolved spec and never look at module
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -441,10 +442,14 @@ def teacher_shape(spec: ArchSpec) -> Shape:
     return Shape(spec.hidden, spec.mlp, spec.kv_heads, spec.group_size, spec.num_layers)
 
 
-def config_for(config: Any, spec: ArchSpec, shape: Shape, kept_layers: list[int] | None = None) -> Any:
+def config_for(config: Any, spec: ArchSpec, shape: Shape, kept_layers: list[int] | None = None,
+               validate: bool = True) -> Any:
     """The teacher's config changed to ``shape``, validated by the family's own config class.
 
-    Raises ValueError when the family's config rejects the shape or would change ``head_dim``.
+    Raises ValueError when the family's config rejects the shape or would change ``head_dim``. With
+    ``validate=False`` the family's own checks are skipped (the fields are assigned to a copy): for an
+    intermediate model that is never saved, e.g. a teacher pruned to a Mu-like student's widths, whose
+    attention width need not equal its hidden size.
     """
     family = spec.family_spec
     values = config.to_dict()
@@ -462,7 +467,13 @@ def config_for(config: Any, spec: ArchSpec, shape: Shape, kept_layers: list[int]
     if "head_dim" in values and values["head_dim"]:
         values["head_dim"] = spec.head_dim
     values.pop("quantization_config", None)
-    new = type(config).from_dict(values)
+    if validate:
+        new = type(config).from_dict(values)
+    else:
+        new = copy.deepcopy(config)
+        for key, value in values.items():
+            if getattr(new, key, None) != value:
+                setattr(new, key, value)
     if head_dim_of(new, family) != spec.head_dim:
         raise ValueError(
             f"head_dim would become {head_dim_of(new, family)} instead of {spec.head_dim} "

@@ -109,3 +109,49 @@ def quality(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, reference:
     top1 = torch.cat(blocks)
     agreement = None if reference is None else float((top1 == reference).float().mean())
     return Quality(_from_nll(nll, ids), top1, agreement)
+
+
+@dataclass(frozen=True)
+class ContinuationQuality:
+    """Perplexity of the continuations ``ids[:, cut:]`` given the prefixes ``ids[:, :cut]``, and top-1 agreement."""
+
+    perplexity: float
+    nll: float
+    tokens: int
+    cut: int
+    agreement: float | None
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"perplexity": self.perplexity, "nll": self.nll, "tokens": self.tokens, "cut": self.cut,
+                "agreement": self.agreement}
+
+
+def continuation_logits(model: nn.Module, ids: torch.Tensor, cut: int) -> torch.Tensor:
+    """Logits [B, L - cut, V] predicting ``ids[:, cut:]``: a causal LM reads the whole sequence, an
+    encoder-decoder encodes the prefix and decodes the continuation after its start token."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        start = torch.full_like(ids[:, :1], model.config.decoder_start_token_id)
+        return model(input_ids=ids[:, :cut], decoder_input_ids=torch.cat((start, ids[:, cut:-1]), dim=1)).logits
+    return model(input_ids=ids).logits[:, cut - 1 : -1]
+
+
+def continuation_quality(model: nn.Module, ids: torch.Tensor, cut: int, batch_size: int = 8,
+                         reference: torch.Tensor | None = None) -> tuple[ContinuationQuality, torch.Tensor]:
+    """fp32 perplexity of the continuations of ``ids`` after ``cut`` tokens, for a causal or an encoder-decoder
+    model alike (how a decoder-only teacher and a Mu-like student are compared), the model's top-1 predictions
+    [B, L - cut] and their agreement with ``reference`` (e.g. the teacher's)."""
+    if not 0 < cut < ids.shape[1]:
+        raise ValueError(f"cut must be in (0, {ids.shape[1]}), got {cut}")
+    total, best = 0.0, []
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch_size):
+            block = ids[start : start + batch_size]
+            logits = continuation_logits(model, block, cut).float()
+            total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), block[:, cut:].reshape(-1),
+                                                       reduction="sum"))
+            best.append(logits.argmax(-1))
+    top1 = torch.cat(best)
+    tokens = int(top1.numel())
+    nll = total / tokens
+    agreement = None if reference is None else float((top1 == reference).float().mean())
+    return ContinuationQuality(math.exp(min(nll, 700.0)), nll, tokens, cut, agreement), top1

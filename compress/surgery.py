@@ -87,9 +87,10 @@ def apply_plan(model: nn.Module, spec: ArchSpec, plan: PruningPlan) -> nn.Module
     return student
 
 
-def prune(model: nn.Module, spec: ArchSpec, shape: Shape, kept: dict[str, list[int]]) -> nn.Module:
-    """A new model of the teacher's class of ``shape``, keeping the units ``kept`` lists per axis."""
-    config = config_for(model.config, spec, shape, kept["layers"])
+def prune(model: nn.Module, spec: ArchSpec, shape: Shape, kept: dict[str, list[int]], validate: bool = True) -> nn.Module:
+    """A new model of the teacher's class of ``shape``, keeping the units ``kept`` lists per axis (``validate``:
+    see :func:`compress.archspec.config_for`)."""
+    config = config_for(model.config, spec, shape, kept["layers"], validate=validate)
     state = pruned_state_dict(model, spec, shape, kept)
     with init_empty_weights(include_buffers=False):  # no random init: every weight comes from the teacher
         student = type(model)(config)

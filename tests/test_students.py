@@ -233,3 +233,52 @@ def test_mu_like_student_distills_from_a_causal_teacher_across_architectures(tmp
     result = distill(student, teacher, train, config, progress=False)
     after = _continuation_kl(student.eval(), teacher, held_out, 12)
     assert result.steps == 40 and after < 0.7 * before, (before, after)
+
+
+def test_mu_like_student_initialized_from_the_teacher_copies_its_blocks_and_fits_its_outputs():
+    from compress.archspec import resolve
+    from compress.mu import MuConfig, MuForConditionalGeneration
+    from compress.mu_init import mu_from_teacher
+    from compress.scoring import score_importance
+
+    teacher = tiny_llama(layers=4)
+    spec = resolve(teacher)
+    calib = torch.randint(3, teacher.config.vocab_size, (8, 16), generator=torch.Generator().manual_seed(3))
+    scores = score_importance(teacher, spec, "activation", calib)
+    theta = teacher.config.rope_parameters["rope_theta"]
+    full = dict(vocab_size=teacher.config.vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, rope_theta=theta, bos_token_id=1)
+    # Every teacher width kept: the copies must be the teacher's own blocks, encoder first, decoder last.
+    mu = mu_from_teacher(teacher, spec, scores, MuConfig(encoder_layers=2, decoder_layers=2, **full), calib)
+    layers = teacher.model.layers
+    for dst, src in zip([*mu.model.encoder_layers, *mu.model.decoder_layers], layers, strict=True):
+        assert torch.equal(dst.self_attn.q_proj.weight, src.self_attn.q_proj.weight)
+        assert torch.equal(dst.mlp.down_proj.weight, src.mlp.down_proj.weight)
+        assert torch.equal(dst.attn_pre_norm.weight, src.input_layernorm.weight)
+    assert torch.equal(mu.model.decoder_layers[1].cross_attn.v_proj.weight, layers[3].self_attn.v_proj.weight)
+    assert torch.equal(mu.model.shared.weight, teacher.model.embed_tokens.weight)
+    assert mu.lm_head.weight is mu.model.shared.weight
+    # The output norms reproduce the teacher's sub-layer outputs better than an identity LayerNorm does.
+    outputs = []
+    hook = layers[1].mlp.down_proj.register_forward_hook(lambda _m, _i, out: outputs.append(out[:, 1:].reshape(-1, 64)))
+    with torch.no_grad():
+        teacher(input_ids=calib)
+    hook.remove()
+    target = outputs[0]
+    fitted = mu.model.encoder_layers[1].mlp_post_norm
+    identity = torch.nn.LayerNorm(64)
+    with torch.no_grad():
+        assert (fitted(target) - target).pow(2).mean() < 0.5 * (identity(target) - target).pow(2).mean()
+    # Pruned widths: a narrower, shallower Mu still takes the teacher's most important units, also when its
+    # attention width (4 heads x 16) differs from its hidden size (48), which Llama's own config refuses.
+    small = MuConfig(encoder_layers=2, decoder_layers=1, **{**full, "hidden_size": 48, "intermediate_size": 64})
+    mu = mu_from_teacher(teacher, spec, scores, small, calib)
+    assert isinstance(mu, MuForConditionalGeneration) and mu.model.shared.weight.shape == (teacher.config.vocab_size, 48)
+    assert mu.model.encoder_layers[0].self_attn.q_proj.weight.shape == (64, 48)
+    ids = calib[:2]
+    with torch.no_grad():
+        assert torch.isfinite(mu(input_ids=ids[:, :8], decoder_input_ids=ids[:, 8:]).logits).all()
+    with pytest.raises(ValueError, match="rope_theta"):
+        mu_from_teacher(teacher, spec, scores, MuConfig(encoder_layers=2, decoder_layers=1, **{**full, "rope_theta": 1.0}), calib)
+    with pytest.raises(ValueError, match="layers"):
+        mu_from_teacher(teacher, spec, scores, MuConfig(encoder_layers=4, decoder_layers=1, **full), calib)
