@@ -183,9 +183,11 @@ def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
             text = f"{m['method']} importance, {m['samples']} samples, {m['tokens']} tokens"
         elif stage.stage == "plan":
             s = m["shape"]
+            layers = (f"layers {s['layers']}" if "layers" in s else
+                      f"encoder {s['encoder_layers']} + decoder {s['decoder_layers']} layers")
             text = (
                 f"hidden {s['hidden']}, mlp {s['mlp']}, heads {s['kv_heads']}x{s['heads_per_group']}, "
-                f"layers {s['layers']}: {m['params'] / 1e6:.1f}M params ({m['params'] / m['teacher_params']:.2f}x)"
+                f"{layers}: {m['params'] / 1e6:.1f}M params ({m['params'] / m['teacher_params']:.2f}x)"
             )
         elif stage.stage == "distill" and "skipped" not in m:
             text = (
@@ -194,15 +196,19 @@ def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
             )
         elif stage.stage == "export":
             g = m["fp32"]
-            text = (f"{result.run_dir / 'onnx'}/model.onnx, decode.onnx  fp32 perplexity {g['perplexity']:.2f}, "
-                    f"{g['prefill_mb']:.0f} MB, prefill {g['prefill_latency_ms']:.0f} ms, "
+            first = "first token" if g.get("metric") == "continuation" else "prefill"
+            text = (f"{result.run_dir / g.get('path', 'onnx/model.onnx')}, {Path(g.get('decode_path', 'decode.onnx')).name}  "
+                    f"fp32 perplexity {g['perplexity']:.2f}, {g['prefill_mb']:.0f} MB, {first} {g['prefill_latency_ms']:.0f} ms, "
                     f"decode {g['decode_tokens_per_second']:.1f} tokens/s")
         elif stage.stage == "quantize":
             if m["quant"] == "none":
                 continue
             g = m[m["quant"]]
-            text = (f"model.{m['quant']}.onnx ({m['npu_profile']})  perplexity {g['perplexity']:.2f}, agreement "
-                    f"{g['agreement']:.3f}, {g['prefill_mb']:.0f} MB, prefill {g['prefill_latency_ms']:.0f} ms, decode "
+            first = "first token" if g.get("metric") == "continuation" else "prefill"
+            graph = Path(g.get("path", f"model.{m['quant']}.onnx")).name
+            text = (f"{graph} ({m['npu_profile']})  perplexity "
+                    f"{g['perplexity']:.2f}, agreement {g['agreement']:.3f}, {g['prefill_mb']:.0f} MB, {first} "
+                    f"{g['prefill_latency_ms']:.0f} ms, decode "
                     f"{g['decode_tokens_per_second']:.1f} tokens/s, {len(m['violations'])} profile violations")
         elif stage.stage == "distill" and "skipped" in m:
             text = m["skipped"]

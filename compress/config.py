@@ -24,11 +24,11 @@ DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("rotate", "embed-rows")
 STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", "report")
 """The stages in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
 ``--teacher-correction-tokens`` is set; ``quantize`` does nothing with ``--quant none``."""
-STUDENTS = ("minitron", "mobilellm")
+STUDENTS = ("minitron", "mobilellm", "mu")
 """Student families built so far: ``minitron`` is the teacher pruned by importance, then distilled;
 ``mobilellm`` the same, deep and thin, with each block applied twice (compress.mobilellm)."""
 # How many times in a row each kept block is applied (MobileLLM's immediate block-wise weight sharing).
-BLOCK_REPEATS = {"minitron": 1, "mobilellm": 2}
+BLOCK_REPEATS = {"minitron": 1, "mobilellm": 2, "mu": 1}
 QUANT_CHOICES = ("none", *PRESETS)
 AXES = ("heads", "kv", "hidden", "mlp", "layers")
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
@@ -135,8 +135,7 @@ class CompressConfig:
         _choice("proxy", self.proxy, PROXIES)
         _choice("stop-after", self.stop_after, STAGES)
         if self.student not in STUDENTS:
-            raise ConfigError(f"--student {self.student!r}: choose {' or '.join(STUDENTS)} (the Mu-like encoder-decoder "
-                              "is not built yet)")
+            raise ConfigError(f"--student {self.student!r}: choose one of {', '.join(STUDENTS)}")
         _choice("quant", self.quant, QUANT_CHOICES)
         _choice("npu-profile", self.npu_profile, tuple(PROFILES))
         transforms = DEFAULT_TRANSFORMS[self.quant] if self.quant_transforms is None else self.quant_transforms

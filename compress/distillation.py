@@ -17,9 +17,9 @@ import torch.distributed as dist
 from compress.config import CompressConfig
 from compress.data import token_batches
 from compress.errors import CompressError
-from compress.evaluate import quality
+from compress.evaluate import continuation_quality, quality
 from compress.mobilellm import is_block_shared
-from compress.students import register as register_students
+from compress.mu_run import cut_of
 from compress.surgery import save_checkpoint
 from distill import DistillError, distill
 
@@ -45,12 +45,12 @@ def distill_student(
 
     ``reference``: the teacher's top-1 predictions on the validation sequences, for the student's agreement.
     """
-    from transformers import AutoModelForCausalLM
+    from compress.pipeline import load_model
 
     if not (student_dir / "config.json").exists():
         raise CompressError(f"no student checkpoint in {student_dir}; run the prune stage first or pass --student DIR")
-    register_students()
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    student = load_model(student_dir, dtype=torch.float32)
+    encoder_decoder = bool(getattr(student.config, "is_encoder_decoder", False))
     settings = config.distill_config()
     if settings.parallel == "fsdp" and is_block_shared(student):
         # fully_shard gives each decoder layer its own flat shards, and a shared layer lives in two of them.
@@ -63,6 +63,12 @@ def distill_student(
     agreement: dict[str, float | None] = {}
 
     def evaluate(model: Any) -> float:
+        if encoder_decoder:  # scored on continuations, like every row of a Mu-like run (compress.mu_run)
+            cut = cut_of(valid.shape[1])
+            scored, _ = continuation_quality(model, valid, cut, config.batch_size,
+                                             None if reference is None else reference[:, cut - 1 :])
+            agreement["last"] = scored.agreement
+            return scored.perplexity
         measured = quality(model, valid, config.batch_size, reference)
         agreement["last"] = measured.agreement
         return measured.perplexity.perplexity

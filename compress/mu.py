@@ -322,13 +322,17 @@ def layer_params(config: MuConfig) -> tuple[int, int]:
 
 
 def mu_config(vocab_size: int, target_params: int, align: int = 64, head_dim: int = 64, heads_per_kv: int = 3,
-              mlp_ratio: float = 8 / 3, encoder_share: float = 2 / 3, **special: Any) -> MuConfig:
+              mlp_ratio: float = 8 / 3, encoder_share: float = 2 / 3, max_hidden: int = 4096, max_mlp: int | None = None,
+              max_layers: int | None = None, **special: Any) -> MuConfig:
     """The widest aligned Mu-like config within ``target_params`` that still has at least 3 decoder layers, with
-    encoder layers holding about ``encoder_share`` of the layer parameters."""
+    encoder layers holding about ``encoder_share`` of the layer parameters. ``max_*`` keep it within a teacher
+    it is to be initialized from (:func:`compress.mu_init.mu_from_teacher`)."""
     best = None
-    for hidden in range(align * 4, 4097, align):
+    for hidden in range(align * 4, max_hidden + 1, align):
         heads = max(heads_per_kv, (hidden // head_dim) // heads_per_kv * heads_per_kv)
         mlp = max(align, round(hidden * mlp_ratio / align) * align)
+        if max_mlp is not None:
+            mlp = min(mlp, max_mlp // align * align)
         config = MuConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=mlp, encoder_layers=1,
                           decoder_layers=1, num_attention_heads=heads, num_key_value_heads=heads // heads_per_kv,
                           head_dim=head_dim, **special)
@@ -339,6 +343,8 @@ def mu_config(vocab_size: int, target_params: int, align: int = 64, head_dim: in
         encoder = math.floor((budget - decoder * per_decoder) / per_encoder)
         if decoder < 3 or encoder < 3:
             break
+        if max_layers is not None and encoder + decoder > max_layers:
+            continue
         config.encoder_layers, config.decoder_layers = encoder, decoder
         best = config
     if best is None:

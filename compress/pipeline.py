@@ -84,18 +84,14 @@ class CompressResult:
         return PruningPlan.load(self.run_dir / "plan.json")
 
     def load_pruned(self) -> Any:
-        """The pruned model (before distillation), loaded from the run directory."""
-        from transformers import AutoModelForCausalLM
-
-        return _registered(AutoModelForCausalLM).from_pretrained(self.pruned_dir)
+        """The pruned model (before distillation; a Mu-like student's teacher initialization), from the run directory."""
+        return load_model(self.pruned_dir)
 
     def load_student(self) -> Any:
         """The distilled student, loaded from the run directory (needs ``stop_after="distill"``)."""
-        from transformers import AutoModelForCausalLM
-
         if not (self.student_dir / "config.json").exists():
             raise CompressError(f"{self.student_dir} holds no student yet; run with stop_after='distill'")
-        return _registered(AutoModelForCausalLM).from_pretrained(self.student_dir)
+        return load_model(self.student_dir)
 
     def metrics(self) -> dict[str, Any]:
         return {s.stage: s.metrics for s in self.stages}
@@ -273,7 +269,7 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
     state.teacher_fingerprint = fingerprints["correct"]
     if any(done.get(stage) != fingerprint for stage, fingerprint in fingerprints.items()):
         state.dataset  # noqa: B018 - unreadable data fails here, before any stage spends time
-    if "plan" in fingerprints and done.get("plan") != fingerprints["plan"]:
+    if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and config.student != "mu":
         # Refuse an infeasible target before the expensive scoring stage, not after it.
         feasible_shapes(state.spec, state.teacher.config, config.target, config.axes, config.align, config.tolerance)
     for stage, fingerprint in fingerprints.items():
@@ -352,6 +348,10 @@ def _score(state: _Run) -> dict[str, Any]:
 
 def _plan(state: _Run) -> dict[str, Any]:
     c = state.config
+    if c.student == "mu":
+        from compress import mu_run
+
+        return mu_run.plan_stage(state)
     scores = ImportanceScores.load(state.dir / "scores.safetensors")
     check_scores(scores, state.spec)
     calib = state.ids("calibration", c.calib_seq_len, _PROXY_SEQUENCES) if c.proxy == "loss" else None
@@ -393,6 +393,10 @@ def _plan(state: _Run) -> dict[str, Any]:
 
 def _prune(state: _Run) -> dict[str, Any]:
     c = state.config
+    if c.student == "mu":
+        from compress import mu_run
+
+        return mu_run.prune_stage(state)
     chosen = PruningPlan.load(state.dir / "plan.json")
     student = apply_plan(state.teacher, state.spec, chosen)
     save_checkpoint(student, state.tokenizer, state.dir / "pruned")
@@ -420,14 +424,23 @@ def _distill(state: _Run) -> dict[str, Any]:
     for other in (state.dir / "checkpoints").glob("*"):
         if other != checkpoints:
             shutil.rmtree(other, ignore_errors=True)
-    chosen = PruningPlan.load(state.dir / "plan.json")
-    if chosen.params >= chosen.teacher_params:
+    chosen = read_json(state.dir / "plan.json")
+    if chosen["params"] >= chosen["teacher_params"]:
         shutil.rmtree(state.dir / "student", ignore_errors=True)
         return {"skipped": "the plan keeps every parameter: the student is the teacher"}
     reference = state.validation(state.config.eval_seq_len)
     metrics = distill_student(state.dir / "pruned", state.teacher, state.tokenizer, state.dataset, state.config,
                               state.dir / "student", checkpoints, progress=state.progress, reference=reference.teacher_top1)
     return {**metrics, "student_mb": folder_mb(state.dir / "student")}
+
+
+def load_model(path: Path, **kwargs: Any) -> Any:
+    """A checkpoint of any student family: a causal LM, or an encoder-decoder (Mu-like) one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = _registered(AutoConfig).from_pretrained(path)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return auto.from_pretrained(path, **kwargs)
 
 
 def _registered(auto: Any) -> Any:
@@ -466,6 +479,10 @@ def _export(state: _Run) -> dict[str, Any]:
     from quant import runtime
 
     c = state.config
+    if c.student == "mu":
+        from compress import mu_run
+
+        return mu_run.export_stage(state)
     source, lm, _ = _prepared(state)
     folder = state.dir / "onnx"
     shutil.rmtree(folder, ignore_errors=True)  # graphs of other settings (and their quantized copies) go
@@ -492,6 +509,10 @@ def _quantize(state: _Run) -> dict[str, Any]:
     c = state.config
     if c.quant == "none":
         return {"quant": "none"}
+    if c.student == "mu":
+        from compress import mu_run
+
+        return mu_run.quantize_stage(state)
     _, lm, calib = _prepared(state)
     folder = state.dir / "onnx"
     reference = state.validation(c.seq_len)

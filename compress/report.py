@@ -43,10 +43,11 @@ def _rows(run_dir: Path, config: dict[str, Any], m: dict[str, dict[str, Any]]) -
                      "mb": distill.get("student_mb"), "perplexity": distill["student_perplexity"],
                      "agreement": distill.get("student_agreement")})
     if "fp32" in export:
-        rows.append(_graph_row("fp32 graph", "onnx/model.onnx", export["fp32"], prune.get("params")))
+        rows.append(_graph_row("fp32 graph", export["fp32"].get("path", "onnx/model.onnx"), export["fp32"], prune.get("params")))
     if quant.get("quant", "none") != "none":
         name = quant["quant"]
-        row = _graph_row(f"{name} graph ({quant['npu_profile']})", f"onnx/model.{name}.onnx", quant[name], prune.get("params"))
+        row = _graph_row(f"{name} graph ({quant['npu_profile']})", quant[name].get("path", f"onnx/model.{name}.onnx"),
+                         quant[name], prune.get("params"))
         row["agreement_with_float"] = quant[name].get("agreement_with_float")
         row["decode_agreement_with_float"] = quant[name].get("decode_agreement_with_float")
         row["violations"] = len(quant["violations"])
@@ -55,7 +56,8 @@ def _rows(run_dir: Path, config: dict[str, Any], m: dict[str, dict[str, Any]]) -
 
 
 def _graph_row(name: str, path: str, g: dict[str, Any], params: int | None) -> dict[str, Any]:
-    return {"name": name, "kind": "onnx", "path": path, "params": params, "mb": g["prefill_mb"],
+    return {"name": name, "kind": "onnx", "path": path, "decode_path": g.get("decode_path", path.replace("model.", "decode.")),
+            "params": params, "mb": g.get("total_mb", g["prefill_mb"]),
             "decode_mb": g.get("decode_mb"), "perplexity": g["perplexity"], "agreement": g.get("agreement"),
             "prefill_latency_ms": g["prefill_latency_ms"], "decode_tokens_per_second": g.get("decode_tokens_per_second"),
             "decode_perplexity": g.get("decode_perplexity"), "decode_agreement": g.get("decode_agreement"),
@@ -75,7 +77,7 @@ def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]]) -> str:
         bar = BARS.get(name, 0.10)
         size = graph["mb"] / float_graph["mb"]
         if increase <= bar and not graph["violations"]:
-            parts.append(f"Ship `{graph['path']}` (with `onnx/decode.{name}.onnx`): {graph['mb']:.0f} MB, {size:.0%} of the "
+            parts.append(f"Ship `{graph['path']}` (with `{graph['decode_path']}`): {graph['mb']:.0f} MB, {size:.0%} of the "
                          f"float graph, perplexity {increase:+.1%} over it (bar {bar:.0%}), no {quant['npu_profile']} "
                          "violations.")
         elif graph["violations"]:
@@ -129,7 +131,7 @@ def _markdown(report: dict[str, Any]) -> str:
                   "first halves (the generation path: the cache passes through the graph every step).", "",
                   "| | perplexity | top-1 agreement with teacher | vs float graph |", "|---|---|---|---|"]
         for r in decoded:
-            path = r["path"].replace("model.", "decode.")
+            path = r["decode_path"]
             lines.append(f"| {r['name']} (`{path}`) | {r['decode_perplexity']:,.2f} | {_fmt(r.get('decode_agreement'), '.3f')} | "
                          f"{_fmt(r.get('decode_agreement_with_float'), '.3f')} |")
         lines.append("")
@@ -139,7 +141,10 @@ def _markdown(report: dict[str, Any]) -> str:
                   f"{d['tokens']:,} training tokens in {d['steps']} steps ({d['tokens_per_second']:,.0f} tokens/s); "
                   f"validation perplexity {d['perplexity_before']:,.2f} → {d['perplexity_after']:,.2f}.", ""]
     p = report.get("plan")
-    if p:
+    if p and not p["candidates"]:
+        lines += ["## Plan", "", f"{p['reason']}.", "",
+                  "Shape: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p["shape"].items()) + ".", ""]
+    elif p:
         lines += ["## Plan", "", f"{p['reason']}.", "",
                   "| hidden | MLP | KV heads x per group | layers | params | importance kept | calibration loss |",
                   "|---|---|---|---|---|---|---|"]
@@ -179,7 +184,14 @@ def _data(config: dict[str, Any], m: dict[str, dict[str, Any]]) -> dict[str, Any
         f"{out['quant_calibration_tokens']:,}."
     )
     graph = export.get("fp32", {})
-    if "decode_new_tokens" in graph:
+    if prune.get("metric") == "continuation":
+        out["sentence"] += (f" The student is an encoder-decoder (Mu-like), so every row, the teacher's included, is "
+                            f"scored on continuations: the first {prune['continuation_cut']} tokens of each sequence are "
+                            "the input (the teacher's context), perplexity and agreement are on the rest.")
+    if graph.get("metric") == "continuation":
+        out["sentence"] += (f" Graph latency: median first token (encoder over a {graph['first_token_prompt_tokens']}-token "
+                            f"input + one decoder step), then {graph['decode_new_tokens']} decoder steps for the decode speed.")
+    elif "decode_new_tokens" in graph:
         out["sentence"] += (f" Latency: median of 10 prefill runs of {config['seq_len']} tokens; decode speed: "
                             f"{graph['decode_new_tokens']} new tokens after a {graph['decode_prompt_tokens']}-token prompt, "
                             "one decode-graph run per token with its static cache.")

@@ -282,3 +282,42 @@ def test_mu_like_student_initialized_from_the_teacher_copies_its_blocks_and_fits
         mu_from_teacher(teacher, spec, scores, MuConfig(encoder_layers=2, decoder_layers=1, **{**full, "rope_theta": 1.0}), calib)
     with pytest.raises(ValueError, match="layers"):
         mu_from_teacher(teacher, spec, scores, MuConfig(encoder_layers=4, decoder_layers=1, **full), calib)
+
+
+def test_mu_student_runs_from_the_cli_to_a_report_scored_on_continuations(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from compress.mu import MuForConditionalGeneration
+
+    # A Mu layer costs more than a teacher layer (cross-attention) and needs 3 + 3 of them: a deep tiny teacher.
+    teacher = write_teacher(tmp_path, tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=16))
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "mu"
+    args = ["--teacher", teacher, "--data", corpus, "--target-size", "0.8x", "--out", out, "--student", "mu",
+            "--calib-samples", "8", "--calib-seq-len", "16", "--eval-samples", "4", "--eval-seq-len", "16",
+            "--align", "16", "--batch-size", "4", "--quiet", "--distill-tokens", "256", "--distill-seq-len", "16",
+            "--distill-batch-size", "4", "--distill-eval-every", "2", "--seq-len", "16", "--quant", "a16w8",
+            "--npu-profile", "qnn-htp", "--quant-calib-samples", "2", "--quant-decode-calib-tokens", "16"]
+    assert main([str(a) for a in args]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["family"] == "mu" and plan["shape"]["decoder_layers"] >= 3 and plan["shape"]["encoder_layers"] >= 3
+    student = AutoModelForSeq2SeqLM.from_pretrained(out / "student")
+    assert isinstance(student, MuForConditionalGeneration)
+    assert sum(p.numel() for p in student.parameters()) == plan["params"]
+    pruned = json.loads((out / "prune.metrics.json").read_text())
+    distilled = json.loads((out / "distill.metrics.json").read_text())
+    assert pruned["metric"] == "continuation" and pruned["validation_tokens"] == 4 * 8  # second halves of 4 x 16
+    assert distilled["student_perplexity_before"] == pytest.approx(pruned["pruned_perplexity"], rel=1e-5)
+    exported = json.loads((out / "export.metrics.json").read_text())
+    assert exported["max_abs_diff_vs_torch"] <= 1e-3
+    assert {p.name for p in (out / "onnx").glob("*.onnx")} == {"encoder.onnx", "decoder.onnx", "encoder.a16w8.onnx",
+                                                               "decoder.a16w8.onnx"}
+    # The float graphs score the continuations as the distilled torch model does (same tokens, same cut).
+    assert exported["fp32"]["perplexity"] == pytest.approx(distilled["student_perplexity"], rel=1e-3)
+    quantized = json.loads((out / "quantize.metrics.json").read_text())
+    assert quantized["violations"] == []
+    assert 0 <= quantized["a16w8"]["agreement_with_float"] <= 1
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["teacher", "pruned", "distilled", "fp32 graph", "a16w8 graph (qnn-htp)"]
+    assert report["rows"][3]["path"] == "onnx/encoder.onnx" and report["rows"][4]["decode_path"] == "onnx/decoder.a16w8.onnx"
+    assert "continuations" in (out / "report.md").read_text()

@@ -1,0 +1,292 @@
+"""The pipeline's stages for ``--student mu``: a Mu-like encoder-decoder (:mod:`compress.mu`) instead of a
+pruned teacher.
+
+- plan: :func:`compress.mu.mu_config` sizes the student for the target (aligned widths, about two thirds
+  of the layer parameters in the encoder) with the teacher's vocabulary and RoPE base; ``plan.json`` holds
+  its config (``family: "mu"``).
+- prune: :func:`compress.mu_init.mu_from_teacher` initializes it from the teacher (``pruned/``).
+- distill: the shared distillation stage, across architectures (see :mod:`distill.trainer`).
+- export / quantize: ``onnx/encoder.onnx`` and ``onnx/decoder.onnx`` (+ ``.<quant>.onnx``), see
+  :mod:`compress.mu_export`.
+
+An encoder-decoder is scored on continuations: the encoder (or, for the teacher, the context) reads the
+first half of each validation sequence, and perplexity and top-1 agreement are taken on the second half.
+Every row of a Mu run's report, the teacher's included, is measured that way on the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress.errors import PlanInfeasibleError
+from compress.evaluate import continuation_quality
+from compress.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
+
+
+def cut_of(length: int) -> int:
+    """Where validation sequences of ``length`` tokens are split into prefix and continuation."""
+    return length // 2
+
+
+def is_mu_plan(run_dir: Path) -> bool:
+    path = run_dir / "plan.json"
+    return path.exists() and read_json(path).get("family") == "mu"
+
+
+def _mu_config(state: Any) -> Any:
+    from compress.mu import MuConfig
+
+    return MuConfig.from_dict(read_json(state.dir / "plan.json")["mu_config"])
+
+
+def plan_stage(state: Any) -> dict[str, Any]:
+    from compress.mu import MuForConditionalGeneration, mu_config
+    from compress.mu_init import teacher_rope
+
+    c, teacher, tokenizer = state.config, state.teacher, state.tokenizer
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    target = c.target.params_for(teacher_params)
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
+    try:
+        config = mu_config(teacher.config.vocab_size, target, align=c.align,
+                           head_dim=state.spec.head_dim, heads_per_kv=state.spec.group_size, max_hidden=state.spec.hidden,
+                           max_mlp=state.spec.mlp, max_layers=state.spec.num_layers,
+                           rope_theta=teacher_rope(teacher.config)["rope_theta"],
+                           max_position_embeddings=int(getattr(teacher.config, "max_position_embeddings", 2048)), **special)
+    except ValueError as error:
+        raise PlanInfeasibleError(f"--student mu: {error} (the student is initialized from the teacher, so it must "
+                                  "also fit within the teacher's widths and depth)") from error
+    with torch.device("meta"):
+        params = sum(p.numel() for p in MuForConditionalGeneration(config).parameters())
+    shape = {"hidden": config.hidden_size, "mlp": config.intermediate_size, "kv_heads": config.num_key_value_heads,
+             "heads_per_group": config.num_attention_heads // config.num_key_value_heads,
+             "encoder_layers": config.encoder_layers, "decoder_layers": config.decoder_layers}
+    reason = (f"the widest Mu-like shape (hidden multiple of {c.align}, at least 3 decoder layers, about 2/3 of the "
+              f"layer parameters in the encoder) within {target / 1e6:.1f}M: {params / 1e6:.1f}M "
+              f"({params / teacher_params:.2f}x the teacher)")
+    write_json(state.dir / "plan.json", {"version": 1, "family": "mu", "shape": shape, "params": params,
+                                         "teacher_params": teacher_params, "target_params": target, "reason": reason,
+                                         "candidates": [], "mu_config": config.to_dict()})
+    return {"shape": shape, "params": params, "teacher_params": teacher_params, "target_params": target,
+            "candidates": 0, "reason": reason}
+
+
+def _continuation(state: Any, model: Any, reference: Any) -> tuple[Any, Any]:
+    """A model's continuation quality on the run's validation sequences, agreement with the teacher's."""
+    cut = cut_of(reference.ids.shape[1])
+    teacher_cont = teacher_continuation(state, reference)
+    return continuation_quality(model, reference.ids, cut, state.config.batch_size, teacher_cont["top1"])[0], teacher_cont
+
+
+def teacher_continuation(state: Any, reference: Any) -> dict[str, Any]:
+    """The teacher's continuation perplexity and top-1 on the validation sequences (computed once per run)."""
+    from safetensors.torch import load_file, save_file
+
+    path = state.dir / f"validation.{reference.ids.shape[1]}.continuation.safetensors"
+    cut = cut_of(reference.ids.shape[1])
+    if path.exists():
+        stored = load_file(str(path))
+        if torch.equal(stored["ids"], reference.ids) and int(stored["cut"]) == cut:
+            return {"top1": stored["top1"], "perplexity": float(stored["perplexity"]), "tokens": int(stored["top1"].numel())}
+    measured, top1 = continuation_quality(state.teacher, reference.ids, cut, state.config.batch_size)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"ids": reference.ids.contiguous(), "top1": top1.contiguous(), "cut": torch.tensor(cut),
+               "perplexity": torch.tensor(measured.perplexity, dtype=torch.float64)}, str(tmp))
+    tmp.replace(path)
+    return {"top1": top1, "perplexity": measured.perplexity, "tokens": measured.tokens}
+
+
+def prune_stage(state: Any) -> dict[str, Any]:
+    from compress.mu_init import mu_from_teacher
+    from compress.surgery import save_checkpoint
+    from importance import ImportanceScores
+
+    c = state.config
+    plan = read_json(state.dir / "plan.json")
+    scores = ImportanceScores.load(state.dir / "scores.safetensors")
+    calib = state.ids("calibration", c.calib_seq_len, min(c.calib_samples, 16))
+    student = mu_from_teacher(state.teacher, state.spec, scores, _mu_config(state), calib, batch_size=c.batch_size)
+    save_checkpoint(student, state.tokenizer, state.dir / "pruned")
+    from compress.pipeline import folder_mb
+
+    reference = state.validation(c.eval_seq_len)
+    quality, teacher = _continuation(state, student, reference)
+    return {"params": plan["params"], "teacher_params": plan["teacher_params"], "pruned_mb": folder_mb(state.dir / "pruned"),
+            "metric": "continuation", "continuation_cut": cut_of(reference.ids.shape[1]),
+            "teacher_perplexity": teacher["perplexity"], "pruned_perplexity": quality.perplexity,
+            "pruned_agreement": quality.agreement, "validation_tokens": quality.tokens,
+            "validation_seq_len": int(reference.ids.shape[1])}
+
+
+def load_student(path: Path) -> Any:
+    from transformers import AutoModelForSeq2SeqLM
+
+    from compress.students import register
+
+    register()
+    return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _forced_logits(encoder: Any, decoder: Any, row: np.ndarray, cut: int, start_token: int) -> np.ndarray:
+    """Logits predicting ``row[cut:]``: the encoder graph reads ``row[:cut]``, the decoder step graph is fed the
+    start token and then the continuation one token at a time (teacher forcing)."""
+    from quant import runtime
+
+    length = encoder.get_inputs()[0].shape[1]
+    prefix = np.zeros((1, length), np.int64)
+    prefix[0, :cut] = row[:cut]
+    mask = np.zeros((1, length), np.float32)
+    mask[0, :cut] = 1.0
+    cross = dict(zip([o.name for o in encoder.get_outputs()],
+                     encoder.run(None, {"input_ids": prefix, "attention_mask": mask}), strict=True))
+    cache = runtime.DecodeCache(decoder, {**cross, "encoder_mask": mask})
+    return np.stack([cache.step(t) for t in [start_token, *(int(t) for t in row[cut:-1])]])
+
+
+def _speed(encoder: Any, decoder: Any, prompt: list[int], new_tokens: int, start_token: int) -> dict[str, float]:
+    """Median first-token latency (encoder + first decoder step) and decode tokens/s of greedy generation."""
+    from compress.mu_export import generate
+
+    firsts = []
+    for _ in range(5):
+        started = time.perf_counter()
+        generate(encoder, decoder, prompt, 1, start_token)
+        firsts.append(time.perf_counter() - started)
+    first = statistics.median(firsts)
+    started = time.perf_counter()
+    generate(encoder, decoder, prompt, new_tokens + 1, start_token)
+    per_token = (time.perf_counter() - started - first) / new_tokens
+    return {"first_token_latency_ms": first * 1000, "decode_tokens_per_second": 1.0 / per_token}
+
+
+def measure_graphs(folder: Path, encoder_name: str, decoder_name: str, ids: np.ndarray, start_token: int,
+                   reference_top1: np.ndarray | None, new_tokens: int = 64) -> tuple[dict[str, Any], np.ndarray]:
+    """Continuation perplexity and agreement with ``reference_top1`` [n, L - cut], sizes, first-token latency
+    and decode speed of a Mu graph pair, and the graphs' top-1 predictions. The keys follow the decoder-only
+    graphs' metrics (``prefill_*`` is the encoder's side) so one report reads both."""
+    from quant import runtime
+
+    encoder, decoder = runtime.session(folder / encoder_name), runtime.session(folder / decoder_name)
+    cut = cut_of(ids.shape[1])
+    total, top1 = 0.0, []
+    for row in ids:
+        logits = _forced_logits(encoder, decoder, row, cut, start_token).astype(np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        total -= float(logp[np.arange(len(logits)), row[cut:]].sum())
+        top1.append(logits.argmax(-1))
+    predictions = np.stack(top1)
+    nll = total / predictions.size
+    prompt = [int(t) for t in ids[0, : min(128, cut)]]
+    speed = _speed(encoder, decoder, prompt, new_tokens, start_token)
+    return {"perplexity": float(np.exp(min(nll, 700.0))), "validation_tokens": int(predictions.size),
+            "agreement": None if reference_top1 is None else float((predictions == reference_top1).mean()),
+            "path": f"onnx/{encoder_name}", "decode_path": f"onnx/{decoder_name}",
+            "prefill_mb": (folder / encoder_name).stat().st_size / 1e6,
+            "decode_mb": (folder / decoder_name).stat().st_size / 1e6,
+            "total_mb": sum((folder / name).stat().st_size for name in (encoder_name, decoder_name)) / 1e6,
+            "prefill_latency_ms": speed["first_token_latency_ms"], **speed, "metric": "continuation",
+            "continuation_cut": cut, "first_token_prompt_tokens": len(prompt), "decode_new_tokens": new_tokens}, predictions
+
+
+def _final(state: Any) -> tuple[Path, Any]:
+    source = state.dir / "student"
+    if not (source / "config.json").exists():
+        source = state.dir / "pruned"
+    return source, load_student(source)
+
+
+def export_stage(state: Any) -> dict[str, Any]:
+    from safetensors.numpy import save_file
+
+    from compress.evaluate import continuation_logits
+    from compress.mu_export import write_mu_graphs
+    from quant import runtime
+
+    c = state.config
+    source, model = _final(state)
+    folder = state.dir / "onnx"
+    shutil.rmtree(folder, ignore_errors=True)
+    write_mu_graphs(model, folder, length=c.seq_len, capacity=c.seq_len)
+    reference = state.validation(c.seq_len)
+    ids = reference.ids.numpy()
+    cut, start = cut_of(ids.shape[1]), model.config.decoder_start_token_id
+    teacher = teacher_continuation(state, reference)
+    metrics, top1 = measure_graphs(folder, ENCODER, DECODER, ids, start, teacher["top1"].numpy())
+    save_file({"top1": top1}, str(folder / "continuation.top1.safetensors"))  # the reference of the integer graphs
+    got = _forced_logits(runtime.session(folder / ENCODER), runtime.session(folder / DECODER), ids[0], cut, start)
+    with torch.no_grad():
+        expected = continuation_logits(model, reference.ids[:1], cut)[0].numpy()
+    return {"source": str(source), "seq_len": c.seq_len, "transforms": [], "student": "mu",
+            "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "teacher_perplexity": teacher["perplexity"],
+            "fp32": metrics}
+
+
+def calibration_feeds(encoder: Any, decoder: Any, ids: np.ndarray, start_token: int,
+                      decoder_tokens: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Encoder feeds (each calibration sequence cut at a quarter, a half or three quarters, as distillation
+    cuts them) and about ``decoder_tokens`` decoder feeds from teacher-forced steps over the continuations."""
+    from quant import runtime
+
+    length = encoder.get_inputs()[0].shape[1]
+    encoder_feeds, decoder_feeds = [], []
+    per_sequence = max(1, -(-decoder_tokens // max(1, len(ids))))
+    for n, row in enumerate(ids):
+        cut = max(1, min(len(row) - 1, (len(row) * (1 + n % 3)) // 4))
+        prefix = np.zeros((1, length), np.int64)
+        prefix[0, :cut] = row[:cut]
+        mask = np.zeros((1, length), np.float32)
+        mask[0, :cut] = 1.0
+        feed = {"input_ids": prefix, "attention_mask": mask}
+        encoder_feeds.append(feed)
+        cross = dict(zip([o.name for o in encoder.get_outputs()], encoder.run(None, feed), strict=True))
+        cache = runtime.DecodeCache(decoder, {**cross, "encoder_mask": mask}, record=decoder_feeds)
+        for token in [start_token, *(int(t) for t in row[cut:-1])][:per_sequence]:
+            cache.step(token)
+    return encoder_feeds, decoder_feeds
+
+
+def quantize_stage(state: Any) -> dict[str, Any]:
+    import onnx
+    from safetensors.numpy import load_file
+
+    from quant import runtime
+    from quant.profiles import check, get_profile
+    from quant.quantize import PRESETS, quantize
+
+    c = state.config
+    folder = state.dir / "onnx"
+    _, model = _final(state)
+    start = model.config.decoder_start_token_id
+    calib = state.ids("calibration", c.seq_len, c.quant_calib_samples).numpy()
+    encoder_feeds, decoder_feeds = calibration_feeds(runtime.session(folder / ENCODER), runtime.session(folder / DECODER),
+                                                     calib, start, c.quant_decode_calib_tokens)
+    profile, recipe = get_profile(c.npu_profile), PRESETS[c.quant]
+    names = {"encoder": f"encoder.{c.quant}.onnx", "decoder": f"decoder.{c.quant}.onnx"}
+    reports = {part: quantize(folder / (ENCODER if part == "encoder" else DECODER), folder / name,
+                              encoder_feeds if part == "encoder" else decoder_feeds, recipe, profile, state.progress)
+               for part, name in names.items()}
+    violations = [str(v) for name in names.values() for v in check(onnx.load(folder / name), profile)]
+    reference = state.validation(c.seq_len)
+    float_top1 = load_file(str(folder / "continuation.top1.safetensors"))["top1"]
+    metrics, top1 = measure_graphs(folder, names["encoder"], names["decoder"], reference.ids.numpy(), start, float_top1)
+    metrics["agreement_with_float"] = metrics.pop("agreement")
+    metrics["agreement"] = float((top1 == teacher_continuation(state, reference)["top1"].numpy()).mean())
+    if violations:
+        log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",
+                    len(violations), c.npu_profile, folder / names["encoder"], c.npu_profile)
+    return {"quant": c.quant, "npu_profile": c.npu_profile, c.quant: metrics, "violations": violations,
+            "reports": {k: v.to_dict() for k, v in reports.items()}, "student": "mu"}
