@@ -113,21 +113,31 @@ def write_mu_graphs(model: MuForConditionalGeneration, out_dir: str | Path, leng
             export(step, step.example(), out_dir / "decoder.onnx", *step.names()))
 
 
-def generate(encoder_sess, decoder_sess, input_ids: list[int], steps: int, start_token: int,  # noqa: ANN001
-             record: list[dict[str, np.ndarray]] | None = None) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy decoding with the two graphs: encode ``input_ids`` (padded to the graph's length), then run the
-    decoder step ``steps`` times from ``start_token``. Returns the tokens and each step's logits; ``record``
-    collects every decoder feed (calibration data for quantizing the decoder graph)."""
+def encoder_feed(encoder_sess, input_ids: list[int] | np.ndarray) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """The encoder graph's inputs for ``input_ids``: padded to the graph's length, with the 0/1 mask."""
     length = encoder_sess.get_inputs()[0].shape[1]
     if len(input_ids) > length:
         raise ValueError(f"the encoder graph takes at most {length} tokens, got {len(input_ids)}")
     ids = np.zeros((1, length), dtype=np.int64)
     ids[0, : len(input_ids)] = input_ids
-    encoder_mask = np.zeros((1, length), dtype=np.float32)
-    encoder_mask[0, : len(input_ids)] = 1.0
-    cross = encoder_sess.run(None, {"input_ids": ids, "attention_mask": encoder_mask})
-    constants = dict(zip([o.name for o in encoder_sess.get_outputs()], cross, strict=True))
-    cache = runtime.DecodeCache(decoder_sess, {**constants, "encoder_mask": encoder_mask}, record)
+    mask = np.zeros((1, length), dtype=np.float32)
+    mask[0, : len(input_ids)] = 1.0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def decoder_cache(encoder_sess, decoder_sess, feed: dict[str, np.ndarray],  # noqa: ANN001
+                  record: list[dict[str, np.ndarray]] | None = None) -> runtime.DecodeCache:
+    """Run the encoder graph on ``feed`` and return the decoder's host loop with its cross keys/values and mask."""
+    cross = dict(zip([o.name for o in encoder_sess.get_outputs()], encoder_sess.run(None, feed), strict=True))
+    return runtime.DecodeCache(decoder_sess, {**cross, "encoder_mask": feed["attention_mask"]}, record)
+
+
+def generate(encoder_sess, decoder_sess, input_ids: list[int], steps: int, start_token: int,  # noqa: ANN001
+             record: list[dict[str, np.ndarray]] | None = None) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy decoding with the two graphs: encode ``input_ids`` (padded to the graph's length), then run the
+    decoder step ``steps`` times from ``start_token``. Returns the tokens and each step's logits; ``record``
+    collects every decoder feed (calibration data for quantizing the decoder graph)."""
+    cache = decoder_cache(encoder_sess, decoder_sess, encoder_feed(encoder_sess, input_ids), record)
     token, tokens, logits_seen = start_token, [], []
     for _ in range(steps):
         logits_seen.append(cache.step(token))
@@ -136,4 +146,4 @@ def generate(encoder_sess, decoder_sess, input_ids: list[int], steps: int, start
     return tokens, logits_seen
 
 
-__all__ = ["MuDecoderStep", "MuEncoderGraph", "generate", "write_mu_graphs"]
+__all__ = ["MuDecoderStep", "MuEncoderGraph", "decoder_cache", "encoder_feed", "generate", "write_mu_graphs"]

@@ -93,18 +93,22 @@ def _continuation(state: Any, model: Any, reference: Any) -> tuple[Any, Any]:
 
 def teacher_continuation(state: Any, reference: Any) -> dict[str, Any]:
     """The teacher's continuation perplexity and top-1 on the validation sequences (computed once per run)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     path = state.dir / f"validation.{reference.ids.shape[1]}.continuation.safetensors"
     cut = cut_of(reference.ids.shape[1])
     if path.exists():
+        with safe_open(str(path), "pt") as handle:
+            same_teacher = (handle.metadata() or {}).get("teacher") == state.teacher_fingerprint
         stored = load_file(str(path))
-        if torch.equal(stored["ids"], reference.ids) and int(stored["cut"]) == cut:
+        if same_teacher and torch.equal(stored["ids"], reference.ids) and int(stored["cut"]) == cut:
             return {"top1": stored["top1"], "perplexity": float(stored["perplexity"]), "tokens": int(stored["top1"].numel())}
     measured, top1 = continuation_quality(state.teacher, reference.ids, cut, state.config.batch_size)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"ids": reference.ids.contiguous(), "top1": top1.contiguous(), "cut": torch.tensor(cut),
-               "perplexity": torch.tensor(measured.perplexity, dtype=torch.float64)}, str(tmp))
+               "perplexity": torch.tensor(measured.perplexity, dtype=torch.float64)}, str(tmp),
+              metadata={"teacher": state.teacher_fingerprint})
     tmp.replace(path)
     return {"top1": top1, "perplexity": measured.perplexity, "tokens": measured.tokens}
 
@@ -143,16 +147,9 @@ def load_student(path: Path) -> Any:
 def _forced_logits(encoder: Any, decoder: Any, row: np.ndarray, cut: int, start_token: int) -> np.ndarray:
     """Logits predicting ``row[cut:]``: the encoder graph reads ``row[:cut]``, the decoder step graph is fed the
     start token and then the continuation one token at a time (teacher forcing)."""
-    from quant import runtime
+    from compress.mu_export import decoder_cache, encoder_feed
 
-    length = encoder.get_inputs()[0].shape[1]
-    prefix = np.zeros((1, length), np.int64)
-    prefix[0, :cut] = row[:cut]
-    mask = np.zeros((1, length), np.float32)
-    mask[0, :cut] = 1.0
-    cross = dict(zip([o.name for o in encoder.get_outputs()],
-                     encoder.run(None, {"input_ids": prefix, "attention_mask": mask}), strict=True))
-    cache = runtime.DecodeCache(decoder, {**cross, "encoder_mask": mask})
+    cache = decoder_cache(encoder, decoder, encoder_feed(encoder, row[:cut]))
     return np.stack([cache.step(t) for t in [start_token, *(int(t) for t in row[cut:-1])]])
 
 
@@ -239,21 +236,15 @@ def calibration_feeds(encoder: Any, decoder: Any, ids: np.ndarray, start_token: 
                       decoder_tokens: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """Encoder feeds (each calibration sequence cut at a quarter, a half or three quarters, as distillation
     cuts them) and about ``decoder_tokens`` decoder feeds from teacher-forced steps over the continuations."""
-    from quant import runtime
+    from compress.mu_export import decoder_cache, encoder_feed
 
-    length = encoder.get_inputs()[0].shape[1]
     encoder_feeds, decoder_feeds = [], []
     per_sequence = max(1, -(-decoder_tokens // max(1, len(ids))))
     for n, row in enumerate(ids):
         cut = max(1, min(len(row) - 1, (len(row) * (1 + n % 3)) // 4))
-        prefix = np.zeros((1, length), np.int64)
-        prefix[0, :cut] = row[:cut]
-        mask = np.zeros((1, length), np.float32)
-        mask[0, :cut] = 1.0
-        feed = {"input_ids": prefix, "attention_mask": mask}
+        feed = encoder_feed(encoder, row[:cut])
         encoder_feeds.append(feed)
-        cross = dict(zip([o.name for o in encoder.get_outputs()], encoder.run(None, feed), strict=True))
-        cache = runtime.DecodeCache(decoder, {**cross, "encoder_mask": mask}, record=decoder_feeds)
+        cache = decoder_cache(encoder, decoder, feed, record=decoder_feeds)
         for token in [start_token, *(int(t) for t in row[cut:-1])][:per_sequence]:
             cache.step(token)
     return encoder_feeds, decoder_feeds
