@@ -1,10 +1,11 @@
 """Does initializing a Mu-like student from the teacher help cross-architecture distillation?
 
-Two arms of one Mu-like shape sized for ``--target-size`` (default 60M) from the teacher (default
+Three arms of one Mu-like shape sized for ``--target-size`` (default 60M) from the teacher (default
 smollm2-135m), distilled on the same training tokens with the pipeline's distillation settings
 (continuation KL, the split point varying per batch):
-  random   the model's own initialization
-  teacher  :func:`compress.mu_init.mu_from_teacher` (pruned embedding and blocks, fitted output norms)
+  random     the model's own initialization
+  embedding  the teacher's pruned embedding (shared by encoder, decoder and head), blocks at random
+  teacher    :func:`compress.mu_init.mu_from_teacher` (pruned embedding and blocks, fitted output norms)
 Measured: perplexity and top-1 agreement with the teacher on the continuations of the validation
 sequences (the encoder reads the first half, the decoder predicts the second), before training and
 every ``--eval-every`` steps; the teacher is scored on the same continuation tokens.
@@ -30,14 +31,16 @@ from compress.archspec import resolve
 from compress.config import CompressConfig, TargetSize
 from compress.data import load_corpus, token_batches
 from compress.evaluate import continuation_quality
-from compress.mu import MuForConditionalGeneration, mu_config
-from compress.mu_init import mu_from_teacher, teacher_rope
+from compress.mu import MuForConditionalGeneration
+from compress.mu_init import mu_from_teacher
+from compress.mu_run import student_config
 from compress.scoring import score_importance
 from compress.teachers import load_teacher
 from distill import DistillConfig, distill
 
 RESULTS = Path(__file__).parent / "results"
-ARMS = {"random": "random initialization", "teacher": "initialized from the teacher (mu_from_teacher)"}
+ARMS = {"random": "random initialization", "embedding": "the teacher's pruned embedding, random blocks",
+        "teacher": "initialized from the teacher (mu_from_teacher: embedding and blocks)"}
 
 
 def main() -> None:
@@ -46,7 +49,7 @@ def main() -> None:
     parser.add_argument("--target-size", default="60M")
     parser.add_argument("--tokens", type=int, default=98_304)
     parser.add_argument("--eval-every", type=int, default=16)
-    parser.add_argument("--arms", default="random,teacher")
+    parser.add_argument("--arms", default="random,embedding,teacher")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -64,10 +67,7 @@ def main() -> None:
     print(f"teacher continuation perplexity {teacher_quality.perplexity:.2f} on {teacher_quality.tokens:,} tokens")
 
     target = TargetSize.parse(args.target_size).params_for(sum(p.numel() for p in teacher.parameters()))
-    config = mu_config(teacher.config.vocab_size, target, align=defaults.align,
-                       rope_theta=teacher_rope(teacher.config)["rope_theta"],
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id or 0)
+    config = student_config(teacher, tokenizer, spec, target, defaults.align)  # what --student mu builds
     scores = score_importance(teacher, spec, "activation", ids=calib, batch_size=defaults.batch_size, bf16=defaults.bf16)
     settings = DistillConfig(**{**defaults.distill_config().to_dict(), "tokens": args.tokens,
                                 "eval_every": args.eval_every, "checkpoint_every": 0, "parallel": "ddp"})
@@ -79,8 +79,10 @@ def main() -> None:
     for arm in args.arms.split(","):
         torch.manual_seed(defaults.seed)
         t0 = time.perf_counter()
-        student = (mu_from_teacher(teacher, spec, scores, config, calib) if arm == "teacher"
-                   else MuForConditionalGeneration(config).float().eval())
+        if arm == "random":
+            student = MuForConditionalGeneration(config).float().eval()
+        else:
+            student = mu_from_teacher(teacher, spec, scores, config, calib, blocks=arm == "teacher")
         init_seconds = time.perf_counter() - t0
         before, _ = continuation_quality(student, valid, cut, defaults.batch_size, reference)
         result = distill(student, teacher, train, settings, evaluate=evaluate)

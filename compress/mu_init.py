@@ -118,8 +118,9 @@ def _pre_norm(dst: nn.LayerNorm, weight: torch.Tensor) -> None:
 
 
 def mu_from_teacher(teacher: nn.Module, spec: ArchSpec, scores: ImportanceScores, config: MuConfig,
-                    calibration_ids: torch.Tensor, batch_size: int = 4) -> MuForConditionalGeneration:
-    """A Mu-like model of ``config`` whose weights come from ``teacher`` (see the module docstring)."""
+                    calibration_ids: torch.Tensor, batch_size: int = 4, blocks: bool = True) -> MuForConditionalGeneration:
+    """A Mu-like model of ``config`` whose weights come from ``teacher`` (see the module docstring); with
+    ``blocks=False`` only the pruned embedding (and head) and the final norm, the blocks left at random."""
     _check(spec, teacher.config, config)
     if config.vocab_size != teacher.config.vocab_size:
         raise ValueError(f"the Mu config's vocabulary ({config.vocab_size}) must be the teacher's "
@@ -128,9 +129,15 @@ def mu_from_teacher(teacher: nn.Module, spec: ArchSpec, scores: ImportanceScores
     # validate=False: Mu's attention width (heads x head_dim) need not equal its hidden size, which the
     # teacher family's config class would refuse; this pruned teacher only lends its weights and outputs.
     pruned = prune(teacher, spec, shape, select(spec, scores, shape), validate=False).float().eval()
-    stats = _output_stats(pruned, calibration_ids, batch_size)
     mu = MuForConditionalGeneration(config).float()
     base, layers = mu.model, pruned.model.layers
+    if not blocks:
+        with torch.no_grad():
+            base.shared.weight.copy_(pruned.model.embed_tokens.weight)
+            _pre_norm(base.decoder_norm, pruned.model.norm.weight)
+        mu.tie_weights()
+        return mu.eval()
+    stats = _output_stats(pruned, calibration_ids, batch_size)
     with torch.no_grad():
         base.shared.weight.copy_(pruned.model.embed_tokens.weight)
         encoder, decoder = layers[: config.encoder_layers], layers[config.encoder_layers :]

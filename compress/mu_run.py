@@ -51,24 +51,31 @@ def _mu_config(state: Any) -> Any:
     return MuConfig.from_dict(read_json(state.dir / "plan.json")["mu_config"])
 
 
-def plan_stage(state: Any) -> dict[str, Any]:
-    from compress.mu import MuForConditionalGeneration, mu_config
+def student_config(teacher: Any, tokenizer: Any, spec: Any, target: int, align: int) -> Any:
+    """The Mu config for ``target`` parameters that :func:`compress.mu_init.mu_from_teacher` can fill from
+    ``teacher``: its vocabulary, tokens, head size, GQA group size and RoPE base, within its widths and depth."""
+    from compress.mu import mu_config
     from compress.mu_init import teacher_rope
 
-    c, teacher, tokenizer = state.config, state.teacher, state.tokenizer
-    teacher_params = sum(p.numel() for p in teacher.parameters())
-    target = c.target.params_for(teacher_params)
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
     try:
-        config = mu_config(teacher.config.vocab_size, target, align=c.align,
-                           head_dim=state.spec.head_dim, heads_per_kv=state.spec.group_size, max_hidden=state.spec.hidden,
-                           max_mlp=state.spec.mlp, max_layers=state.spec.num_layers,
-                           rope_theta=teacher_rope(teacher.config)["rope_theta"],
-                           max_position_embeddings=int(getattr(teacher.config, "max_position_embeddings", 2048)), **special)
+        return mu_config(teacher.config.vocab_size, target, align=align, head_dim=spec.head_dim,
+                         heads_per_kv=spec.group_size, max_hidden=spec.hidden, max_mlp=spec.mlp,
+                         max_layers=spec.num_layers, rope_theta=teacher_rope(teacher.config)["rope_theta"],
+                         max_position_embeddings=int(getattr(teacher.config, "max_position_embeddings", 2048)), **special)
     except ValueError as error:
         raise PlanInfeasibleError(f"--student mu: {error} (the student is initialized from the teacher, so it must "
                                   "also fit within the teacher's widths and depth)") from error
+
+
+def plan_stage(state: Any) -> dict[str, Any]:
+    from compress.mu import MuForConditionalGeneration
+
+    c, teacher = state.config, state.teacher
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    target = c.target.params_for(teacher_params)
+    config = student_config(teacher, state.tokenizer, state.spec, target, c.align)
     with torch.device("meta"):
         params = sum(p.numel() for p in MuForConditionalGeneration(config).parameters())
     shape = {"hidden": config.hidden_size, "mlp": config.intermediate_size, "kv_heads": config.num_key_value_heads,

@@ -3,10 +3,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # scripts/test.sh runs two workers on this two-core machine: one torch thread each, or their thread
+    # pools spin against each other.
+    torch.set_num_threads(1)
 
 # The cache the setup fetched the real teacher and data into; tiny-model tests get an empty one.
 REAL_CACHE = os.environ.get("PDQ_CACHE") or str(Path.home() / ".cache" / "pdq-compress")

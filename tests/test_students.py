@@ -278,6 +278,10 @@ def test_mu_like_student_initialized_from_the_teacher_copies_its_blocks_and_fits
     ids = calib[:2]
     with torch.no_grad():
         assert torch.isfinite(mu(input_ids=ids[:, :8], decoder_input_ids=ids[:, 8:]).logits).all()
+    embedding_only = mu_from_teacher(teacher, spec, scores, MuConfig(encoder_layers=2, decoder_layers=2, **full), calib,
+                                     blocks=False)
+    assert torch.equal(embedding_only.model.shared.weight, teacher.model.embed_tokens.weight)
+    assert not torch.equal(embedding_only.model.encoder_layers[0].self_attn.q_proj.weight, layers[0].self_attn.q_proj.weight)
     with pytest.raises(ValueError, match="rope_theta"):
         mu_from_teacher(teacher, spec, scores, MuConfig(encoder_layers=2, decoder_layers=1, **{**full, "rope_theta": 1.0}), calib)
     with pytest.raises(ValueError, match="layers"):
