@@ -198,7 +198,7 @@ def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
             g = m["fp32"]
             first = "first token" if g.get("metric") == "continuation" else "prefill"
             text = (f"{result.run_dir / g.get('path', 'onnx/model.onnx')}, {Path(g.get('decode_path', 'decode.onnx')).name}  "
-                    f"fp32 perplexity {g['perplexity']:.2f}, {g['prefill_mb']:.0f} MB, {first} {g['prefill_latency_ms']:.0f} ms, "
+                    f"fp32 perplexity {g['perplexity']:.2f}, {g.get('total_mb', g['prefill_mb']):.0f} MB, {first} {g['prefill_latency_ms']:.0f} ms, "
                     f"decode {g['decode_tokens_per_second']:.1f} tokens/s")
         elif stage.stage == "quantize":
             if m["quant"] == "none":
@@ -207,7 +207,7 @@ def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
             first = "first token" if g.get("metric") == "continuation" else "prefill"
             graph = Path(g.get("path", f"model.{m['quant']}.onnx")).name
             text = (f"{graph} ({m['npu_profile']})  perplexity "
-                    f"{g['perplexity']:.2f}, agreement {g['agreement']:.3f}, {g['prefill_mb']:.0f} MB, {first} "
+                    f"{g['perplexity']:.2f}, agreement {g['agreement']:.3f}, {g.get('total_mb', g['prefill_mb']):.0f} MB, {first} "
                     f"{g['prefill_latency_ms']:.0f} ms, decode "
                     f"{g['decode_tokens_per_second']:.1f} tokens/s, {len(m['violations'])} profile violations")
         elif stage.stage == "distill" and "skipped" in m:

@@ -85,7 +85,8 @@ def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]]) -> str:
                          f"(`compress inspect {graph['path']} --npu-profile {quant['npu_profile']}` lists them).")
         else:
             instead = ("`--quant a16w8` (16-bit activations)" if name != "a16w8" else
-                       "other `--quant-transforms` or more `--quant-calib-samples`")
+                       "more `--quant-calib-samples` or `--quant-decode-calib-tokens`" if quant.get("student") == "mu"
+                       else "other `--quant-transforms` or more `--quant-calib-samples`")  # no transforms for Mu yet
             parts.append(f"`{graph['path']}` ({graph['mb']:.0f} MB, {size:.0%} of the float graph) costs {increase:+.1%} "
                          f"perplexity over the float graph, above the {bar:.0%} bar for {name}: ship it if that is "
                          f"acceptable, else try {instead}, or ship the float graph ({float_graph['mb']:.0f} MB).")
