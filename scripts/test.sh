@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q --durations=10 "$@"
+# Two workers, one test file each at a time: the real-teacher file (mostly single-threaded ONNX Runtime
+# quantization) runs beside the others.
+.venv/bin/python -m pytest -q --durations=10 -n 2 --dist loadfile "$@"
