@@ -153,6 +153,8 @@ def _plot(report: dict, path: Path) -> None:
     for arm in report["arms"].values():
         ax.plot([p["tokens"] for p in arm["curve"]], [p["val_perplexity"] for p in arm["curve"]], marker="o",
                 markersize=3, label=arm["name"])
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("continuation perplexity (validation)")
     finish_perplexity_plot(fig, ax, report["teacher_continuation"]["perplexity"],
                            f"Mu-like {report['target_size']} student distilled from {report['teacher']}", path)
 
