@@ -40,11 +40,6 @@ def cut_of(length: int) -> int:
     return length // 2
 
 
-def is_mu_plan(run_dir: Path) -> bool:
-    path = run_dir / "plan.json"
-    return path.exists() and read_json(path).get("family") == "mu"
-
-
 def _mu_config(state: Any) -> Any:
     from compress.mu import MuConfig
 
@@ -142,15 +137,6 @@ def prune_stage(state: Any) -> dict[str, Any]:
             "validation_seq_len": int(reference.ids.shape[1])}
 
 
-def load_student(path: Path) -> Any:
-    from transformers import AutoModelForSeq2SeqLM
-
-    from compress.students import register
-
-    register()
-    return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
 def _forced_logits(encoder: Any, decoder: Any, row: np.ndarray, cut: int, start_token: int) -> np.ndarray:
     """Logits predicting ``row[cut:]``: the encoder graph reads ``row[:cut]``, the decoder step graph is fed the
     start token and then the continuation one token at a time (teacher forcing)."""
@@ -207,10 +193,13 @@ def measure_graphs(folder: Path, encoder_name: str, decoder_name: str, ids: np.n
 
 
 def _final(state: Any) -> tuple[Path, Any]:
+    """The model the graphs are made of: the distilled student, or the initialized one when distillation was skipped."""
+    from compress.pipeline import load_model
+
     source = state.dir / "student"
     if not (source / "config.json").exists():
         source = state.dir / "pruned"
-    return source, load_student(source)
+    return source, load_model(source, dtype=torch.float32).eval()
 
 
 def export_stage(state: Any) -> dict[str, Any]:
