@@ -49,11 +49,18 @@ def prepare(model: nn.Module, seq_len: int, transforms: tuple[str, ...] = TRANSF
     return lm.convolutional() if conv else lm
 
 
-def export_graphs(lm: StaticLM, out_dir: str | Path, decode: bool = True) -> tuple[Path, Path | None]:
-    """Write ``model.onnx`` (prefill) and, with ``decode``, ``decode.onnx`` (one step, static cache) into ``out_dir``."""
+def export_graphs(lm: StaticLM, out_dir: str | Path, decode: bool = True,
+                  prefill_length: int | None = None) -> tuple[Path, Path | None]:
+    """Write ``model.onnx`` (prefill) and, with ``decode``, ``decode.onnx`` (one step, static cache) into ``out_dir``.
+
+    The prefill graph reads ``prefill_length`` tokens (default: the cache capacity); a shorter prefill leaves
+    cache slots for generated tokens, e.g. a 128-token prompt graph with a 192-slot decode graph."""
     out_dir = Path(out_dir)
+    length = lm.capacity if prefill_length is None else prefill_length
+    if not 0 < length <= lm.capacity:
+        raise ValueError(f"prefill_length {length}: must be in [1, {lm.capacity}] (the cache capacity)")
     prefill = Prefill(lm)
-    prefill_path = export(prefill, prefill.example(lm.capacity), out_dir / "model.onnx", *prefill.names())
+    prefill_path = export(prefill, prefill.example(length), out_dir / "model.onnx", *prefill.names())
     if not decode:
         return prefill_path, None
     step = DecodeStep(lm)
@@ -155,7 +162,10 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
     graph is calibrated on about ``decode_calib_tokens`` decode steps over the same sequences (:class:`DecodeFeeds`)."""
     float_dir = Path(float_dir)
     calibration_ids = np.asarray(calibration_ids)
-    prefill_feeds = [{"input_ids": row[None].astype(np.int64)} for row in calibration_ids]
+    # The prefill graph may read fewer tokens than the cache holds (export_graphs' prefill_length): its feeds are
+    # the sequences' first tokens, while the decode graph calibrates on positions up to the cache's capacity.
+    length = onnx.load(float_dir / "model.onnx", load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1]
+    prefill_feeds = [{"input_ids": row[None, : length.dim_value].astype(np.int64)} for row in calibration_ids]
     reports, violations = {}, {}
     out = float_dir / f"model.{recipe.name}.onnx"
     reports["prefill"] = quantize(float_dir / "model.onnx", out, prefill_feeds, recipe, profile, progress)
