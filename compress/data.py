@@ -244,3 +244,70 @@ def text_file_ids(path: str, tokenizer: Any, seq_len: int, max_sequences: int = 
     except UnicodeDecodeError as error:
         raise DataError(f"--text {path}: not UTF-8 text ({error}); convert it to UTF-8") from error
     return pack([text], tokenizer, seq_len, max_sequences)
+
+
+# Pairs are split by a hash of input and output too, but task sets are small: a tenth is held out.
+_PAIR_SPLIT_BOUNDS = {"validation": (0, 100), "train": (100, 1000)}
+PAIR_COLUMNS = ("input", "output")
+
+
+def load_pairs(data: str) -> Any:
+    """A ``datasets.Dataset`` of (input, output) pairs, from .jsonl/.json or .parquet with ``input`` and
+    ``output`` text columns (one pair per row)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"--data {data}: no such file or folder; pass .jsonl or .parquet files of "
+                        '{"input": ..., "output": ...} rows')
+    kind, files = _data_files(path)
+    if kind == "text":
+        raise DataError(f"--data {data}: plain text has no (input, output) pairs; pass .jsonl or .parquet rows "
+                        'with "input" and "output" fields')
+    try:
+        dataset = datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as error:
+        raise DataError(f"--data {data}: could not read it as {kind} ({error}); check the files") from error
+    missing = [c for c in PAIR_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise DataError(f"--data {data}: no {' or '.join(repr(c) for c in missing)} column (columns: "
+                        f"{', '.join(dataset.column_names)}); give each row an \"input\" and an \"output\" text")
+    dataset = dataset.filter(lambda row: bool(row["input"] and str(row["input"]).strip()
+                                              and row["output"] and str(row["output"]).strip()))
+    if len(dataset) == 0:
+        raise DataError(f"--data {data}: no row has both a non-empty input and a non-empty output")
+    return dataset
+
+
+def split_pairs(dataset: Any, split: str) -> list[tuple[str, str]]:
+    """The pairs of one split (``train`` or ``validation``), in a deterministic order, chosen by a hash of each pair."""
+    if split not in _PAIR_SPLIT_BOUNDS:
+        raise ValueError(f"unknown split {split!r} for pairs; allowed: {', '.join(_PAIR_SPLIT_BOUNDS)}")
+    low, high = _PAIR_SPLIT_BOUNDS[split]
+    chosen = []
+    for source, target in zip(dataset["input"], dataset["output"], strict=True):
+        bucket = _bucket(f"{source}\x00{target}")
+        if low <= bucket % 1000 < high:
+            chosen.append((bucket, str(source), str(target)))
+    chosen.sort()
+    return [(source, target) for _, source, target in chosen]
+
+
+def pair_batches(dataset: Any, tokenizer: Any, split: str, max_input_tokens: int, max_output_tokens: int) -> Any:
+    """The pairs of ``split`` as :class:`distill.pairs.Pairs`: the input (BOS first when the tokenizer wants it,
+    cut to its last ``max_input_tokens``), then the output and EOS (cut to its first ``max_output_tokens``)."""
+    from distill.pairs import Pairs
+
+    pairs = split_pairs(dataset, split)
+    if not pairs:
+        raise DataError(f"the {split} split of the pairs is empty ({len(dataset)} pairs in all, a tenth held out "
+                        "for validation by a hash of each pair); add pairs")
+    bos = [tokenizer.bos_token_id] if wants_bos(tokenizer) else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    sources = tokenizer([s for s, _ in pairs], add_special_tokens=False).input_ids
+    targets = tokenizer([t for _, t in pairs], add_special_tokens=False).input_ids
+    inputs = [(bos + ids)[-max_input_tokens:] for ids in sources]
+    outputs = [(ids + eos)[:max_output_tokens] for ids in targets]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    return Pairs.from_lists(inputs, outputs, pad_id=pad)

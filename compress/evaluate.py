@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from distill.pairs import Pairs
+
 # Logits are computed for this many positions at a time: Gemma's 262k vocabulary makes a full
 # (8, 256, 262144) fp32 logits tensor 2 GiB.
 _LOGIT_CHUNK = 512
@@ -155,3 +157,44 @@ def continuation_quality(model: nn.Module, ids: torch.Tensor, cut: int, batch_si
     nll = total / tokens
     agreement = None if reference is None else float((top1 == reference).float().mean())
     return ContinuationQuality(math.exp(min(nll, 700.0)), nll, tokens, cut, agreement), top1
+
+
+@dataclass(frozen=True)
+class PairQuality:
+    """How well a model predicts the outputs of (input, output) pairs, given the inputs (teacher-forced)."""
+
+    perplexity: float
+    nll: float
+    tokens: int  # output tokens scored
+    accuracy: float  # share of output tokens that are the model's top-1 prediction
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"perplexity": self.perplexity, "nll": self.nll, "tokens": self.tokens, "accuracy": self.accuracy}
+
+
+def pair_logits(model: nn.Module, pairs: Pairs) -> torch.Tensor:
+    """Logits [output tokens, V] predicting every output token of ``pairs`` in row-major order: a causal LM reads
+    input and output as one sequence, an encoder-decoder encodes the input and decodes the output."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs, input_mask = pairs.inputs()
+        outputs, output_mask = pairs.outputs()
+        start = torch.full_like(outputs[:, :1], model.config.decoder_start_token_id)
+        logits = model(input_ids=inputs, attention_mask=input_mask,
+                       decoder_input_ids=torch.cat((start, outputs[:, :-1]), dim=1)).logits
+        return logits[output_mask]
+    return model(input_ids=pairs.ids, attention_mask=pairs.attention_mask()).logits[:, :-1][pairs.predicting_outputs()]
+
+
+def pair_quality(model: nn.Module, pairs: Pairs, batch_size: int = 8) -> PairQuality:
+    """fp32 perplexity and top-1 accuracy of ``model`` on the output tokens of ``pairs``."""
+    total, correct, count = 0.0, 0, 0
+    with torch.inference_mode():
+        for start in range(0, len(pairs), batch_size):
+            block = pairs[start : start + batch_size]
+            logits = pair_logits(model, block).float()
+            targets = block.outputs()[0][block.outputs()[1]]
+            total += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            correct += int((logits.argmax(-1) == targets).sum())
+            count += int(targets.numel())
+    nll = total / count
+    return PairQuality(math.exp(min(nll, 700.0)), nll, count, correct / count)

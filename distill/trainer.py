@@ -10,7 +10,13 @@ teacher across architectures: each batch is cut at a split point (pseudo-random 
 from its tokens, between a quarter and three quarters of the length); the teacher reads the whole
 sequence, the student encodes the prefix and decodes the continuation (``decoder_input_ids`` = the start
 token, then the continuation shifted right), and the loss compares their predictions of the continuation
-tokens only. Such a student's ``forward(input_ids, decoder_input_ids, output_hidden_states=True)`` must return
+tokens only.
+
+``train_ids`` may also be :class:`distill.pairs.Pairs`, (input, output) pairs for task training: the loss
+(KL from the teacher, which reads input and output, and/or cross-entropy) is then taken on the output tokens
+only, a causal student reading input and output as one sequence, an encoder-decoder student encoding the
+input and decoding the output. Token budgets count padded positions (rows x the pairs' longest length).
+Such an encoder-decoder student's ``forward(input_ids, decoder_input_ids, output_hidden_states=True)`` must return
 ``decoder_hidden_states`` whose last entry feeds the output projection.
 """
 
@@ -33,6 +39,7 @@ from tqdm.auto import tqdm
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.config import DistillConfig, DistillError, DistillResult
 from distill.losses import HiddenStateLoss, logit_distillation_loss
+from distill.pairs import Pairs
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +61,9 @@ class KnowledgeDistillationLoss(nn.Module):
         self.config = config
         object.__setattr__(self, "_teacher", teacher)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor | Pairs) -> torch.Tensor:
+        if isinstance(ids, Pairs):
+            return self._pairs(ids)
         if getattr(self.student.config, "is_encoder_decoder", False):
             return self._across(ids)
         c, teacher = self.config, self._teacher
@@ -107,6 +116,31 @@ class KnowledgeDistillationLoss(nn.Module):
             with torch.no_grad():
                 teacher_hidden = teacher.base_model(input_ids=ids).last_hidden_state[:, cut - 1 : -1]  # ids[:, cut:]
         return self._logit_loss(student_hidden, teacher_hidden, continuation)
+
+
+    def _pairs(self, batch: Pairs) -> torch.Tensor:
+        """The loss on the output tokens of (input, output) pairs: the teacher reads input and output as one
+        sequence; a causal student too, an encoder-decoder student encodes the input and decodes the output."""
+        c, teacher = self.config, self._teacher
+        if self.hidden is not None:
+            raise DistillError("the hidden-state loss is not defined on (input, output) pairs; set hidden_weight 0")
+        mask = batch.attention_mask()
+        scored = batch.predicting_outputs()  # (pairs, length - 1): causal positions predicting an output token
+        teacher_hidden = None
+        if teacher is not None and c.kl_weight:
+            with torch.no_grad():
+                states = teacher.base_model(input_ids=batch.ids, attention_mask=mask).last_hidden_state[:, :-1]
+            teacher_hidden = states[scored]  # (output tokens, width), in row-major order
+        if not getattr(self.student.config, "is_encoder_decoder", False):
+            student_hidden = self.student.base_model(input_ids=batch.ids, attention_mask=mask).last_hidden_state[:, :-1]
+            return self._logit_loss(student_hidden[scored], teacher_hidden, batch.ids[:, 1:][scored])
+        inputs, input_mask = batch.inputs()
+        outputs, output_mask = batch.outputs()
+        start = torch.full_like(outputs[:, :1], self.student.config.decoder_start_token_id)
+        out = self.student(input_ids=inputs, attention_mask=input_mask,
+                           decoder_input_ids=torch.cat((start, outputs[:, :-1]), dim=1), output_hidden_states=True)
+        # Row-major order of output_mask equals that of ``scored``: output j of row i sits at causal position cut+j-1.
+        return self._logit_loss(out.decoder_hidden_states[-1][output_mask], teacher_hidden, outputs[output_mask])
 
 
 def split_point(ids: torch.Tensor) -> int:
@@ -205,14 +239,15 @@ def _autocast(bf16: bool, device: torch.device) -> contextlib.AbstractContextMan
 def distill(
     student: nn.Module,
     teacher: nn.Module | None,
-    train_ids: torch.Tensor,
+    train_ids: torch.Tensor | Pairs,
     config: DistillConfig,
     evaluate: Callable[[nn.Module], float] | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> DistillResult:
-    """Distill ``teacher`` into ``student`` (in place) on ``train_ids`` (sequences, seq_len).
+    """Distill ``teacher`` into ``student`` (in place) on ``train_ids`` (sequences, seq_len), or on (input,
+    output) :class:`Pairs` (loss on the output tokens).
 
     ``teacher`` may be None for plain cross-entropy training (``kl_weight`` 0, no hidden-state loss).
 
@@ -265,7 +300,7 @@ def _gather_into(student: nn.Module, loss_module: nn.Module) -> None:
 
 def _loop(
     loss_module: KnowledgeDistillationLoss,
-    train_ids: torch.Tensor,
+    train_ids: torch.Tensor | Pairs,
     config: DistillConfig,
     evaluate: Callable[[nn.Module], float] | None,
     checkpoint_dir: str | Path | None,

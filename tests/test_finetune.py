@@ -1,0 +1,185 @@
+"""(input, output) pairs, LoRA adapters and ``compress finetune``."""
+
+import json
+
+import pytest
+import torch
+from factories import tiny_llama, tiny_tokenizer, write_teacher
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from compress.cli import main
+from compress.evaluate import pair_quality
+from distill import (
+    DistillConfig,
+    LoraConfig,
+    Pairs,
+    add_lora_,
+    distill,
+    load_lora_,
+    lora_state_dict,
+    merge_lora_,
+)
+from distill.trainer import KnowledgeDistillationLoss
+
+
+def _tiny_mu():
+    from compress.mu import MuConfig, MuForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = MuConfig(vocab_size=256, hidden_size=64, intermediate_size=128, encoder_layers=3, decoder_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    return MuForConditionalGeneration(config).eval()
+
+
+def _pairs(seed: int = 0, count: int = 5) -> Pairs:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = [torch.randint(3, 256, (int(n),), generator=generator).tolist() for n in torch.randint(1, 9, (count,), generator=generator)]
+    outputs = [torch.randint(3, 256, (int(n),), generator=generator).tolist() for n in torch.randint(1, 7, (count,), generator=generator)]
+    return Pairs.from_lists(inputs, outputs, pad_id=0)
+
+
+def test_pairs_pack_inputs_then_outputs_and_refuse_empty_sides():
+    pairs = Pairs.from_lists([[5, 6, 7], [8]], [[9], [10, 11, 12]], pad_id=0)
+    assert pairs.ids.tolist() == [[5, 6, 7, 9], [8, 10, 11, 12]]
+    inputs, mask = pairs.inputs()
+    assert inputs.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    outputs, out_mask = pairs.outputs()
+    assert outputs.tolist() == [[9, 0, 0], [10, 11, 12]] and out_mask.tolist() == [[True, False, False], [True, True, True]]
+    # Causal position j predicts token j + 1: row 0 predicts its output (index 3) from position 2.
+    assert pairs.predicting_outputs().tolist() == [[False, False, True], [True, True, True]]
+    assert pairs[torch.tensor([1])].ids.tolist() == [[8, 10, 11, 12]] and pairs.output_tokens == 4
+    with pytest.raises(ValueError, match="at least one input and one output"):
+        Pairs.from_lists([[]], [[1]])
+
+
+@pytest.mark.parametrize("family", ["causal", "mu"])
+def test_pair_loss_is_cross_entropy_on_the_output_tokens_only(family):
+    model = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2) if family == "causal" else _tiny_mu()
+    pairs = _pairs()
+    loss_module = KnowledgeDistillationLoss(model, None, DistillConfig(kl_weight=0.0, ce_weight=1.0), None)
+    with torch.no_grad():
+        loss = float(loss_module(pairs))
+        # By hand, one pair at a time without padding.
+        total, count = 0.0, 0
+        for row in range(len(pairs)):
+            ids = pairs.ids[row, : int(pairs.lengths[row])][None]
+            cut = int(pairs.cuts[row])
+            if family == "causal":
+                logits = model(input_ids=ids).logits[0, cut - 1 : -1]
+            else:
+                start = torch.full((1, 1), model.config.decoder_start_token_id)
+                logits = model(input_ids=ids[:, :cut], decoder_input_ids=torch.cat((start, ids[:, cut:-1]), 1)).logits[0]
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, cut:], reduction="sum"))
+            count += ids.shape[1] - cut
+    assert loss == pytest.approx(total / count, rel=1e-4)
+    assert pair_quality(model, pairs, batch_size=2).nll == pytest.approx(total / count, rel=1e-4)
+    # Changing a padding position changes nothing: it is neither read nor scored.
+    padded = Pairs(pairs.ids.clone(), pairs.cuts, pairs.lengths, pairs.pad_id)
+    shortest = int(pairs.lengths.argmin())
+    padded.ids[shortest, -1] = 77
+    with torch.no_grad():
+        assert float(loss_module(padded)) == pytest.approx(loss, rel=1e-5)
+
+
+def test_pair_kl_is_zero_when_the_student_is_the_teacher():
+    teacher = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2, initializer_range=0.2)
+    loss_module = KnowledgeDistillationLoss(teacher, teacher, DistillConfig(kl_weight=1.0), None)
+    with torch.no_grad():
+        assert float(loss_module(_pairs())) < 1e-5
+
+
+def test_lora_starts_as_the_model_trains_only_adapters_and_merges_exactly():
+    model = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2)
+    ids = torch.randint(3, 256, (2, 12))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layers = add_lora_(model, LoraConfig(rank=4))
+    assert len(layers) == 2 * 7, "q, k, v, o, gate, up, down in each block; never the tied head"
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected), "B starts at zero"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    pairs = _pairs(count=16)
+    distill(model, None, pairs, DistillConfig(steps=8, batch_size=4, lr=5e-3, kl_weight=0.0, ce_weight=1.0, warmup_steps=1,
+                                              eval_every=0, checkpoint_every=0, bf16=False), progress=False)
+    for name, param in model.named_parameters():
+        if ".lora_" not in name:
+            assert torch.equal(param, frozen[name.replace(".base.", ".")]), f"{name} moved"
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, expected, atol=1e-4), "training moved the adapters"
+    state = lora_state_dict(model)
+    merge_lora_(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, adapted, atol=1e-4)
+    # Saved adapters load into a fresh copy of the base and give the same outputs.
+    fresh = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2)
+    add_lora_(fresh, LoraConfig(rank=4))
+    load_lora_(fresh, state)
+    with torch.no_grad():
+        assert torch.allclose(fresh(input_ids=ids).logits, adapted, atol=1e-5)
+
+
+def test_lora_keeps_block_sharing_one_adapter_per_shared_weight():
+    from compress.mobilellm import share_blocks, unique_parameters
+
+    model = share_blocks(tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2), 2)
+    unique = unique_parameters(model)
+    add_lora_(model, LoraConfig(rank=4, targets=("q_proj",)))
+    first, second = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.q_proj
+    assert first is second, "the repeated block's q_proj shares its adapter"
+    with torch.no_grad():
+        first.lora_B.normal_()
+    merge_lora_(model)
+    assert model.model.layers[0].self_attn.q_proj.weight is model.model.layers[1].self_attn.q_proj.weight
+    assert unique_parameters(model) == unique, "merging added no parameters and kept the sharing"
+
+
+def _write_pairs(path, words=10):
+    vocabulary = ["kernel", "task", "page", "python", "file", "memory", "disk", "loop", "source", "time"][:words]
+    with open(path, "w") as handle:
+        for a in vocabulary:
+            for b in vocabulary:
+                # The output is a fixed function of the input, from a small set of words: worth learning.
+                handle.write(json.dumps({"input": f"Reverse: {a} {b}.", "output": f"{b} {a}"}) + "\n")
+    return path
+
+
+def test_finetune_cli_lowers_held_out_output_perplexity_and_writes_a_plain_checkpoint(tmp_path, capsys):
+    student = write_teacher(tmp_path, tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2), tiny_tokenizer())
+    data = _write_pairs(tmp_path / "task.jsonl")
+    out = tmp_path / "task"
+    args = ["finetune", "--student", student, "--data", data, "--out", out, "--epochs", "6", "--batch-size", "8",
+            "--lora-rank", "4", "--lr", "1e-2", "--quiet"]
+    assert main([str(a) for a in args]) == 0
+    assert "held-out output perplexity" in capsys.readouterr().out
+    metrics = json.loads((out / "finetune.json").read_text())
+    assert metrics["after"]["perplexity"] < 0.5 * metrics["before"]["perplexity"]
+    assert metrics["trainable_params"] < 0.2 * metrics["params"] and metrics["lora_layers"] == 14
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert sum(p.numel() for p in model.parameters()) == metrics["params"]
+    adapter = load_file(str(out / "adapter" / "adapter.safetensors"))
+    assert len(adapter) == 2 * 14 and json.loads((out / "adapter" / "adapter.json").read_text())["lora"]["rank"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
+
+
+def test_finetune_refuses_bad_input_with_a_clear_message(tmp_path, capsys):
+    student = write_teacher(tmp_path)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    cases = [
+        (["--data", rows], "'input' or 'output' column"),
+        (["--data", tmp_path / "missing.jsonl"], "no such file"),
+        (["--data", _write_pairs(tmp_path / "ok.jsonl"), "--kl-weight", "1"], "needs a teacher"),
+        (["--data", tmp_path / "ok.jsonl", "--out", student], "student's own folder"),
+    ]
+    for extra, message in cases:
+        args = ["finetune", "--student", student, "--out", tmp_path / "o", *extra]
+        assert main([str(a) for a in args]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
