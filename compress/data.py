@@ -170,6 +170,12 @@ def _bucket(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8", errors="replace")).digest()[:4], "big")
 
 
+def document_split(text: str) -> str:
+    """Which split a document of the corpus belongs to (by a hash of its text)."""
+    bucket = _bucket(text) % 1000
+    return next(name for name, (low, high) in _SPLIT_BOUNDS.items() if low <= bucket < high)
+
+
 def split_texts(dataset: Any, split: str) -> list[str]:
     """The documents of one split, in a deterministic order (by hash), chosen by a hash of each text."""
     if split not in SPLITS:
@@ -253,7 +259,7 @@ PAIR_COLUMNS = ("input", "output")
 
 def load_pairs(data: str) -> Any:
     """A ``datasets.Dataset`` of (input, output) pairs, from .jsonl/.json or .parquet with ``input`` and
-    ``output`` text columns (one pair per row)."""
+    ``output`` text columns (one pair per row) and optionally a ``split`` column (``train`` / ``validation``)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -281,14 +287,20 @@ def load_pairs(data: str) -> Any:
 
 
 def split_pairs(dataset: Any, split: str) -> list[tuple[str, str]]:
-    """The pairs of one split (``train`` or ``validation``), in a deterministic order, chosen by a hash of each pair."""
+    """The pairs of one split (``train`` or ``validation``), in a deterministic order: the rows whose ``split``
+    column says so when the data has one, else a tenth of the pairs, chosen by a hash of each, for validation."""
     if split not in _PAIR_SPLIT_BOUNDS:
         raise ValueError(f"unknown split {split!r} for pairs; allowed: {', '.join(_PAIR_SPLIT_BOUNDS)}")
     low, high = _PAIR_SPLIT_BOUNDS[split]
+    given = dataset["split"] if "split" in dataset.column_names else [None] * len(dataset)
+    unknown = sorted({str(g) for g in given if g is not None} - set(_PAIR_SPLIT_BOUNDS))
+    if unknown:
+        raise DataError(f"the pairs' split column holds {', '.join(map(repr, unknown[:3]))}; use "
+                        f"{' or '.join(map(repr, _PAIR_SPLIT_BOUNDS))}, or leave the column out")
     chosen = []
-    for source, target in zip(dataset["input"], dataset["output"], strict=True):
+    for source, target, named in zip(dataset["input"], dataset["output"], given, strict=True):
         bucket = _bucket(f"{source}\x00{target}")
-        if low <= bucket % 1000 < high:
+        if named == split if named is not None else low <= bucket % 1000 < high:
             chosen.append((bucket, str(source), str(target)))
     chosen.sort()
     return [(source, target) for _, source, target in chosen]
@@ -301,8 +313,8 @@ def pair_batches(dataset: Any, tokenizer: Any, split: str, max_input_tokens: int
 
     pairs = split_pairs(dataset, split)
     if not pairs:
-        raise DataError(f"the {split} split of the pairs is empty ({len(dataset)} pairs in all, a tenth held out "
-                        "for validation by a hash of each pair); add pairs")
+        raise DataError(f"the {split} split of the pairs is empty ({len(dataset)} pairs in all; without a 'split' "
+                        "column a tenth is held out for validation by a hash of each pair); add pairs")
     bos = [tokenizer.bos_token_id] if wants_bos(tokenizer) else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sources = tokenizer([s for s, _ in pairs], add_special_tokens=False).input_ids

@@ -183,3 +183,21 @@ def test_finetune_refuses_bad_input_with_a_clear_message(tmp_path, capsys):
         assert main([str(a) for a in args]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_pairs_follow_a_split_column_when_the_data_has_one(tmp_path):
+    from compress.data import load_pairs, pair_batches, split_pairs
+    from compress.errors import DataError
+
+    rows = [{"input": f"question {i}", "output": f"answer {i}", "split": "validation" if i < 3 else "train"}
+            for i in range(12)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = load_pairs(str(path))
+    assert sorted(s for s, _ in split_pairs(dataset, "validation")) == ["question 0", "question 1", "question 2"]
+    assert len(split_pairs(dataset, "train")) == 9
+    batch = pair_batches(dataset, tiny_tokenizer(), "validation", 4, 3)
+    assert len(batch) == 3 and int(batch.cuts.max()) <= 4 and int((batch.lengths - batch.cuts).max()) <= 3
+    path.write_text(json.dumps({"input": "a", "output": "b", "split": "test"}) + "\n")
+    with pytest.raises(DataError, match="'validation' or 'train'"):
+        split_pairs(load_pairs(str(path)), "train")
