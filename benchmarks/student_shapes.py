@@ -288,14 +288,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"tokens, medians over {report['rounds']} interleaved rounds. First token: decoder-only = the prefill graph; "
         f"Mu-like = the encoder graph + the first decoder step. {q} graphs for the `{report['npu_profile']}` profile.",
         "",
-        f"| student | params | shape | tokens/s (distill) | continuation perplexity | agreement | "
+        f"| student | params | shape | continuation perplexity | agreement | "
         f"first token fp32 (ms) | first token {q} (ms) | decode fp32 (tok/s) | decode {q} (tok/s) | {q} size (MB) | violations |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for student in report["students"].values():
         s, c, g = student["speed"], student["continuation"], student["graphs"]
         lines.append(
-            f"| {student['name']} | {student['params'] / 1e6:.1f}M | {_shape(student)} | {student['distill_tokens_per_second']:,.0f} | "
+            f"| {student['name']} | {student['params'] / 1e6:.1f}M | {_shape(student)} | "
             f"{c['perplexity']:,.2f} | {c['agreement']:.3f} | {s['float']['first_token_ms']:.1f} | "
             f"{s['quantized']['first_token_ms']:.1f} | {s['float']['decode_tokens_per_second']:.1f} | "
             f"{s['quantized']['decode_tokens_per_second']:.1f} | {g['size_mb']['quantized']:.0f} | {len(g['violations'])} |")

@@ -13,11 +13,12 @@ Or the steps one by one on in-memory objects::
     prefill, decode = compress.export_graphs(lm, "onnx/")
     graphs = compress.quantize_graphs(lm, "onnx/", compress.PRESETS["a16w8"], compress.get_profile("qnn-htp"), calib)
     compress.quality(student, valid_ids).perplexity
+    compress.finetune(compress.FinetuneConfig(student="runs/demo/student", data="task.jsonl", out="runs/demo/task"))
 """
 
 from compress.archspec import ArchSpec, FamilySpec, Shape, register, resolve
 from compress.config import CompressConfig, TargetSize
-from compress.data import load_corpus, token_batches
+from compress.data import load_corpus, load_pairs, pair_batches, token_batches
 from compress.errors import (
     CompressError,
     ConfigError,
@@ -27,7 +28,8 @@ from compress.errors import (
     TeacherNotFoundError,
     UnsupportedArchitectureError,
 )
-from compress.evaluate import Quality, perplexity, quality
+from compress.evaluate import PairQuality, Quality, pair_quality, perplexity, quality
+from compress.finetune import FinetuneConfig, finetune
 from compress.pipeline import CompressResult, StageMetrics, run
 from compress.planner import PruningPlan, keep_all_plan, plan
 from compress.report import write_report
@@ -35,7 +37,7 @@ from compress.scoring import score_importance
 from compress.students import register as register_students
 from compress.surgery import apply_plan, save_checkpoint
 from compress.teachers import load_teacher
-from distill import DistillConfig, DistillResult, distill
+from distill import DistillConfig, DistillResult, LoraConfig, Pairs, add_lora_, distill, merge_lora_
 from quant.profiles import NpuProfile, get_profile
 from quant.quantize import PRESETS, QuantRecipe
 
@@ -64,12 +66,16 @@ __all__ = [
     "DataError",
     "DistillConfig",
     "DistillResult",
+    "FinetuneConfig",
+    "LoraConfig",
     "FamilySpec",
     "MobileLLMConfig",
     "MobileLLMForCausalLM",
     "MuConfig",
     "MuForConditionalGeneration",
     "NpuProfile",
+    "PairQuality",
+    "Pairs",
     "PlanInfeasibleError",
     "PRESETS",
     "PruningPlan",
@@ -81,14 +87,20 @@ __all__ = [
     "TargetSize",
     "TeacherNotFoundError",
     "UnsupportedArchitectureError",
+    "add_lora_",
     "apply_plan",
     "distill",
     "export_graphs",
+    "finetune",
     "get_profile",
     "keep_all_plan",
     "load_corpus",
+    "load_pairs",
     "load_teacher",
     "measure",
+    "merge_lora_",
+    "pair_batches",
+    "pair_quality",
     "perplexity",
     "plan",
     "prepare",
