@@ -201,3 +201,23 @@ def test_pairs_follow_a_split_column_when_the_data_has_one(tmp_path):
     path.write_text(json.dumps({"input": "a", "output": "b", "split": "test"}) + "\n")
     with pytest.raises(DataError, match="'validation' or 'train'"):
         split_pairs(load_pairs(str(path)), "train")
+
+
+def test_finetune_trains_a_mu_like_student_on_pairs_with_teacher_kl(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from compress.finetune import FinetuneConfig, finetune
+    from compress.mu import MuForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    teacher = write_teacher(tmp_path, tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2), tokenizer)
+    student = tmp_path / "mu"
+    _tiny_mu().save_pretrained(student)
+    tokenizer.save_pretrained(student)
+    config = FinetuneConfig(student=str(student), data=str(_write_pairs(tmp_path / "task.jsonl")), out=str(tmp_path / "o"),
+                            teacher=str(teacher), kl_weight=1.0, lora_rank=4, epochs=3, lr=1e-2)
+    metrics = finetune(config, progress=False)
+    assert metrics["after"]["perplexity"] < 0.7 * metrics["before"]["perplexity"]
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "o")
+    assert isinstance(reloaded, MuForConditionalGeneration)
+    assert reloaded.lm_head.weight is reloaded.model.shared.weight, "one shared table, still tied after merging"
