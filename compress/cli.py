@@ -73,8 +73,9 @@ _HELP = {
     "quant_decode_calib_tokens": "decode steps the decode graph's ranges are calibrated on, spread over the positions "
     "of the calibration sequences (one token per run, so it needs many: 16x fewer cost the A16W8 decode graph "
     "+0.3%% perplexity on SmolLM2)",
-    "student": "student family: minitron (the teacher pruned by importance, then distilled) or mobilellm (the same, "
-    "deep and thin, each block applied twice in a row: MobileLLM's block-wise weight sharing, parameters counted once)",
+    "student": "student family: minitron (the teacher pruned by importance, then distilled), mobilellm (the same, "
+    "deep and thin, each block applied twice in a row: MobileLLM's block-wise weight sharing, parameters counted once) "
+    "or mu (a Mu-like encoder-decoder initialized from the pruned teacher, distilled across architectures)",
     "stop_after": f"last stage to run: {', '.join(STAGES)}",
     "seed": "random seed",
     "trust_remote_code": "allow a teacher's own modelling code to run",
