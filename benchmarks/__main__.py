@@ -56,6 +56,11 @@ TARGETS = (
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-pruned.json", "quant_accuracy_smollm2-135m-0.67x-pruned.md"),
            args=("--model", str(PRUNED_RUN / "pruned"), "--name", "smollm2-135m-0.67x-pruned"), needs_pruned_run=True,
            title="Quantization accuracy: the 0.67x pruned student"),
+    Target("mu_init", ("mu_init.json", "mu_init.md"), title="Mu-like student: random vs teacher initialization"),
+    Target("student_shapes", ("student_shapes.json", "student_shapes.md"),
+           title="Student families at one budget: Minitron-like, MobileLLM-like, Mu-like"),
+    # After student_shapes: it fine-tunes that benchmark's students.
+    Target("task_finetune", ("task_finetune.json", "task_finetune.md"), title="Task fine-tuning with LoRA"),
 )
 
 

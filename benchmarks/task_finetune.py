@@ -6,7 +6,7 @@ input ``Describe the Python function os.path.join(path, *paths).``, output the e
 (reST markup kept). Pairs from documents of the corpus's validation and calibration splits are held out
 (``split`` column), so no held-out description was seen in distillation or fine-tuning.
 
-Each student (default: the Minitron-like and the Mu-like students of ``benchmarks.student_shapes``) is
+Each student (default: the three students of ``benchmarks.student_shapes``) is
 fine-tuned by :func:`compress.finetune.finetune`, as ``compress finetune`` does it, and scored before and
 after on the held-out outputs (teacher-forced perplexity and top-1 token accuracy); the teacher is scored
 on the same pairs as a causal model reading input then output. Writes
@@ -86,7 +86,7 @@ def _write_pairs(path: Path, train_pairs: int, validation_pairs: int) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--students", default="runs/student-shapes/minitron/student,runs/student-shapes/mu/student")
+    parser.add_argument("--students", default=",".join(f"runs/student-shapes/{f}/student" for f in ("minitron", "mobilellm", "mu")))
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--train-pairs", type=int, default=1024)
     parser.add_argument("--validation-pairs", type=int, default=256)

@@ -184,14 +184,19 @@ class StaticLM(nn.Module):
             x = x * F.embedding(input_ids, self.embed_scale_rows)
         return x
 
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        t = input_ids.shape[1]
-        if t > self.capacity:
-            raise ValueError(f"prefill takes at most {self.capacity} tokens, got {t}")
+    def prefill_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE cos, sin and the causal bias for a prefill of ``length`` tokens."""
+        if length > self.capacity:
+            raise ValueError(f"prefill takes at most {self.capacity} tokens, got {length}")
+        return (self.cos_prefill[:, :, :length], self.sin_prefill[:, :, :length],
+                self.causal_bias[:, :, :length, :length])
+
+    def prefill(self, input_ids: torch.Tensor, tables: tuple[torch.Tensor, ...] | None = None,
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Logits and every layer's keys and values for ``input_ids`` [1, t]; ``tables`` (from
+        :meth:`prefill_tables`) spare the slicing, which an exported graph would otherwise keep as float ops."""
         x = self.embedding(input_ids)
-        cos, sin, bias = self.cos_prefill, self.sin_prefill, self.causal_bias
-        if t < self.capacity:
-            cos, sin, bias = cos[:, :, :t], sin[:, :, :t], bias[:, :, :t, :t]
+        cos, sin, bias = tables if tables is not None else self.prefill_tables(input_ids.shape[1])
         keys, values = [], []
         for block in self.blocks:
             q, k, v = block.attention_inputs(x, cos, sin)
@@ -231,21 +236,26 @@ class StaticLM(nn.Module):
 
 
 class Prefill(nn.Module):
-    """``input_ids`` [1, L] → logits and the per-layer keys/values, as graph outputs."""
+    """``input_ids`` [1, L] → logits and the per-layer keys/values, as graph outputs (L: ``length``, by
+    default the cache capacity)."""
 
-    def __init__(self, lm: StaticLM) -> None:
+    def __init__(self, lm: StaticLM, length: int | None = None) -> None:
         super().__init__()
         self.lm = lm
+        self.length = lm.capacity if length is None else length
+        # Tables cut to the graph's length once, here, so the graph holds them as constants.
+        for name, table in zip(("cos", "sin", "bias"), lm.prefill_tables(self.length), strict=True):
+            self.register_buffer(name, table.clone(), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, keys, values = self.lm.prefill(input_ids)
+        logits, keys, values = self.lm.prefill(input_ids, (self.cos, self.sin, self.bias))
         return (logits, *[t for pair in zip(keys, values, strict=True) for t in pair])
 
     def names(self) -> tuple[list[str], list[str]]:
         return ["input_ids"], ["logits", *_cache_names(len(self.lm.blocks), "present")]
 
-    def example(self, length: int) -> tuple[torch.Tensor, ...]:
-        return (torch.zeros(1, length, dtype=torch.long),)
+    def example(self, length: int | None = None) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(1, self.length if length is None else length, dtype=torch.long),)
 
 
 class DecodeStep(nn.Module):

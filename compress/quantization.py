@@ -59,8 +59,8 @@ def export_graphs(lm: StaticLM, out_dir: str | Path, decode: bool = True,
     length = lm.capacity if prefill_length is None else prefill_length
     if not 0 < length <= lm.capacity:
         raise ValueError(f"prefill_length {length}: must be in [1, {lm.capacity}] (the cache capacity)")
-    prefill = Prefill(lm)
-    prefill_path = export(prefill, prefill.example(length), out_dir / "model.onnx", *prefill.names())
+    prefill = Prefill(lm, length)
+    prefill_path = export(prefill, prefill.example(), out_dir / "model.onnx", *prefill.names())
     if not decode:
         return prefill_path, None
     step = DecodeStep(lm)

@@ -66,6 +66,28 @@ def test_decode_graph_continues_prefill_like_torch(llama_graphs):
         assert np.abs(logits_alone[i] - expected[len(prompt) + i]).max() <= 1e-4
 
 
+def test_a_prefill_graph_shorter_than_the_cache_quantizes_whole_and_continues_like_torch(tmp_path):
+    model = tiny_llama()
+    # 96 slots: a causal bias of 96 x 96 is past the exporter's constant-folding size limit (8,192), as real
+    # ones are, so a Slice of it would stay in the graph.
+    capacity, length = 96, 64
+    calib = _ids(model, 4, length=capacity, seed=2)
+    lm = prepare(model, capacity, ("rotate", "embed-rows"), calib)
+    prefill, decode = export_graphs(lm, tmp_path, prefill_length=length)
+    assert [d.dim_value for d in onnx.load(prefill).graph.input[0].type.tensor_type.shape.dim] == [1, length]
+    # The causal bias and RoPE tables are cut to the graph's length at export: no Slice of a float constant,
+    # which would stay a float island in the quantized graph.
+    graphs = quantize_graphs(lm, tmp_path, PRESETS["a8w8"], get_profile("generic-a8w8"), calib.numpy(),
+                             decode_calib_tokens=16)
+    assert graphs.violations == {"prefill": [], "decode": []}
+    prompt = [int(t) for t in _ids(model, 1, seed=3)[0, :length]]
+    tokens, logits, _ = runtime.decode(runtime.session(decode), prompt, 8, prefill_sess=runtime.session(prefill))
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([prompt + tokens])).logits[0].numpy()
+    for i in range(7):  # the cache holds the whole prompt and every generated token
+        assert np.abs(logits[i] - expected[len(prompt) + i]).max() <= 1e-4
+
+
 def test_decode_graph_scores_continuations_like_the_prefill_graph(llama_graphs):
     model, _, folder = llama_graphs
     ids = _ids(model, 2).numpy()
