@@ -55,6 +55,23 @@ class Conv1x1(nn.Module):
         return y.squeeze(2).transpose(1, 2)
 
 
+class MatMulLinear(nn.Module):
+    """A linear layer whose weight is stored transposed, (in, out), and applied as ``x @ weight``.
+
+    The exporter folds ``linear``'s transpose of a weight into the stored tensor only when one node reads
+    the weight; a block applied at several depths (MobileLLM-like sharing) would keep a runtime Transpose of
+    a float weight in the graph, which then stays unquantized."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().t().contiguous())
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
 class _Block(nn.Module):
     def __init__(self, layer: nn.Module, config) -> None:  # noqa: ANN001
         super().__init__()
@@ -228,6 +245,16 @@ class StaticLM(nn.Module):
                 layer = getattr(block, name)
                 if isinstance(layer, nn.Linear):
                     setattr(block, name, Conv1x1(layer))
+        return self
+
+    def matmul_layout(self) -> StaticLM:
+        """Every linear layer of the blocks as a MatMul on a stored (in, out) weight (in place; apply after the
+        float rewrites): the layout for profiles that take per-channel weights on MatMul."""
+        for block in self.unique_blocks:
+            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                layer = getattr(block, name)
+                if isinstance(layer, nn.Linear):
+                    setattr(block, name, MatMulLinear(layer))
         return self
 
     def cache_shape(self) -> tuple[int, int, int, int]:

@@ -33,7 +33,8 @@ def prepare(model: nn.Module, seq_len: int, transforms: tuple[str, ...] = TRANSF
             calibration_ids: torch.Tensor | None = None, fused_norm: bool = True, seed: int = 0,
             conv: bool = False) -> StaticLM:
     """The export-ready float copy of ``model`` with ``transforms`` applied in TRANSFORMS order; with
-    ``conv``, linear layers become 1x1 Convs (for profiles that take per-channel weights only on Conv)."""
+    ``conv``, linear layers become 1x1 Convs (for profiles that take per-channel weights only on Conv), else
+    MatMuls on stored (in, out) weights."""
     unknown = set(transforms) - set(TRANSFORMS)
     if unknown:
         raise ValueError(f"unknown transforms {sorted(unknown)}; known: {', '.join(TRANSFORMS)}")
@@ -46,7 +47,7 @@ def prepare(model: nn.Module, seq_len: int, transforms: tuple[str, ...] = TRANSF
         smooth(lm, calibration_ids)
     if "embed-rows" in transforms:
         normalize_embedding(lm)
-    return lm.convolutional() if conv else lm
+    return lm.convolutional() if conv else lm.matmul_layout()
 
 
 def export_graphs(lm: StaticLM, out_dir: str | Path, decode: bool = True,
