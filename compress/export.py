@@ -240,21 +240,19 @@ class StaticLM(nn.Module):
 
     def convolutional(self) -> StaticLM:
         """Every linear layer of the blocks as a 1x1 Conv (in place; apply after the float rewrites)."""
-        for block in self.unique_blocks:
-            for name in ("q", "k", "v", "o", "gate", "up", "down"):
-                layer = getattr(block, name)
-                if isinstance(layer, nn.Linear):
-                    setattr(block, name, Conv1x1(layer))
-        return self
+        return self._relayout(Conv1x1)
 
     def matmul_layout(self) -> StaticLM:
         """Every linear layer of the blocks as a MatMul on a stored (in, out) weight (in place; apply after the
         float rewrites): the layout for profiles that take per-channel weights on MatMul."""
+        return self._relayout(MatMulLinear)
+
+    def _relayout(self, layer_type: type[nn.Module]) -> StaticLM:
         for block in self.unique_blocks:
             for name in ("q", "k", "v", "o", "gate", "up", "down"):
                 layer = getattr(block, name)
                 if isinstance(layer, nn.Linear):
-                    setattr(block, name, MatMulLinear(layer))
+                    setattr(block, name, layer_type(layer))
         return self
 
     def cache_shape(self) -> tuple[int, int, int, int]:
