@@ -7,7 +7,8 @@ input ``Describe the Python function os.path.join(path, *paths).``, output the e
 (``split`` column), so no held-out description was seen in distillation or fine-tuning.
 
 Each student (default: the three students of ``benchmarks.student_shapes``) is
-fine-tuned by :func:`compress.finetune.finetune`, as ``compress finetune`` does it, and scored before and
+fine-tuned by :func:`compress.finetune.finetune`, as ``compress finetune`` does it (a finished fine-tuning
+with the same settings in ``--work`` is reused; delete it to redo it), and scored before and
 after on the held-out outputs (teacher-forced perplexity and top-1 token accuracy); the teacher is scored
 on the same pairs as a causal model reading input then output. Writes
 ``benchmarks/results/task_finetune.{json,md}``.
@@ -118,7 +119,12 @@ def main() -> None:
         config = FinetuneConfig(student=student, data=str(data), out=str(args.work / name), lora_rank=args.lora_rank,
                                 epochs=args.epochs, lr=args.lr, max_input_tokens=args.max_input_tokens,
                                 max_output_tokens=args.max_output_tokens)
-        metrics = finetune(config, progress=False)
+        finished = Path(config.out) / "finetune.json"
+        if finished.exists() and json.loads(finished.read_text())["config"] == config.to_dict():
+            metrics = json.loads(finished.read_text())  # a finished fine-tuning with these settings: reused
+            print(f"{name}: reusing {finished}", flush=True)
+        else:
+            metrics = finetune(config, progress=False)
         runs[name] = {key: metrics[key] for key in ("before", "after", "steps", "seconds", "params", "trainable_params",
                                                     "lora_layers", "train_pairs", "validation_pairs", "train_output_tokens")}
         runs[name]["student"] = student
@@ -163,6 +169,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} student ({run['params'] / 1e6:.1f}M) | {run['trainable_params']:,} "
                      f"({run['trainable_params'] / run['params']:.1%}) | {run['steps']} | {run['seconds']:.0f} | "
                      f"{b['perplexity']:,.2f} | **{a['perplexity']:,.2f}** | {b['accuracy']:.3f} | {a['accuracy']:.3f} |")
+    lines += [f"- {note}" for note in report.get("notes", [])]  # observations added by whoever ran it
     return "\n".join(lines) + "\n"
 
 
