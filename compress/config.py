@@ -25,8 +25,9 @@ STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", 
 """The stages in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
 ``--teacher-correction-tokens`` is set; ``quantize`` does nothing with ``--quant none``."""
 STUDENTS = ("minitron", "mobilellm", "mu")
-"""Student families built so far: ``minitron`` is the teacher pruned by importance, then distilled;
-``mobilellm`` the same, deep and thin, with each block applied twice (compress.mobilellm)."""
+"""Student families: ``minitron`` is the teacher pruned by importance, then distilled; ``mobilellm`` the same,
+deep and thin, with each block applied twice (compress.mobilellm); ``mu`` a Mu-like encoder-decoder initialized
+from the pruned teacher and distilled across architectures (compress.mu, compress.mu_run)."""
 # How many times in a row each kept block is applied (MobileLLM's immediate block-wise weight sharing).
 BLOCK_REPEATS = {"minitron": 1, "mobilellm": 2, "mu": 1}
 QUANT_CHOICES = ("none", *PRESETS)
