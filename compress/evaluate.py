@@ -177,11 +177,9 @@ def pair_logits(model: nn.Module, pairs: Pairs) -> torch.Tensor:
     input and output as one sequence, an encoder-decoder encodes the input and decodes the output."""
     if getattr(model.config, "is_encoder_decoder", False):
         inputs, input_mask = pairs.inputs()
-        outputs, output_mask = pairs.outputs()
-        start = torch.full_like(outputs[:, :1], model.config.decoder_start_token_id)
         logits = model(input_ids=inputs, attention_mask=input_mask,
-                       decoder_input_ids=torch.cat((start, outputs[:, :-1]), dim=1)).logits
-        return logits[output_mask]
+                       decoder_input_ids=pairs.decoder_input_ids(model.config.decoder_start_token_id)).logits
+        return logits[pairs.outputs()[1]]
     return model(input_ids=pairs.ids, attention_mask=pairs.attention_mask()).logits[:, :-1][pairs.predicting_outputs()]
 
 
@@ -192,7 +190,8 @@ def pair_quality(model: nn.Module, pairs: Pairs, batch_size: int = 8) -> PairQua
         for start in range(0, len(pairs), batch_size):
             block = pairs[start : start + batch_size]
             logits = pair_logits(model, block).float()
-            targets = block.outputs()[0][block.outputs()[1]]
+            outputs, scored = block.outputs()
+            targets = outputs[scored]
             total += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
             correct += int((logits.argmax(-1) == targets).sum())
             count += int(targets.numel())

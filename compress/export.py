@@ -279,8 +279,8 @@ class Prefill(nn.Module):
     def names(self) -> tuple[list[str], list[str]]:
         return ["input_ids"], ["logits", *_cache_names(len(self.lm.blocks), "present")]
 
-    def example(self, length: int | None = None) -> tuple[torch.Tensor, ...]:
-        return (torch.zeros(1, self.length if length is None else length, dtype=torch.long),)
+    def example(self) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(1, self.length, dtype=torch.long),)
 
 
 class DecodeStep(nn.Module):

@@ -192,25 +192,16 @@ def measure_graphs(folder: Path, encoder_name: str, decoder_name: str, ids: np.n
             "continuation_cut": cut, "first_token_prompt_tokens": len(prompt), "decode_new_tokens": new_tokens}, predictions
 
 
-def _final(state: Any) -> tuple[Path, Any]:
-    """The model the graphs are made of: the distilled student, or the initialized one when distillation was skipped."""
-    from compress.pipeline import load_model
-
-    source = state.dir / "student"
-    if not (source / "config.json").exists():
-        source = state.dir / "pruned"
-    return source, load_model(source, dtype=torch.float32).eval()
-
-
 def export_stage(state: Any) -> dict[str, Any]:
     from safetensors.numpy import save_file
 
     from compress.evaluate import continuation_logits
     from compress.mu_export import write_mu_graphs
+    from compress.pipeline import final_model
     from quant import runtime
 
     c = state.config
-    source, model = _final(state)
+    source, model = final_model(state)
     folder = state.dir / "onnx"
     shutil.rmtree(folder, ignore_errors=True)
     write_mu_graphs(model, folder, length=c.seq_len, capacity=c.seq_len)
@@ -250,13 +241,14 @@ def quantize_stage(state: Any) -> dict[str, Any]:
     import onnx
     from safetensors.numpy import load_file
 
+    from compress.pipeline import final_model
     from quant import runtime
     from quant.profiles import check, get_profile
     from quant.quantize import PRESETS, quantize
 
     c = state.config
     folder = state.dir / "onnx"
-    _, model = _final(state)
+    _, model = final_model(state)
     start = model.config.decoder_start_token_id
     calib = state.ids("calibration", c.seq_len, c.quant_calib_samples).numpy()
     encoder_feeds, decoder_feeds = calibration_feeds(runtime.session(folder / ENCODER), runtime.session(folder / DECODER),

@@ -451,14 +451,13 @@ def _registered(auto: Any) -> Any:
     return auto
 
 
-def _final_model(state: _Run) -> tuple[Path, Any]:
-    """The model the graphs are made of: the distilled student, or the pruned one when distillation was skipped."""
-    from transformers import AutoModelForCausalLM
-
+def final_model(state: _Run) -> tuple[Path, Any]:
+    """The model the graphs are made of: the distilled student, or the pruned (for Mu, the initialized) one when
+    distillation was skipped; any student family."""
     source = state.dir / "student"
     if not (source / "config.json").exists():
         source = state.dir / "pruned"
-    return source, _registered(AutoModelForCausalLM).from_pretrained(source, dtype=torch.float32).eval()
+    return source, load_model(source, dtype=torch.float32).eval()
 
 
 def _prepared(state: _Run) -> tuple[Path, Any, torch.Tensor]:
@@ -466,7 +465,7 @@ def _prepared(state: _Run) -> tuple[Path, Any, torch.Tensor]:
     from quant.profiles import get_profile
 
     c = state.config
-    source, model = _final_model(state)
+    source, model = final_model(state)
     calib = state.ids("calibration", c.seq_len, c.quant_calib_samples)
     conv = get_profile(c.npu_profile).linear_as_conv
     return source, prepare(model, c.seq_len, c.quant_transforms, calib, seed=c.seed, conv=conv), calib

@@ -77,6 +77,11 @@ class Pairs:
         mask = offsets < (self.lengths - self.cuts)[:, None]
         return torch.where(mask, self.ids.gather(1, index), self.pad_id), mask
 
+    def decoder_input_ids(self, start_token: int) -> torch.Tensor:
+        """An encoder-decoder's decoder inputs: the start token, then the outputs shifted right (pairs, max output)."""
+        outputs, _ = self.outputs()
+        return torch.cat((torch.full_like(outputs[:, :1], start_token), outputs[:, :-1]), dim=1)
+
     def predicting_outputs(self) -> torch.Tensor:
         """(pairs, length - 1) boolean: the causal positions whose next token is an output token."""
         positions = torch.arange(1, self.ids.shape[1], device=self.ids.device)[None]

@@ -117,7 +117,6 @@ class KnowledgeDistillationLoss(nn.Module):
                 teacher_hidden = teacher.base_model(input_ids=ids).last_hidden_state[:, cut - 1 : -1]  # ids[:, cut:]
         return self._logit_loss(student_hidden, teacher_hidden, continuation)
 
-
     def _pairs(self, batch: Pairs) -> torch.Tensor:
         """The loss on the output tokens of (input, output) pairs: the teacher reads input and output as one
         sequence; a causal student too, an encoder-decoder student encodes the input and decodes the output."""
@@ -136,9 +135,8 @@ class KnowledgeDistillationLoss(nn.Module):
             return self._logit_loss(student_hidden[scored], teacher_hidden, batch.ids[:, 1:][scored])
         inputs, input_mask = batch.inputs()
         outputs, output_mask = batch.outputs()
-        start = torch.full_like(outputs[:, :1], self.student.config.decoder_start_token_id)
-        out = self.student(input_ids=inputs, attention_mask=input_mask,
-                           decoder_input_ids=torch.cat((start, outputs[:, :-1]), dim=1), output_hidden_states=True)
+        out = self.student(input_ids=inputs, attention_mask=input_mask, output_hidden_states=True,
+                           decoder_input_ids=batch.decoder_input_ids(self.student.config.decoder_start_token_id))
         # Row-major order of output_mask equals that of ``scored``: output j of row i sits at causal position cut+j-1.
         return self._logit_loss(out.decoder_hidden_states[-1][output_mask], teacher_hidden, outputs[output_mask])
 
