@@ -308,7 +308,8 @@ def split_pairs(dataset: Any, split: str) -> list[tuple[str, str]]:
 
 def pair_batches(dataset: Any, tokenizer: Any, split: str, max_input_tokens: int, max_output_tokens: int) -> Any:
     """The pairs of ``split`` as :class:`distill.pairs.Pairs`: the input (BOS first when the tokenizer wants it,
-    cut to its last ``max_input_tokens``), then the output and EOS (cut to its first ``max_output_tokens``)."""
+    then the input's last tokens, ``max_input_tokens`` in all), then the output and EOS (cut to its first
+    ``max_output_tokens``)."""
     from distill.pairs import Pairs
 
     pairs = split_pairs(dataset, split)
@@ -319,7 +320,9 @@ def pair_batches(dataset: Any, tokenizer: Any, split: str, max_input_tokens: int
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sources = tokenizer([s for s, _ in pairs], add_special_tokens=False).input_ids
     targets = tokenizer([t for _, t in pairs], add_special_tokens=False).input_ids
-    inputs = [(bos + ids)[-max_input_tokens:] for ids in sources]
+    # Long inputs keep their end (nearest the output); BOS stays first, as models that want it need it there.
+    keep = max(0, max_input_tokens - len(bos))
+    inputs = [bos + ids[len(ids) - min(keep, len(ids)):] for ids in sources]
     outputs = [(ids + eos)[:max_output_tokens] for ids in targets]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     return Pairs.from_lists(inputs, outputs, pad_id=pad)

@@ -198,6 +198,9 @@ def test_pairs_follow_a_split_column_when_the_data_has_one(tmp_path):
     assert len(split_pairs(dataset, "train")) == 9
     batch = pair_batches(dataset, tiny_tokenizer(), "validation", 4, 3)
     assert len(batch) == 3 and int(batch.cuts.max()) <= 4 and int((batch.lengths - batch.cuts).max()) <= 3
+    # A tokenizer that wants BOS keeps it first when a long input is cut to its last tokens.
+    with_bos = pair_batches(dataset, tiny_tokenizer(add_bos=True), "validation", 4, 3)
+    assert (with_bos.ids[:, 0] == 1).all() and int(with_bos.cuts.max()) <= 4
     path.write_text(json.dumps({"input": "a", "output": "b", "split": "test"}) + "\n")
     with pytest.raises(DataError, match="'validation' or 'train'"):
         split_pairs(load_pairs(str(path)), "train")
