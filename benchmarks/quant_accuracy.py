@@ -17,6 +17,7 @@ Writes ``benchmarks/results/quant_accuracy{,_<name>}.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -62,8 +63,11 @@ METHOD_ROWS = [
     ("rotation, percentile (99.999) instead of MinMax calibration", ("rotate", "embed-rows"), True, True,
      QuantRecipe("a16w8", 16, calibration="percentile"),
      QuantRecipe("a8w8", 8, calibration="percentile", sixteen_bit=(*RS, "swiglu"))),
-    ("+ rotation; the rotated head's mix matrix in int16 weights (the a16w8 and a8w8 defaults)",
-     ("rotate", "embed-rows"), True, True, PRESETS["a16w8"], PRESETS["a8w8"]),
+    ("+ rotation; the rotated head's mix matrix in int16 weights", ("rotate", "embed-rows"), True, True,
+     dataclasses.replace(PRESETS["a16w8"], weight_range="minmax"),
+     dataclasses.replace(PRESETS["a8w8"], weight_range="minmax")),
+    ("+ MSE-searched int8 weight ranges per channel (the a16w8 and a8w8 defaults)", ("rotate", "embed-rows"), True,
+     True, PRESETS["a16w8"], PRESETS["a8w8"]),
 ]
 
 

@@ -44,6 +44,7 @@ from quant.profiles import NpuProfile
 log = logging.getLogger(__name__)
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
+WEIGHT_RANGES = ("minmax", "mse")
 GROUPS = ("residual", "softmax", "swiglu", "attention")
 WEIGHT_GROUPS = ("head-mix",)
 _NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
@@ -59,6 +60,7 @@ class QuantRecipe:
     per_channel: bool = True  # on the operators the profile allows
     calibration: str = "minmax"
     percentile: float = 99.999
+    weight_range: str = "minmax"  # "mse": each int8 weight channel clipped to its error-minimizing range
     sixteen_bit: tuple[str, ...] = ()  # groups (see GROUPS) kept at 16 bits in an 8-bit graph
     sixteen_bit_weights: tuple[str, ...] = ()  # weight groups (see WEIGHT_GROUPS) stored as int16
 
@@ -67,6 +69,8 @@ class QuantRecipe:
             raise ValueError("activation_bits must be 8 or 16 and weight_bits 8")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise ValueError(f"weight_range must be one of {', '.join(WEIGHT_RANGES)}")
         unknown = set(self.sixteen_bit) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown tensor groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
@@ -79,11 +83,11 @@ class QuantRecipe:
 
 
 PRESETS = {
-    "a16w8": QuantRecipe("a16w8", activation_bits=16, sixteen_bit_weights=("head-mix",)),
+    "a16w8": QuantRecipe("a16w8", activation_bits=16, sixteen_bit_weights=("head-mix",), weight_range="mse"),
     # 16 bits where 8 measurably break the model: the residual stream (one outlier token sets its range),
     # the attention scores and probabilities, and the MLP's gating; every matmul input stays 8-bit.
     "a8w8": QuantRecipe("a8w8", activation_bits=8, sixteen_bit=("residual", "softmax", "swiglu"),
-                        sixteen_bit_weights=("head-mix",)),
+                        sixteen_bit_weights=("head-mix",), weight_range="mse"),
 }
 
 
@@ -95,6 +99,7 @@ class QuantReport:
     sixteen_bit_tensors: int
     sixteen_bit_groups: dict[str, int] = field(default_factory=dict)
     sixteen_bit_weights: list[str] = field(default_factory=list)  # initializers stored as int16
+    clipped_weights: int = 0  # int8 weights whose range the "mse" weight range narrowed (any channel)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -189,6 +194,92 @@ def _per_channel(config, model: onnx.ModelProto, profile: NpuProfile, keep_per_t
             name = node.input[1]
             if name not in keep_per_tensor and "axis" not in overrides[name][0]:
                 overrides[name] = [{**overrides[name][0], "axis": axes[node.op_type]}]
+
+
+def mse_range(weight: np.ndarray, axis: int | None, levels: int = 127) -> np.ndarray:
+    """The symmetric range r <= max|w| of each channel along ``axis`` (``None``: one for the whole tensor) that
+    minimizes the squared error of rounding ``weight`` to ``levels`` steps each side of zero.
+
+    A coarse-then-fine search of r / max|w| in [0.5, 1] (steps of 0.05, then 0.01 around the best). MinMax's
+    r = max|w| spends the 8-bit grid on a channel's few largest weights; a narrower range rounds the bulk finer
+    and clips those few."""
+    if axis is None:
+        rows = weight.reshape(1, -1)
+    else:
+        rows = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    rows = rows.astype(np.float32, copy=False)
+    peak = np.abs(rows).max(1)
+    safe = np.where(peak > 0, peak, 1.0).astype(np.float32)
+
+    def error(ratio: np.ndarray) -> np.ndarray:
+        step = (ratio * safe / levels)[:, None]
+        return np.square(np.clip(np.round(rows / step), -levels, levels) * step - rows).sum(1)
+
+    best = np.ones_like(safe)
+    best_error = error(best)
+
+    def consider(ratio: np.ndarray) -> None:
+        nonlocal best, best_error
+        candidate = error(ratio)
+        better = candidate < best_error
+        best, best_error = np.where(better, ratio, best), np.where(better, candidate, best_error)
+
+    for ratio in np.arange(0.95, 0.49, -0.05, dtype=np.float32):
+        consider(np.full_like(safe, ratio))
+    coarse = best
+    for delta in np.arange(-0.04, 0.045, 0.01, dtype=np.float32):
+        if abs(delta) > 1e-6:
+            consider(np.clip(coarse + delta, 0.5, 1.0).astype(np.float32))
+    return (best * peak).astype(np.float32)
+
+
+_8_BIT = ("QInt8", "QUInt8")
+
+
+def _clip_weights(model: onnx.ModelProto, config) -> int:  # noqa: ANN001 - ORT's StaticQuantConfig
+    """Clip every symmetric 8-bit MatMul/Gemm/Conv weight of ``model`` (in place) to its :func:`mse_range`, along
+    the axis ORT will quantize it on (``config``: per-tensor overrides, per-channel overrides, else the global
+    per-channel switch); ORT's MinMax on the clipped weight then takes that range. Returns how many changed."""
+    from onnx import numpy_helper
+
+    overrides = config.extra_options.get("TensorQuantOverrides", {})
+    op_axes = config.extra_options.get("QDQOpTypePerChannelSupportToAxis", {})
+    symmetric_default = config.extra_options.get("WeightSymmetric", True)
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1 and node.input[1] in initializers:
+            default = {"MatMul": 1, "Conv": 0}.get(node.op_type)
+            if node.op_type == "Gemm":
+                default = 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+            readers.setdefault(node.input[1], set()).add(op_axes.get(node.op_type, default))
+    clipped = 0
+    for name, axes in readers.items():
+        entry = overrides.get(name, [{}])[0]
+        quant_type = getattr(entry.get("quant_type", config.weight_type), "name", str(entry.get("quant_type")))
+        if quant_type not in _8_BIT or not entry.get("symmetric", symmetric_default):
+            continue
+        if "axis" in entry:
+            axis = entry["axis"]
+        elif name in overrides or not config.per_channel or len(axes) != 1:
+            axis = None
+        else:
+            axis = next(iter(axes))
+        weight = numpy_helper.to_array(initializers[name])
+        if weight.dtype != np.float32:
+            continue
+        if axis is not None:
+            axis %= weight.ndim
+        limit = mse_range(weight, axis)
+        if axis is not None:
+            shape = [1] * weight.ndim
+            shape[axis] = -1
+            limit = limit.reshape(shape)
+        if np.all(limit >= np.abs(weight).max(axis=axis, keepdims=axis is not None)):
+            continue
+        initializers[name].CopyFrom(numpy_helper.from_array(np.clip(weight, -limit, limit), name))
+        clipped += 1
+    return clipped
 
 
 class _Reader:
@@ -288,6 +379,13 @@ def quantize(
         if not profile.name.startswith("qnn") and recipe.per_channel:
             _per_channel(config, model, profile, keep_per_tensor=set(shared_weights(model)))
         del model
+        clipped = 0
+        if recipe.weight_range == "mse":
+            model = onnx.load(source)
+            clipped = _clip_weights(model, config)
+            source = Path(tmp) / "clipped.onnx"
+            onnx.save(model, source)
+            del model
         staged = Path(tmp) / "quantized.onnx"
         root = logging.getLogger()
         root.addFilter(_no_preprocessing_advice)
@@ -299,7 +397,7 @@ def quantize(
     report = QuantReport(
         recipe=recipe.to_dict(), profile=profile.name, calibration_samples=len(feeds),
         sixteen_bit_tensors=sixteen_bit_activations, sixteen_bit_groups={g: len(v) for g, v in chosen.items()},
-        sixteen_bit_weights=wide,
+        sixteen_bit_weights=wide, clipped_weights=clipped,
         seconds=time.perf_counter() - started,
     )
     log.info("quantized %s → %s: %s", Path(float_path).name, out_path.name, json.dumps(report.to_dict()))

@@ -15,7 +15,7 @@ from compress.outliers import fold_norms, rotate, smooth
 from compress.quantization import DecodeFeeds, export_graphs, prepare, quantize_graphs
 from quant import runtime
 from quant.profiles import check, get_profile
-from quant.quantize import PRESETS, QuantRecipe, tensor_groups
+from quant.quantize import PRESETS, QuantRecipe, mse_range, tensor_groups
 
 CAPACITY = 32
 
@@ -180,6 +180,69 @@ def test_quantized_graphs_pass_inspection_and_track_torch(tmp_path, quant, profi
     step = runtime.session(graphs.decode)
     tokens, _, _ = runtime.decode(step, [int(t) for t in ids[0, :8]], 3)
     assert len(tokens) == 3
+
+
+def _rounding_error(weight: np.ndarray, limit: np.ndarray, levels: int = 127) -> np.ndarray:
+    step = limit[:, None] / levels
+    return np.square(np.clip(np.round(weight / step), -levels, levels) * step - weight).sum(1)
+
+
+def test_mse_range_rounds_better_than_minmax_and_never_widens():
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 256)).astype(np.float32)
+    limit = mse_range(weight, 0)
+    peak = np.abs(weight).max(1)
+    assert limit.shape == (64,) and np.all(limit <= peak) and np.all(limit >= 0.5 * peak - 1e-6)
+    mse, minmax = _rounding_error(weight, limit), _rounding_error(weight, peak)
+    assert np.all(mse <= minmax) and mse.sum() < minmax.sum()
+    # With few levels the best range is well inside the largest weight (Gaussian, 4 bits: about 2.5 sigma).
+    coarse = mse_range(weight, 0, levels=7)
+    assert coarse.mean() < 0.9 * peak.mean()
+    assert _rounding_error(weight, coarse, 7).sum() < 0.8 * _rounding_error(weight, peak, 7).sum()
+    assert np.allclose(mse_range(weight.T, 1), limit)  # the channel axis is the one asked for
+    assert mse_range(weight, None).shape == (1,)
+    assert np.all(mse_range(np.zeros((3, 5), np.float32), 0) == 0)
+
+
+@pytest.mark.parametrize("profile", ["qnn-htp", "generic-a8w8"])
+def test_mse_weight_ranges_are_the_ranges_the_graph_quantizes_with(tmp_path, profile):
+    """Every int8 weight's scale in the quantized graph is its MSE range / 127 along the axis ORT quantized
+    it on (per output channel for the profile's per-channel operators, else per tensor), and rounds the
+    weights no worse than MinMax."""
+    model = tiny_llama()
+    calib = _ids(model, 4, seed=2)
+    npu = get_profile(profile)
+    lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=npu.linear_as_conv)
+    export_graphs(lm, tmp_path, decode=False)
+    floats = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(tmp_path / "model.onnx").graph.initializer}
+    errors, per_channel = {}, 0
+    for weight_range in ("minmax", "mse"):
+        recipe = QuantRecipe("a8w8", 8, sixteen_bit=("residual", "softmax"), weight_range=weight_range)
+        graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False)
+        assert graphs.violations["prefill"] == []
+        quantized = onnx.load(graphs.prefill)
+        values = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+        total = 0.0
+        for node in quantized.graph.node:
+            source = node.input[0]
+            if node.op_type != "DequantizeLinear" or values.get(source, np.zeros(0)).dtype != np.int8:
+                continue
+            weight, scale = floats[source.removesuffix("_quantized")], values[node.input[1]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % weight.ndim if scale.size > 1 else None
+            shape = [1] * weight.ndim
+            if axis is not None:
+                shape[axis] = -1
+                per_channel += weight_range == "mse"
+            restored = values[source].astype(np.float32) * scale.reshape(shape)
+            total += float(np.square(restored - weight).sum())
+            if weight_range == "mse":
+                expected = mse_range(weight, axis) / 127
+                assert np.allclose(scale.reshape(-1), expected, rtol=1e-5), source
+        errors[weight_range] = total
+        if weight_range == "mse":
+            assert graphs.reports["prefill"].clipped_weights > 0
+    assert per_channel >= 7 * model.config.num_hidden_layers
+    assert errors["mse"] < errors["minmax"]
 
 
 def test_a8w8_keeps_the_named_groups_in_16_bits(tmp_path):
