@@ -66,8 +66,11 @@ METHOD_ROWS = [
     ("+ rotation; the rotated head's mix matrix in int16 weights", ("rotate", "embed-rows"), True, True,
      dataclasses.replace(PRESETS["a16w8"], weight_range="minmax"),
      dataclasses.replace(PRESETS["a8w8"], weight_range="minmax")),
-    ("+ MSE-searched int8 weight ranges per channel (the a16w8 and a8w8 defaults)", ("rotate", "embed-rows"), True,
-     True, PRESETS["a16w8"], PRESETS["a8w8"]),
+    ("+ MSE-searched int8 weight ranges per channel, nearest rounding", ("rotate", "embed-rows"), True, True,
+     dataclasses.replace(PRESETS["a16w8"], weight_rounding="nearest"),
+     dataclasses.replace(PRESETS["a8w8"], weight_rounding="nearest")),
+    ("+ GPTQ rounding of the block weights onto those grids (the a16w8 and a8w8 defaults)", ("rotate", "embed-rows"),
+     True, True, PRESETS["a16w8"], PRESETS["a8w8"]),
 ]
 
 

@@ -16,6 +16,7 @@ Every row of a Mu run's report, the teacher's included, is measured that way on 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import statistics
@@ -253,7 +254,9 @@ def quantize_stage(state: Any) -> dict[str, Any]:
     calib = state.ids("calibration", c.seq_len, c.quant_calib_samples).numpy()
     encoder_feeds, decoder_feeds = calibration_feeds(runtime.session(folder / ENCODER), runtime.session(folder / DECODER),
                                                      calib, start, c.quant_decode_calib_tokens)
-    profile, recipe = get_profile(c.npu_profile), PRESETS[c.quant]
+    # GPTQ rounding (the recipes' default) is built for the decoder-only export (compress.gptq); Mu's graphs
+    # round each weight to its nearest step, and the report says so.
+    profile, recipe = get_profile(c.npu_profile), dataclasses.replace(PRESETS[c.quant], weight_rounding="nearest")
     names = {"encoder": f"encoder.{c.quant}.onnx", "decoder": f"decoder.{c.quant}.onnx"}
     reports = {part: quantize(folder / (ENCODER if part == "encoder" else DECODER), folder / name,
                               encoder_feeds if part == "encoder" else decoder_feeds, recipe, profile, state.progress)

@@ -8,7 +8,9 @@ evaluates any graph with ONNX Runtime.
 
 from __future__ import annotations
 
+import copy
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,21 +162,35 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
                     calibration_ids: np.ndarray, decode: bool = True, progress: bool = False,
                     decode_calib_tokens: int = 512) -> QuantizedGraphs:
     """Quantize ``model.onnx`` (and ``decode.onnx``) in ``float_dir`` to ``model.<recipe>.onnx`` etc.; the decode
-    graph is calibrated on about ``decode_calib_tokens`` decode steps over the same sequences (:class:`DecodeFeeds`)."""
+    graph is calibrated on about ``decode_calib_tokens`` decode steps over the same sequences (:class:`DecodeFeeds`).
+
+    With ``recipe.weight_rounding == "gptq"`` the graphs quantized are those of a copy of ``lm`` whose block weights
+    :func:`compress.gptq.gptq_` rounded onto their int8 grids (Hessians from ``calibration_ids``), exported next to
+    the float ones and removed after; the float graphs in ``float_dir`` stay the reference."""
     float_dir = Path(float_dir)
     calibration_ids = np.asarray(calibration_ids)
     # The prefill graph may read fewer tokens than the cache holds (export_graphs' prefill_length): its feeds are
     # the sequences' first tokens, while the decode graph calibrates on positions up to the cache's capacity.
     length = onnx.load(float_dir / "model.onnx", load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1]
-    prefill_feeds = [{"input_ids": row[None, : length.dim_value].astype(np.int64)} for row in calibration_ids]
+    length = length.dim_value
+    prefill_feeds = [{"input_ids": row[None, :length].astype(np.int64)} for row in calibration_ids]
     reports, violations = {}, {}
     out = float_dir / f"model.{recipe.name}.onnx"
-    reports["prefill"] = quantize(float_dir / "model.onnx", out, prefill_feeds, recipe, profile, progress)
-    violations["prefill"] = [str(v) for v in check(onnx.load(out), profile)]
-    decode_out = None
-    if decode:
-        decode_out = float_dir / f"decode.{recipe.name}.onnx"
-        feeds = DecodeFeeds(lm, calibration_ids, decode_calib_tokens)
-        reports["decode"] = quantize(float_dir / "decode.onnx", decode_out, feeds, recipe, profile, progress)
-        violations["decode"] = [str(v) for v in check(onnx.load(decode_out), profile)]
+    decode_out = float_dir / f"decode.{recipe.name}.onnx" if decode else None
+    with tempfile.TemporaryDirectory(dir=float_dir, prefix=".rounded.") as tmp:
+        source_dir, source_lm = float_dir, lm
+        if recipe.weight_rounding == "gptq":
+            from compress.gptq import block_op, gptq_
+
+            source_lm = gptq_(copy.deepcopy(lm), torch.as_tensor(calibration_ids),
+                              per_channel=recipe.per_channel and block_op(lm) in profile.per_channel_ops,
+                              weight_range=recipe.weight_range)
+            source_dir = Path(tmp)
+            export_graphs(source_lm, source_dir, decode=decode, prefill_length=length)
+        reports["prefill"] = quantize(source_dir / "model.onnx", out, prefill_feeds, recipe, profile, progress)
+        violations["prefill"] = [str(v) for v in check(onnx.load(out), profile)]
+        if decode_out is not None:
+            feeds = DecodeFeeds(source_lm, calibration_ids, decode_calib_tokens)
+            reports["decode"] = quantize(source_dir / "decode.onnx", decode_out, feeds, recipe, profile, progress)
+            violations["decode"] = [str(v) for v in check(onnx.load(decode_out), profile)]
     return QuantizedGraphs(out, decode_out, reports, violations)

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 WEIGHT_RANGES = ("minmax", "mse")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 GROUPS = ("residual", "softmax", "swiglu", "attention")
 WEIGHT_GROUPS = ("head-mix",)
 _NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
@@ -61,6 +62,10 @@ class QuantRecipe:
     calibration: str = "minmax"
     percentile: float = 99.999
     weight_range: str = "minmax"  # "mse": each int8 weight channel clipped to its error-minimizing range
+    # "gptq": block weights rounded with GPTQ before export (compress.gptq; done by compress.quantization's
+    # quantize_graphs, which owns the torch model and the calibration text); quantize() then finds them on
+    # their grids and keeps them exactly. "nearest": the quantizer rounds every weight to its nearest step.
+    weight_rounding: str = "nearest"
     sixteen_bit: tuple[str, ...] = ()  # groups (see GROUPS) kept at 16 bits in an 8-bit graph
     sixteen_bit_weights: tuple[str, ...] = ()  # weight groups (see WEIGHT_GROUPS) stored as int16
 
@@ -71,6 +76,8 @@ class QuantRecipe:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
         if self.weight_range not in WEIGHT_RANGES:
             raise ValueError(f"weight_range must be one of {', '.join(WEIGHT_RANGES)}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}")
         unknown = set(self.sixteen_bit) - set(GROUPS)
         if unknown:
             raise ValueError(f"unknown tensor groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
@@ -83,11 +90,12 @@ class QuantRecipe:
 
 
 PRESETS = {
-    "a16w8": QuantRecipe("a16w8", activation_bits=16, sixteen_bit_weights=("head-mix",), weight_range="mse"),
+    "a16w8": QuantRecipe("a16w8", activation_bits=16, sixteen_bit_weights=("head-mix",), weight_range="mse",
+                         weight_rounding="gptq"),
     # 16 bits where 8 measurably break the model: the residual stream (one outlier token sets its range),
     # the attention scores and probabilities, and the MLP's gating; every matmul input stays 8-bit.
     "a8w8": QuantRecipe("a8w8", activation_bits=8, sixteen_bit=("residual", "softmax", "swiglu"),
-                        sixteen_bit_weights=("head-mix",), weight_range="mse"),
+                        sixteen_bit_weights=("head-mix",), weight_range="mse", weight_rounding="gptq"),
 }
 
 
@@ -202,7 +210,8 @@ def mse_range(weight: np.ndarray, axis: int | None, levels: int = 127) -> np.nda
 
     A coarse-then-fine search of r / max|w| in [0.5, 1] (steps of 0.05, then 0.01 around the best). MinMax's
     r = max|w| spends the 8-bit grid on a channel's few largest weights; a narrower range rounds the bulk finer
-    and clips those few."""
+    and clips those few. A channel already on a grid of ``levels`` steps with its largest |w| at the last step
+    (a GPTQ-rounded one) keeps r = max|w|: it rounds without error there."""
     if axis is None:
         rows = weight.reshape(1, -1)
     else:

@@ -1,0 +1,187 @@
+"""How far does int8 weight rounding move the model, how much does that vary, and what do MSE ranges and GPTQ buy?
+
+Weight-only fake quantization in PyTorch of the model the integer graphs are made from (rotated with each
+``--seeds`` rotation, per-row embedding scales): every block linear's weight rounded to symmetric int8 per
+output channel, as both profiles quantize them:
+
+  minmax         nearest step, range r = max|w| (ORT's MinMax)
+  mse            nearest step, r from :func:`quant.quantize.mse_range`
+  uniform shrink nearest step, r = max|w| times the mean ratio the MSE search chose (a control: the same
+                 narrowing, not searched)
+  random shrink  nearest step, r = max|w| times a random factor per channel with the same mean (a control)
+  gptq           :func:`compress.gptq.gptq_` on MSE ranges, Hessians from ``--calib-seqs`` calibration sequences
+
+Embedding, head and activations stay float, so the numbers isolate weight rounding. Measured against the
+float model on the validation split: perplexity, mean per-token KL(float ‖ rounded) and top-1 agreement.
+The controls tell an effect of a method from the effect of any small change of the rounding grid: the
+perplexity of a weak model moves by about a percent either way under such changes, so its sign is
+rounding luck; the KL is not.
+Writes ``benchmarks/results/weight_ranges_<name>.{md,json}``.
+
+    python -m benchmarks.weight_ranges [--model smollm2-135m] [--seeds 0,1,2,3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress.data import load_corpus, token_batches
+from compress.export import StaticLM
+from compress.gptq import gptq_, weight_matrix
+from compress.outliers import normalize_embedding, rotate
+from compress.teachers import load_teacher
+from quant.quantize import mse_range
+
+RESULTS = Path(__file__).parent / "results"
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+ARMS = ("minmax", "mse", "uniform shrink", "random shrink", "gptq")
+
+
+def log_probs(lm: StaticLM, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Next-token log-probabilities of ``lm``'s prefill for each row of ``ids`` (float32, [L - 1, V])."""
+    with torch.no_grad():
+        return [torch.log_softmax(lm.prefill(row[None])[0][0, :-1].double(), -1).float() for row in ids]
+
+
+def compare(lm: StaticLM, ids: torch.Tensor, reference: list[torch.Tensor]) -> dict:
+    """Perplexity of ``lm`` on ``ids``, and its mean KL from and top-1 agreement with the ``reference`` log-probs."""
+    nll, kl, agree, count = 0.0, 0.0, 0, 0
+    for row, ref, mine in zip(ids, reference, log_probs(lm, ids), strict=True):
+        nll -= mine.gather(1, row[1:, None]).double().sum().item()
+        kl += (ref.exp() * (ref - mine)).double().sum().item()
+        agree += int((ref.argmax(-1) == mine.argmax(-1)).sum())
+        count += len(row) - 1
+    return {"perplexity": math.exp(nll / count), "kl": kl / count, "agreement": agree / count}
+
+
+def rounded(weight: np.ndarray, limit: np.ndarray) -> np.ndarray:
+    """``weight`` [out, in] rounded to int8 steps of limit / 127 per output channel, back in float."""
+    step = (limit / 127)[:, None]
+    return (np.clip(np.round(weight / step), -127, 127) * step).astype(np.float32)
+
+
+def measure_seed(model, ids: torch.Tensor, calib: torch.Tensor, seq_len: int, seed: int) -> dict:  # noqa: ANN001
+    lm = StaticLM(model, seq_len).eval()
+    rotate(lm, seed)
+    normalize_embedding(lm)
+    linears = [getattr(block, name) for block in lm.unique_blocks for name in LINEARS]
+    originals = [linear.weight.detach().numpy().copy() for linear in linears]
+    started = time.perf_counter()
+    gptq_(lm, calib)
+    gptq_seconds = time.perf_counter() - started
+    rounded_by_gptq = [weight_matrix(linear).detach().numpy().copy() for linear in linears]
+    peaks = [np.abs(w).max(1) for w in originals]
+    searched = [mse_range(w, 0) for w in originals]
+    ratio = float(np.concatenate([s / np.where(p > 0, p, 1) for s, p in zip(searched, peaks, strict=True)]).mean())
+    rng = np.random.default_rng(seed)
+    limits = {
+        "minmax": peaks,
+        "mse": searched,
+        "uniform shrink": [p * ratio for p in peaks],
+        "random shrink": [p * rng.uniform(1 - 2 * (1 - ratio), 1, p.shape) for p in peaks],
+    }
+    with torch.no_grad():
+        for linear, weight in zip(linears, originals, strict=True):
+            linear.weight.copy_(torch.from_numpy(weight))
+    reference = log_probs(lm, ids)
+    result = {"seed": seed, "float": compare(lm, ids, reference)["perplexity"], "mean_range_ratio": ratio,
+              "gptq_seconds": gptq_seconds}
+    errors = {}
+    for arm in ARMS:
+        total = 0.0
+        with torch.no_grad():
+            for i, (linear, weight) in enumerate(zip(linears, originals, strict=True)):
+                q = rounded_by_gptq[i] if arm == "gptq" else rounded(weight, limits[arm][i])
+                total += float(np.square(q - weight).sum())
+                linear.weight.copy_(torch.from_numpy(q))
+        result[arm] = compare(lm, ids, reference)
+        errors[arm] = total
+        r = result[arm]
+        print(f"seed {seed} {arm}: perplexity {r['perplexity']:.2f} ({r['perplexity'] / result['float'] - 1:+.2%} vs "
+              f"float {result['float']:.2f}), KL {r['kl']:.5f}, agreement {r['agreement']:.4f}", flush=True)
+    result["rounding_error_vs_minmax"] = {arm: errors[arm] / errors["minmax"] for arm in ARMS}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="teacher alias or Hugging Face checkpoint directory")
+    parser.add_argument("--name", default=None, help="results suffix (default: the alias, else 'student')")
+    parser.add_argument("--seeds", default="0,1,2,3", help="rotation seeds")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-seqs", type=int, default=16)
+    parser.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences for GPTQ's Hessians")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    model, tokenizer = load_teacher(args.model)
+    model.eval()
+    dataset = load_corpus(None)
+    ids = token_batches(dataset, tokenizer, "validation", args.seq_len, args.eval_seqs)
+    calib = token_batches(dataset, tokenizer, "calibration", args.seq_len, args.calib_seqs)
+    seeds = [measure_seed(model, ids, calib, args.seq_len, int(s)) for s in args.seeds.split(",")]
+    costs = {arm: [r[arm]["perplexity"] / r["float"] - 1 for r in seeds] for arm in ARMS}
+    report = {
+        "model": args.model, "seq_len": args.seq_len, "validation_tokens": int(ids.shape[0] * (ids.shape[1] - 1)),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "data": "Debian documentation corpus (validation split)", "seeds": seeds,
+        "calibration_sequences": int(calib.shape[0]),
+        "summary": {arm: {"mean_cost": statistics.mean(c), "sd_cost": statistics.stdev(c) if len(c) > 1 else 0.0,
+                          "mean_abs_cost": statistics.mean(abs(x) for x in c),
+                          "mean_kl": statistics.mean(r[arm]["kl"] for r in seeds),
+                          "mean_agreement": statistics.mean(r[arm]["agreement"] for r in seeds),
+                          "mean_rounding_error_vs_minmax": statistics.mean(
+                              r["rounding_error_vs_minmax"][arm] for r in seeds)} for arm, c in costs.items()},
+        "seconds": time.perf_counter() - started,
+    }
+    name = args.name or (args.model if not Path(args.model).exists() else "student")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"weight_ranges_{name}"
+    for suffix, text in ((".json", json.dumps(report, indent=2) + "\n"), (".md", markdown(report))):
+        path = args.out / f"{stem}{suffix}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Int8 weight rounding: {report['model']}", "",
+             f"Weight-only fake quantization (block linears, int8 symmetric per output channel; embedding, head and "
+             f"activations float) of the rotated model, for {len(report['seeds'])} rotation seeds; perplexity, mean "
+             f"per-token KL(float ‖ rounded) and top-1 agreement with the float model on {report['validation_tokens']:,} "
+             f"validation tokens of {report['data']}; GPTQ's Hessians from {report['calibration_sequences']} "
+             f"calibration sequences. Measured {report['date']} on {report['machine']}.", "",
+             "| seed | float perplexity | " + " | ".join(ARMS) + " |", "|---|---|" + "---|" * len(ARMS)]
+    for r in report["seeds"]:
+        cells = " | ".join(f"{r[arm]['perplexity']:.2f} ({r[arm]['perplexity'] / r['float'] - 1:+.2%}), "
+                           f"KL {r[arm]['kl']:.4f}" for arm in ARMS)
+        lines.append(f"| {r['seed']} | {r['float']:.2f} | {cells} |")
+    s = report["summary"]
+    lines += ["", "| over the seeds | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS),
+              "| perplexity cost, mean ± sd | " + " | ".join(
+                  f"{s[a]['mean_cost']:+.2%} ± {s[a]['sd_cost']:.2%}" for a in ARMS) + " |",
+              "| mean \\|cost\\| | " + " | ".join(f"{s[a]['mean_abs_cost']:.2%}" for a in ARMS) + " |",
+              "| mean KL(float ‖ rounded) | " + " | ".join(f"{s[a]['mean_kl']:.5f}" for a in ARMS) + " |",
+              "| mean top-1 agreement | " + " | ".join(f"{s[a]['mean_agreement']:.4f}" for a in ARMS) + " |",
+              "| weight rounding error (sum of squares) vs minmax | " + " | ".join(
+                  f"{s[a]['mean_rounding_error_vs_minmax']:.3f}" for a in ARMS) + " |",
+              "", "Mean range / max|w| chosen by the MSE search: "
+              + ", ".join(f"{r['mean_range_ratio']:.4f}" for r in report["seeds"])
+              + f". GPTQ took {statistics.mean(r['gptq_seconds'] for r in report['seeds']):.0f} s per model.", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

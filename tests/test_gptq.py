@@ -1,0 +1,112 @@
+"""GPTQ rounding: lower output error than nearest rounding, weights on the grid the integer graph keeps."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from factories import tiny_llama
+from onnx import numpy_helper
+
+from compress.gptq import block_op, gptq_, gptq_round, input_hessians
+from compress.quantization import export_graphs, prepare, quantize_graphs
+from quant import runtime
+from quant.profiles import get_profile
+from quant.quantize import PRESETS, quantize
+
+CAPACITY = 32
+
+
+def _ids(model, n: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, model.config.vocab_size, (n, CAPACITY), generator=torch.Generator().manual_seed(seed))
+
+
+def _nearest(weight: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(weight / step), -127, 127) * step
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_gptq_rounds_onto_the_grid_with_less_output_error_than_nearest(per_channel):
+    g = torch.Generator().manual_seed(0)
+    # Correlated inputs with a few large channels, as a norm's outputs are: where error feedback pays.
+    mix = torch.randn(96, 96, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3.0, 96, dtype=torch.float64)
+    x = torch.randn(2048, 96, generator=g, dtype=torch.float64) @ mix
+    calib, held_out = x[:1024], x[1024:]
+    weight = torch.randn(48, 96, generator=g)
+    q = gptq_round(weight, calib.T @ calib / len(calib), per_channel=per_channel, weight_range="minmax")
+    peak = weight.abs().amax(1, keepdim=True) if per_channel else weight.abs().max()
+    step = (peak / 127).double()
+    on_grid = q.double() / step
+    assert torch.allclose(on_grid, on_grid.round(), atol=1e-3), "GPTQ output must lie on the int8 grid"
+    assert on_grid.abs().max() <= 127 + 1e-3
+    # ORT's MinMax reads the step back from the largest |value| of each channel (of the tensor): pinned at 127.
+    assert torch.allclose(q.abs().amax(1) if per_channel else q.abs().max(), peak.squeeze(), rtol=1e-6)
+    error = lambda w: ((held_out @ (w.double() - weight.double()).T) ** 2).sum().item()  # noqa: E731
+    assert error(q) < 0.7 * error(_nearest(weight.double(), step))
+
+
+def test_input_hessians_are_one_per_input_symmetric_and_positive():
+    model = tiny_llama()
+    lm = prepare(model, CAPACITY, ())
+    ids = _ids(model, 2, 1)
+    hessians = input_hessians(lm, ids)
+    block = lm.unique_blocks[0]
+    assert torch.allclose(hessians[block.q], hessians[block.k]) and torch.allclose(hessians[block.gate], hessians[block.up])
+    n, d = hessians[block.q].shape
+    assert n == d == model.config.hidden_size
+    assert torch.allclose(hessians[block.q], hessians[block.q].T)
+    assert torch.all(torch.linalg.eigvalsh(hessians[block.q]) > -1e-8)
+
+
+@pytest.mark.parametrize("profile", ["qnn-htp", "generic-a8w8"])
+def test_the_quantized_graph_keeps_gptq_weights_exactly(tmp_path, profile):
+    model = tiny_llama()
+    npu = get_profile(profile)
+    calib = _ids(model, 4, 2)
+    lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=npu.linear_as_conv)
+    rounded = gptq_(copy.deepcopy(lm), calib, per_channel=block_op(lm) in npu.per_channel_ops)
+    export_graphs(rounded, tmp_path, decode=False)
+    floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "model.onnx").graph.initializer}
+    recipe = PRESETS["a16w8" if profile == "qnn-htp" else "a8w8"]  # mse ranges: an on-grid weight keeps its range
+    quantize(tmp_path / "model.onnx", tmp_path / "q.onnx", [{"input_ids": r[None].numpy()} for r in calib], recipe, npu)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    values = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    kept = 0
+    for node in quantized.graph.node:
+        source = node.input[0]
+        if node.op_type != "DequantizeLinear" or values.get(source, np.zeros(0)).dtype != np.int8:
+            continue
+        weight, scale = floats[source.removesuffix("_quantized")], values[node.input[1]]
+        if scale.size == 1:
+            continue  # the per-tensor embedding/head: rounded by the quantizer, not by GPTQ
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % weight.ndim
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        restored = values[source].astype(np.float32) * scale.reshape(shape)
+        assert np.abs(restored - weight).max() <= 1e-5 * np.abs(weight).max(), source
+        kept += 1
+    assert kept == 7 * model.config.num_hidden_layers  # every block linear, per output channel
+
+
+def test_gptq_recipe_tracks_the_float_model_closer_than_nearest_rounding(tmp_path):
+    model = tiny_llama()
+    npu = get_profile("qnn-htp")
+    calib, held_out = _ids(model, 8, 2), _ids(model, 4, 3)
+    lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=True)
+    export_graphs(lm, tmp_path, decode=False)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=held_out).logits.double(), -1)
+    kl = {}
+    for rounding in ("nearest", "gptq"):
+        recipe = dataclasses.replace(PRESETS["a16w8"], weight_rounding=rounding)
+        graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False)
+        assert graphs.violations["prefill"] == []
+        got = torch.log_softmax(torch.from_numpy(runtime.prefill_logits(runtime.session(graphs.prefill),
+                                                                         held_out.numpy())).double(), -1)
+        kl[rounding] = (expected.exp() * (expected - got)).sum(-1).mean().item()
+    assert not list(tmp_path.glob(".rounded.*")), "the rounded float graphs are removed"
+    assert kl["gptq"] < kl["nearest"]
