@@ -12,9 +12,10 @@ import torch
 from factories import tiny_llama
 from onnx import numpy_helper
 
-from compress.gptq import block_op, gptq_, gptq_round, input_hessians
+from compress.gptq import block_op, gptq_, input_hessians
 from compress.quantization import export_graphs, prepare, quantize_graphs
 from quant import runtime
+from quant.gptq import gptq_round
 from quant.profiles import get_profile
 from quant.quantize import PRESETS, quantize
 

@@ -1,0 +1,81 @@
+"""GPTQ (Frantar et al., 2022): rounding a weight matrix onto its int8 grid with error feedback.
+
+Rounding each weight to its nearest step treats every input channel as equally important and every
+rounding error as independent. GPTQ rounds one input column at a time and moves the error it just made onto
+the columns not yet rounded, weighted by the inverse Hessian H = Σ x·xᵀ of the layer's inputs on calibration
+text, so the layer's *outputs* on such inputs move as little as possible. Columns go in order of decreasing
+H diagonal (the paper's act-order), in blocks of 128 with lazy updates.
+
+The grid is the one an integer graph will use: symmetric int8, one step per output channel (or one per
+tensor), step = range / 127, the range from :func:`quant.quantize.mse_range` or max|w|. The largest |w| of
+each channel (of the tensor) is pinned at ±127 steps, so a MinMax quantizer reading the rounded weight finds
+the very same step and keeps every value exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from quant.quantize import mse_range
+
+LEVELS = 127
+
+
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = True, weight_range: str = "mse",
+               damping: float = 0.01, block: int = 128) -> torch.Tensor:
+    """``weight`` (out, in) rounded onto symmetric int8 grids (per output channel, or one for the tensor; each
+    grid's range by ``weight_range``, "mse" or "minmax") with GPTQ's error feedback under ``hessian`` (in, in);
+    returns the rounded float weight, on its grid with each channel's (the tensor's) largest |value| at
+    exactly 127 steps."""
+    w = weight.detach().double().clone()
+    rows, cols = w.shape
+    axis = 0 if per_channel else None
+    if weight_range == "mse":
+        limit = torch.from_numpy(mse_range(w.numpy().astype(np.float32), axis)).double()
+    elif weight_range == "minmax":
+        limit = w.abs().amax(1) if per_channel else w.abs().max().reshape(1)
+    else:
+        raise ValueError(f"weight_range must be mse or minmax, got {weight_range!r}")
+    step = (limit / LEVELS).clamp(min=1e-12)
+    step = step[:, None] if per_channel else step.reshape(1, 1).expand(rows, 1)
+    # Pins: the largest |w| of each channel (of the tensor) rounds to ±127 steps, whatever the error feedback
+    # made of it, so a MinMax quantizer recovers the step from the rounded weight.
+    if per_channel:
+        pin_cols = w.abs().argmax(1)
+        pin_rows = torch.arange(rows)
+    else:
+        flat = int(w.abs().argmax())
+        pin_rows, pin_cols = torch.tensor([flat // cols]), torch.tensor([flat % cols])
+    pin_signs = torch.sign(w[pin_rows, pin_cols])
+
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(torch.diagonal(h), descending=True)  # GPTQ's act-order: large inputs first
+    inverse_order = torch.argsort(order)
+    w, h = w[:, order], h[order][:, order]
+    position = inverse_order[pin_cols]  # where each pin's column went
+    h += damping * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    q = torch.zeros_like(w)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        chunk = w[:, start:end].clone()
+        errors = torch.zeros_like(chunk)
+        for i in range(end - start):
+            column = chunk[:, i]
+            rounded = torch.clamp(torch.round(column / step[:, 0]), -LEVELS, LEVELS) * step[:, 0]
+            pinned = position == start + i
+            if pinned.any():
+                r = pin_rows[pinned]
+                rounded[r] = pin_signs[pinned] * LEVELS * step[r, 0]
+            q[:, start + i] = rounded
+            d = upper[start + i, start + i]
+            error = (column - rounded) / d
+            chunk[:, i:] -= error[:, None] * upper[start + i, start + i:end][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ upper[start:end, end:]
+    return q[:, inverse_order].to(weight.dtype)
