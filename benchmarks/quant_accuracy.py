@@ -66,10 +66,10 @@ METHOD_ROWS = [
     ("+ rotation; the rotated head's mix matrix in int16 weights", ("rotate", "embed-rows"), True, True,
      dataclasses.replace(PRESETS["a16w8"], weight_range="minmax"),
      dataclasses.replace(PRESETS["a8w8"], weight_range="minmax")),
-    ("+ MSE-searched int8 weight ranges per channel, nearest rounding", ("rotate", "embed-rows"), True, True,
-     dataclasses.replace(PRESETS["a16w8"], weight_rounding="nearest"),
-     dataclasses.replace(PRESETS["a8w8"], weight_rounding="nearest")),
-    ("+ GPTQ rounding of the block weights onto those grids (the a16w8 and a8w8 defaults)", ("rotate", "embed-rows"),
+    ("row 10 with MSE-searched int8 weight ranges per channel instead of max|w|", ("rotate", "embed-rows"), True, True,
+     dataclasses.replace(PRESETS["a16w8"], weight_rounding="nearest", weight_range="mse"),
+     dataclasses.replace(PRESETS["a8w8"], weight_rounding="nearest", weight_range="mse")),
+    ("row 10 + GPTQ rounding of the block weights (the a16w8 and a8w8 defaults)", ("rotate", "embed-rows"),
      True, True, PRESETS["a16w8"], PRESETS["a8w8"]),
 ]
 

@@ -9,7 +9,9 @@ output channel, as both profiles quantize them:
   uniform shrink nearest step, r = max|w| times the mean ratio the MSE search chose (a control: the same
                  narrowing, not searched)
   random shrink  nearest step, r = max|w| times a random factor per channel with the same mean (a control)
-  gptq           :func:`compress.gptq.gptq_` on MSE ranges, Hessians from ``--calib-seqs`` calibration sequences
+  gptq           :func:`compress.gptq.gptq_` on MinMax ranges (the recipes' default), Hessians from
+                 ``--calib-seqs`` calibration sequences
+  gptq mse       the same on MSE ranges
 
 Embedding, head and activations stay float, so the numbers isolate weight rounding. Measured against the
 float model on the validation split: perplexity, mean per-token KL(float ‖ rounded) and top-1 agreement.
@@ -44,7 +46,8 @@ from quant.quantize import mse_range
 
 RESULTS = Path(__file__).parent / "results"
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
-ARMS = ("minmax", "mse", "uniform shrink", "random shrink", "gptq")
+ARMS = ("minmax", "mse", "uniform shrink", "random shrink", "gptq", "gptq mse")
+GPTQ_ARMS = {"gptq": "minmax", "gptq mse": "mse"}
 
 
 def log_probs(lm: StaticLM, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -76,10 +79,15 @@ def measure_seed(model, ids: torch.Tensor, calib: torch.Tensor, seq_len: int, se
     normalize_embedding(lm)
     linears = [getattr(block, name) for block in lm.unique_blocks for name in LINEARS]
     originals = [linear.weight.detach().numpy().copy() for linear in linears]
-    started = time.perf_counter()
-    gptq_(lm, calib)
-    gptq_seconds = time.perf_counter() - started
-    rounded_by_gptq = [weight_matrix(linear).detach().numpy().copy() for linear in linears]
+    rounded_by_gptq, gptq_seconds = {}, 0.0
+    for arm, weight_range in GPTQ_ARMS.items():
+        with torch.no_grad():
+            for linear, weight in zip(linears, originals, strict=True):
+                linear.weight.copy_(torch.from_numpy(weight))
+        started = time.perf_counter()
+        gptq_(lm, calib, weight_range=weight_range)
+        gptq_seconds = time.perf_counter() - started
+        rounded_by_gptq[arm] = [weight_matrix(linear).detach().numpy().copy() for linear in linears]
     peaks = [np.abs(w).max(1) for w in originals]
     searched = [mse_range(w, 0) for w in originals]
     ratio = float(np.concatenate([s / np.where(p > 0, p, 1) for s, p in zip(searched, peaks, strict=True)]).mean())
@@ -101,7 +109,7 @@ def measure_seed(model, ids: torch.Tensor, calib: torch.Tensor, seq_len: int, se
         total = 0.0
         with torch.no_grad():
             for i, (linear, weight) in enumerate(zip(linears, originals, strict=True)):
-                q = rounded_by_gptq[i] if arm == "gptq" else rounded(weight, limits[arm][i])
+                q = rounded_by_gptq[arm][i] if arm in GPTQ_ARMS else rounded(weight, limits[arm][i])
                 total += float(np.square(q - weight).sum())
                 linear.weight.copy_(torch.from_numpy(q))
         result[arm] = compare(lm, ids, reference)

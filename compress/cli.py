@@ -69,7 +69,8 @@ _HELP = {
     "quant_transforms": "comma-separated float rewrites before quantization: rotate (QuaRot-style), smooth "
     "(SmoothQuant), embed-rows (per-row embedding scales); '' for none; default: rotate,embed-rows for both "
     "recipes",
-    "quant_calib_samples": "calibration sequences (of --seq-len tokens) for quantization ranges and smoothing",
+    "quant_calib_samples": "calibration sequences (of --seq-len tokens) for quantization ranges, smoothing and "
+    "GPTQ's weight rounding",
     "quant_decode_calib_tokens": "decode steps the decode graph's ranges are calibrated on, spread over the positions "
     "of the calibration sequences (one token per run, so it needs many: 16x fewer cost the A16W8 decode graph "
     "+0.3%% perplexity on SmolLM2)",

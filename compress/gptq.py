@@ -54,7 +54,7 @@ def input_hessians(lm: StaticLM, ids: torch.Tensor) -> dict[nn.Module, torch.Ten
 
 
 @torch.no_grad()
-def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_range: str = "mse") -> StaticLM:
+def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax") -> StaticLM:
     """Round every block linear of ``lm`` with :func:`gptq_round` (in place), Hessians from prefills of ``ids``."""
     hessians = input_hessians(lm, ids)
     for block in lm.unique_blocks:

@@ -22,7 +22,7 @@ from quant.quantize import mse_range
 LEVELS = 127
 
 
-def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = True, weight_range: str = "mse",
+def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax",
                damping: float = 0.01, block: int = 128) -> torch.Tensor:
     """``weight`` (out, in) rounded onto symmetric int8 grids (per output channel, or one for the tensor; each
     grid's range by ``weight_range``, "mse" or "minmax") with GPTQ's error feedback under ``hessian`` (in, in);
