@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from compress.io import write_text
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 ROOT = HERE.parent
@@ -95,9 +97,7 @@ def readme() -> Path:
             if plot.exists() and plot.name not in path.read_text():
                 lines += [f"![{plot.stem}]({plot.name})", ""]
     out = RESULTS / "README.md"
-    tmp = out.with_name(".README.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    write_text(out, "\n".join(lines))
     return out
 
 

@@ -40,7 +40,7 @@ import torch
 from compress.config import DEFAULT_TRANSFORMS, CompressConfig
 from compress.data import load_corpus, token_batches
 from compress.evaluate import continuation_quality
-from compress.io import read_json
+from compress.io import read_json, write_text
 from compress.pipeline import load_model, run
 from compress.teachers import load_teacher
 
@@ -196,8 +196,8 @@ def main() -> None:
     if args.rebuild:
         report = json.loads((args.out / "student_shapes.json").read_text())
         _add_kernels(report["students"])
-        _write(args.out / "student_shapes.json", json.dumps(report, indent=2, default=str) + "\n")
-        _write(args.out / "student_shapes.md", markdown(report))
+        write_text(args.out / "student_shapes.json", json.dumps(report, indent=2, default=str) + "\n")
+        write_text(args.out / "student_shapes.md", markdown(report))
         _plot(report, args.out / "student_shapes.png")
         print(markdown(report))
         return
@@ -272,8 +272,8 @@ def main() -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    _write(args.out / "student_shapes.json", json.dumps(report, indent=2, default=str) + "\n")
-    _write(args.out / "student_shapes.md", markdown(report))
+    write_text(args.out / "student_shapes.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_text(args.out / "student_shapes.md", markdown(report))
     _plot(report, args.out / "student_shapes.png")
     print(markdown(report))
 
@@ -300,12 +300,6 @@ def _ratios(students: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
                 "decode_speedup": mu[precision]["decode_tokens_per_second"] / other["decode_tokens_per_second"],
             }
     return out
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ import torch
 from compress.data import document_split, fetch_default_corpus, load_pairs, pair_batches
 from compress.evaluate import pair_quality
 from compress.finetune import FinetuneConfig, finetune
+from compress.io import write_json, write_text
 from compress.teachers import load_teacher
 
 RESULTS = Path(__file__).parent / "results"
@@ -78,10 +79,7 @@ def _write_pairs(path: Path, train_pairs: int, validation_pairs: int) -> dict[st
 
     train = sorted(train, key=order)[:train_pairs]
     valid = sorted(valid, key=order)[:validation_pairs]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in train + valid))
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(p) + "\n" for p in train + valid))
     return {"available": len(pairs), "train": len(train), "validation": len(valid)}
 
 
@@ -140,11 +138,8 @@ def main() -> None:
               "date": datetime.now(UTC).strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     args.out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in (("json", json.dumps(report, indent=2) + "\n"), ("md", markdown(report))):
-        path = args.out / f"task_finetune.{suffix}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_json(args.out / "task_finetune.json", report)
+    write_text(args.out / "task_finetune.md", markdown(report))
     print(markdown(report))
 
 

@@ -26,7 +26,6 @@ Writes ``benchmarks/results/weight_ranges_<name>.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -40,6 +39,7 @@ import torch
 from compress.data import load_corpus, token_batches
 from compress.export import StaticLM
 from compress.gptq import gptq_, weight_matrix
+from compress.io import write_json, write_text
 from compress.outliers import normalize_embedding, rotate
 from compress.teachers import load_teacher
 from quant.quantize import mse_range
@@ -156,11 +156,8 @@ def main() -> None:
     name = args.name or (args.model if not Path(args.model).exists() else "student")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"weight_ranges_{name}"
-    for suffix, text in ((".json", json.dumps(report, indent=2) + "\n"), (".md", markdown(report))):
-        path = args.out / f"{stem}{suffix}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_json(args.out / f"{stem}.json", report)
+    write_text(args.out / f"{stem}.md", markdown(report))
     print(markdown(report))
 
 

@@ -20,16 +20,20 @@ def cache_dir() -> Path:
     return path
 
 
-def write_json(path: str | Path, value: Any) -> None:
-    """Write JSON to a temporary name in the same folder, then rename it into place."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary name in the same folder, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        json.dump(value, handle, indent=2, sort_keys=False)
-        handle.write("\n")
+        handle.write(text)
         tmp = Path(handle.name)
     tmp.chmod(0o644)  # mkstemp creates 0600; a run's outputs are meant to be shared
     tmp.replace(path)
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Write JSON atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
