@@ -1,10 +1,14 @@
-"""Tiny *real* architectures built from transformers configs, and a tokenizer trained on the spot."""
+"""Tiny *real* architectures built from transformers configs, a tokenizer trained on the spot, and readers of
+the graphs made from them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 from transformers import (
     AutoModelForCausalLM,
     BertConfig,
@@ -138,3 +142,19 @@ def write_corpus(tmp: Path, documents: int = 120) -> Path:
         body = ". ".join(sentences[(i + j) % len(sentences)] for j in range(12))
         (folder / f"doc{i:03d}.txt").write_text(f"Document {i}. {body}\n")
     return folder
+
+
+def int8_weights(quantized: onnx.ModelProto, floats: dict[str, np.ndarray]):  # noqa: ANN201 - an iterator of tuples
+    """(name, float weight, scale, axis or None, dequantized weight) for every int8 weight of a QDQ graph, its float
+    weight looked up in ``floats`` (the float graph's initializers) by ORT's ``<name>_quantized`` naming."""
+    values = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    for node in quantized.graph.node:
+        source = node.input[0]
+        if node.op_type != "DequantizeLinear" or values.get(source, np.zeros(0)).dtype != np.int8:
+            continue
+        weight, scale = floats[source.removesuffix("_quantized")], values[node.input[1]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % weight.ndim if scale.size > 1 else None
+        shape = [1] * weight.ndim
+        if axis is not None:
+            shape[axis] = -1
+        yield source, weight, scale, axis, values[source].astype(np.float32) * scale.reshape(shape)

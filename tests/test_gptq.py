@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from factories import tiny_llama
+from factories import int8_weights, tiny_llama
 from onnx import numpy_helper
 
 from compress.gptq import block_op, gptq_, input_hessians
@@ -75,20 +75,10 @@ def test_the_quantized_graph_keeps_gptq_weights_exactly(tmp_path, profile, weigh
     # With MSE ranges the quantizer searches each channel's range again: an on-grid channel must keep its own.
     recipe = dataclasses.replace(PRESETS["a16w8" if profile == "qnn-htp" else "a8w8"], weight_range=weight_range)
     quantize(tmp_path / "model.onnx", tmp_path / "q.onnx", [{"input_ids": r[None].numpy()} for r in calib], recipe, npu)
-    quantized = onnx.load(tmp_path / "q.onnx")
-    values = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
     kept = 0
-    for node in quantized.graph.node:
-        source = node.input[0]
-        if node.op_type != "DequantizeLinear" or values.get(source, np.zeros(0)).dtype != np.int8:
-            continue
-        weight, scale = floats[source.removesuffix("_quantized")], values[node.input[1]]
-        if scale.size == 1:
+    for source, weight, _, axis, restored in int8_weights(onnx.load(tmp_path / "q.onnx"), floats):
+        if axis is None:
             continue  # the per-tensor embedding/head: rounded by the quantizer, not by GPTQ
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % weight.ndim
-        shape = [1] * weight.ndim
-        shape[axis] = -1
-        restored = values[source].astype(np.float32) * scale.reshape(shape)
         assert np.abs(restored - weight).max() <= 1e-5 * np.abs(weight).max(), source
         kept += 1
     assert kept == 7 * model.config.num_hidden_layers  # every block linear, per output channel

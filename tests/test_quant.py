@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from factories import tiny_gemma3, tiny_llama, tiny_qwen2
+from factories import int8_weights, tiny_gemma3, tiny_llama, tiny_qwen2
 from onnx import TensorProto, helper
 
 from compress.errors import UnsupportedArchitectureError
@@ -220,20 +220,10 @@ def test_mse_weight_ranges_are_the_ranges_the_graph_quantizes_with(tmp_path, pro
         recipe = QuantRecipe("a8w8", 8, sixteen_bit=("residual", "softmax"), weight_range=weight_range)
         graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False)
         assert graphs.violations["prefill"] == []
-        quantized = onnx.load(graphs.prefill)
-        values = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
         total = 0.0
-        for node in quantized.graph.node:
-            source = node.input[0]
-            if node.op_type != "DequantizeLinear" or values.get(source, np.zeros(0)).dtype != np.int8:
-                continue
-            weight, scale = floats[source.removesuffix("_quantized")], values[node.input[1]]
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % weight.ndim if scale.size > 1 else None
-            shape = [1] * weight.ndim
+        for source, weight, scale, axis, restored in int8_weights(onnx.load(graphs.prefill), floats):
             if axis is not None:
-                shape[axis] = -1
                 per_channel += weight_range == "mse"
-            restored = values[source].astype(np.float32) * scale.reshape(shape)
             total += float(np.square(restored - weight).sum())
             if weight_range == "mse":
                 expected = mse_range(weight, axis) / 127
