@@ -1,20 +1,21 @@
-"""How much of what pruning lost does distillation recover, and what does the trainer cost over a bare loop?
+"""Which distillation recipe keeps the most of the teacher, judged on text unlike the training data?
 
-Four arms on one teacher (default smollm2-135m) pruned to one size (default 0.67x), each trained on the
-same training tokens with the same settings:
-  (a) KD into the activation-pruned student            (b) cross-entropy training of that same student
-  (c) KD into a randomly initialized student, same shape (d) KD into the magnitude-pruned student, same shape
-Validation perplexity (fp32) is measured before training and every ``--eval-every`` steps.
-Then the trainer's median step time is compared with a bare PyTorch loop doing the same student
-forward+backward, teacher forward, KL and AdamW step, in the same process, and the bare step is split
-into its parts. Writes ``benchmarks/results/distill_recovery.{md,json,png}``.
+One teacher (default smollm2-135m) pruned once to one size (default 0.67x) with activation importance, then
+trained by each arm on the same budget of training tokens. Every arm is measured (fp32 perplexity and top-1
+agreement with the teacher) on three sets: the training corpus's own validation split (in-domain), the
+validation split of Debian's kernel and Python docs (``debian-docs``, the default corpus until 2026-12-01, so
+figures compare with older results) and ``general-english``, general English from packages no training corpus
+contains. The arms sweep the peak learning rate, KD against cross-entropy against a mix, the training corpus,
+the temperature, the schedule, a hidden-state loss and Minitron's teacher correction. Writes
+``benchmarks/results/distill_recovery.{md,json,png}`` (and, with ``--timing-steps``, ``distill_overhead.*``).
 
-    python -m benchmarks.distill_recovery [--tokens 300000] [--target-size 0.67x]
+    python -m benchmarks.distill_recovery [--tokens 100352] [--arms kd-3e-4,ce-1e-4,...] [--timing-steps 12]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import platform
@@ -26,51 +27,74 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.plots import finish_perplexity_plot
+from benchmarks.plots import provenance
 from compress.archspec import resolve
 from compress.config import CompressConfig, TargetSize
+from compress.corpora import GENERAL_EVAL
 from compress.data import load_corpus, token_batches
-from compress.evaluate import mean_nll, perplexity
-from compress.planner import plan, select
+from compress.evaluate import mean_nll, quality
+from compress.io import write_json, write_text
+from compress.planner import plan
 from compress.scoring import score_importance
 from compress.surgery import apply_plan, prune
 from compress.teachers import load_teacher
 from distill import DistillConfig, distill
 
 RESULTS = Path(__file__).parent / "results"
-ARMS = {
-    "a": "KD, activation-pruned",
-    "b": "cross-entropy, activation-pruned",
-    "c": "KD, random init",
-    "d": "KD, magnitude-pruned",
+# Arm name -> (what it is, DistillConfig overrides, training corpus, teacher-correction tokens).
+ARMS: dict[str, tuple[str, dict, str, int]] = {
+    "kd-3e-4-docs": ("KD, LR 3e-4, debian-docs (the recipe and data until 2026-12-01)", {"lr": 3e-4}, "debian-docs", 0),
+    "kd-3e-4": ("KD, LR 3e-4", {"lr": 3e-4}, "default-mix", 0),
+    "kd-1e-4": ("KD, LR 1e-4", {"lr": 1e-4}, "default-mix", 0),
+    "kd-3e-5": ("KD, LR 3e-5", {"lr": 3e-5}, "default-mix", 0),
+    "ce-1e-4": ("cross-entropy, LR 1e-4", {"lr": 1e-4, "kl_weight": 0.0, "ce_weight": 1.0}, "default-mix", 0),
+    "mix-1e-4": ("KD + cross-entropy (0.5 each), LR 1e-4", {"lr": 1e-4, "kl_weight": 0.5, "ce_weight": 0.5},
+                 "default-mix", 0),
+    "kd-t2-1e-4": ("KD at temperature 2, LR 1e-4", {"lr": 1e-4, "temperature": 2.0}, "default-mix", 0),
+    "kd-cosine-1e-4": ("KD, LR 1e-4, cosine schedule", {"lr": 1e-4, "schedule": "cosine"}, "default-mix", 0),
+    "kd-hidden-1e-4": ("KD + cosine hidden-state loss (every 6th layer, weight 1), LR 1e-4",
+                       {"lr": 1e-4, "hidden_weight": 1.0, "hidden_pairs": [[i, i] for i in (6, 12, 18, 24, 30)]},
+                       "default-mix", 0),
+    "kd-corrected-1e-4": ("KD from the teacher corrected on 51k training tokens (CE, LR 5e-5), LR 1e-4",
+                          {"lr": 1e-4}, "default-mix", 51_200),
 }
+DEFAULT_ARMS = "kd-3e-4-docs,kd-corrected-1e-4,kd-3e-4,kd-1e-4,kd-3e-5,ce-1e-4,mix-1e-4"
+SETS = ("in-domain", "debian-docs", GENERAL_EVAL)
+# Learning curves are measured on the first sequences of each set (fp32); the final figures on all of them.
+_CURVE_SEQUENCES = 16
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--target-size", default="0.67x")
-    parser.add_argument("--tokens", type=int, default=300_000)
-    parser.add_argument("--eval-every", type=int, default=30)
-    parser.add_argument("--timing-steps", type=int, default=12)
-    parser.add_argument("--arms", default="abcd")
+    parser.add_argument("--tokens", type=int, default=100_352, help="training tokens per arm (default 49 steps of 8 x 256)")
+    parser.add_argument("--eval-every", type=int, default=16)
+    parser.add_argument("--timing-steps", type=int, default=0, help="also time the trainer against a bare loop (0: skip)")
+    parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    chosen_arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in chosen_arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {', '.join(unknown)}; known: {', '.join(ARMS)}")
     defaults = CompressConfig(teacher=args.teacher, target_size=args.target_size)
     started = time.perf_counter()
 
     teacher, tokenizer = load_teacher(args.teacher)
     spec = resolve(teacher)
-    dataset = load_corpus(None)
-    calib = token_batches(dataset, tokenizer, "calibration", defaults.calib_seq_len, defaults.calib_samples)
-    valid = token_batches(dataset, tokenizer, "validation", defaults.eval_seq_len, defaults.eval_samples)
-    train = token_batches(dataset, tokenizer, "train", defaults.distill_seq_len, -(-args.tokens // defaults.distill_seq_len))
-    teacher_ppl = perplexity(teacher, valid, defaults.batch_size).perplexity
-    print(f"teacher perplexity {teacher_ppl:.2f}; {train.shape[0]} training sequences of {train.shape[1]}")
-
+    corpora = {name: load_corpus(name) for name in {ARMS[a][2] for a in chosen_arms} | {"default-mix", "debian-docs"}}
+    general = load_corpus(GENERAL_EVAL, evaluation=True)
+    length, count = defaults.eval_seq_len, defaults.eval_samples
+    sets = {"in-domain": token_batches(corpora["default-mix"], tokenizer, "validation", length, count),
+            "debian-docs": token_batches(corpora["debian-docs"], tokenizer, "validation", length, count),
+            GENERAL_EVAL: token_batches(general, tokenizer, "all", length, count)}
+    reference = {name: quality(teacher, ids, defaults.batch_size) for name, ids in sets.items()}
+    teacher_row = {name: r.perplexity.perplexity for name, r in reference.items()}
+    print("teacher", json.dumps(teacher_row))
+    calib = token_batches(corpora["default-mix"], tokenizer, "calibration", defaults.calib_seq_len, defaults.calib_samples)
     activation = score_importance(teacher, spec, "activation", ids=calib, batch_size=defaults.batch_size, bf16=defaults.bf16)
-    magnitude = score_importance(teacher, spec, "magnitude")
 
     def evaluate_proxy(kept, shape):
         return mean_nll(prune(teacher, spec, shape, kept), calib[:16], defaults.batch_size, bf16=True)
@@ -78,58 +102,80 @@ def main() -> None:
     chosen = plan(spec, teacher.config, activation, TargetSize.parse(args.target_size), axes=defaults.axes,
                   align=defaults.align, tolerance=defaults.tolerance, evaluate=evaluate_proxy)
     print(f"student shape {chosen.shape.to_dict()}, {chosen.params / 1e6:.1f}M params")
+    pruned = apply_plan(teacher, spec, chosen)
+    before = _measure(pruned, sets, reference, defaults.batch_size)
+    print("pruned", json.dumps(before))
 
-    def student_for(arm: str):
-        if arm in "ab":
-            return apply_plan(teacher, spec, chosen)
-        if arm == "d":
-            return prune(teacher, spec, chosen.shape, select(spec, magnitude, chosen.shape))
-        torch.manual_seed(0)
-        model = apply_plan(teacher, spec, chosen)
-        model.apply(model._init_weights)  # same class and shape, fresh Hugging Face initialization
-        model.tie_weights()
-        return model
-
-    settings = DistillConfig(tokens=args.tokens, batch_size=defaults.distill_batch_size, lr=defaults.distill_lr,
-                             eval_every=args.eval_every, checkpoint_every=0, bf16=defaults.bf16, seed=defaults.seed)
-    # Timing first, while nothing else has run for long: the long arms come after.
-    timing = _overhead(teacher, apply_plan(teacher, spec, chosen), train, settings, args.timing_steps)
-    print(json.dumps(timing, indent=2))
+    curve_start = {"tokens": 0, **{k: quality(pruned, ids[:_CURVE_SEQUENCES], defaults.batch_size).perplexity.perplexity
+                                   for k, ids in sets.items()}}
+    base = DistillConfig(tokens=args.tokens, batch_size=defaults.distill_batch_size, lr=defaults.distill_lr,
+                         eval_every=args.eval_every, checkpoint_every=0, bf16=defaults.bf16, seed=defaults.seed)
+    train = {name: token_batches(corpus, tokenizer, "train", defaults.distill_seq_len,
+                                 -(-args.tokens // defaults.distill_seq_len)) for name, corpus in corpora.items()}
+    timing = None
+    if args.timing_steps:  # first, while nothing else has run for long
+        timing = _overhead(teacher, apply_plan(teacher, spec, chosen), train["default-mix"], base, args.timing_steps)
+        print(json.dumps(timing, indent=2))
     arms = {}
-    for arm in args.arms:
-        student = student_for(arm)
-        config = DistillConfig(**{**settings.to_dict(), "kl_weight": 0.0, "ce_weight": 1.0}) if arm == "b" else settings
-        before = perplexity(student, valid, defaults.batch_size).perplexity
-        result = distill(student, teacher, train, config,
-                         evaluate=lambda m: perplexity(m, valid, defaults.batch_size).perplexity)
-        curve = [{"tokens": 0, "val_perplexity": before}] + [
-            {"tokens": r["tokens"], "val_perplexity": r["val_perplexity"]} for r in result.history if "val_perplexity" in r
-        ]
-        arms[arm] = {"name": ARMS[arm], "curve": curve, "final_perplexity": curve[-1]["val_perplexity"],
-                     "tokens": result.tokens, "steps": result.steps, "tokens_per_second": result.tokens_per_second}
-        print(f"({arm}) {ARMS[arm]}: {before:,.1f} -> {curve[-1]['val_perplexity']:,.2f} after {result.tokens:,} tokens "
-              f"({result.tokens_per_second:,.0f} tokens/s)")
+    for arm in chosen_arms:
+        name, overrides, data, correction = ARMS[arm]
+        arm_started = time.perf_counter()
+        arm_teacher = teacher
+        if correction:
+            arm_teacher = copy.deepcopy(teacher).requires_grad_(True)
+            fix = DistillConfig(tokens=correction, batch_size=base.batch_size, lr=5e-5, kl_weight=0.0, ce_weight=1.0,
+                                eval_every=0, checkpoint_every=0, bf16=base.bf16, seed=base.seed)
+            distill(arm_teacher, None, train[data], fix, progress=False)
+            arm_teacher.requires_grad_(False).eval()
+        student = copy.deepcopy(pruned)
+        config = DistillConfig(**{**base.to_dict(), **overrides})
+        curve_sets = {k: v[:_CURVE_SEQUENCES] for k, v in sets.items()}
+        result = distill(student, arm_teacher if config.kl_weight or config.hidden_weight else None, train[data], config,
+                         evaluate=lambda m, s=curve_sets: {k: quality(m, ids, defaults.batch_size).perplexity.perplexity
+                                                           for k, ids in s.items()})
+        after = _measure(student, sets, reference, defaults.batch_size)
+        curve = [curve_start]
+        curve += [{"tokens": r["tokens"], **r["val_perplexities"]} for r in result.history if "val_perplexities" in r]
+        arms[arm] = {"name": name, "settings": overrides, "data": data, "teacher_correction_tokens": correction,
+                     "after": after, "curve": curve, "tokens": result.tokens, "steps": result.steps,
+                     "tokens_per_second": result.tokens_per_second, "seconds": time.perf_counter() - arm_started}
+        print(f"[{arm}] {name}: " + ", ".join(f"{k} {before[k]['perplexity']:,.1f} -> {after[k]['perplexity']:,.2f}"
+                                             for k in SETS) + f" ({result.tokens_per_second:,.0f} tokens/s)", flush=True)
+        _write(args, teacher_row, chosen, before, arms, sets, base, timing, started)
 
+
+def _measure(model, sets: dict, reference: dict, batch_size: int) -> dict:
+    out = {}
+    for name, ids in sets.items():
+        q = quality(model, ids, batch_size, reference=reference[name].top1)
+        out[name] = {"perplexity": q.perplexity.perplexity, "agreement": q.agreement, "tokens": q.perplexity.tokens,
+                     "vs_teacher": q.perplexity.perplexity / reference[name].perplexity.perplexity}
+    return out
+
+
+def _write(args, teacher_row, chosen, before, arms, sets, base, timing, started) -> None:  # noqa: ANN001
+    """Write the results so far (after every arm, so a killed run keeps the arms it finished)."""
     report = {
-        "teacher": args.teacher, "teacher_perplexity": teacher_ppl, "target_size": args.target_size,
+        **provenance(),
+        "teacher": args.teacher, "teacher_perplexity": teacher_row, "target_size": args.target_size,
         "student_shape": chosen.shape.to_dict(), "student_params": chosen.params,
-        "tokens": args.tokens, "seq_len": int(train.shape[1]), "settings": settings.to_dict(),
-        "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)), "arms": arms, "timing": timing,
+        "tokens": args.tokens, "seq_len": 256, "settings": base.to_dict(), "pruned": before,
+        "evaluation_tokens": {k: int(v.shape[0] * (v.shape[1] - 1)) for k, v in sets.items()},
+        "curve_sequences": _CURVE_SEQUENCES, "arms": arms,
         "seconds": time.perf_counter() - started, "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    overhead = {k: report[k] for k in ("teacher", "target_size", "student_shape", "student_params", "seq_len", "timing",
-                                       "date", "machine")}
-    overhead["batch_size"] = settings.batch_size
-    (args.out / "distill_overhead.json").write_text(json.dumps(overhead, indent=2) + "\n")
-    (args.out / "distill_overhead.md").write_text(_overhead_markdown(overhead))
-    print(_overhead_markdown(overhead))
-    if arms:  # --arms "" measures only the trainer's overhead
-        (args.out / "distill_recovery.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "distill_recovery.md").write_text(_markdown(report))
+    if timing is not None:
+        overhead = {k: report[k] for k in ("commit", "command", "teacher", "target_size", "student_shape",
+                                           "student_params", "seq_len", "date", "machine")}
+        overhead.update(timing=timing, batch_size=base.batch_size)
+        write_json(args.out / "distill_overhead.json", overhead)
+        write_text(args.out / "distill_overhead.md", _overhead_markdown(overhead))
+    if arms:
+        write_json(args.out / "distill_recovery.json", report)
+        write_text(args.out / "distill_recovery.md", _markdown(report))
         _plot(report, args.out / "distill_recovery.png")
-        print(_markdown(report))
 
 
 def _overhead(teacher, student, train, settings: DistillConfig, steps: int) -> dict:
@@ -185,23 +231,37 @@ def _overhead(teacher, student, train, settings: DistillConfig, steps: int) -> d
 
 
 def _markdown(report: dict) -> str:
-    t = report["timing"]
+    t, p = report["teacher_perplexity"], report["pruned"]
     lines = [
-        f"# Distillation recovery: {report['teacher']} pruned to {report['target_size']}",
+        f"# Distillation recipes: {report['teacher']} pruned to {report['target_size']}, judged on general English",
         "",
-        f"Student: {report['student_params'] / 1e6:.1f}M parameters (shape {report['student_shape']}); teacher "
-        f"perplexity {report['teacher_perplexity']:.2f}. Every arm trained on the same {report['tokens']:,} "
-        f"training tokens (sequences of {report['seq_len']}), batch {report['settings']['batch_size']}, AdamW, "
-        f"peak LR {report['settings']['lr']}, warmup-stable-decay, bf16 autocast. Validation perplexity in fp32 on "
-        f"{report['validation_tokens']:,} held-out tokens. Measured {report['date']} on {report['machine']}.",
+        f"Student: {report['student_params'] / 1e6:.1f}M parameters (shape {report['student_shape']}), pruned once "
+        f"with activation importance on the default-mix calibration split. Every arm trains a copy of it on "
+        f"{report['tokens']:,} training tokens (sequences of {report['seq_len']}, batch {report['settings']['batch_size']}, "
+        f"AdamW, warmup-stable-decay unless named, bf16 autocast). fp32 perplexity, with the ratio to the teacher's and "
+        f"top-1 agreement with the teacher, on {report['evaluation_tokens']['in-domain']:,} tokens of each set: "
+        "**in-domain** (the validation split of default-mix, the default training corpus), "
+        "**debian-docs** (the validation split of Debian's kernel and Python docs, the default corpus until "
+        "2026-12-01) and **general-english** (GNOME's help, Dungeon Crawl's descriptions and ChatterBot's dialogues, "
+        "in no training corpus).",
         "",
-        "| arm | student | perplexity before | after | tokens/s |",
-        "|---|---|---|---|---|",
+        f"Measured {report['date']} on {report['machine']}, commit `{report['commit']}`, command `{report['command']}`.",
+        "",
+        "| arm | data | general-english | vs teacher | agreement | in-domain | vs teacher | debian-docs | vs teacher | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| teacher | – | {t[GENERAL_EVAL]:,.2f} | 1.00x | – | {t['in-domain']:,.2f} | 1.00x | {t['debian-docs']:,.2f} | 1.00x | – |",
+        f"| pruned, before training | – | {p[GENERAL_EVAL]['perplexity']:,.1f} | {p[GENERAL_EVAL]['vs_teacher']:.2f}x | "
+        f"{p[GENERAL_EVAL]['agreement']:.3f} | {p['in-domain']['perplexity']:,.1f} | {p['in-domain']['vs_teacher']:.2f}x | "
+        f"{p['debian-docs']['perplexity']:,.1f} | {p['debian-docs']['vs_teacher']:.2f}x | – |",
     ]
     for arm, row in report["arms"].items():
-        lines.append(f"| ({arm}) | {row['name']} | {row['curve'][0]['val_perplexity']:,.1f} | "
-                     f"{row['final_perplexity']:,.2f} | {row['tokens_per_second']:,.0f} |")
-    lines += ["", _overhead_sentence(t)]
+        a = row["after"]
+        lines.append(f"| `{arm}`: {row['name']} | {row['data']} | {a[GENERAL_EVAL]['perplexity']:,.2f} | "
+                     f"{a[GENERAL_EVAL]['vs_teacher']:.2f}x | {a[GENERAL_EVAL]['agreement']:.3f} | "
+                     f"{a['in-domain']['perplexity']:,.2f} | {a['in-domain']['vs_teacher']:.2f}x | "
+                     f"{a['debian-docs']['perplexity']:,.2f} | {a['debian-docs']['vs_teacher']:.2f}x | "
+                     f"{row['tokens_per_second']:,.0f} |")
+    lines += ["", f"Learning curves (the plot) on the first {report['curve_sequences']} sequences of each set."]
     return "\n".join(lines) + "\n"
 
 
@@ -230,14 +290,21 @@ def _plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for arm, row in report["arms"].items():
-        ax.plot([p["tokens"] / 1000 for p in row["curve"]], [p["val_perplexity"] for p in row["curve"]],
-                marker="o", markersize=3, label=f"({arm}) {row['name']}")
-    ax.set_xlabel("training tokens (thousands)")
-    ax.set_ylabel("validation perplexity (log scale)")
-    finish_perplexity_plot(fig, ax, report["teacher_perplexity"],
-                           f"{report['teacher']} → {report['student_params'] / 1e6:.0f}M student: recovery by training", path)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, name in zip(axes, (GENERAL_EVAL, "in-domain"), strict=True):
+        for arm, row in report["arms"].items():
+            ax.plot([p["tokens"] / 1000 for p in row["curve"]], [p[name] for p in row["curve"]], marker="o",
+                    markersize=3, label=arm)
+        ax.set_xlabel("training tokens (thousands)")
+        ax.set_ylabel(f"{name} perplexity (log scale)")
+        teacher = report["teacher_perplexity"][name]
+        ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label=f"teacher ({teacher:.1f})")
+        ax.set_yscale("log")
+        ax.set_title(f"{name}: {report['teacher']} → {report['student_params'] / 1e6:.0f}M student", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

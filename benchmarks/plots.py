@@ -1,4 +1,4 @@
-"""Plot pieces every benchmark figure shares."""
+"""Plot pieces every benchmark figure shares, and the provenance every result records."""
 
 from __future__ import annotations
 
@@ -17,3 +17,21 @@ def finish_perplexity_plot(fig: Any, ax: Any, teacher_perplexity: float, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def provenance() -> dict[str, str]:
+    """The commit (with ``+dirty`` when the tree had uncommitted changes) and the command that made a result."""
+    import shlex
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", ""
+    command = "python -m benchmarks." + Path(sys.argv[0]).stem + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    return {"commit": commit + ("+dirty" if dirty else ""), "command": command}

@@ -31,7 +31,8 @@ _HELP = {
     "teacher": "teacher: a built-in alias (smollm2-135m, gemma3-270m), a Hugging Face folder, a .gguf file or a hub id",
     "target_size": "student size: parameters (90M), a ratio of the teacher (0.67x) or a percentage (67%%)",
     "out": "run directory (default runs/<teacher>-<target-size>)",
-    "data": "text / jsonl / parquet file or folder, or a hub dataset (default: Debian's kernel and Python docs)",
+    "data": "training data: a built-in corpus (default-mix: Debian's kernel and Python docs, LibreOffice's help and "
+    "the fortunes collection; debian-docs: the docs alone), a text / jsonl / parquet file or folder, or a hub dataset",
     "axes": f"comma-separated axes the planner may shrink, of {', '.join(AXES)} (kv = whole GQA groups)",
     "align": "every pruned dimension is a multiple of this (NPU channel alignment; 32 or 64)",
     "importance": f"how units are scored: {', '.join(IMPORTANCE_METHODS)}",
@@ -47,6 +48,9 @@ _HELP = {
     "eval_samples": "validation sequences for perplexity and top-1 agreement with the teacher (the graphs use "
     "as many, of --seq-len tokens)",
     "eval_seq_len": "tokens per validation sequence",
+    "eval_data": "comma-separated extra evaluation sets (text / jsonl / parquet files or folders, or built-in corpus "
+    "names), each reported under its file name next to the in-domain validation split and general-english (general "
+    "English held out of every training corpus)",
     "bf16": "bf16 autocast for importance, the planner's loss check and distillation (reported perplexities are fp32)",
     "distill_tokens": "distillation budget in training tokens",
     "distill_seq_len": "tokens per distillation sequence",
@@ -151,7 +155,7 @@ def _config_from(args: argparse.Namespace) -> CompressConfig:
     for f in dataclasses.fields(CompressConfig):
         value = getattr(args, f.name)
         if value is not None:
-            is_list = f.name in ("axes", "quant_transforms")
+            is_list = f.name in ("axes", "quant_transforms", "eval_data")
             values[f.name] = tuple(a.strip() for a in value.split(",") if a.strip()) if is_list else value
     return CompressConfig.from_dict(values)
 
@@ -196,13 +200,14 @@ def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
             text = (
                 f"{result.student_dir}  perplexity {m['student_perplexity_before']:.2f} -> {m['student_perplexity']:.2f} "
                 f"after {m['tokens']:,} tokens ({m['tokens_per_second']:,.0f} tokens/s)"
+                + _others(m.get("evals"), m.get("evals_before"))
             )
         elif stage.stage == "export":
             g = m["fp32"]
             first = "first token" if g.get("metric") == "continuation" else "prefill"
             text = (f"{result.run_dir / g.get('path', 'onnx/model.onnx')}, {Path(g.get('decode_path', 'decode.onnx')).name}  "
                     f"fp32 perplexity {g['perplexity']:.2f}, {g.get('total_mb', g['prefill_mb']):.0f} MB, {first} {g['prefill_latency_ms']:.0f} ms, "
-                    f"decode {g['decode_tokens_per_second']:.1f} tokens/s")
+                    f"decode {g['decode_tokens_per_second']:.1f} tokens/s" + _others(g.get("evals")))
         elif stage.stage == "quantize":
             if m["quant"] == "none":
                 continue
@@ -212,7 +217,8 @@ def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
             text = (f"{graph} ({m['npu_profile']})  perplexity "
                     f"{g['perplexity']:.2f}, agreement {g['agreement']:.3f}, {g.get('total_mb', g['prefill_mb']):.0f} MB, {first} "
                     f"{g['prefill_latency_ms']:.0f} ms, decode "
-                    f"{g['decode_tokens_per_second']:.1f} tokens/s, {len(m['violations'])} profile violations")
+                    f"{g['decode_tokens_per_second']:.1f} tokens/s, {len(m['violations'])} profile violations"
+                    + _others(g.get("evals")))
         elif stage.stage == "distill" and "skipped" in m:
             text = m["skipped"]
         elif stage.stage == "report":
@@ -223,10 +229,23 @@ def _summary(result: Any) -> str:  # noqa: C901 - one branch per stage
                 text += (
                     f"  perplexity {m['teacher_perplexity']:.2f} (teacher) -> {m['pruned_perplexity']:.2f} "
                     f"on {m['validation_tokens']} validation tokens"
+                    + _others(m.get("evals"), teacher=True)
                 )
         rows.append((stage.stage, "reused" if stage.reused else f"{stage.seconds:.1f}", text))
     width = [max(len(r[i]) for r in rows) for i in range(2)]
     return "\n".join(f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]}" for r in rows)
+
+
+def _others(evals: dict[str, Any] | None, before: dict[str, Any] | None = None, teacher: bool = False) -> str:
+    """The evaluation sets other than the in-domain one, as "; general-english 417.20 (teacher 39.87)"."""
+    parts = []
+    for name, e in (evals or {}).items():
+        if name == "validation":
+            continue
+        start = f"{before[name]['perplexity']:.2f} -> " if before and name in before else ""
+        known = f" (teacher {e['teacher_perplexity']:.2f})" if teacher and "teacher_perplexity" in e else ""
+        parts.append(f"{name} {start}{e['perplexity']:.2f}{known}")
+    return "; " + "; ".join(parts) if parts else ""
 
 
 def _fetch(argv: list[str]) -> int:
@@ -243,7 +262,8 @@ def _fetch(argv: list[str]) -> int:
             raise ConfigError(f"compress fetch {alias}: unknown alias; known: {', '.join(BUILTIN_TEACHERS)}")
         print(f"{alias}: {fetch_teacher(alias)}")
     if not args.no_data:
-        print(f"data: {fetch_default_corpus()}")
+        for path in fetch_default_corpus():
+            print(f"data: {path}")
     return 0
 
 

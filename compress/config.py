@@ -98,6 +98,7 @@ class CompressConfig:
     search_candidates: int = 8
     eval_samples: int = 64
     eval_seq_len: int = 256
+    eval_data: tuple[str, ...] = ()  # more evaluation sets, beside the in-domain validation and general-english
     bf16: bool = True
     distill_tokens: int = 200_000
     distill_seq_len: int = 256
@@ -126,6 +127,7 @@ class CompressConfig:
     def __post_init__(self) -> None:
         TargetSize.parse(self.target_size)
         object.__setattr__(self, "axes", tuple(self.axes))
+        object.__setattr__(self, "eval_data", tuple(self.eval_data))
         unknown = [a for a in self.axes if a not in AXES]
         if unknown or not self.axes:
             raise ConfigError(f"--axes {','.join(self.axes)!r}: allowed axes are {', '.join(AXES)}")
@@ -197,6 +199,7 @@ class CompressConfig:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["axes"] = list(self.axes)
+        values["eval_data"] = list(self.eval_data)
         values["quant_transforms"] = list(self.quant_transforms)
         return values
 

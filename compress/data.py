@@ -1,105 +1,53 @@
-"""Text data: the default Debian documentation corpus, user files, deterministic splits and token packing.
+"""Text data: the built-in corpora (compress.corpora), user files, deterministic splits and token packing.
 
-The default corpus is real human-written English fetched from Debian's package registry with
-``apt-get download`` + ``dpkg -x`` (no install): the Linux kernel documentation (``linux-doc-6.1``) and
-the Python 3.11 documentation sources (``python3.11-doc``). Every corpus is split by document, by a hash
-of its text, so the split does not depend on file order and never leaks a document across splits.
+Every corpus is split by document, by a hash of its text, so the split does not depend on file order and never
+leaks a document across splits. A mix of sources (the default ``default-mix``) gives each source its share of
+every split's sequences.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from compress.corpora import CORPORA, DEFAULT_CORPUS, GENERAL_EVAL, fetch_corpus
 from compress.errors import DataError
-from compress.io import cache_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CORPUS = "debian-docs"
 SPLITS = ("calibration", "train", "validation")
 # Per mille of documents in each split: 2% validation, 5% calibration (1024 x 256 tokens needs ~1.5 MB
-# of text; the default corpus has ~35 MB), the rest for distillation.
+# of text; the default corpus has ~45 MB), the rest for distillation.
 _SPLIT_BOUNDS = {"validation": (0, 20), "calibration": (20, 70), "train": (70, 1000)}
 _TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 _JSON_SUFFIXES = (".jsonl", ".json")
 
 
-@dataclass(frozen=True)
-class _DebianSource:
-    package: str
-    root: str  # folder inside the package
-    pattern: str
+class Corpus:
+    """A ``datasets.Dataset`` of documents (``text``, and ``source`` for the built-in corpora) with its name and,
+    for a mix, each source's share of the tokens of every split. Indexes and iterates like the dataset."""
+
+    def __init__(self, name: str, dataset: Any, shares: dict[str, float] | None = None) -> None:
+        self.name, self.dataset, self.shares = name, dataset, shares
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.dataset[key]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.dataset.column_names
 
 
-_DEBIAN_SOURCES = (
-    _DebianSource("linux-doc-6.1", "usr/share/doc/linux-doc-6.1/Documentation", "**/*.rst.gz"),
-    _DebianSource("python3.11-doc", "usr/share/doc/python3.11/html/_sources", "**/*.rst.txt"),
-)
-
-
-def _apt_download(package: str, dest: Path) -> Path:
-    def attempt() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["apt-get", "download", package], cwd=dest, capture_output=True, text=True)
-
-    if shutil.which("apt-get") is None:
-        raise DataError("the default corpus needs Debian's apt-get; pass your own text with --data FILE_OR_FOLDER")
-    result = attempt()
-    if result.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)  # package lists may be empty
-        result = attempt()
-    debs = sorted(dest.glob(f"{package}_*.deb"))
-    if result.returncode != 0 or not debs:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DataError(
-            f"apt-get download {package} failed: {last}; run 'apt-get update' (as root) and retry, "
-            "or pass your own text with --data FILE_OR_FOLDER"
-        )
-    return debs[-1]
-
-
-def fetch_default_corpus() -> Path:
-    """The default corpus as one JSON-lines file ({"id", "text"} per document), fetched on first use."""
-    out_dir = cache_dir() / "data" / DEFAULT_CORPUS
-    target = out_dir / "corpus.jsonl"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as work:
-        work_path = Path(work)
-        tmp = out_dir / "corpus.jsonl.tmp"
-        count = 0
-        with open(tmp, "w") as out:
-            for source in _DEBIAN_SOURCES:
-                log.info("fetching %s from Debian's package registry", source.package)
-                deb = _apt_download(source.package, work_path)
-                tree = work_path / source.package
-                subprocess.run(["dpkg", "-x", str(deb), str(tree)], check=True, capture_output=True)
-                for path in sorted((tree / source.root).glob(source.pattern)):
-                    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-                    text = raw.decode("utf-8", errors="replace").strip()
-                    if len(text) < 200:  # index stubs and empty pages carry no prose
-                        continue
-                    doc_id = f"{source.package}/{path.relative_to(tree / source.root)}"
-                    out.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-                    count += 1
-        if count == 0:
-            tmp.unlink(missing_ok=True)
-            raise DataError("the Debian documentation packages held no text; pass your own with --data")
-        tmp.replace(target)
-    log.info("default corpus: %d documents in %s", count, target)
-    return target
+def fetch_default_corpus() -> list[Path]:
+    """The default training corpus and the general evaluation set, fetched on first use (``compress fetch``)."""
+    return fetch_corpus(DEFAULT_CORPUS) + fetch_corpus(GENERAL_EVAL)
 
 
 def _data_files(path: Path) -> tuple[str, list[str]]:
@@ -123,36 +71,50 @@ def _data_files(path: Path) -> tuple[str, list[str]]:
     return kinds[0], by_kind[kinds[0]]
 
 
-def load_corpus(data: str | None) -> Any:
-    """A ``datasets.Dataset`` with one document per row in a ``text`` column."""
+def load_corpus(data: str | None, evaluation: bool = False) -> Corpus:
+    """A :class:`Corpus` with one document per row in a ``text`` column: a built-in corpus by name (default
+    ``default-mix``), local text / JSON-lines / parquet files, or a hub dataset where the machine is online.
+
+    ``evaluation`` allows the evaluation-only corpora (``general-english``), which training must not read."""
     import datasets
 
     datasets.disable_progress_bars()
-    if data in (None, DEFAULT_CORPUS):
-        kind, files = "json", [str(fetch_default_corpus())]
+    name = DEFAULT_CORPUS if data is None else data
+    if name in CORPORA:
+        named = CORPORA[name]
+        if named.evaluation_only and not evaluation:
+            raise DataError(f"--data {name} is the held-out general evaluation set; training on it would make the "
+                            f"general evaluation in-domain. Train on {DEFAULT_CORPUS} (the default) or your own files")
+        files = [str(f) for f in fetch_corpus(name)]
+        try:
+            dataset = datasets.load_dataset("json", data_files=files, split="train")
+        except Exception as error:
+            raise DataError(f"--data {name}: the fetched files in the cache are unreadable ({error}); delete "
+                            f"{Path(files[0]).parent} and run `compress fetch`") from error
+        return Corpus(name, _with_text_column(dataset, name), named.shares)
+    path = Path(data).expanduser()
+    if path.exists():
+        kind, files = _data_files(path)
+    elif "/" in data and not data.startswith((".", "/", "~")) and not Path(data).suffix:
+        try:
+            dataset = datasets.load_dataset(data, split="train")
+        except Exception as error:
+            raise DataError(
+                f"--data {data}: not a local file or folder, and not loadable as a hub dataset "
+                f"({type(error).__name__}); pass local text, jsonl or parquet files"
+            ) from error
+        return Corpus(data, _with_text_column(dataset, data))
     else:
-        path = Path(data).expanduser()
-        if path.exists():
-            kind, files = _data_files(path)
-        elif "/" in data and not data.startswith((".", "/", "~")) and not Path(data).suffix:
-            try:
-                dataset = datasets.load_dataset(data, split="train")
-            except Exception as error:
-                raise DataError(
-                    f"--data {data}: not a local file or folder, and not loadable as a hub dataset "
-                    f"({type(error).__name__}); pass local text, jsonl or parquet files"
-                ) from error
-            return _with_text_column(dataset, data)
-        else:
-            raise DataError(f"--data {data}: no such file or folder; pass text, jsonl or parquet files")
+        raise DataError(f"--data {data}: no such file or folder, and not a built-in corpus "
+                        f"({', '.join(CORPORA)}); pass text, jsonl or parquet files")
     try:
         if kind == "text":
             dataset = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
         else:
             dataset = datasets.load_dataset(kind, data_files=files, split="train")
     except Exception as error:
-        raise DataError(f"--data {data or DEFAULT_CORPUS}: could not read it as {kind} ({error}); check the files") from error
-    return _with_text_column(dataset, data or DEFAULT_CORPUS)
+        raise DataError(f"--data {data}: could not read it as {kind} ({error}); check the files") from error
+    return Corpus(data, _with_text_column(dataset, data))
 
 
 def _with_text_column(dataset: Any, name: str) -> Any:
@@ -176,14 +138,16 @@ def document_split(text: str) -> str:
     return next(name for name, (low, high) in _SPLIT_BOUNDS.items() if low <= bucket < high)
 
 
-def split_texts(dataset: Any, split: str) -> list[str]:
-    """The documents of one split, in a deterministic order (by hash), chosen by a hash of each text."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-    low, high = _SPLIT_BOUNDS[split]
+def split_texts(dataset: Any, split: str, source: str | None = None) -> list[str]:
+    """The documents of one split (``"all"``: every document), in a deterministic order (by hash), chosen by a
+    hash of each text; with ``source``, only that source's documents."""
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}, all")
+    low, high = _SPLIT_BOUNDS.get(split, (0, 1000))
+    sources = dataset["source"] if source is not None else None
     chosen = []
-    for text in dataset["text"]:
-        if not text or not text.strip():
+    for index, text in enumerate(dataset["text"]):
+        if not text or not text.strip() or (sources is not None and sources[index] != source):
             continue
         bucket = _bucket(text)
         if low <= bucket % 1000 < high:
@@ -230,14 +194,42 @@ def pack(texts: list[str], tokenizer: Any, seq_len: int, max_sequences: int) -> 
 
 
 def token_batches(dataset: Any, tokenizer: Any, split: str, seq_len: int, sequences: int) -> torch.Tensor:
-    """``sequences`` packed sequences from ``split``; fewer (with a warning) when the split is small."""
-    ids = pack(split_texts(dataset, split), tokenizer, seq_len, sequences)
+    """``sequences`` packed sequences from ``split`` (``"all"``: every document); fewer (with a warning) when the
+    split is small. A mix (a :class:`Corpus` with shares) gives each source its share of the sequences, packed
+    from that source's documents alone and spread evenly through the result."""
+    shares = getattr(dataset, "shares", None)
+    if not shares:
+        ids = pack(split_texts(dataset, split), tokenizer, seq_len, sequences)
+    else:
+        counts = _apportion(shares, sequences)
+        parts, keys = [], []
+        for source, count in counts.items():
+            if count == 0:
+                continue
+            part = pack(split_texts(dataset, split, source), tokenizer, seq_len, count)
+            if part.shape[0] < count:
+                log.warning("the %s split of %s holds only %d sequences of %d tokens (its share asks for %d)",
+                            split, source, part.shape[0], seq_len, count)
+            parts.append(part)
+            keys += [(i + 0.5) / count for i in range(part.shape[0])]  # even spread, ties in source order
+        order = sorted(range(len(keys)), key=lambda i: keys[i])
+        ids = torch.cat(parts)[order]
     if ids.shape[0] < sequences:
         log.warning(
             "the %s split holds only %d sequences of %d tokens (asked for %d); using them all",
             split, ids.shape[0], seq_len, sequences,
         )
     return ids
+
+
+def _apportion(shares: dict[str, float], total: int) -> dict[str, int]:
+    """Whole sequence counts per source, in proportion to ``shares``, adding up to ``total`` (largest remainders)."""
+    norm = sum(shares.values())
+    exact = {k: total * v / norm for k, v in shares.items()}
+    counts = {k: int(v) for k, v in exact.items()}
+    for key in sorted(exact, key=lambda k: counts[k] - exact[k])[: total - sum(counts.values())]:
+        counts[key] += 1
+    return counts
 
 
 def text_file_ids(path: str, tokenizer: Any, seq_len: int, max_sequences: int = 1 << 30) -> torch.Tensor:
@@ -326,3 +318,13 @@ def pair_batches(dataset: Any, tokenizer: Any, split: str, max_input_tokens: int
     outputs = [(ids + eos)[:max_output_tokens] for ids in targets]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     return Pairs.from_lists(inputs, outputs, pad_id=pad)
+
+
+def eval_set_name(data: str) -> str:
+    """The name an evaluation set is reported under: a built-in corpus's name, else the file or folder's stem."""
+    if data in CORPORA:
+        return data
+    name = Path(data).expanduser().stem or Path(data).expanduser().name
+    if name == "validation":
+        raise DataError(f"--eval-data {data}: 'validation' names the in-domain split; rename the file or folder")
+    return name

@@ -40,10 +40,12 @@ def distill_student(
     checkpoint_dir: Path,
     progress: bool = True,
     reference: torch.Tensor | None = None,
+    others: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Distill the checkpoint in ``student_dir`` from ``teacher``; save it to ``out_dir``; return metrics.
 
-    ``reference``: the teacher's top-1 predictions on the validation sequences, for the student's agreement.
+    ``reference``: the teacher's top-1 predictions on the validation sequences, for the student's agreement;
+    ``others``: more evaluation sets (name -> their sequences and the teacher's top-1 on them), measured alongside.
     """
     from compress.pipeline import load_model
 
@@ -60,21 +62,24 @@ def distill_student(
     train = token_batches(dataset, tokenizer, "train", config.distill_seq_len, sequences)
     valid = token_batches(dataset, tokenizer, "validation", config.eval_seq_len, config.eval_samples)
 
+    sets = {"validation": (valid, reference), **(others or {})}
     agreement: dict[str, float | None] = {}
 
-    def evaluate(model: Any) -> float:
-        if encoder_decoder:  # scored on continuations, like every row of a Mu-like run (compress.mu_run)
-            cut = cut_of(valid.shape[1])
-            scored, _ = continuation_quality(model, valid, cut, config.batch_size,
-                                             None if reference is None else reference[:, cut - 1 :])
-            agreement["last"] = scored.agreement
-            return scored.perplexity
-        measured = quality(model, valid, config.batch_size, reference)
-        agreement["last"] = measured.agreement
-        return measured.perplexity.perplexity
+    def evaluate(model: Any) -> dict[str, float]:
+        measured = {}
+        for name, (ids, top1) in sets.items():
+            if encoder_decoder:  # scored on continuations, like every row of a Mu-like run (compress.mu_run)
+                cut = cut_of(ids.shape[1])
+                scored, _ = continuation_quality(model, ids, cut, config.batch_size,
+                                                 None if top1 is None else top1[:, cut - 1 :])
+                agreement[name], measured[name] = scored.agreement, scored.perplexity
+            else:
+                result = quality(model, ids, config.batch_size, top1)
+                agreement[name], measured[name] = result.agreement, result.perplexity.perplexity
+        return measured
 
-    before = evaluate(student) if _rank() == 0 else float("nan")
-    agreement_before = agreement.get("last")
+    before = evaluate(student) if _rank() == 0 else {}
+    agreement_before = dict(agreement)
     try:
         # Every process evaluates: under FSDP the forward pass gathers shards from all of them.
         result = distill(student, teacher, train, settings, evaluate=evaluate, checkpoint_dir=checkpoint_dir,
@@ -93,13 +98,17 @@ def distill_student(
         "parallel": result.parallel,
         "processes": result.processes,
         "history": list(result.history),
-        "student_perplexity_before": before,
-        "student_agreement_before": agreement_before,
+        "student_perplexity_before": before.get("validation", float("nan")),
+        "student_agreement_before": agreement_before.get("validation"),
         "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
     }
     if _rank() == 0:
         last = result.history[-1]  # the trainer evaluates at the final step, so this is normally measured already
-        metrics["student_perplexity"] = last["val_perplexity"] if "val_perplexity" in last else evaluate(student)
-        metrics["student_agreement"] = agreement.get("last")
+        after = last.get("val_perplexities") or ({"validation": last["val_perplexity"]} if "val_perplexity" in last
+                                                 else evaluate(student))
+        metrics["student_perplexity"] = after["validation"]
+        metrics["student_agreement"] = agreement.get("validation")
+        metrics["evals_before"] = {k: {"perplexity": v, "agreement": agreement_before.get(k)} for k, v in before.items()}
+        metrics["evals"] = {k: {"perplexity": v, "agreement": agreement.get(k)} for k, v in after.items()}
         save_checkpoint(student, tokenizer, out_dir)
     return metrics

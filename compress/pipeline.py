@@ -21,7 +21,7 @@ import torch
 
 from compress.archspec import ArchSpec, resolve
 from compress.config import BLOCK_REPEATS, STAGES, CompressConfig
-from compress.data import load_corpus, token_batches
+from compress.data import GENERAL_EVAL, eval_set_name, load_corpus, token_batches
 from compress.errors import CompressError, RunDirectoryError
 from compress.evaluate import Perplexity, mean_nll, perplexity, quality
 from compress.io import read_json, write_json
@@ -40,7 +40,7 @@ _STAGE_FIELDS = {
     "score": ("importance", "calib_samples", "calib_seq_len", "batch_aggregation",
               "sequence_aggregation", "layer_metric", "bf16", "seed"),
     "plan": ("target_size", "axes", "align", "tolerance", "proxy", "search_candidates"),
-    "prune": ("eval_samples", "eval_seq_len"),
+    "prune": ("eval_samples", "eval_seq_len", "eval_data"),
     "distill": ("distill_tokens", "distill_seq_len", "distill_batch_size", "distill_grad_accum", "distill_lr",
                 "distill_optimizer", "distill_schedule", "distill_temperature", "distill_ce_weight",
                 "distill_eval_every"),
@@ -125,6 +125,7 @@ class _Run:
         self._teacher: tuple[Any, Any] | None = None
         self._spec: ArchSpec | None = None
         self._dataset: Any = None
+        self._eval_sets: dict[str, tuple[Any, str]] | None = None
         self.fingerprint = ""
         self.teacher_fingerprint = ""  # of the correct stage: which teacher, data and correction
 
@@ -159,17 +160,38 @@ class _Run:
     def ids(self, split: str, seq_len: int, sequences: int) -> torch.Tensor:
         return token_batches(self.dataset, self.tokenizer, split, seq_len, sequences)
 
+    @property
+    def eval_sets(self) -> dict[str, tuple[Any, str]]:
+        """Every evaluation set of the run, name -> (corpus, split): the training corpus's own validation split
+        (``validation``, in-domain), the general English set (``general-english``) and each ``--eval-data``."""
+        if self._eval_sets is None:
+            sets: dict[str, tuple[Any, str]] = {"validation": (self.dataset, "validation")}
+            for data in (GENERAL_EVAL, *self.config.eval_data):
+                sets[eval_set_name(data)] = (load_corpus(data, evaluation=True), "all")
+            self._eval_sets = sets
+        return self._eval_sets
+
     def validation(self, seq_len: int) -> Reference:
-        """The run's validation sequences of ``seq_len`` tokens with the teacher's perplexity and top-1 on them.
+        """The run's in-domain validation sequences with the teacher's perplexity and top-1 (see :meth:`reference`)."""
+        return self.reference("validation", seq_len)
+
+    def references(self, seq_len: int) -> dict[str, Reference]:
+        """:meth:`reference` of every evaluation set, the in-domain validation first."""
+        return {name: self.reference(name, seq_len) for name in self.eval_sets}
+
+    def reference(self, name: str, seq_len: int) -> Reference:
+        """One evaluation set's sequences of ``seq_len`` tokens with the teacher's perplexity and top-1 on them.
 
         Every model and graph of the run is measured on these, so their numbers compare. The teacher's part
-        is computed once per length and kept in ``validation.<seq_len>.safetensors``.
+        is computed once per set and length and kept in ``validation.<seq_len>.safetensors`` (the in-domain
+        set) or ``eval.<name>.<seq_len>.safetensors``.
         """
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
-        ids = self.ids("validation", seq_len, self.config.eval_samples)
-        path = self.dir / f"validation.{seq_len}.safetensors"
+        corpus, split = self.eval_sets[name]
+        ids = token_batches(corpus, self.tokenizer, split, seq_len, self.config.eval_samples)
+        path = self.dir / (f"validation.{seq_len}.safetensors" if name == "validation" else f"eval.{name}.{seq_len}.safetensors")
         if path.exists():
             with safe_open(str(path), "pt") as handle:
                 meta = handle.metadata() or {}
@@ -182,6 +204,16 @@ class _Run:
                   metadata={"teacher": self.teacher_fingerprint, "perplexity": json.dumps(measured.perplexity.to_dict())})
         tmp.replace(path)
         return Reference(ids, measured.top1, measured.perplexity)
+
+    def evals(self, model: Any, seq_len: int) -> dict[str, dict[str, Any]]:
+        """The model's fp32 perplexity and top-1 agreement with the teacher on every evaluation set."""
+        out = {}
+        for name, reference in self.references(seq_len).items():
+            measured = quality(model, reference.ids, self.config.batch_size, reference.teacher_top1,
+                               progress=self.progress)
+            out[name] = {"perplexity": measured.perplexity.perplexity, "agreement": measured.agreement,
+                         "tokens": measured.perplexity.tokens, "teacher_perplexity": reference.teacher.perplexity}
+        return out
 
 
 @dataclass(frozen=True)
@@ -403,14 +435,15 @@ def _prune(state: _Run) -> dict[str, Any]:
     metrics: dict[str, Any] = {"params": chosen.params, "teacher_params": chosen.teacher_params,
                                "pruned_mb": folder_mb(state.dir / "pruned")}
     if state.spec.causal_lm:
-        reference = state.validation(c.eval_seq_len)
-        pruned = quality(student, reference.ids, c.batch_size, reference.teacher_top1, progress=state.progress)
+        evals = state.evals(student, c.eval_seq_len)
+        valid = evals["validation"]
         metrics.update(
-            teacher_perplexity=reference.teacher.perplexity,
-            pruned_perplexity=pruned.perplexity.perplexity,
-            pruned_agreement=pruned.agreement,
-            validation_tokens=pruned.perplexity.tokens,
-            validation_seq_len=pruned.perplexity.seq_len,
+            teacher_perplexity=valid["teacher_perplexity"],
+            pruned_perplexity=valid["perplexity"],
+            pruned_agreement=valid["agreement"],
+            validation_tokens=valid["tokens"],
+            validation_seq_len=c.eval_seq_len,
+            evals=evals,
         )
     return metrics
 
@@ -428,9 +461,11 @@ def _distill(state: _Run) -> dict[str, Any]:
     if chosen["params"] >= chosen["teacher_params"]:
         shutil.rmtree(state.dir / "student", ignore_errors=True)
         return {"skipped": "the plan keeps every parameter: the student is the teacher"}
-    reference = state.validation(state.config.eval_seq_len)
+    references = state.references(state.config.eval_seq_len)
     metrics = distill_student(state.dir / "pruned", state.teacher, state.tokenizer, state.dataset, state.config,
-                              state.dir / "student", checkpoints, progress=state.progress, reference=reference.teacher_top1)
+                              state.dir / "student", checkpoints, progress=state.progress,
+                              reference=references["validation"].teacher_top1,
+                              others={k: (r.ids, r.teacher_top1) for k, r in references.items() if k != "validation"})
     return {**metrics, "student_mb": folder_mb(state.dir / "student")}
 
 
@@ -486,16 +521,23 @@ def _export(state: _Run) -> dict[str, Any]:
     folder = state.dir / "onnx"
     shutil.rmtree(folder, ignore_errors=True)  # graphs of other settings (and their quantized copies) go
     prefill, decode = export_graphs(lm, folder)
-    reference = state.validation(c.seq_len)
+    references = state.references(c.seq_len)
+    reference = references["validation"]
     valid = reference.ids
     with torch.no_grad():
         expected = lm.prefill(valid[:1])[0].numpy()
     got = runtime.prefill_logits(runtime.session(prefill), valid[:1].numpy())
-    metrics, top1 = measure(prefill, decode, valid.numpy(), reference.teacher_top1.numpy(), progress=state.progress)
+    metrics, top1 = measure(prefill, decode, valid.numpy(), reference.teacher_top1.numpy(), progress=state.progress,
+                            others=_graph_sets(references))
     save_file({"top1": top1}, str(folder / "model.top1.safetensors"))  # the reference of the integer graphs
     return {"source": str(source), "seq_len": c.seq_len, "transforms": list(c.quant_transforms),
             "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "teacher_perplexity": reference.teacher.perplexity,
             "fp32": metrics}
+
+
+def _graph_sets(references: dict[str, Reference]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The evaluation sets other than the in-domain one, for the graphs (agreement with the teacher's top-1)."""
+    return {k: (r.ids.numpy(), r.teacher_top1.numpy()) for k, r in references.items() if k != "validation"}
 
 
 def _quantize(state: _Run) -> dict[str, Any]:
@@ -514,12 +556,14 @@ def _quantize(state: _Run) -> dict[str, Any]:
         return mu_run.quantize_stage(state)
     _, lm, calib = _prepared(state)
     folder = state.dir / "onnx"
-    reference = state.validation(c.seq_len)
+    references = state.references(c.seq_len)
+    reference = references["validation"]
     float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
     graphs = quantize_graphs(lm, folder, PRESETS[c.quant], get_profile(c.npu_profile), calib.numpy(),
                              decode_calib_tokens=c.quant_decode_calib_tokens,
                              progress=state.progress)
-    metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress)
+    metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress,
+                            others=_graph_sets(references))
     metrics["agreement_with_float"] = metrics.pop("agreement")
     if "decode_agreement" in metrics:
         metrics["decode_agreement_with_float"] = metrics.pop("decode_agreement")

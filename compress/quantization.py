@@ -120,20 +120,30 @@ class DecodeFeeds(Sequence):
 
 def measure(prefill: Path, decode: Path | None, valid: np.ndarray, reference_top1: np.ndarray | None,
             prompt_tokens: int = 64, new_tokens: int = 64, decode_samples: int = 4,
-            progress: bool = False) -> tuple[dict, np.ndarray]:
+            progress: bool = False, others: dict[str, tuple[np.ndarray, np.ndarray | None]] | None = None,
+            ) -> tuple[dict, np.ndarray]:
     """Perplexity, agreement with ``reference_top1``, size on disk, median prefill latency and decode
     tokens/s of one graph pair, with ONNX Runtime on this machine. Also returns the graph's top-1.
 
     The decode graph is also scored (``decode_perplexity``, ``decode_agreement``) on the second halves of
     the first ``decode_samples`` validation sequences, fed one token at a time after a prefill of the first
-    halves: the path generation takes, with the cache passing through the graph at every step."""
+    halves: the path generation takes, with the cache passing through the graph at every step.
+
+    ``others`` (name -> sequences and a reference top-1) are more evaluation sets, scored by the prefill graph
+    into ``evals``."""
     sess = runtime.session(prefill)
     quality, top1 = runtime.quality(sess, valid, reference_top1, progress=progress, label=prefill.name)
+    evals = {}
+    for name, (ids, reference) in (others or {}).items():
+        scored, _ = runtime.quality(sess, ids, reference, progress=progress, label=f"{prefill.name} on {name}")
+        evals[name] = {"perplexity": scored.perplexity, "agreement": scored.agreement, "tokens": scored.tokens}
     metrics = {
         "perplexity": quality.perplexity, "agreement": quality.agreement, "validation_tokens": quality.tokens,
         "prefill_mb": prefill.stat().st_size / 1e6,
         "prefill_latency_ms": runtime.prefill_latency(sess, int(valid.shape[1])) * 1000,
     }
+    if evals:
+        metrics["evals"] = evals
     if decode is not None:
         step = runtime.session(decode)
         prompt = [int(t) for t in valid[0, :prompt_tokens]]

@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -212,13 +213,18 @@ def _distributed() -> tuple[int, int]:
     return 1, 0
 
 
-def _evaluate(evaluate: Callable[[nn.Module], float], model: nn.Module, sharded_root: nn.Module | None) -> float:
-    """``evaluate(model)`` in eval mode; under FSDP every process must call it, as the forward gathers shards."""
+Evaluation = Callable[[nn.Module], float | dict[str, float]]
+
+
+def _evaluate(evaluate: Evaluation, model: nn.Module, sharded_root: nn.Module | None) -> dict[str, float]:
+    """``evaluate(model)`` in eval mode, as {set name: perplexity} (a plain float is the set "validation"); under
+    FSDP every process must call it, as the forward gathers shards."""
     model.eval()
     if sharded_root is not None:
         sharded_root.unshard()  # the root unit (embeddings, final norm, head); blocks gather in their forward
     try:
-        return float(evaluate(model))
+        value = evaluate(model)
+        return {k: float(v) for k, v in value.items()} if isinstance(value, dict) else {"validation": float(value)}
     finally:
         if sharded_root is not None:
             sharded_root.reshard()
@@ -239,7 +245,7 @@ def distill(
     teacher: nn.Module | None,
     train_ids: torch.Tensor | Pairs,
     config: DistillConfig,
-    evaluate: Callable[[nn.Module], float] | None = None,
+    evaluate: Evaluation | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -249,8 +255,9 @@ def distill(
 
     ``teacher`` may be None for plain cross-entropy training (``kl_weight`` 0, no hidden-state loss).
 
-    ``evaluate(student)`` returns a validation perplexity, called every ``config.eval_every`` steps and at
-    the end. With ``checkpoint_dir``, training state is saved every ``config.checkpoint_every`` steps and,
+    ``evaluate(student)`` returns a validation perplexity, or {evaluation set: perplexity} (the first is the
+    history's ``val_perplexity``, all are in ``val_perplexities``), called every ``config.eval_every`` steps and
+    at the end. With ``checkpoint_dir``, training state is saved every ``config.checkpoint_every`` steps and,
     with ``resume``, a rerun continues from the latest checkpoint exactly.
     Raises DistillError when the loss becomes NaN or infinite (the last good checkpoint is kept).
     """
@@ -300,7 +307,7 @@ def _loop(
     loss_module: KnowledgeDistillationLoss,
     train_ids: torch.Tensor | Pairs,
     config: DistillConfig,
-    evaluate: Callable[[nn.Module], float] | None,
+    evaluate: Evaluation | None,
     checkpoint_dir: str | Path | None,
     resume: bool,
     progress: bool,
@@ -315,7 +322,7 @@ def _loop(
     device = next(loss_module.parameters()).device
     optimizers = _optimizers(trained, hidden, config)  # after sharding: they must hold the shards
     folder = Path(checkpoint_dir) if checkpoint_dir else None
-    history: list[dict[str, float]] = []
+    history: list[dict[str, Any]] = []
     step = tokens = 0
     resumed = 0
     if folder is not None and resume and (found := latest_checkpoint(folder)) is not None:
@@ -368,13 +375,16 @@ def _loop(
             group_optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += per_step * seq_len
-        record: dict[str, float] = {
+        record: dict[str, Any] = {
             "step": step, "tokens": tokens, "loss": step_loss, "lr": config.lr_at(step - 1, total),
             "seconds": time.perf_counter() - started - evaluating,  # training time of this process so far
         }
         if evaluate is not None and _due(step, total, config.eval_every):
             eval_started = time.perf_counter()
-            record["val_perplexity"] = _evaluate(evaluate, trained, loss_module if sharded else None)
+            measured = _evaluate(evaluate, trained, loss_module if sharded else None)
+            record["val_perplexity"] = next(iter(measured.values()))
+            if len(measured) > 1:
+                record["val_perplexities"] = measured
             evaluating += time.perf_counter() - eval_started
         history.append(record)
         elapsed = time.perf_counter() - started - evaluating
