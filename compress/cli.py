@@ -62,6 +62,9 @@ _HELP = {
     "distill_temperature": "softmax temperature of the KL (Minitron found 1 best)",
     "distill_ce_weight": "weight of a cross-entropy term on the data next to the KL (0: logits only)",
     "distill_eval_every": "steps between validation perplexity checks and checkpoints",
+    "distill_teacher_top_k": "0: KL on the full vocabulary with the teacher run every step; k > 0: KL on the teacher's "
+    "top-k log-probabilities (plus one bucket for the rest), computed once over the training sequences and stored "
+    "under $PDQ_CACHE/teacher-logits/ for later runs and resumes",
     "distill_parallel": "under torchrun: ddp (a whole student per process) or fsdp (weights, gradients and AdamW "
     "state sharded across processes; the teacher stays whole). Checkpoints resume under either",
     "teacher_correction_tokens": "first fine-tune the teacher on this many training tokens (Minitron's teacher "
@@ -268,27 +271,49 @@ def _fetch(argv: list[str]) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from compress.data import load_corpus, text_file_ids, token_batches
+    from compress.corpora import GENERAL_EVAL
+    from compress.data import eval_set_name, load_corpus, text_file_ids, token_batches
     from compress.evaluate import perplexity
     from compress.teachers import load_teacher
 
-    parser = argparse.ArgumentParser(prog="compress eval", description="Perplexity of a model on the validation split or on a text file.")
+    parser = argparse.ArgumentParser(
+        prog="compress eval",
+        description="Perplexity of a model on the in-domain validation split of --data and on general-english (general "
+        "English held out of every training corpus), or on a text file; or lm-eval tasks with --lm-eval.")
     parser.add_argument("model", help="a checkpoint folder, .gguf file or built-in teacher alias")
-    parser.add_argument("--text", help="a UTF-8 text file to measure instead of the validation split")
-    parser.add_argument("--data", help="corpus whose validation split to use (default: the Debian docs)")
-    parser.add_argument("--samples", type=int, default=64, help="validation sequences (default 64)")
+    parser.add_argument("--text", help="a UTF-8 text file to measure instead of the evaluation sets")
+    parser.add_argument("--data", help="corpus whose validation split is the in-domain set (default: default-mix)")
+    parser.add_argument("--eval-data", help="comma-separated extra evaluation sets (files, folders or corpus names), "
+                        "each used whole")
+    parser.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval task names (or task YAML files) to run "
+                        "through lm-eval's Hugging Face model wrapper instead of perplexity")
+    parser.add_argument("--lm-eval-limit", type=int, help="at most this many examples per lm-eval task")
+    parser.add_argument("--samples", type=int, default=64, help="sequences per evaluation set (default 64)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
+    if args.lm_eval:
+        from compress.harness import run_lm_eval
+
+        tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+        print(json.dumps({"model": args.model, **run_lm_eval(args.model, tasks, args.batch_size, args.lm_eval_limit)},
+                         indent=2))
+        return 0
     model, tokenizer = load_teacher(args.model)
     if args.text:
         ids = text_file_ids(args.text, tokenizer, args.seq_len)
-        source = args.text
-    else:
-        ids = token_batches(load_corpus(args.data), tokenizer, "validation", args.seq_len, args.samples)
-        source = f"validation split of {args.data or 'debian-docs'}"
-    result = perplexity(model, ids, args.batch_size, progress=True)
-    print(json.dumps({"model": args.model, "data": source, **result.to_dict()}, indent=2))
+        result = perplexity(model, ids, args.batch_size, progress=True)
+        print(json.dumps({"model": args.model, "data": args.text, **result.to_dict()}, indent=2))
+        return 0
+    corpus = load_corpus(args.data)
+    sets = {"validation": (corpus, "validation", f"validation split of {corpus.name}")}
+    for data in [GENERAL_EVAL, *(d.strip() for d in (args.eval_data or "").split(",") if d.strip())]:
+        sets[eval_set_name(data)] = (load_corpus(data, evaluation=True), "all", data)
+    out = {}
+    for name, (source, split, label) in sets.items():
+        ids = token_batches(source, tokenizer, split, args.seq_len, args.samples)
+        out[name] = {"data": label, **perplexity(model, ids, args.batch_size, progress=True).to_dict()}
+    print(json.dumps({"model": args.model, "evals": out}, indent=2))
     return 0
 
 

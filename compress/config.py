@@ -110,6 +110,7 @@ class CompressConfig:
     distill_temperature: float = 1.0
     distill_ce_weight: float = 0.0
     distill_eval_every: int = 50
+    distill_teacher_top_k: int = 0
     distill_parallel: str = "ddp"
     teacher_correction_tokens: int = 0
     teacher_correction_lr: float = 5e-5
@@ -183,6 +184,7 @@ class CompressConfig:
             temperature=self.distill_temperature,
             ce_weight=self.distill_ce_weight,
             eval_every=self.distill_eval_every,
+            teacher_top_k=self.distill_teacher_top_k,
             checkpoint_every=self.distill_eval_every,
             bf16=self.bf16,
             seed=self.seed,

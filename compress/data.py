@@ -202,18 +202,19 @@ def token_batches(dataset: Any, tokenizer: Any, split: str, seq_len: int, sequen
         ids = pack(split_texts(dataset, split), tokenizer, seq_len, sequences)
     else:
         counts = _apportion(shares, sequences)
-        parts, keys = [], []
-        for source, count in counts.items():
-            if count == 0:
-                continue
-            part = pack(split_texts(dataset, split, source), tokenizer, seq_len, count)
-            if part.shape[0] < count:
-                log.warning("the %s split of %s holds only %d sequences of %d tokens (its share asks for %d)",
-                            split, source, part.shape[0], seq_len, count)
-            parts.append(part)
-            keys += [(i + 0.5) / count for i in range(part.shape[0])]  # even spread, ties in source order
-        order = sorted(range(len(keys)), key=lambda i: keys[i])
-        ids = torch.cat(parts)[order]
+        texts = {source: split_texts(dataset, split, source) for source in counts}
+        parts = {source: pack(texts[source], tokenizer, seq_len, count) for source, count in counts.items() if count}
+        short = sum(counts[k] - len(v) for k, v in parts.items())
+        for source, part in parts.items():  # a source too small for its share: the others make up for it
+            if short and len(part) == counts[source]:
+                parts[source] = pack(texts[source], tokenizer, seq_len, counts[source] + short)
+                short -= len(parts[source]) - len(part)
+        if any(len(parts[k]) != counts[k] for k in parts):
+            log.info("the %s split of %s: sequences per source %s (shares %s)", split, getattr(dataset, "name", "the mix"),
+                     {k: len(v) for k, v in parts.items()}, shares)
+        keys = [((i + 0.5) / len(part), n) for n, part in enumerate(parts.values()) for i in range(len(part))]
+        order = sorted(range(len(keys)), key=lambda i: keys[i])  # each source spread evenly through the result
+        ids = torch.cat(list(parts.values()))[order]
     if ids.shape[0] < sequences:
         log.warning(
             "the %s split holds only %d sequences of %d tokens (asked for %d); using them all",

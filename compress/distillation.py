@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,18 @@ log = logging.getLogger(__name__)
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def teacher_logits_path(config: CompressConfig, train: torch.Tensor) -> Path | None:
+    """Where the teacher's stored top-k over ``train`` live (None when distillation runs the teacher online): in the
+    cache, named by teacher and data, so later runs and benchmark arms on the same sequences reuse them."""
+    if not config.distill_teacher_top_k:
+        return None
+    from compress.io import cache_dir
+    from distill.teacher_logits import ids_fingerprint
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(config.teacher).name or config.teacher)
+    return cache_dir() / "teacher-logits" / f"{name}-{ids_fingerprint(train)}-k{config.distill_teacher_top_k}.safetensors"
 
 
 def distill_student(
@@ -83,7 +96,7 @@ def distill_student(
     try:
         # Every process evaluates: under FSDP the forward pass gathers shards from all of them.
         result = distill(student, teacher, train, settings, evaluate=evaluate, checkpoint_dir=checkpoint_dir,
-                         progress=progress)
+                         progress=progress, teacher_logits=teacher_logits_path(config, train))
     except DistillError as error:
         raise CompressError(str(error)) from error
     metrics: dict[str, Any] = {

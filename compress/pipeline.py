@@ -43,7 +43,7 @@ _STAGE_FIELDS = {
     "prune": ("eval_samples", "eval_seq_len", "eval_data"),
     "distill": ("distill_tokens", "distill_seq_len", "distill_batch_size", "distill_grad_accum", "distill_lr",
                 "distill_optimizer", "distill_schedule", "distill_temperature", "distill_ce_weight",
-                "distill_eval_every"),
+                "distill_eval_every", "distill_teacher_top_k"),
     "export": ("seq_len", "quant_transforms", "quant_calib_samples", "npu_profile"),
     "quantize": ("quant", "npu_profile", "quant_decode_calib_tokens"),
     "report": (),

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from compress.data import DEFAULT_CORPUS
+from compress.corpora import CORPORA, DEFAULT_CORPUS, GENERAL_EVAL
 from compress.errors import RunDirectoryError
 from compress.io import read_json, write_json
 
@@ -31,17 +31,20 @@ def _rows(run_dir: Path, config: dict[str, Any], m: dict[str, dict[str, Any]]) -
     """One row per model or graph of the run, in pipeline order."""
     prune, distill, export, quant = m.get("prune", {}), m.get("distill", {}), m.get("export", {}), m.get("quantize", {})
     rows: list[dict[str, Any]] = []
+    prune_evals = prune.get("evals", {})
     if "teacher_perplexity" in prune:
         rows.append({"name": "teacher", "kind": "torch", "path": config["teacher"], "params": prune["teacher_params"],
-                     "mb": None, "perplexity": prune["teacher_perplexity"], "agreement": 1.0})
+                     "mb": None, "perplexity": prune["teacher_perplexity"], "agreement": 1.0,
+                     "evals": {k: {"perplexity": v["teacher_perplexity"], "agreement": 1.0} for k, v in prune_evals.items()
+                               if k != "validation"}})
     if "pruned_perplexity" in prune:
         rows.append({"name": "pruned", "kind": "torch", "path": "pruned/", "params": prune["params"],
                      "mb": prune.get("pruned_mb"), "perplexity": prune["pruned_perplexity"],
-                     "agreement": prune.get("pruned_agreement")})
+                     "agreement": prune.get("pruned_agreement"), "evals": _others(prune_evals)})
     if "student_perplexity" in distill:
         rows.append({"name": "distilled", "kind": "torch", "path": "student/", "params": prune.get("params"),
                      "mb": distill.get("student_mb"), "perplexity": distill["student_perplexity"],
-                     "agreement": distill.get("student_agreement")})
+                     "agreement": distill.get("student_agreement"), "evals": _others(distill.get("evals", {}))})
     if "fp32" in export:
         rows.append(_graph_row("fp32 graph", export["fp32"].get("path", "onnx/model.onnx"), export["fp32"], prune.get("params")))
     if quant.get("quant", "none") != "none":
@@ -55,13 +58,19 @@ def _rows(run_dir: Path, config: dict[str, Any], m: dict[str, dict[str, Any]]) -
     return rows
 
 
+def _others(evals: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation sets other than the in-domain validation split: {name: {perplexity, agreement}}."""
+    return {k: {"perplexity": v["perplexity"], "agreement": v.get("agreement")} for k, v in evals.items()
+            if k != "validation"}
+
+
 def _graph_row(name: str, path: str, g: dict[str, Any], params: int | None) -> dict[str, Any]:
     return {"name": name, "kind": "onnx", "path": path, "decode_path": g.get("decode_path", path.replace("model.", "decode.")),
             "params": params, "mb": g.get("total_mb", g["prefill_mb"]),
             "decode_mb": g.get("decode_mb"), "perplexity": g["perplexity"], "agreement": g.get("agreement"),
             "prefill_latency_ms": g["prefill_latency_ms"], "decode_tokens_per_second": g.get("decode_tokens_per_second"),
             "decode_perplexity": g.get("decode_perplexity"), "decode_agreement": g.get("decode_agreement"),
-            "decode_validation_tokens": g.get("decode_validation_tokens")}
+            "decode_validation_tokens": g.get("decode_validation_tokens"), "evals": _others(g.get("evals", {}))}
 
 
 def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]]) -> str:
@@ -96,8 +105,17 @@ def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]]) -> str:
     if teacher and student:
         ratio = student["perplexity"] / teacher["perplexity"]
         parts.append(f"The {student['name']} student has {student['params'] / teacher['params']:.0%} of the teacher's "
-                     f"parameters and {ratio:.2f}x its perplexity"
-                     + (f", agreeing with its top-1 on {student['agreement']:.0%} of tokens." if student.get("agreement") is not None else "."))
+                     f"parameters and {ratio:.2f}x its perplexity in-domain"
+                     + (f" (agreeing with its top-1 on {student['agreement']:.0%} of tokens)" if student.get("agreement") is not None else "")
+                     + "".join(f", {v['perplexity'] / teacher['evals'][k]['perplexity']:.2f}x on {k}"
+                               + (f" ({v['agreement']:.0%} agreement)" if v.get("agreement") is not None else "")
+                               for k, v in student.get("evals", {}).items() if k in teacher.get("evals", {}))
+                     + ".")
+        general = [v["perplexity"] / teacher["evals"][k]["perplexity"] for k, v in student.get("evals", {}).items()
+                   if k in teacher.get("evals", {})]
+        if general and max(general) > 1.5 * ratio:
+            parts.append("Off the training domain it keeps much less of the teacher than in-domain: judge it by the "
+                         "general figure if it must handle text unlike the training data.")
         if "distilled" not in by_name and m.get("distill", {}).get("skipped") is None:
             parts.append("It was not distilled: run with `--stop-after report` (the default) to recover accuracy.")
         elif ratio > 1.5 and "distilled" in by_name:
@@ -115,12 +133,23 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = [f"# pdq-compress report: {c['teacher']} → {c['target_size']}", "",
              f"Run directory `{report['run_dir']}`, written {report['date']}.", "", "## Verdict", "", report["verdict"], "",
              "## Models and graphs", ""]
-    lines += ["| | params | size (MB) | perplexity | top-1 agreement with teacher | vs float graph | prefill (ms, median) "
-              "| decode (tokens/s) | profile violations |", "|---|---|---|---|---|---|---|---|---|"]
+    sets = list(dict.fromkeys(k for r in rows for k in r.get("evals", {})))
+    teacher = next((r for r in rows if r["name"] == "teacher"), {})
+    lines += ["| | params | size (MB) | perplexity (in-domain) | top-1 agreement with teacher | "
+              + "".join(f"{k} perplexity (x teacher) | {k} agreement | " for k in sets)
+              + "vs float graph | prefill (ms, median) | decode (tokens/s) | profile violations |",
+              "|---|---|---|---|---|" + "---|---|" * len(sets) + "---|---|---|---|"]
     for r in rows:
+        other = ""
+        for k in sets:
+            e = r.get("evals", {}).get(k)
+            base = teacher.get("evals", {}).get(k, {}).get("perplexity")
+            other += ("| – | – " if e is None else
+                      f"| {e['perplexity']:,.2f}" + (f" ({e['perplexity'] / base:.2f}x)" if base else "")
+                      + f" | {_fmt(e.get('agreement'), '.3f')} ")
         lines.append(
             f"| {r['name']} (`{r['path']}`) | {_fmt(r['params'] and r['params'] / 1e6, '.1f')}M | {_fmt(r['mb'], ',.0f')} | "
-            f"{r['perplexity']:,.2f} | {_fmt(r.get('agreement'), '.3f')} | {_fmt(r.get('agreement_with_float'), '.3f')} | "
+            f"{r['perplexity']:,.2f} | {_fmt(r.get('agreement'), '.3f')} {other}| {_fmt(r.get('agreement_with_float'), '.3f')} | "
             f"{_fmt(r.get('prefill_latency_ms'), ',.0f')} | {_fmt(r.get('decode_tokens_per_second'), '.1f')} | "
             f"{_fmt(r.get('violations'), 'd')} |")
     lines += ["", data["sentence"], ""]
@@ -140,7 +169,9 @@ def _markdown(report: dict[str, Any]) -> str:
     if d:
         lines += ["## Distillation", "",
                   f"{d['tokens']:,} training tokens in {d['steps']} steps ({d['tokens_per_second']:,.0f} tokens/s); "
-                  f"validation perplexity {d['perplexity_before']:,.2f} → {d['perplexity_after']:,.2f}.", ""]
+                  f"validation perplexity {d['perplexity_before']:,.2f} → {d['perplexity_after']:,.2f}"
+                  + "".join(f", {k} {v['before']:,.2f} → {v['after']:,.2f}" for k, v in d.get("others", {}).items())
+                  + ".", ""]
     p = report.get("plan")
     if p and not p["candidates"]:
         lines += ["## Plan", "", f"{p['reason']}.", "",
@@ -167,7 +198,8 @@ def _json_lines(value: dict[str, Any]) -> list[str]:
 
 def _data(config: dict[str, Any], m: dict[str, dict[str, Any]]) -> dict[str, Any]:
     prune, export, score = m.get("prune", {}), m.get("export", {}), m.get("score", {})
-    source = config.get("data") or f"{DEFAULT_CORPUS} (Debian's kernel and Python documentation, the default)"
+    data = config.get("data") or DEFAULT_CORPUS
+    source = f"{data} ({CORPORA[data].description})" if data in CORPORA else data
     out = {"source": source, "validation_sequences": config["eval_samples"],
            "validation_seq_len": config["eval_seq_len"], "validation_tokens": prune.get("validation_tokens"),
            "graph_seq_len": config["seq_len"], "graph_validation_tokens": export.get("fp32", {}).get("validation_tokens"),
@@ -184,6 +216,9 @@ def _data(config: dict[str, Any], m: dict[str, dict[str, Any]]) -> dict[str, Any
         + f". Importance from {_fmt(out['calibration_tokens'], ',')} calibration tokens; quantization ranges from "
         f"{out['quant_calibration_tokens']:,}."
     )
+    others = [GENERAL_EVAL, *config.get("eval_data", [])]
+    out["sentence"] += (" Held-out sets, as many sequences each and never trained on: "
+                        + "; ".join(f"{o} ({CORPORA[o].description})" if o in CORPORA else o for o in others) + ".")
     graph = export.get("fp32", {})
     if prune.get("metric") == "continuation":
         out["sentence"] += (f" The student is an encoder-decoder (Mu-like), so every row, the teacher's included, is "
@@ -226,8 +261,17 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> list[str]:
         left.scatter(values, names, color=[color[r["kind"]] for r in rows], zorder=3)
         for value, name in zip(values, names, strict=True):
             left.annotate(f"{value:,.2f}", (value, name), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        general = [(r["evals"][GENERAL_EVAL]["perplexity"], r["name"]) for r in rows if GENERAL_EVAL in r.get("evals", {})]
+        if general:
+            left.scatter([g[0] for g in general], [g[1] for g in general], marker="D", facecolors="none",
+                         edgecolors="#55a868", zorder=3, label=f"{GENERAL_EVAL} (held out)")
+            for value, name in general:
+                left.annotate(f"{value:,.1f}", (value, name), textcoords="offset points", xytext=(6, -10), fontsize=7,
+                              color="#55a868")
+            left.legend(fontsize=7, loc="lower right")
+            values = values + [g[0] for g in general]
         _perplexity_axis(left, values, "x")
-        left.set_xlabel("validation perplexity (lower is better)")
+        left.set_xlabel("perplexity, in-domain (dots) and general (diamonds); lower is better")
         left.set_xlim(right=max(values) * (1.6 if left.get_xscale() == "log" else 1.15))
         left.invert_yaxis()
         left.set_title("Quality (blue: PyTorch, orange: ONNX Runtime)")
@@ -261,13 +305,23 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> list[str]:
         left.set_ylabel("distillation loss (KL, nats/token)", color="#4c72b0")
         right = left.twinx()
         evals = [(0, d["perplexity_before"])] + [(h["tokens"] / 1000, h["val_perplexity"]) for h in d["history"] if "val_perplexity" in h]
-        right.plot([e[0] for e in evals], [e[1] for e in evals], color="#c44e52", marker="o", markersize=4)
-        _perplexity_axis(right, [e[1] for e in evals] + ([teacher["perplexity"]] if teacher else []), "y")
-        right.set_ylabel("validation perplexity", color="#c44e52")
+        right.plot([e[0] for e in evals], [e[1] for e in evals], color="#c44e52", marker="o", markersize=4,
+                   label="in-domain validation")
+        values = [e[1] for e in evals] + ([teacher["perplexity"]] if teacher else [])
+        for (name, other), shade in zip(d.get("others", {}).items(), ("#8172b2", "#937860", "#da8bc3"), strict=False):
+            curve = [(0, other["before"])] + [(h["tokens"] / 1000, h["val_perplexities"][name]) for h in d["history"]
+                                              if name in h.get("val_perplexities", {})]
+            right.plot([e[0] for e in curve], [e[1] for e in curve], color=shade, marker="s", markersize=4, label=name)
+            values += [e[1] for e in curve]
+            if teacher and name in teacher.get("evals", {}):
+                right.axhline(teacher["evals"][name]["perplexity"], color=shade, linestyle=":", linewidth=1,
+                              label=f"teacher on {name} ({teacher['evals'][name]['perplexity']:.1f})")
+        _perplexity_axis(right, values, "y")
+        right.set_ylabel("perplexity", color="#c44e52")
         if teacher:
             right.axhline(teacher["perplexity"], color="black", linestyle="--", linewidth=1, label=f"teacher ({teacher['perplexity']:.1f})")
-            right.legend(fontsize=8, loc="upper right")
-        left.set_title("Distillation: loss and validation perplexity")
+        right.legend(fontsize=8, loc="upper right")
+        left.set_title("Distillation: loss, and perplexity in-domain and on the held-out sets")
         save(fig, "report_distill.png")
     p = report.get("plan")
     if p and p["candidates"]:
@@ -326,7 +380,10 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     if "student_perplexity" in d:
         report["distillation"] = {"tokens": d["tokens"], "steps": d["steps"], "tokens_per_second": d["tokens_per_second"],
                                   "perplexity_before": d["student_perplexity_before"], "perplexity_after": d["student_perplexity"],
-                                  "history": d["history"]}
+                                  "history": d["history"],
+                                  "others": {k: {"before": d["evals_before"][k]["perplexity"], "after": v["perplexity"]}
+                                             for k, v in d.get("evals", {}).items()
+                                             if k != "validation" and k in d.get("evals_before", {})}}
     report["verdict"] = _verdict(rows, m)
     report["files"] = {"json": "report.json", "markdown": "report.md", "plots": _plots(run_dir, report)}
     write_json(run_dir / "report.json", report)

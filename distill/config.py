@@ -41,6 +41,9 @@ class DistillConfig:
     # (1 GiB a logits tensor) covers SmolLM2 at 8 x 256 tokens in one chunk, so nothing is recomputed
     # there, and splits Gemma's 262k vocabulary into chunks of 1,024 positions.
     kl_chunk_elements: int = 2**28
+    # > 0: KL on the teacher's top-k log-probabilities, computed once over the training sequences and stored
+    # (distill.teacher_logits), instead of running the teacher every step. 0: the full-vocabulary KL, online.
+    teacher_top_k: int = 0
     clip: float = 1.0
     bf16: bool = True
     eval_every: int = 50  # steps; 0 = only at the end
@@ -66,6 +69,14 @@ class DistillConfig:
             raise DistillError(f"temperature {self.temperature}: must be positive")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise DistillError("batch_size and grad_accum must be at least 1")
+        if self.teacher_top_k < 0:
+            raise DistillError(f"teacher_top_k {self.teacher_top_k}: use 0 (online, full vocabulary) or a positive k")
+        if self.teacher_top_k and self.temperature != 1.0:
+            raise DistillError("stored teacher top-k log-probabilities are at temperature 1: use temperature 1 "
+                               "with teacher_top_k, or teacher_top_k 0")
+        if self.teacher_top_k and self.hidden_weight:
+            raise DistillError("the hidden-state loss needs the teacher's hidden states every step: set hidden_weight 0 "
+                               "with teacher_top_k, or teacher_top_k 0")
         object.__setattr__(self, "hidden_pairs", tuple(tuple(p) for p in self.hidden_pairs))
 
     def global_batch(self, world_size: int = 1) -> int:

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from distill.teacher_logits import topk_kl
+
 
 def _chunk_loss(
     student_hidden: torch.Tensor,
@@ -20,11 +22,15 @@ def _chunk_loss(
     ce_weight: float,
     student_cap: float | None,
     teacher_cap: float | None,
+    teacher_log_probs: torch.Tensor | None = None,
+    teacher_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    # student_hidden: (positions, hidden); teacher_hidden: (positions, teacher hidden)
+    # student_hidden: (positions, hidden); teacher_hidden: (positions, teacher hidden); stored top-k: (positions, k)
     logits = _capped(F.linear(student_hidden, student_head).float(), student_cap)
     total = logits.new_zeros(())
-    if kl_weight and teacher_hidden is not None and teacher_head is not None:
+    if kl_weight and teacher_log_probs is not None and teacher_indices is not None:
+        total = total + kl_weight * topk_kl(logits, teacher_log_probs, teacher_indices)
+    elif kl_weight and teacher_hidden is not None and teacher_head is not None:
         with torch.no_grad():
             teacher_logits = _capped(F.linear(teacher_hidden, teacher_head).float(), teacher_cap)
             teacher_log_probs = F.log_softmax(_scaled(teacher_logits, temperature), dim=-1)
@@ -58,8 +64,13 @@ def logit_distillation_loss(
     chunk: int = 1024,
     student_cap: float | None = None,
     teacher_cap: float | None = None,
+    teacher_log_probs: torch.Tensor | None = None,
+    teacher_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean per-position forward KL(teacher || student) at ``temperature``, plus ``ce_weight`` x cross-entropy.
+
+    With stored top-k ``teacher_log_probs`` and ``teacher_indices`` (positions, k; see distill.teacher_logits), the
+    KL is taken on those k tokens plus a tail bucket, at temperature 1, and the teacher's hidden states are unused.
 
     Hidden states are (positions, width); heads are output projection weights (vocab, width). When there
     are more positions than ``chunk``, each chunk's student and teacher logits are recomputed in the
@@ -77,6 +88,8 @@ def logit_distillation_loss(
             teacher_hidden[start:end] if teacher_hidden is not None else None, teacher_head,
             targets[start:end] if targets is not None else None,
             temperature, kl_weight, ce_weight, student_cap, teacher_cap,
+            teacher_log_probs[start:end] if teacher_log_probs is not None else None,
+            teacher_indices[start:end] if teacher_indices is not None else None,
         )
         if positions > chunk and torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss, *args, use_reentrant=False)

@@ -41,6 +41,7 @@ from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from distill.config import DistillConfig, DistillError, DistillResult
 from distill.losses import HiddenStateLoss, logit_distillation_loss
 from distill.pairs import Pairs
+from distill.teacher_logits import TeacherTopK, cached_teacher_topk
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,17 @@ class KnowledgeDistillationLoss(nn.Module):
         self.config = config
         object.__setattr__(self, "_teacher", teacher)
 
-    def forward(self, ids: torch.Tensor | Pairs) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor | Pairs, topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if topk is not None and (isinstance(ids, Pairs) or getattr(self.student.config, "is_encoder_decoder", False)):
+            raise DistillError("stored teacher top-k logits serve causal students on token sequences only")
         if isinstance(ids, Pairs):
             return self._pairs(ids)
         if getattr(self.student.config, "is_encoder_decoder", False):
             return self._across(ids)
         c, teacher = self.config, self._teacher
+        if topk is not None:  # the teacher's stored top-k stand in for its forward pass
+            student_hidden = self.student.base_model(input_ids=ids).last_hidden_state[:, :-1]
+            return self._logit_loss(student_hidden, None, ids[:, 1:], topk)
         want_states = self.hidden is not None
         student_out = self.student.base_model(input_ids=ids, output_hidden_states=want_states)
         student_hidden = student_out.last_hidden_state[:, :-1]  # (batch, seq-1, width): predicts ids[:, 1:]
@@ -82,11 +88,14 @@ class KnowledgeDistillationLoss(nn.Module):
         return loss
 
     def _logit_loss(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor | None,
-                    targets: torch.Tensor) -> torch.Tensor:
+                    targets: torch.Tensor, topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The logit loss of final hidden states [batch, positions, width] predicting ``targets`` [batch, positions];
-        ``teacher_hidden`` None means cross-entropy only."""
+        ``teacher_hidden`` None means cross-entropy only, unless stored top-k (log-probs, ids) [batch, positions, k]
+        stand in for the teacher."""
         c, teacher = self.config, self._teacher
         head = self.student.get_output_embeddings().weight
+        stored = (None, None) if topk is None else (topk[0].reshape(-1, topk[0].shape[-1]),
+                                                    topk[1].reshape(-1, topk[1].shape[-1]))
         return logit_distillation_loss(
             student_hidden.reshape(-1, student_hidden.shape[-1]),
             head,
@@ -99,6 +108,8 @@ class KnowledgeDistillationLoss(nn.Module):
             chunk=max(1, c.kl_chunk_elements // head.shape[0]),
             student_cap=_cap(self.student),
             teacher_cap=_cap(teacher) if teacher is not None else None,
+            teacher_log_probs=stored[0],
+            teacher_indices=stored[1],
         )
 
     def _across(self, ids: torch.Tensor) -> torch.Tensor:
@@ -249,9 +260,14 @@ def distill(
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    teacher_logits: str | Path | None = None,
 ) -> DistillResult:
     """Distill ``teacher`` into ``student`` (in place) on ``train_ids`` (sequences, seq_len), or on (input,
     output) :class:`Pairs` (loss on the output tokens).
+
+    With ``config.teacher_top_k`` > 0 the teacher's top-k log-probabilities over ``train_ids`` are computed once
+    and stored at ``teacher_logits`` (a .safetensors path; reused when the same teacher, ids and k made it, see
+    :func:`distill.teacher_logits.cached_teacher_topk`), and training reads them instead of running the teacher.
 
     ``teacher`` may be None for plain cross-entropy training (``kl_weight`` 0, no hidden-state loss).
 
@@ -281,16 +297,38 @@ def distill(
     if teacher is not None and config.hidden_weight and config.hidden_pairs:
         hidden = HiddenStateLoss(list(config.hidden_pairs), student.config.hidden_size, teacher.config.hidden_size,
                                  config.hidden_loss).to(device)
-    loss_module = KnowledgeDistillationLoss(trained, teacher, config, hidden)
+    stored = None
+    if config.teacher_top_k:
+        stored = _stored_logits(teacher, train_ids, config, teacher_logits, progress)
+    loss_module = KnowledgeDistillationLoss(trained, None if stored is not None else teacher, config, hidden)
     if sharded:
         _shard(loss_module)
         for param in student.parameters():  # the copy holds them now; freed until the gather at the end
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     try:
-        return _loop(loss_module, train_ids, config, evaluate, checkpoint_dir, resume, progress, sharded)
+        return _loop(loss_module, train_ids, config, evaluate, checkpoint_dir, resume, progress, sharded, stored)
     finally:
         if sharded:
             _gather_into(student, loss_module)
+
+
+def _stored_logits(teacher: nn.Module | None, train_ids: torch.Tensor | Pairs, config: DistillConfig,
+                   path: str | Path | None, progress: bool) -> TeacherTopK:
+    """The teacher's stored top-k over ``train_ids``: built by the first process, read by every process."""
+    if isinstance(train_ids, Pairs):
+        raise DistillError("stored teacher top-k logits serve token sequences, not (input, output) pairs")
+    if teacher is None or path is None:
+        raise DistillError("teacher_top_k needs the teacher (to compute or check its stored logits) and a "
+                           "teacher_logits path to store them")
+    world, rank = _distributed()
+    if rank == 0:
+        stored, _ = cached_teacher_topk(teacher, train_ids, config.teacher_top_k, path, config.batch_size,
+                                        config.bf16, progress)
+    if world > 1:
+        dist.barrier()
+        if rank != 0:
+            stored = TeacherTopK.load(path)
+    return stored
 
 
 def _gather_into(student: nn.Module, loss_module: nn.Module) -> None:
@@ -312,6 +350,7 @@ def _loop(
     resume: bool,
     progress: bool,
     sharded: bool,
+    stored: TeacherTopK | None = None,
 ) -> DistillResult:
     """The training loop of ``distill`` on the (possibly sharded) ``loss_module``."""
     world, rank = _distributed()
@@ -348,14 +387,16 @@ def _loop(
         mine = indices[rank * config.batch_size * config.grad_accum : (rank + 1) * config.batch_size * config.grad_accum]
         step_loss = 0.0
         for micro in range(config.grad_accum):
-            batch = train_ids[mine[micro * config.batch_size : (micro + 1) * config.batch_size]].to(device)
+            rows = mine[micro * config.batch_size : (micro + 1) * config.batch_size]
+            batch = train_ids[rows].to(device)
+            topk = None if stored is None else tuple(t.to(device) for t in stored.batch(rows))
             # DDP and FSDP reduce gradients only on the last micro-batch of a step.
             accumulate = world > 1 and micro < config.grad_accum - 1
             if sharded:
                 module.set_requires_gradient_sync(not accumulate)
             with module.no_sync() if accumulate and not sharded else contextlib.nullcontext():
                 with _autocast(config.bf16, device):
-                    loss = module(batch) / config.grad_accum
+                    loss = (module(batch) if topk is None else module(batch, topk)) / config.grad_accum
                 loss.backward()
             step_loss += float(loss.detach())
         if world > 1:

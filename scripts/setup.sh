@@ -28,9 +28,10 @@ fi
 stamp=.venv/.pdq-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  quiet_pip install -e ".[dev]"
+  quiet_pip install -e ".[dev,eval]"
   echo "$want" > "$stamp"
 fi
 
-# Default teacher and data into the cache ($PDQ_CACHE, default ~/.cache/pdq-compress).
+# Default teacher, training corpus and general evaluation set into the cache ($PDQ_CACHE, default
+# ~/.cache/pdq-compress).
 .venv/bin/compress fetch smollm2-135m --quiet
