@@ -6,7 +6,8 @@ agreement with the teacher) on three sets: the training corpus's own validation 
 validation split of Debian's kernel and Python docs (``debian-docs``, the default corpus until 2026-12-01, so
 figures compare with older results) and ``general-english``, general English from packages no training corpus
 contains. The arms sweep the peak learning rate, KD against cross-entropy against a mix, the training corpus,
-the temperature, the schedule, a hidden-state loss and Minitron's teacher correction. Writes
+the temperature, the schedule, a hidden-state loss, Minitron's teacher correction and KD on the teacher's
+stored top-k log-probabilities (an arm's seconds include building them when they are not in the cache yet). Writes
 ``benchmarks/results/distill_recovery.{md,json,png}`` (and, with ``--timing-steps``, ``distill_overhead.*``).
 
     python -m benchmarks.distill_recovery [--tokens 100352] [--arms kd-3e-4,ce-1e-4,...] [--timing-steps 12]
@@ -33,12 +34,13 @@ from compress.config import CompressConfig, TargetSize
 from compress.corpora import GENERAL_EVAL
 from compress.data import load_corpus, token_batches
 from compress.evaluate import mean_nll, quality
-from compress.io import write_json, write_text
+from compress.io import cache_dir, write_json, write_text
 from compress.planner import plan
 from compress.scoring import score_importance
 from compress.surgery import apply_plan, prune
 from compress.teachers import load_teacher
 from distill import DistillConfig, distill
+from distill.teacher_logits import ids_fingerprint
 
 RESULTS = Path(__file__).parent / "results"
 # Arm name -> (what it is, DistillConfig overrides, training corpus, teacher-correction tokens).
@@ -55,6 +57,8 @@ ARMS: dict[str, tuple[str, dict, str, int]] = {
     "kd-hidden-1e-4": ("KD + cosine hidden-state loss (every 6th layer, weight 1), LR 1e-4",
                        {"lr": 1e-4, "hidden_weight": 1.0, "hidden_pairs": [[i, i] for i in (6, 12, 18, 24, 30)]},
                        "default-mix", 0),
+    "kd-topk64-1e-4": ("KD on the teacher's stored top-64 log-probabilities (+ tail bucket), LR 1e-4",
+                       {"lr": 1e-4, "teacher_top_k": 64}, "default-mix", 0),
     "kd-corrected-1e-4": ("KD from the teacher corrected on 51k training tokens (CE, LR 5e-5), LR 1e-4",
                           {"lr": 1e-4}, "default-mix", 51_200),
 }
@@ -130,7 +134,10 @@ def main() -> None:
         student = copy.deepcopy(pruned)
         config = DistillConfig(**{**base.to_dict(), **overrides})
         curve_sets = {k: v[:_CURVE_SEQUENCES] for k, v in sets.items()}
+        stored = (cache_dir() / "teacher-logits" / f"{args.teacher}-{ids_fingerprint(train[data])}-k{config.teacher_top_k}"
+                  ".safetensors") if config.teacher_top_k else None
         result = distill(student, arm_teacher if config.kl_weight or config.hidden_weight else None, train[data], config,
+                         teacher_logits=stored,
                          evaluate=lambda m, s=curve_sets: {k: quality(m, ids, defaults.batch_size).perplexity.perplexity
                                                            for k, ids in s.items()})
         after = _measure(student, sets, reference, defaults.batch_size)

@@ -87,19 +87,20 @@ def plan_stage(state: Any) -> dict[str, Any]:
             "candidates": 0, "reason": reason}
 
 
-def _continuation(state: Any, model: Any, reference: Any) -> tuple[Any, Any]:
-    """A model's continuation quality on the run's validation sequences, agreement with the teacher's."""
+def _continuation(state: Any, model: Any, reference: Any, name: str = "validation") -> tuple[Any, Any]:
+    """A model's continuation quality on one evaluation set's sequences, agreement with the teacher's."""
     cut = cut_of(reference.ids.shape[1])
-    teacher_cont = teacher_continuation(state, reference)
+    teacher_cont = teacher_continuation(state, reference, name)
     return continuation_quality(model, reference.ids, cut, state.config.batch_size, teacher_cont["top1"])[0], teacher_cont
 
 
-def teacher_continuation(state: Any, reference: Any) -> dict[str, Any]:
-    """The teacher's continuation perplexity and top-1 on the validation sequences (computed once per run)."""
+def teacher_continuation(state: Any, reference: Any, name: str = "validation") -> dict[str, Any]:
+    """The teacher's continuation perplexity and top-1 on one evaluation set's sequences (computed once per run)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    path = state.dir / f"validation.{reference.ids.shape[1]}.continuation.safetensors"
+    stem = "validation" if name == "validation" else f"eval.{name}"
+    path = state.dir / f"{stem}.{reference.ids.shape[1]}.continuation.safetensors"
     cut = cut_of(reference.ids.shape[1])
     if path.exists():
         with safe_open(str(path), "pt") as handle:
@@ -129,13 +130,18 @@ def prune_stage(state: Any) -> dict[str, Any]:
     save_checkpoint(student, state.tokenizer, state.dir / "pruned")
     from compress.pipeline import folder_mb
 
-    reference = state.validation(c.eval_seq_len)
-    quality, teacher = _continuation(state, student, reference)
+    references = state.references(c.eval_seq_len)
+    evals = {}
+    for name, reference in references.items():
+        scored, teacher = _continuation(state, student, reference, name)
+        evals[name] = {"perplexity": scored.perplexity, "agreement": scored.agreement, "tokens": scored.tokens,
+                       "teacher_perplexity": teacher["perplexity"]}
+    valid = evals["validation"]
     return {"params": plan["params"], "teacher_params": plan["teacher_params"], "pruned_mb": folder_mb(state.dir / "pruned"),
-            "metric": "continuation", "continuation_cut": cut_of(reference.ids.shape[1]),
-            "teacher_perplexity": teacher["perplexity"], "pruned_perplexity": quality.perplexity,
-            "pruned_agreement": quality.agreement, "validation_tokens": quality.tokens,
-            "validation_seq_len": int(reference.ids.shape[1])}
+            "metric": "continuation", "continuation_cut": cut_of(references["validation"].ids.shape[1]),
+            "teacher_perplexity": valid["teacher_perplexity"], "pruned_perplexity": valid["perplexity"],
+            "pruned_agreement": valid["agreement"], "validation_tokens": valid["tokens"],
+            "validation_seq_len": int(references["validation"].ids.shape[1]), "evals": evals}
 
 
 def _forced_logits(encoder: Any, decoder: Any, row: np.ndarray, cut: int, start_token: int) -> np.ndarray:

@@ -48,6 +48,19 @@ _STAGE_FIELDS = {
     "quantize": ("quant", "npu_profile", "quant_decode_calib_tokens"),
     "report": (),
 }
+# The source each stage's output depends on (folders or files under the project root), hashed into its
+# fingerprint: after a code change the stages it touches run again, and every stage after them.
+_STAGE_CODE = {
+    "correct": ("compress/data.py", "compress/corpora.py", "compress/teachers.py", "distill"),
+    "score": ("importance", "compress/scoring.py", "compress/archspec.py"),
+    "plan": ("compress/planner.py", "compress/mobilellm.py", "compress/mu.py", "compress/students.py"),
+    "prune": ("compress/surgery.py", "compress/evaluate.py", "compress/mu_init.py"),
+    "distill": ("compress/distillation.py",),
+    "export": ("quant/export.py", "quant/runtime.py", "compress/export.py", "compress/mu_export.py", "compress/outliers.py",
+               "compress/quantization.py"),
+    "quantize": ("quant", "compress/gptq.py", "compress/mu_run.py"),
+    "report": ("compress/report.py",),
+}
 _OURS = ("compress", "distill", "quant", "importance", "benchmarks")
 # Calibration sequences the planner's loss proxy runs each candidate on (16 x calib_seq_len tokens).
 _PROXY_SEQUENCES = 16
@@ -296,7 +309,8 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
     results: list[StageMetrics] = []
     fingerprints, upstream = {}, ""
     for stage in STAGES[: STAGES.index(config.stop_after) + 1]:
-        upstream = hashlib.sha256((config.fingerprint(*_STAGE_FIELDS[stage]) + upstream).encode()).hexdigest()[:16]
+        own = config.fingerprint(*_STAGE_FIELDS[stage]) + _resolved(config, stage) + code_version(stage)
+        upstream = hashlib.sha256((own + upstream).encode()).hexdigest()[:16]
         fingerprints[stage] = upstream
     state.teacher_fingerprint = fingerprints["correct"]
     if any(done.get(stage) != fingerprint for stage, fingerprint in fingerprints.items()):
@@ -321,6 +335,36 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
         write_json(stages_file, done)
         results.append(StageMetrics(stage, time.perf_counter() - started, False, metrics))
     return CompressResult(state.dir, config, tuple(results))
+
+
+def _resolved(config: CompressConfig, stage: str) -> str:
+    """What a stage reads beyond its config fields, every default resolved: the distillation settings, the
+    quantization recipe and the NPU profile, as JSON (so a changed default reruns the stage)."""
+    from dataclasses import asdict
+
+    from quant.profiles import get_profile
+    from quant.quantize import PRESETS
+
+    if stage == "distill":
+        return json.dumps(config.distill_config().to_dict(), sort_keys=True)
+    if stage == "export":
+        return json.dumps(asdict(get_profile(config.npu_profile)), sort_keys=True, default=str)
+    if stage == "quantize" and config.quant != "none":
+        return json.dumps(PRESETS[config.quant].to_dict(), sort_keys=True, default=str)
+    return ""
+
+
+def code_version(stage: str) -> str:
+    """A hash of the source files a stage's output depends on (``_STAGE_CODE``)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for entry in _STAGE_CODE[stage]:
+        path = root / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            if file.exists():
+                digest.update(file.relative_to(root).as_posix().encode())
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _correct(state: _Run) -> dict[str, Any]:

@@ -356,3 +356,36 @@ def test_config_file_in_yaml_or_json_and_flags_override_it(tmp_path, capsys):
     (tmp_path / "list.yml").write_text("- a\n- b\n")
     assert _run("--config", tmp_path / "list.yml") == 2
     assert "field: value pairs" in _error_of(capsys)
+
+
+def test_a_changed_recipe_default_or_stage_code_reruns_that_stage_and_the_ones_after(inputs, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import dataclasses
+
+    from compress import pipeline
+    from quant.quantize import PRESETS
+
+    teacher, corpus = inputs
+    args = ["--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", tmp_path / "run", *SMALL,
+            "--distill-tokens", "128", "--distill-seq-len", "16", "--distill-batch-size", "4", "--seq-len", "16",
+            "--quant-calib-samples", "2", "--quant-decode-calib-tokens", "8", "--npu-profile", "generic-a8w8",
+            "--stop-after", "quantize"]
+    assert _run(*args) == 0
+
+    def stages(summary):
+        return {line.split()[0]: line.split()[1] for line in summary.splitlines()[1:]}
+
+    assert set(stages(capsys.readouterr().out).values()) != {"reused"}
+    assert _run(*args) == 0
+    assert set(stages(capsys.readouterr().out).values()) == {"reused"}
+    recipe = PRESETS["a16w8"]
+    monkeypatch.setitem(PRESETS, "a16w8", dataclasses.replace(recipe, weight_rounding="nearest"))
+    assert _run(*args) == 0
+    after = stages(capsys.readouterr().out)
+    assert after["export"] == "reused" and after["quantize"] != "reused"
+
+    versions = pipeline.code_version
+    monkeypatch.setattr(pipeline, "code_version", lambda stage: versions(stage) + ("x" if stage == "distill" else ""))
+    assert _run(*args) == 0
+    after = stages(capsys.readouterr().out)
+    assert after["prune"] == "reused" and all(after[s] != "reused" for s in ("distill", "export", "quantize"))
