@@ -87,9 +87,18 @@ def readme() -> Path:
     for target in TARGETS:
         markdown = [RESULTS / n for n in (*target.outputs, *target.extra) if n.endswith(".md")]
         present = [p for p in markdown if p.exists()]
+        rerun = f"`python -m benchmarks.{target.module} {' '.join(target.args)}`".replace(" `", "`")
         if not present:
-            lines += [f"## {target.title}", "", f"Not run yet: `python -m benchmarks.{target.module} {' '.join(target.args)}`.", ""]
+            lines += [f"## {target.title}", "", f"Not run yet: {rerun}.", ""]
             continue
+        made = [provenance_of(RESULTS / n) for n in target.outputs if n.endswith(".json") and (RESULTS / n).exists()]
+        refused = [m for m in made if isinstance(m, str)]
+        if refused:
+            lines += [f"## {target.title}", "", f"Refused: {'; '.join(refused)}. Rerun {rerun}.", ""]
+            continue
+        for m in made:
+            lines += [f"*{m['file']}: made by `{m['command']}` at commit `{m['commit']}`"
+                      + (f" ({m['note']})" if m.get("note") else "") + ".*", ""]
         for path in present:
             body = path.read_text().strip().splitlines()
             lines += [("#" + line if line.startswith("#") else line) for line in body] + [""]
@@ -99,6 +108,19 @@ def readme() -> Path:
     out = RESULTS / "README.md"
     write_text(out, "\n".join(lines))
     return out
+
+
+def provenance_of(path: Path) -> dict[str, str] | str:
+    """A results file's commit and command, or why it is refused (it records neither, or is not JSON)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return f"{path.name} is not readable JSON ({error})"
+    if not isinstance(data, dict) or not data.get("commit") or not data.get("command"):
+        return f"{path.name} records no commit and command, so no one can tell which code made its figures"
+    return {"file": path.name, "commit": data["commit"], "command": data["command"], "note": data.get("provenance_note", "")}
 
 
 def main() -> int:

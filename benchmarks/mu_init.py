@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.plots import finish_perplexity_plot
+from benchmarks.plots import finish_perplexity_plot, provenance
 from compress.archspec import resolve
 from compress.config import CompressConfig, TargetSize
 from compress.data import load_corpus, token_batches
@@ -102,7 +102,7 @@ def main() -> None:
                                                       "head_dim", "rope_theta")},
         "mu_params": sum(p.numel() for p in MuForConditionalGeneration(config).parameters()),
         "tokens": args.tokens, "seq_len": int(train.shape[1]), "settings": settings.to_dict(), "cut": cut,
-        "arms": arms, "seconds": time.perf_counter() - started, "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "arms": arms, "seconds": time.perf_counter() - started, **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.plots import finish_perplexity_plot
+from benchmarks.plots import finish_perplexity_plot, provenance
 from compress.archspec import resolve
 from compress.config import CompressConfig, TargetSize
 from compress.data import load_corpus, token_batches
@@ -94,7 +94,7 @@ def main() -> None:
                     "proxy": defaults.proxy, "search_candidates": defaults.search_candidates},
         "rows": rows,
         "seconds": time.perf_counter() - started,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.plots import provenance
 from compress.config import DEFAULT_TRANSFORMS, CompressConfig
 from compress.data import load_corpus, token_batches
 from compress.quantization import export_graphs, measure, prepare, quantize_graphs
@@ -94,7 +95,7 @@ def main() -> None:
     calib = token_batches(dataset, tokenizer, "calibration", args.seq_len, args.calib_seqs)
     report: dict = {
         "model": args.model, "seq_len": args.seq_len, "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
-        "calibration_sequences": int(calib.shape[0]), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "calibration_sequences": int(calib.shape[0]), **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "data": "Debian documentation corpus (validation / calibration splits)", "seed": defaults.seed,
     }
@@ -108,7 +109,7 @@ def main() -> None:
         for index in rows:
             label, transforms, fused, conv, a16, a8 = METHOD_ROWS[index]
             row = {"row": index, "method": label, "transforms": list(transforms), "fused_norm": fused, "conv": conv,
-                   "date": report["date"]}
+                   "date": report["date"], "commit": report["commit"]}
             for recipe, profile, as_conv in ((a16, "qnn-htp", conv), (a8, "generic-a8w8", False)):
                 if recipe is None:
                     continue

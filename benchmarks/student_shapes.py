@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 import torch
 
+from benchmarks.plots import provenance
 from compress.config import DEFAULT_TRANSFORMS, CompressConfig
 from compress.data import load_corpus, token_batches
 from compress.evaluate import continuation_quality
@@ -268,7 +269,7 @@ def main() -> None:
         "new_tokens": args.new_tokens, "validation_sequences": int(valid.shape[0]),
         "validation_seq_len": int(valid.shape[1]), "quant": args.quant, "npu_profile": args.npu_profile, "rounds": args.rounds,
         "students": students, "ratios": _ratios(students), "seconds": time.perf_counter() - started,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     args.out.mkdir(parents=True, exist_ok=True)

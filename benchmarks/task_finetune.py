@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.plots import provenance
 from compress.data import document_split, fetch_default_corpus, load_pairs, pair_batches
 from compress.evaluate import pair_quality
 from compress.finetune import FinetuneConfig, finetune
@@ -135,7 +136,7 @@ def main() -> None:
               "teacher": args.teacher, "teacher_quality": teacher_quality, "epochs": args.epochs,
               "lora_rank": args.lora_rank, "max_input_tokens": args.max_input_tokens,
               "max_output_tokens": args.max_output_tokens, "runs": runs, "seconds": time.perf_counter() - started,
-              "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+              **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "task_finetune.json", report)

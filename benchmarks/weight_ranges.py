@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.plots import provenance
 from compress.data import load_corpus, token_batches
 from compress.export import StaticLM
 from compress.gptq import gptq_, weight_matrix
@@ -141,7 +142,7 @@ def main() -> None:
     costs = {arm: [r[arm]["perplexity"] / r["float"] - 1 for r in seeds] for arm in ARMS}
     report = {
         "model": args.model, "seq_len": args.seq_len, "validation_tokens": int(ids.shape[0] * (ids.shape[1] - 1)),
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "data": "Debian documentation corpus (validation split)", "seeds": seeds,
         "calibration_sequences": int(calib.shape[0]),
