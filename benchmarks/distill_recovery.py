@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=0, help="also time the trainer against a bare loop (0: skip)")
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="distill_recovery", help="stem of the results files (default distill_recovery)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     chosen_arms = [a for a in args.arms.split(",") if a]
@@ -180,9 +181,9 @@ def _write(args, teacher_row, chosen, before, arms, sets, base, timing, started)
         write_json(args.out / "distill_overhead.json", overhead)
         write_text(args.out / "distill_overhead.md", _overhead_markdown(overhead))
     if arms:
-        write_json(args.out / "distill_recovery.json", report)
-        write_text(args.out / "distill_recovery.md", _markdown(report))
-        _plot(report, args.out / "distill_recovery.png")
+        write_json(args.out / f"{args.name}.json", report)
+        write_text(args.out / f"{args.name}.md", _markdown(report))
+        _plot(report, args.out / f"{args.name}.png")
 
 
 def _overhead(teacher, student, train, settings: DistillConfig, steps: int) -> dict:

@@ -217,8 +217,10 @@ def _data(config: dict[str, Any], m: dict[str, dict[str, Any]]) -> dict[str, Any
         f"{out['quant_calibration_tokens']:,}."
     )
     others = [GENERAL_EVAL, *config.get("eval_data", [])]
+    held_out = export.get("fp32", {}).get("evals", {}).get(GENERAL_EVAL, {}).get("tokens")
     out["sentence"] += (" Held-out sets, as many sequences each and never trained on: "
-                        + "; ".join(f"{o} ({CORPORA[o].description})" if o in CORPORA else o for o in others) + ".")
+                        + "; ".join(f"{o} ({CORPORA[o].description})" if o in CORPORA else o for o in others)
+                        + (f"; the graphs are scored on their first {held_out:,} tokens" if held_out else "") + ".")
     graph = export.get("fp32", {})
     if prune.get("metric") == "continuation":
         out["sentence"] += (f" The student is an encoder-decoder (Mu-like), so every row, the teacher's included, is "
