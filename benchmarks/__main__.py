@@ -51,8 +51,13 @@ class Target:
 
 TARGETS = (
     Target("pruning_quality", ("pruning_quality.json", "pruning_quality.md"), title="Pruning quality without retraining"),
-    Target("distill_recovery", ("distill_recovery.json", "distill_recovery.md", "distill_overhead.json"),
-           title="Distillation recovery and trainer overhead", extra=("distill_overhead.md",)),
+    Target("distill_recovery", ("distill_recovery.json", "distill_recovery.md"),
+           title="Distillation recipes judged on general English", extra=("distill_recovery_2026-11-22.md",)),
+    Target("distill_recovery", ("distill_recovery_2.json", "distill_recovery_2.md"),
+           args=("--arms", "kd-3e-5,kd-1e-3,ce-3e-4,mix-3e-4", "--name", "distill_recovery_2"),
+           title="Distillation recipes judged on general English, second run"),
+    Target("distill_recovery", ("distill_overhead.json", "distill_overhead.md"), args=("--arms", "", "--timing-steps", "12"),
+           title="Distillation trainer overhead"),
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m.json", "quant_accuracy_smollm2-135m.md"),
            title="Quantization accuracy: the teacher"),
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-pruned.json", "quant_accuracy_smollm2-135m-0.67x-pruned.md"),

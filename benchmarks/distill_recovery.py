@@ -47,9 +47,13 @@ RESULTS = Path(__file__).parent / "results"
 ARMS: dict[str, tuple[str, dict, str, int]] = {
     "kd-3e-4-docs": ("KD, LR 3e-4, debian-docs (the recipe and data until 2026-12-01)", {"lr": 3e-4}, "debian-docs", 0),
     "kd-3e-4": ("KD, LR 3e-4", {"lr": 3e-4}, "default-mix", 0),
+    "kd-1e-3": ("KD, LR 1e-3", {"lr": 1e-3}, "default-mix", 0),
     "kd-1e-4": ("KD, LR 1e-4", {"lr": 1e-4}, "default-mix", 0),
     "kd-3e-5": ("KD, LR 3e-5", {"lr": 3e-5}, "default-mix", 0),
     "ce-1e-4": ("cross-entropy, LR 1e-4", {"lr": 1e-4, "kl_weight": 0.0, "ce_weight": 1.0}, "default-mix", 0),
+    "ce-3e-4": ("cross-entropy, LR 3e-4", {"lr": 3e-4, "kl_weight": 0.0, "ce_weight": 1.0}, "default-mix", 0),
+    "mix-3e-4": ("KD + cross-entropy (0.5 each), LR 3e-4", {"lr": 3e-4, "kl_weight": 0.5, "ce_weight": 0.5},
+                 "default-mix", 0),
     "mix-1e-4": ("KD + cross-entropy (0.5 each), LR 1e-4", {"lr": 1e-4, "kl_weight": 0.5, "ce_weight": 0.5},
                  "default-mix", 0),
     "kd-t2-1e-4": ("KD at temperature 2, LR 1e-4", {"lr": 1e-4, "temperature": 2.0}, "default-mix", 0),
@@ -59,6 +63,8 @@ ARMS: dict[str, tuple[str, dict, str, int]] = {
                        "default-mix", 0),
     "kd-topk64-1e-4": ("KD on the teacher's stored top-64 log-probabilities (+ tail bucket), LR 1e-4",
                        {"lr": 1e-4, "teacher_top_k": 64}, "default-mix", 0),
+    "kd-corrected-3e-4": ("KD from the teacher corrected on 51k training tokens (CE, LR 5e-5), LR 3e-4",
+                          {"lr": 3e-4}, "default-mix", 51_200),
     "kd-corrected-1e-4": ("KD from the teacher corrected on 51k training tokens (CE, LR 5e-5), LR 1e-4",
                           {"lr": 1e-4}, "default-mix", 51_200),
 }
@@ -253,7 +259,8 @@ def _markdown(report: dict) -> str:
         "2026-12-01) and **general-english** (GNOME's help, Dungeon Crawl's descriptions and ChatterBot's dialogues, "
         "in no training corpus).",
         "",
-        f"Measured {report['date']} on {report['machine']}, commit `{report['commit']}`, command `{report['command']}`.",
+        f"Measured {report['date']} on {report['machine']}, commit `{report['commit']}`, command `{report['command']}`"
+        + (f" ({report['provenance_note']})" if report.get("provenance_note") else "") + ".",
         "",
         "| arm | data | general-english | vs teacher | agreement | in-domain | vs teacher | debian-docs | vs teacher | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -20,7 +20,13 @@ def finish_perplexity_plot(fig: Any, ax: Any, teacher_perplexity: float, title: 
 
 
 def provenance() -> dict[str, str]:
-    """The commit (with ``+dirty`` when the tree had uncommitted changes) and the command that made a result."""
+    """The commit (with ``+dirty`` when the tree had uncommitted changes) and the command that made a result, as
+    they were when the benchmark started (this module is imported at its start): a long run must not record the
+    commit the checkout moved to while it ran."""
+    return dict(_STARTED)
+
+
+def _provenance_now() -> dict[str, str]:
     import shlex
     import subprocess
     import sys
@@ -35,3 +41,6 @@ def provenance() -> dict[str, str]:
         commit, dirty = "unknown", ""
     command = "python -m benchmarks." + Path(sys.argv[0]).stem + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     return {"commit": commit + ("+dirty" if dirty else ""), "command": command}
+
+
+_STARTED = _provenance_now()

@@ -247,7 +247,8 @@ def _others(evals: dict[str, Any] | None, before: dict[str, Any] | None = None, 
             continue
         start = f"{before[name]['perplexity']:.2f} -> " if before and name in before else ""
         known = f" (teacher {e['teacher_perplexity']:.2f})" if teacher and "teacher_perplexity" in e else ""
-        parts.append(f"{name} {start}{e['perplexity']:.2f}{known}")
+        tokens = f" on {e['tokens']:,} tokens" if "tokens" in e else ""
+        parts.append(f"{name} {start}{e['perplexity']:.2f}{known}{tokens}")
     return "; " + "; ".join(parts) if parts else ""
 
 
@@ -457,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     quiet = "--quiet" in argv
     _setup_logging(quiet)
+    from distill.trainer import keep_freed_memory
+
+    keep_freed_memory()  # every stage allocates and frees large tensors: scoring, evaluation, distillation
     try:
         if argv and argv[0] == "fetch":
             return _fetch(argv[1:])

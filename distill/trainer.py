@@ -27,6 +27,7 @@ import copy
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -247,6 +248,27 @@ def _due(step: int, total: int, every: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning each large block to the kernel.
+
+    Every training step allocates and frees tensors of hundreds of MB (a batch's logits); glibc serves blocks
+    above 32 MB with fresh ``mmap`` pages, so the kernel faulted in and zeroed ~400 MB/s of pages and a quarter
+    of the CPU time of a distillation run here was system time. With ``mmap`` off for the heap the freed
+    blocks are reused (measured on the 0.67x SmolLM2 student, batch 8 x 256: system time of a short run
+    59 s -> 21 s, steps 1.28x faster). Process-wide and idempotent; ``PDQ_MALLOC_TUNING=0`` turns it off.
+    Returns whether it applied (Linux with glibc only)."""
+    if os.environ.get("PDQ_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def _autocast(bf16: bool, device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -279,6 +301,7 @@ def distill(
     """
     world, _ = _distributed()
     device = next(student.parameters()).device
+    keep_freed_memory()
     torch.manual_seed(config.seed)
     per_step = config.global_batch(world)
     if train_ids.shape[0] < per_step:
