@@ -35,8 +35,8 @@ def _rows(run_dir: Path, config: dict[str, Any], m: dict[str, dict[str, Any]]) -
     if "teacher_perplexity" in prune:
         rows.append({"name": "teacher", "kind": "torch", "path": config["teacher"], "params": prune["teacher_params"],
                      "mb": None, "perplexity": prune["teacher_perplexity"], "agreement": 1.0,
-                     "evals": {k: {"perplexity": v["teacher_perplexity"], "agreement": 1.0} for k, v in prune_evals.items()
-                               if k != "validation"}})
+                     "evals": {k: {"perplexity": v["teacher_perplexity"], "agreement": 1.0, "tokens": v.get("tokens")}
+                               for k, v in prune_evals.items() if k != "validation"}})
     if "pruned_perplexity" in prune:
         rows.append({"name": "pruned", "kind": "torch", "path": "pruned/", "params": prune["params"],
                      "mb": prune.get("pruned_mb"), "perplexity": prune["pruned_perplexity"],
@@ -60,8 +60,8 @@ def _rows(run_dir: Path, config: dict[str, Any], m: dict[str, dict[str, Any]]) -
 
 def _others(evals: dict[str, Any]) -> dict[str, Any]:
     """The evaluation sets other than the in-domain validation split: {name: {perplexity, agreement}}."""
-    return {k: {"perplexity": v["perplexity"], "agreement": v.get("agreement")} for k, v in evals.items()
-            if k != "validation"}
+    return {k: {"perplexity": v["perplexity"], "agreement": v.get("agreement"), "tokens": v.get("tokens")}
+            for k, v in evals.items() if k != "validation"}
 
 
 def _graph_row(name: str, path: str, g: dict[str, Any], params: int | None) -> dict[str, Any]:
@@ -143,7 +143,10 @@ def _markdown(report: dict[str, Any]) -> str:
         other = ""
         for k in sets:
             e = r.get("evals", {}).get(k)
-            base = teacher.get("evals", {}).get(k, {}).get("perplexity")
+            known = teacher.get("evals", {}).get(k, {})
+            # a ratio only on the teacher's own tokens (the graphs may be scored on fewer of them)
+            same = e is not None and e.get("tokens") in (None, known.get("tokens"))
+            base = known.get("perplexity") if same else None
             other += ("| – | – " if e is None else
                       f"| {e['perplexity']:,.2f}" + (f" ({e['perplexity'] / base:.2f}x)" if base else "")
                       + f" | {_fmt(e.get('agreement'), '.3f')} ")
@@ -220,7 +223,8 @@ def _data(config: dict[str, Any], m: dict[str, dict[str, Any]]) -> dict[str, Any
     held_out = export.get("fp32", {}).get("evals", {}).get(GENERAL_EVAL, {}).get("tokens")
     out["sentence"] += (" Held-out sets, as many sequences each and never trained on: "
                         + "; ".join(f"{o} ({CORPORA[o].description})" if o in CORPORA else o for o in others)
-                        + (f"; the graphs are scored on their first {held_out:,} tokens" if held_out else "") + ".")
+                        + (f"; the graphs are scored on their first {held_out:,} tokens, so compare graphs with graphs "
+                           "there" if held_out else "") + ".")
     graph = export.get("fp32", {})
     if prune.get("metric") == "continuation":
         out["sentence"] += (f" The student is an encoder-decoder (Mu-like), so every row, the teacher's included, is "
