@@ -252,11 +252,10 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning each large block to the kernel.
 
     Every training step allocates and frees tensors of hundreds of MB (a batch's logits); glibc serves blocks
-    above 32 MB with fresh ``mmap`` pages, so the kernel faulted in and zeroed ~400 MB/s of pages and a quarter
-    of the CPU time of a distillation run here was system time. With ``mmap`` off for the heap the freed
-    blocks are reused (measured on the 0.67x SmolLM2 student, batch 8 x 256: system time of a short run
-    59 s -> 21 s, steps 1.28x faster). Process-wide and idempotent; ``PDQ_MALLOC_TUNING=0`` turns it off.
-    Returns whether it applied (Linux with glibc only)."""
+    above 32 MB with fresh ``mmap`` pages, so the kernel faults in and zeroes those pages again every step, and
+    much of a CPU run's time goes to the kernel. With ``mmap`` off for the heap the freed blocks are reused.
+    Process-wide and idempotent; ``PDQ_MALLOC_TUNING=0`` turns it off. Returns whether it applied (Linux with
+    glibc only)."""
     if os.environ.get("PDQ_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     import ctypes
