@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from benchmarks.plots import provenance
-from compress.data import document_split, fetch_default_corpus, load_pairs, pair_batches
+from compress.corpora import fetch_source
+from compress.data import document_split, load_pairs, pair_batches
 from compress.evaluate import pair_quality
 from compress.finetune import FinetuneConfig, finetune
 from compress.io import write_json, write_text
@@ -45,9 +46,9 @@ _MODULE = re.compile(r"^\.\. (?:module|currentmodule):: (\S+)", re.M)
 
 
 def python_doc_pairs(limit_words: int = 60) -> list[dict[str, str]]:
-    """The task's pairs from the default corpus, each with the split of the document it comes from."""
+    """The task's pairs from the default corpus's Python documentation, each with the split of its document."""
     pairs = []
-    with open(fetch_default_corpus()) as handle:
+    with open(fetch_source("python-docs")) as handle:
         for line in handle:
             document = json.loads(line)
             if not document["id"].startswith("python3.11-doc/library/"):

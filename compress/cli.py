@@ -258,7 +258,7 @@ def _fetch(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="compress fetch", description="Download built-in teachers and the default data into the cache ($PDQ_CACHE).")
     parser.add_argument("teachers", nargs="*", default=["smollm2-135m"], help=f"aliases of {', '.join(BUILTIN_TEACHERS)} (default smollm2-135m)")
-    parser.add_argument("--no-data", action="store_true", help="skip the default corpus")
+    parser.add_argument("--no-data", action="store_true", help="skip the default corpus and the general evaluation set")
     parser.add_argument("--quiet", action="store_true", help="print only the paths")
     args = parser.parse_args(argv)
     for alias in args.teachers:
