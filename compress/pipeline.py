@@ -22,7 +22,7 @@ import torch
 from compress.archspec import ArchSpec, resolve
 from compress.config import BLOCK_REPEATS, STAGES, CompressConfig
 from compress.data import GENERAL_EVAL, eval_set_name, load_corpus, token_batches
-from compress.errors import CompressError, RunDirectoryError
+from compress.errors import CompressError, DataError, RunDirectoryError
 from compress.evaluate import Perplexity, mean_nll, perplexity, quality
 from compress.io import read_json, write_json
 from compress.planner import PruningPlan, feasible_shapes, plan
@@ -180,7 +180,10 @@ class _Run:
         if self._eval_sets is None:
             sets: dict[str, tuple[Any, str]] = {"validation": (self.dataset, "validation")}
             for data in (GENERAL_EVAL, *self.config.eval_data):
-                sets[eval_set_name(data)] = (load_corpus(data, evaluation=True), "all")
+                try:
+                    sets[eval_set_name(data)] = (load_corpus(data, evaluation=True), "all")
+                except DataError as error:  # load_corpus speaks of --data
+                    raise DataError(str(error).replace("--data ", "--eval-data ", 1)) from error
             self._eval_sets = sets
         return self._eval_sets
 
@@ -315,6 +318,7 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
     state.teacher_fingerprint = fingerprints["correct"]
     if any(done.get(stage) != fingerprint for stage, fingerprint in fingerprints.items()):
         state.dataset  # noqa: B018 - unreadable data fails here, before any stage spends time
+        state.eval_sets  # noqa: B018 - and so does a missing evaluation set
     if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and config.student != "mu":
         # Refuse an infeasible target before the expensive scoring stage, not after it.
         feasible_shapes(state.spec, state.teacher.config, config.target, config.axes, config.align, config.tolerance)

@@ -136,3 +136,15 @@ def test_the_fetched_general_set_shares_no_document_with_training():
         assert not set(general["source"]) & set(training["source"]), name
         packages = {i.split("/")[0] for i in training["id"]}
         assert not packages & {i.split("/")[0] for i in general["id"]}, name
+
+
+def test_a_missing_eval_data_set_fails_before_any_stage_and_leaves_nothing(tmp_path, capsys):
+    teacher = write_teacher(tmp_path, tiny_llama())
+    corpus = write_corpus(tmp_path)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL,
+                "--eval-data", tmp_path / "missing.txt") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--eval-data" in error and "missing.txt" in error
+    assert not out.exists()
