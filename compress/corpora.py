@@ -9,7 +9,7 @@ a mix of sources by token share. Two kinds exist:
 - ``general-english``, an evaluation set of other genres from other packages, never trained on: it measures
   what the student keeps of the teacher outside the training domain.
 
-No package appears in both kinds (``tests/test_corpora.py`` checks the sources, the fetched documents, and that
+No package appears in both kinds (``tests/test_eval_sets.py`` checks the sources, the fetched documents, and that
 no evaluation document's text occurs in training).
 """
 
