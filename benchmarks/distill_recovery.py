@@ -8,9 +8,9 @@ figures compare with older results) and ``general-english``, general English fro
 contains. The arms sweep the peak learning rate, KD against cross-entropy against a mix, the training corpus,
 the temperature, the schedule, a hidden-state loss, Minitron's teacher correction and KD on the teacher's
 stored top-k log-probabilities (an arm's seconds include building them when they are not in the cache yet). Writes
-``benchmarks/results/distill_recovery.{md,json,png}`` (and, with ``--timing-steps``, ``distill_overhead.*``).
+``benchmarks/results/distill_recovery.{md,json,png}``; step time is ``benchmarks/distill_overhead.py``'s.
 
-    python -m benchmarks.distill_recovery [--tokens 100352] [--arms kd-3e-4,ce-1e-4,...] [--timing-steps 12]
+    python -m benchmarks.distill_recovery [--tokens 100352] [--arms kd-3e-4,ce-1e-4,...]
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ import copy
 import json
 import logging
 import platform
-import statistics
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.plots import provenance
 from compress.archspec import resolve
@@ -80,7 +78,6 @@ def main() -> None:
     parser.add_argument("--target-size", default="0.67x")
     parser.add_argument("--tokens", type=int, default=100_352, help="training tokens per arm (default 49 steps of 8 x 256)")
     parser.add_argument("--eval-every", type=int, default=16)
-    parser.add_argument("--timing-steps", type=int, default=0, help="also time the trainer against a bare loop (0: skip)")
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="distill_recovery", help="stem of the results files (default distill_recovery)")
@@ -123,10 +120,6 @@ def main() -> None:
                          eval_every=args.eval_every, checkpoint_every=0, bf16=defaults.bf16, seed=defaults.seed)
     train = {name: token_batches(corpus, tokenizer, "train", defaults.distill_seq_len,
                                  -(-args.tokens // defaults.distill_seq_len)) for name, corpus in corpora.items()}
-    timing = None
-    if args.timing_steps:  # first, while nothing else has run for long
-        timing = _overhead(teacher, apply_plan(teacher, spec, chosen), train["default-mix"], base, args.timing_steps)
-        print(json.dumps(timing, indent=2))
     arms = {}
     for arm in chosen_arms:
         name, overrides, data, correction = ARMS[arm]
@@ -155,7 +148,7 @@ def main() -> None:
                      "tokens_per_second": result.tokens_per_second, "seconds": time.perf_counter() - arm_started}
         print(f"[{arm}] {name}: " + ", ".join(f"{k} {before[k]['perplexity']:,.1f} -> {after[k]['perplexity']:,.2f}"
                                              for k in SETS) + f" ({result.tokens_per_second:,.0f} tokens/s)", flush=True)
-        _write(args, teacher_row, chosen, before, arms, sets, base, timing, started)
+        _write(args, teacher_row, chosen, before, arms, sets, base, started)
 
 
 def _measure(model, sets: dict, reference: dict, batch_size: int) -> dict:
@@ -167,7 +160,7 @@ def _measure(model, sets: dict, reference: dict, batch_size: int) -> dict:
     return out
 
 
-def _write(args, teacher_row, chosen, before, arms, sets, base, timing, started) -> None:  # noqa: ANN001
+def _write(args, teacher_row, chosen, before, arms, sets, base, started) -> None:  # noqa: ANN001
     """Write the results so far (after every arm, so a killed run keeps the arms it finished)."""
     report = {
         **provenance(),
@@ -180,68 +173,10 @@ def _write(args, teacher_row, chosen, before, arms, sets, base, timing, started)
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    if timing is not None:
-        overhead = {k: report[k] for k in ("commit", "command", "teacher", "target_size", "student_shape",
-                                           "student_params", "seq_len", "date", "machine")}
-        overhead.update(timing=timing, batch_size=base.batch_size)
-        write_json(args.out / "distill_overhead.json", overhead)
-        write_text(args.out / "distill_overhead.md", _overhead_markdown(overhead))
     if arms:
         write_json(args.out / f"{args.name}.json", report)
         write_text(args.out / f"{args.name}.md", _markdown(report))
         _plot(report, args.out / f"{args.name}.png")
-
-
-def _overhead(teacher, student, train, settings: DistillConfig, steps: int) -> dict:
-    """Median step time of the trainer and of a bare loop doing the same work, plus the bare step's parts.
-
-    The two run in alternating blocks (trainer, bare, trainer, bare) so that neither always runs first on a
-    warmed-up or cooled-down machine; the first step of every block (allocations, optimizer state) is dropped.
-    """
-    batch = settings.batch_size
-    block = max(3, steps // 2)
-    config = DistillConfig(**{**settings.to_dict(), "tokens": None, "steps": block, "eval_every": 0})
-    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay)
-    parts = {"teacher_forward": [], "student_forward_and_kl": [], "backward": [], "optimizer": []}
-    trainer_steps, bare_steps = [], []
-    for _ in range(2):
-        result = distill(student, teacher, train, config, progress=False)
-        stamps = [0.0] + [r["seconds"] for r in result.history]
-        trainer_steps += [b - a for a, b in zip(stamps, stamps[1:], strict=False)][1:]
-        for step in range(block):
-            ids = train[step * batch : (step + 1) * batch]
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=ids).logits[:, :-1].float()
-                t1 = time.perf_counter()
-                student_logits = student(input_ids=ids).logits[:, :-1].float()
-                loss = F.kl_div(F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1), log_target=True,
-                                reduction="sum") / (student_logits.shape[0] * student_logits.shape[1])
-            t2 = time.perf_counter()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), settings.clip)
-            t3 = time.perf_counter()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            t4 = time.perf_counter()
-            if step == 0:
-                continue
-            bare_steps.append(t4 - t0)
-            for name, value in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                parts[name].append(value)
-    bare = statistics.median(bare_steps)
-    trainer = statistics.median(trainer_steps)
-    tokens_per_step = batch * int(train.shape[1])
-    return {
-        "steps_timed": len(bare_steps),
-        "trainer_step_seconds_median": trainer,
-        "bare_step_seconds_median": bare,
-        "trainer_overhead": trainer / bare - 1,
-        "trainer_tokens_per_second": tokens_per_step / trainer,
-        "bare_tokens_per_second": tokens_per_step / bare,
-        "bare_parts_seconds_median": {k: statistics.median(v) for k, v in parts.items()},
-    }
 
 
 def _markdown(report: dict) -> str:
@@ -278,25 +213,6 @@ def _markdown(report: dict) -> str:
                      f"{row['tokens_per_second']:,.0f} |")
     lines += ["", f"Learning curves (the plot) on the first {report['curve_sequences']} sequences of each set."]
     return "\n".join(lines) + "\n"
-
-
-def _overhead_sentence(t: dict) -> str:
-    parts = ", ".join(f"{k.replace('_', ' ')} {v * 1000:.0f} ms" for k, v in t["bare_parts_seconds_median"].items())
-    return (
-        f"Trainer vs bare loop (median of {t['steps_timed']} steps each, alternating blocks in one process): trainer "
-        f"{t['trainer_step_seconds_median']:.3f} s/step ({t['trainer_tokens_per_second']:,.0f} tokens/s), bare loop "
-        f"{t['bare_step_seconds_median']:.3f} s/step ({t['bare_tokens_per_second']:,.0f} tokens/s): overhead "
-        f"{t['trainer_overhead']:+.1%}. Bare step parts: {parts}."
-    )
-
-
-def _overhead_markdown(report: dict) -> str:
-    return (
-        f"# Distillation step time: trainer vs a bare PyTorch loop\n\n"
-        f"{report['teacher']} teacher, {report['student_params'] / 1e6:.1f}M student pruned to {report['target_size']}, "
-        f"batch {report['batch_size']} x {report['seq_len']} tokens, bf16 autocast, AdamW. Measured {report['date']} "
-        f"on {report['machine']}.\n\n{_overhead_sentence(report['timing'])}\n"
-    )
 
 
 def _plot(report: dict, path: Path) -> None:

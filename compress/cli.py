@@ -60,7 +60,8 @@ _HELP = {
     "distill_optimizer": "adamw, or muon (2-D hidden matrices; the rest stays on AdamW)",
     "distill_schedule": "wsd (warmup-stable-decay), cosine or constant",
     "distill_temperature": "softmax temperature of the KL (Minitron found 1 best)",
-    "distill_ce_weight": "weight of a cross-entropy term on the data next to the KL (0: logits only)",
+    "distill_kl_weight": "weight of the KL from the teacher's next-token distributions (0: plain cross-entropy training)",
+    "distill_ce_weight": "weight of cross-entropy on the data next to the KL (0: logits only)",
     "distill_eval_every": "steps between validation perplexity checks and checkpoints",
     "distill_teacher_top_k": "0: KL on the full vocabulary with the teacher run every step; k > 0: KL on the teacher's "
     "top-k log-probabilities (plus one bucket for the rest), computed once over the training sequences and stored "

@@ -10,6 +10,7 @@ from typing import Any
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine", "constant")
 PARALLEL = ("ddp", "fsdp")
+ATTENTION = ("auto", "eager", "sdpa", "model")
 
 
 class DistillError(RuntimeError):
@@ -46,6 +47,13 @@ class DistillConfig:
     teacher_top_k: int = 0
     clip: float = 1.0
     bf16: bool = True
+    # The attention kernel while training. "auto": eager (matmul + softmax) on CPU for sequences up to 512 tokens,
+    # where it beats the fused CPU kernel (benchmarks/distill_overhead.py), else the model's own; "model": never
+    # change it. Eager attention keeps (heads x length x length) weights per layer, so long sequences keep sdpa.
+    attention: str = "auto"
+    # The KL and cross-entropy with gradients taken in their own pass (distill.losses.FusedLogitLoss);
+    # False runs them through autograd (the same math, about twice the time and more memory).
+    fused_loss: bool = True
     eval_every: int = 50  # steps; 0 = only at the end
     checkpoint_every: int = 50  # steps; 0 = only at the end
     keep_checkpoints: int = 2
@@ -61,6 +69,8 @@ class DistillConfig:
             raise DistillError(f"schedule {self.schedule!r}: allowed are {', '.join(SCHEDULES)}")
         if self.parallel not in PARALLEL:
             raise DistillError(f"parallel {self.parallel!r}: allowed are {', '.join(PARALLEL)}")
+        if self.attention not in ATTENTION:
+            raise DistillError(f"attention {self.attention!r}: allowed are {', '.join(ATTENTION)}")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             raise DistillError("Muon needs whole matrices, which FSDP shards: use optimizer adamw with fsdp, or ddp")
         if self.steps is None and not self.tokens:
@@ -78,6 +88,12 @@ class DistillConfig:
             raise DistillError("the hidden-state loss needs the teacher's hidden states every step: set hidden_weight 0 "
                                "with teacher_top_k, or teacher_top_k 0")
         object.__setattr__(self, "hidden_pairs", tuple(tuple(p) for p in self.hidden_pairs))
+
+    def attention_for(self, device_type: str, seq_len: int) -> str | None:
+        """The attention implementation to train with, or None to keep the model's."""
+        if self.attention == "auto":
+            return "eager" if device_type == "cpu" and seq_len <= 512 else None
+        return None if self.attention == "model" else self.attention
 
     def global_batch(self, world_size: int = 1) -> int:
         """Sequences per optimizer step, over all processes."""

@@ -73,15 +73,15 @@ class KnowledgeDistillationLoss(nn.Module):
             return self._across(ids)
         c, teacher = self.config, self._teacher
         if topk is not None:  # the teacher's stored top-k stand in for its forward pass
-            student_hidden = self.student.base_model(input_ids=ids).last_hidden_state[:, :-1]
+            student_hidden = self.student.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
             return self._logit_loss(student_hidden, None, ids[:, 1:], topk)
         want_states = self.hidden is not None
-        student_out = self.student.base_model(input_ids=ids, output_hidden_states=want_states)
+        student_out = self.student.base_model(input_ids=ids, output_hidden_states=want_states, use_cache=False)
         student_hidden = student_out.last_hidden_state[:, :-1]  # (batch, seq-1, width): predicts ids[:, 1:]
         teacher_out = teacher_hidden = None
         if teacher is not None and (c.kl_weight or self.hidden is not None):  # plain CE training needs no teacher
             with torch.no_grad():
-                teacher_out = teacher.base_model(input_ids=ids, output_hidden_states=want_states)
+                teacher_out = teacher.base_model(input_ids=ids, output_hidden_states=want_states, use_cache=False)
             teacher_hidden = teacher_out.last_hidden_state[:, :-1]
         loss = self._logit_loss(student_hidden, teacher_hidden, ids[:, 1:])
         if self.hidden is not None and teacher_out is not None:
@@ -111,6 +111,7 @@ class KnowledgeDistillationLoss(nn.Module):
             teacher_cap=_cap(teacher) if teacher is not None else None,
             teacher_log_probs=stored[0],
             teacher_indices=stored[1],
+            fused=c.fused_loss,
         )
 
     def _across(self, ids: torch.Tensor) -> torch.Tensor:
@@ -268,6 +269,28 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+@contextlib.contextmanager
+def _attention(models: list[nn.Module | None], choice: str | None) -> Any:
+    """Train ``models`` with attention implementation ``choice`` (None: unchanged), restoring theirs after."""
+    saved = []
+    if choice is not None:
+        for model in models:
+            current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+            if current is None or current == choice or not hasattr(model, "set_attn_implementation"):
+                continue
+            try:
+                model.set_attn_implementation(choice)
+            except (ValueError, NotImplementedError) as error:  # a model without that kernel keeps its own
+                log.debug("%s keeps %s attention: %s", type(model).__name__, current, error)
+                continue
+            saved.append((model, current))
+    try:
+        yield
+    finally:
+        for model, current in saved:
+            model.set_attn_implementation(current)
+
+
 def _autocast(bf16: bool, device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -327,8 +350,10 @@ def distill(
         _shard(loss_module)
         for param in student.parameters():  # the copy holds them now; freed until the gather at the end
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    attention = config.attention_for(device.type, int(train_ids.shape[1]))
     try:
-        return _loop(loss_module, train_ids, config, evaluate, checkpoint_dir, resume, progress, sharded, stored)
+        with _attention([trained, teacher], attention):
+            return _loop(loss_module, train_ids, config, evaluate, checkpoint_dir, resume, progress, sharded, stored)
     finally:
         if sharded:
             _gather_into(student, loss_module)

@@ -35,6 +35,52 @@ def test_chunked_kl_equals_unchunked_in_value_and_gradient():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[0], grads[1], strict=True))
 
 
+@pytest.mark.parametrize("temperature, kl_weight, ce_weight, cap", [
+    (1.0, 1.0, 0.0, None), (2.0, 1.0, 0.5, None), (1.0, 0.5, 0.5, None), (1.0, 0.0, 1.0, 30.0), (1.0, 1.0, 0.0, 5.0)])
+def test_fused_loss_equals_autograd_in_value_and_gradient(temperature, kl_weight, ce_weight, cap):
+    torch.manual_seed(1)
+    hidden = torch.randn(150, 16, requires_grad=True)  # more positions than one fused slice (64)
+    head = torch.randn(70, 16, requires_grad=True)
+    t_hidden, t_head = torch.randn(150, 24), torch.randn(70, 24)
+    targets = torch.randint(0, 70, (150,))
+    results = []
+    for fused in (False, True):
+        loss = logit_distillation_loss(hidden, head, t_hidden, t_head, targets, temperature=temperature,
+                                       kl_weight=kl_weight, ce_weight=ce_weight, chunk=100, student_cap=cap,
+                                       teacher_cap=cap, fused=fused)
+        results.append((loss.detach(), torch.autograd.grad(3 * loss, (hidden, head))))
+    (plain, plain_grads), (fused_value, fused_grads) = results
+    assert torch.allclose(plain, fused_value, rtol=1e-5)
+    for a, b in zip(plain_grads, fused_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_under_bf16_autocast_matches_autograd_to_bf16_precision():
+    torch.manual_seed(2)
+    hidden = torch.randn(80, 32, requires_grad=True)
+    head = torch.randn(90, 32, requires_grad=True)
+    t_hidden, t_head = torch.randn(80, 32), torch.randn(90, 32)
+    targets = torch.randint(0, 90, (80,))
+    results = []
+    for fused in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = logit_distillation_loss(hidden.bfloat16(), head, t_hidden.bfloat16(), t_head, targets,
+                                           ce_weight=0.5, fused=fused)
+        results.append((loss.detach(), torch.autograd.grad(loss, (hidden, head))))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-3)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert (a - b).abs().max() <= 0.02 * a.abs().max()
+        assert b.dtype == a.dtype
+
+
+def test_fused_loss_without_gradients_gives_the_same_value():
+    hidden, head = torch.randn(20, 8), torch.randn(30, 8)
+    t_hidden, t_head = torch.randn(20, 8), torch.randn(30, 8)
+    with torch.no_grad():
+        values = [logit_distillation_loss(hidden, head, t_hidden, t_head, fused=fused) for fused in (False, True)]
+    assert torch.allclose(values[0], values[1], rtol=1e-5)
+
+
 def test_kl_is_zero_when_student_equals_teacher():
     hidden, head = torch.randn(10, 8), torch.randn(30, 8)
     assert logit_distillation_loss(hidden, head, hidden, head).abs() < 1e-5
@@ -110,3 +156,29 @@ def test_trainer_loss_does_not_depend_on_the_logits_memory_bound():
         config = DistillConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=0, kl_chunk_elements=elements, bf16=False)
         losses.append([r["loss"] for r in distill(fresh, teacher, ids, config, progress=False).history])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_the_trainer_step_is_the_same_math_fused_or_not_eager_or_sdpa():
+    teacher, _ = _pair()
+    ids = torch.randint(3, 250, (8, 12))
+    histories = {}
+    for fused, attention in ((False, "sdpa"), (True, "eager"), (True, "auto")):
+        _, student = _pair()
+        student.set_attn_implementation("sdpa")
+        config = DistillConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, ce_weight=0.5, bf16=False,
+                               fused_loss=fused, attention=attention, eval_every=0)
+        histories[fused, attention] = [r["loss"] for r in distill(student, teacher, ids, config, progress=False).history]
+        assert student.config._attn_implementation == "sdpa"  # the model's own attention comes back
+    reference = histories[False, "sdpa"]
+    assert histories[True, "eager"] == pytest.approx(reference, rel=1e-4)
+    assert histories[True, "auto"] == pytest.approx(reference, rel=1e-4)
+
+
+def test_auto_attention_is_eager_only_for_short_sequences_on_cpu():
+    config = DistillConfig()
+    assert config.attention_for("cpu", 256) == "eager"
+    assert config.attention_for("cpu", 4096) is None
+    assert config.attention_for("cuda", 256) is None
+    assert DistillConfig(attention="model").attention_for("cpu", 256) is None
+    with pytest.raises(DistillError, match="attention 'flash'"):
+        DistillConfig(attention="flash")
