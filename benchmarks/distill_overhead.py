@@ -8,7 +8,10 @@ process so that none always runs on a warmer or quieter machine:
 - ``before``: the step as it was until 2026-12-02: the loss through autograd, the model's own attention (sdpa);
 - ``trainer``: the trainer with today's defaults (``distill.losses.FusedLogitLoss``, eager attention on CPU);
 - ``bare``: a plain loop doing the same math as ``trainer`` (teacher forward, student forward, the same fused
-  loss, backward, clipping, AdamW), to bound what the trainer adds;
+  loss, backward, clipping, AdamW, with the trainer's attention and teacher weight casts), to bound what the
+  trainer's bookkeeping adds;
+- ``compiled``: ``trainer`` with ``compile=True`` (every decoder layer through torch.compile; its compilation
+  is in the first step of the first block, which is reported and not counted);
 - ``stored-top-64``: the trainer reading the teacher's stored top-64 log-probabilities instead of running it.
 
 The useful work of a step is counted by ``torch.utils.flop_counter`` (matmuls and attention) and set against
@@ -39,11 +42,11 @@ from compress.scoring import random_scores
 from compress.surgery import prune
 from compress.teachers import load_teacher
 from distill import DistillConfig, distill, logit_distillation_loss
-from distill.trainer import _attention, _optimizers, keep_freed_memory
+from distill.trainer import _attention, _low_precision_linears, _optimizers, keep_freed_memory
 
 RESULTS = Path(__file__).parent / "results"
 ISSUE_BASELINE = 289.0  # tokens/s of the KD step in the issue that asked for twice as many (2026-12-01)
-ARMS = ("before", "trainer", "bare", "stored-top-64")
+ARMS = ("before", "trainer", "bare", "compiled", "stored-top-64")
 # Profiler op names, grouped into what a step spends its time on.
 _KINDS = {
     "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear"),
@@ -87,18 +90,22 @@ def main() -> None:
 
     base = DistillConfig(steps=args.steps + 1, batch_size=args.batch_size, eval_every=0, checkpoint_every=0)
     configs = {"before": DistillConfig(**{**base.to_dict(), "fused_loss": False, "attention": "model"}),
-               "trainer": base, "stored-top-64": DistillConfig(**{**base.to_dict(), "teacher_top_k": 64})}
+               "trainer": base, "compiled": DistillConfig(**{**base.to_dict(), "compile": True}),
+               "stored-top-64": DistillConfig(**{**base.to_dict(), "teacher_top_k": 64})}
     logits_dir = Path(tempfile.mkdtemp(prefix="pdq-topk-"))
     times: dict[str, list[float]] = {a: [] for a in arms}
+    first: dict[str, list[float]] = {a: [] for a in arms}  # the untimed first step of each block
     for block in range(args.blocks):
         for arm in arms:
             if arm == "bare":
-                times[arm] += _bare(student, teacher, ids, base, args.steps + 1)[1:]
+                steps = _bare(student, teacher, ids, base, args.steps + 1)
             else:
                 result = distill(student, teacher, ids, configs[arm], progress=False,
                                  teacher_logits=logits_dir / "top64.safetensors")
                 stamps = [0.0] + [r["seconds"] for r in result.history]
-                times[arm] += [b - a for a, b in zip(stamps, stamps[1:], strict=False)][1:]
+                steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            first[arm].append(steps[0])
+            times[arm] += steps[1:]
             print(f"block {block}: {arm} {statistics.median(times[arm]):.2f} s/step", flush=True)
 
     flops = _step_flops(student, teacher, ids[: args.batch_size], base)
@@ -108,8 +115,8 @@ def main() -> None:
     for arm, values in times.items():
         seconds = statistics.median(values)
         rows[arm] = {"step_seconds_median": seconds, "steps_timed": len(values), "tokens_per_second": tokens_per_step / seconds,
-                     "step_seconds": values}
-    for arm in ("trainer", "bare", "before"):
+                     "step_seconds": values, "first_step_seconds": first[arm]}
+    for arm in ("trainer", "bare", "before", "compiled"):
         if arm in rows:
             rows[arm]["useful_tflops"] = flops["total"] / rows[arm]["step_seconds_median"] / 1e12
             rows[arm]["share_of_bf16_ceiling"] = rows[arm]["useful_tflops"] / ceiling["tflops"]
@@ -124,6 +131,8 @@ def main() -> None:
         report["trainer_overhead"] = rows["trainer"]["step_seconds_median"] / rows["bare"]["step_seconds_median"] - 1
     if "trainer" in rows and "before" in rows:
         report["speedup_over_before"] = rows["before"]["step_seconds_median"] / rows["trainer"]["step_seconds_median"]
+    if "compiled" in rows:
+        report["compile_seconds"] = rows["compiled"]["first_step_seconds"][0] - rows["compiled"]["step_seconds_median"]
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "distill_overhead.json", report)
     write_text(args.out / "distill_overhead.md", _markdown(report))
@@ -137,7 +146,9 @@ def _bare(student, teacher, ids: torch.Tensor, config: DistillConfig, steps: int
     chunk = max(1, config.kl_chunk_elements // head.shape[0])
     out = []
     student.train()
-    with _attention([student, teacher], config.attention_for("cpu", int(ids.shape[1]))):
+    teacher_head_bf16 = teacher_head.detach().to(torch.bfloat16)
+    with _attention([student, teacher], config.attention_for("cpu", int(ids.shape[1]))), \
+            _low_precision_linears(teacher, torch.bfloat16):
         for step in range(steps):
             batch = ids[step * config.batch_size : (step + 1) * config.batch_size]
             t0 = time.perf_counter()
@@ -146,7 +157,7 @@ def _bare(student, teacher, ids: torch.Tensor, config: DistillConfig, steps: int
                     t_hidden = teacher.base_model(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
                 s_hidden = student.base_model(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
                 loss = logit_distillation_loss(s_hidden.reshape(-1, s_hidden.shape[-1]), head,
-                                               t_hidden.reshape(-1, t_hidden.shape[-1]), teacher_head, chunk=chunk)
+                                               t_hidden.reshape(-1, t_hidden.shape[-1]), teacher_head_bf16, chunk=chunk)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(student.parameters()), config.clip)
             optimizer.step()
@@ -226,6 +237,9 @@ def _markdown(r: dict) -> str:
         lines.append(f"The trainer's step is {r['speedup_over_before']:.2f}x the `before` step measured in this run.")
     if "trainer_overhead" in r:
         lines.append(f"Trainer overhead over the bare loop: {r['trainer_overhead']:+.1%}.")
+    if "compile_seconds" in r:
+        lines.append(f"Compiling the decoder layers took {r['compile_seconds']:.0f} s (the compiled arm's first step "
+                     "less its median).")
     c = r["bf16_matmul_ceiling"]
     lines += [
         f"One step does {r['step_flops']['total'] / 1e12:.2f} TFLOP of matmul and attention work (torch's flop "

@@ -61,6 +61,9 @@ ARMS: dict[str, tuple[str, dict, str, int]] = {
                        "default-mix", 0),
     "kd-topk64-1e-4": ("KD on the teacher's stored top-64 log-probabilities (+ tail bucket), LR 1e-4",
                        {"lr": 1e-4, "teacher_top_k": 64}, "default-mix", 0),
+    "mix-topk64-3e-4": ("KD on the teacher's stored top-64 log-probabilities (+ tail bucket) + cross-entropy "
+                        "(0.5 each), LR 3e-4", {"lr": 3e-4, "kl_weight": 0.5, "ce_weight": 0.5, "teacher_top_k": 64},
+                        "default-mix", 0),
     "kd-corrected-3e-4": ("KD from the teacher corrected on 51k training tokens (CE, LR 5e-5), LR 3e-4",
                           {"lr": 3e-4}, "default-mix", 51_200),
     "kd-corrected-1e-4": ("KD from the teacher corrected on 51k training tokens (CE, LR 5e-5), LR 1e-4",
@@ -136,16 +139,21 @@ def main() -> None:
         curve_sets = {k: v[:_CURVE_SEQUENCES] for k, v in sets.items()}
         stored = (cache_dir() / "teacher-logits" / f"{args.teacher}-{ids_fingerprint(train[data])}-k{config.teacher_top_k}"
                   ".safetensors") if config.teacher_top_k else None
+        reused = stored is not None and stored.exists()
+        distill_started = time.perf_counter()
         result = distill(student, arm_teacher if config.kl_weight or config.hidden_weight else None, train[data], config,
                          teacher_logits=stored,
                          evaluate=lambda m, s=curve_sets: {k: quality(m, ids, defaults.batch_size).perplexity.perplexity
                                                            for k, ids in s.items()})
+        distill_seconds = time.perf_counter() - distill_started
         after = _measure(student, sets, reference, defaults.batch_size)
         curve = [curve_start]
         curve += [{"tokens": r["tokens"], **r["val_perplexities"]} for r in result.history if "val_perplexities" in r]
         arms[arm] = {"name": name, "settings": overrides, "data": data, "teacher_correction_tokens": correction,
                      "after": after, "curve": curve, "tokens": result.tokens, "steps": result.steps,
-                     "tokens_per_second": result.tokens_per_second, "seconds": time.perf_counter() - arm_started}
+                     "tokens_per_second": result.tokens_per_second, "seconds": time.perf_counter() - arm_started,
+                     # the distill call: training, its curve evaluations and (unless reused) building stored logits
+                     "distill_seconds": distill_seconds, "teacher_logits_reused": reused}
         print(f"[{arm}] {name}: " + ", ".join(f"{k} {before[k]['perplexity']:,.1f} -> {after[k]['perplexity']:,.2f}"
                                              for k in SETS) + f" ({result.tokens_per_second:,.0f} tokens/s)", flush=True)
         _write(args, teacher_row, chosen, before, arms, sets, base, started)
@@ -197,12 +205,12 @@ def _markdown(report: dict) -> str:
         f"Measured {report['date']} on {report['machine']}, commit `{report['commit']}`, command `{report['command']}`"
         + (f" ({report['provenance_note']})" if report.get("provenance_note") else "") + ".",
         "",
-        "| arm | data | general-english | vs teacher | agreement | in-domain | vs teacher | debian-docs | vs teacher | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| teacher | – | {t[GENERAL_EVAL]:,.2f} | 1.00x | – | {t['in-domain']:,.2f} | 1.00x | {t['debian-docs']:,.2f} | 1.00x | – |",
+        "| arm | data | general-english | vs teacher | agreement | in-domain | vs teacher | debian-docs | vs teacher | tokens/s | distill s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| teacher | – | {t[GENERAL_EVAL]:,.2f} | 1.00x | – | {t['in-domain']:,.2f} | 1.00x | {t['debian-docs']:,.2f} | 1.00x | – | – |",
         f"| pruned, before training | – | {p[GENERAL_EVAL]['perplexity']:,.1f} | {p[GENERAL_EVAL]['vs_teacher']:.2f}x | "
         f"{p[GENERAL_EVAL]['agreement']:.3f} | {p['in-domain']['perplexity']:,.1f} | {p['in-domain']['vs_teacher']:.2f}x | "
-        f"{p['debian-docs']['perplexity']:,.1f} | {p['debian-docs']['vs_teacher']:.2f}x | – |",
+        f"{p['debian-docs']['perplexity']:,.1f} | {p['debian-docs']['vs_teacher']:.2f}x | – | – |",
     ]
     for arm, row in report["arms"].items():
         a = row["after"]
@@ -210,9 +218,17 @@ def _markdown(report: dict) -> str:
                      f"{a[GENERAL_EVAL]['vs_teacher']:.2f}x | {a[GENERAL_EVAL]['agreement']:.3f} | "
                      f"{a['in-domain']['perplexity']:,.2f} | {a['in-domain']['vs_teacher']:.2f}x | "
                      f"{a['debian-docs']['perplexity']:,.2f} | {a['debian-docs']['vs_teacher']:.2f}x | "
-                     f"{row['tokens_per_second']:,.0f} |")
-    lines += ["", f"Learning curves (the plot) on the first {report['curve_sequences']} sequences of each set."]
+                     f"{row['tokens_per_second']:,.0f} | {_distill_seconds(row)} |")
+    lines += ["", f"Learning curves (the plot) on the first {report['curve_sequences']} sequences of each set. "
+              "*distill s*: wall time of the distill call (training, its curve evaluations and, for a stored-logits "
+              "arm, building the teacher's top-k unless a cached copy was reused, marked *reused*)."]
     return "\n".join(lines) + "\n"
+
+
+def _distill_seconds(row: dict) -> str:
+    if "distill_seconds" not in row:  # runs before 2026-12-02 did not record it
+        return "–"
+    return f"{row['distill_seconds']:,.0f}" + (" (reused)" if row.get("teacher_logits_reused") else "")
 
 
 def _plot(report: dict, path: Path) -> None:

@@ -54,6 +54,9 @@ class DistillConfig:
     # The KL and cross-entropy with gradients taken in their own pass (distill.losses.FusedLogitLoss);
     # False runs them through autograd (the same math, about twice the time and more memory).
     fused_loss: bool = True
+    # torch.compile each decoder layer of student and teacher (one compilation serves every layer of a model;
+    # on CPU it needs a C++ compiler). Costs its compilation time at the start of a run.
+    compile: bool = False
     eval_every: int = 50  # steps; 0 = only at the end
     checkpoint_every: int = 50  # steps; 0 = only at the end
     keep_checkpoints: int = 2

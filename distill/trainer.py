@@ -63,6 +63,18 @@ class KnowledgeDistillationLoss(nn.Module):
         self.hidden = hidden
         self.config = config
         object.__setattr__(self, "_teacher", teacher)
+        self._teacher_heads: dict[torch.dtype, torch.Tensor] = {}
+
+    def _teacher_head(self) -> torch.Tensor:
+        """The frozen teacher's output projection, cast once to the autocast dtype instead of on every step."""
+        head = self._teacher.get_output_embeddings().weight
+        device = head.device.type
+        if not torch.is_autocast_enabled(device):
+            return head
+        dtype = torch.get_autocast_dtype(device)
+        if dtype not in self._teacher_heads:
+            self._teacher_heads[dtype] = head.detach().to(dtype)
+        return self._teacher_heads[dtype]
 
     def forward(self, ids: torch.Tensor | Pairs, topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if topk is not None and (isinstance(ids, Pairs) or getattr(self.student.config, "is_encoder_decoder", False)):
@@ -101,7 +113,7 @@ class KnowledgeDistillationLoss(nn.Module):
             student_hidden.reshape(-1, student_hidden.shape[-1]),
             head,
             teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None,
-            teacher.get_output_embeddings().weight if teacher_hidden is not None else None,
+            self._teacher_head() if teacher_hidden is not None else None,
             targets=targets.reshape(-1),
             temperature=c.temperature,
             kl_weight=c.kl_weight,
@@ -291,6 +303,46 @@ def _attention(models: list[nn.Module | None], choice: str | None) -> Any:
             model.set_attn_implementation(current)
 
 
+@contextlib.contextmanager
+def _low_precision_linears(model: nn.Module | None, dtype: torch.dtype | None) -> Any:
+    """Hold the frozen ``model``'s linear weights in ``dtype`` while it runs under autocast to that dtype.
+
+    Autocast casts weights that need no gradient again on every call; cast once, the matmuls get bit-identical
+    operands. Weights shared with an embedding (a tied output head) stay as they are: the lookup reads them too.
+    """
+    swapped: list[tuple[nn.Linear, nn.Parameter]] = []
+    if model is not None and dtype is not None:
+        shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, nn.Linear) and weight is not None and id(weight) not in shared and weight.dtype != dtype:
+                swapped.append((module, weight))
+                module.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, weight in swapped:
+            module.weight = weight
+
+
+@contextlib.contextmanager
+def _compiled_layers(models: list[nn.Module | None], enabled: bool) -> Any:
+    """torch.compile the decoder layers (``base_model.layers``) of ``models`` for the duration."""
+    layers = []
+    if enabled:
+        for model in models:
+            found = getattr(getattr(model, "base_model", None), "layers", None)
+            if isinstance(found, nn.ModuleList):
+                layers += list(found)
+        for layer in layers:
+            layer.compile(dynamic=False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: the layer runs eagerly again
+
+
 def _autocast(bf16: bool, device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -352,7 +404,9 @@ def distill(
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     attention = config.attention_for(device.type, int(train_ids.shape[1]))
     try:
-        with _attention([trained, teacher], attention):
+        with _attention([trained, teacher], attention), \
+                _low_precision_linears(teacher if stored is None else None, torch.bfloat16 if config.bf16 else None), \
+                _compiled_layers([trained, None if stored is not None else teacher], config.compile):
             return _loop(loss_module, train_ids, config, evaluate, checkpoint_dir, resume, progress, sharded, stored)
     finally:
         if sharded:

@@ -182,3 +182,19 @@ def test_auto_attention_is_eager_only_for_short_sequences_on_cpu():
     assert DistillConfig(attention="model").attention_for("cpu", 256) is None
     with pytest.raises(DistillError, match="attention 'flash'"):
         DistillConfig(attention="flash")
+
+
+def test_teacher_linears_cast_once_give_bit_identical_outputs_and_come_back():
+    from distill.trainer import _low_precision_linears
+
+    teacher, _ = _pair()
+    ids = torch.randint(3, 250, (2, 10))
+    before = {name: p for name, p in teacher.named_parameters()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = teacher(input_ids=ids).logits
+        with _low_precision_linears(teacher, torch.bfloat16):
+            assert teacher.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+            assert teacher.lm_head.weight.dtype == torch.float32  # tied to the embedding: left alone
+            got = teacher(input_ids=ids).logits
+    assert torch.equal(expected, got)
+    assert all(p is before[name] for name, p in teacher.named_parameters())

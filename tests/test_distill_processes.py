@@ -1,5 +1,5 @@
-"""Distillation across processes: a SIGKILLed run resumes to the same weights; torchrun (gloo, DDP and FSDP) matches one
-process, and FSDP resumes from checkpoints."""
+"""Distillation across processes: a SIGKILLed run resumes to the same weights; torchrun (gloo, DDP and FSDP, and DDP on
+stored teacher logits) matches one process, and FSDP resumes from checkpoints."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from factories import tiny_tokenizer, write_corpus
+from factories import VOCAB, tiny_tokenizer, write_corpus
 from safetensors.torch import load_file
 from test_distill import _pair
 
@@ -82,6 +82,8 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         "ddp-accum": ["--distill-batch-size", "2", "--distill-grad-accum", "2"],
         "fsdp": ["--distill-batch-size", "4", "--distill-parallel", "fsdp"],
         "fsdp-accum": ["--distill-batch-size", "2", "--distill-grad-accum", "2", "--distill-parallel", "fsdp"],
+        # the first process stores the teacher's top-k, the other reads them; at k = vocabulary it is the full KL
+        "ddp-topk": ["--distill-batch-size", "4", "--distill-teacher-top-k", str(VOCAB)],
     }
     a = _weights(tmp_path / "one")
     for name, extra in runs.items():
