@@ -11,6 +11,10 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine", "constant")
 PARALLEL = ("ddp", "fsdp")
 ATTENTION = ("auto", "eager", "sdpa", "model")
+COMPILE = ("auto", "on", "off")
+# compile "auto" pays off from here: compilation costs 7-20 s once, and saves ~0.4 s a step on the README's
+# 91M-parameter student (benchmarks/results/distill_overhead.md); tiny test models and short runs skip it.
+_COMPILE_MIN_STEPS, _COMPILE_MIN_PARAMS = 50, 10_000_000
 
 
 class DistillError(RuntimeError):
@@ -54,9 +58,10 @@ class DistillConfig:
     # The KL and cross-entropy with gradients taken in their own pass (distill.losses.FusedLogitLoss);
     # False runs them through autograd (the same math, about twice the time and more memory).
     fused_loss: bool = True
-    # torch.compile each decoder layer of student and teacher (one compilation serves every layer of a model;
-    # on CPU it needs a C++ compiler). Costs its compilation time at the start of a run.
-    compile: bool = False
+    # torch.compile each decoder layer of student and teacher for training (one compilation serves every layer of
+    # a model; validation runs them eagerly). "auto": on CPU with a C++ compiler, for runs of at least 50 steps
+    # on a student of at least 10M parameters; "on" / "off" force it.
+    compile: str = "auto"
     eval_every: int = 50  # steps; 0 = only at the end
     checkpoint_every: int = 50  # steps; 0 = only at the end
     keep_checkpoints: int = 2
@@ -74,6 +79,8 @@ class DistillConfig:
             raise DistillError(f"parallel {self.parallel!r}: allowed are {', '.join(PARALLEL)}")
         if self.attention not in ATTENTION:
             raise DistillError(f"attention {self.attention!r}: allowed are {', '.join(ATTENTION)}")
+        if self.compile not in COMPILE:
+            raise DistillError(f"compile {self.compile!r}: allowed are {', '.join(COMPILE)}")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             raise DistillError("Muon needs whole matrices, which FSDP shards: use optimizer adamw with fsdp, or ddp")
         if self.steps is None and not self.tokens:
@@ -97,6 +104,15 @@ class DistillConfig:
         if self.attention == "auto":
             return "eager" if device_type == "cpu" and seq_len <= 512 else None
         return None if self.attention == "model" else self.attention
+
+    def compile_for(self, device_type: str, parameters: int, steps: int) -> bool:
+        """Whether to compile the decoder layers for a run of ``steps`` on a student of ``parameters``."""
+        if self.compile != "auto":
+            return self.compile == "on"
+        import shutil
+
+        return (device_type == "cpu" and steps >= _COMPILE_MIN_STEPS and parameters >= _COMPILE_MIN_PARAMS
+                and shutil.which("g++") is not None)
 
     def global_batch(self, world_size: int = 1) -> int:
         """Sequences per optimizer step, over all processes."""

@@ -243,12 +243,14 @@ Evaluation = Callable[[nn.Module], float | dict[str, float]]
 
 def _evaluate(evaluate: Evaluation, model: nn.Module, sharded_root: nn.Module | None) -> dict[str, float]:
     """``evaluate(model)`` in eval mode, as {set name: perplexity} (a plain float is the set "validation"); under
-    FSDP every process must call it, as the forward gathers shards."""
+    FSDP every process must call it, as the forward gathers shards. Compiled layers run eagerly here: they would
+    recompile for evaluation's shapes and precision."""
     model.eval()
     if sharded_root is not None:
         sharded_root.unshard()  # the root unit (embeddings, final norm, head); blocks gather in their forward
     try:
-        value = evaluate(model)
+        with torch.compiler.set_stance("force_eager"):
+            value = evaluate(model)
         return {k: float(v) for k, v in value.items()} if isinstance(value, dict) else {"validation": float(value)}
     finally:
         if sharded_root is not None:
@@ -403,10 +405,12 @@ def distill(
         for param in student.parameters():  # the copy holds them now; freed until the gather at the end
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     attention = config.attention_for(device.type, int(train_ids.shape[1]))
+    compiled = config.compile_for(device.type, sum(p.numel() for p in student.parameters()),
+                                  config.total_steps(int(train_ids.shape[1]), world))
     try:
         with _attention([trained, teacher], attention), \
                 _low_precision_linears(teacher if stored is None else None, torch.bfloat16 if config.bf16 else None), \
-                _compiled_layers([trained, None if stored is not None else teacher], config.compile):
+                _compiled_layers([trained, None if stored is not None else teacher], compiled):
             return _loop(loss_module, train_ids, config, evaluate, checkpoint_dir, resume, progress, sharded, stored)
     finally:
         if sharded:

@@ -198,3 +198,23 @@ def test_teacher_linears_cast_once_give_bit_identical_outputs_and_come_back():
             got = teacher(input_ids=ids).logits
     assert torch.equal(expected, got)
     assert all(p is before[name] for name, p in teacher.named_parameters())
+
+
+def test_compile_auto_only_for_long_runs_of_real_sized_students_and_on_trains_the_same():
+    config = DistillConfig()
+    assert not config.compile_for("cpu", 1_000_000, 500)  # a tiny model
+    assert not config.compile_for("cpu", 90_000_000, 10)  # a short run
+    assert not DistillConfig(compile="off").compile_for("cpu", 90_000_000, 500)
+    assert DistillConfig(compile="on").compile_for("cpu", 1_000, 1)
+    with pytest.raises(DistillError, match="compile 'yes'"):
+        DistillConfig(compile="yes")
+    teacher, _ = _pair()
+    ids = torch.randint(3, 250, (8, 12))
+    histories = []
+    for mode in ("off", "on"):
+        _, student = _pair()
+        config = DistillConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, bf16=False, compile=mode, eval_every=2)
+        result = distill(student, teacher, ids, config, progress=False, evaluate=lambda m: 1.0)
+        histories.append([r["loss"] for r in result.history])
+        assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in student.model.layers)
+    assert histories[1] == pytest.approx(histories[0], rel=1e-4)
