@@ -45,6 +45,9 @@ class NpuProfile:
     weight_types: tuple[str, ...] = ("int8", "int16")  # weight types per-tensor overrides may use
     default_quant: str = "a8w8"
     linear_as_conv: bool = False  # export linear layers as 1x1 Convs so their weights can be per-channel
+    # The toolchain is Qualcomm's QNN: run ORT's QNN graph preprocessing before quantizing, and leave per-channel
+    # weights to ORT's QNN config (it sets them where QNN takes them) instead of this profile's per_channel_ops.
+    qnn_toolchain: bool = False
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -73,6 +76,7 @@ register(NpuProfile(
     channel_multiple=32,
     default_quant="a16w8",
     linear_as_conv=True,
+    qnn_toolchain=True,
 ))
 register(NpuProfile(
     name="generic-a8w8",

@@ -371,7 +371,7 @@ def quantize(
         # 0.6 GB per 256-token SmolLM2 run), and its CalibMaxIntermediateOutputs option drops data instead
         # of reducing it. A stride of one run per pass reduces ranges / histograms as they come.
         extra = {"CalibPercentile": recipe.percentile, "CalibStridedMinMax": 1}
-        if profile.name.startswith("qnn"):
+        if profile.qnn_toolchain:
             preprocessed = Path(tmp) / "preprocessed.onnx"
             if qnn_preprocess_model(source, preprocessed):
                 source = preprocessed
@@ -384,7 +384,7 @@ def quantize(
             init_overrides=overrides or None, activation_symmetric=False, weight_symmetric=True,
         )
         config.extra_options.update(extra)
-        if not profile.name.startswith("qnn") and recipe.per_channel:
+        if not profile.qnn_toolchain and recipe.per_channel:
             _per_channel(config, model, profile, keep_per_tensor=set(shared_weights(model)))
         del model
         clipped = 0
