@@ -64,6 +64,16 @@ ARMS: dict[str, tuple[str, dict, str, int]] = {
     "mix-topk64-3e-4": ("KD on the teacher's stored top-64 log-probabilities (+ tail bucket) + cross-entropy "
                         "(0.5 each), LR 3e-4", {"lr": 3e-4, "kl_weight": 0.5, "ce_weight": 0.5, "teacher_top_k": 64},
                         "default-mix", 0),
+    # Around the default (KD + cross-entropy at 3e-4): temperature, schedule, a hidden-state loss.
+    "mix-t2-3e-4": ("KD at temperature 2 + cross-entropy (0.5 each), LR 3e-4",
+                    {"lr": 3e-4, "kl_weight": 0.5, "ce_weight": 0.5, "temperature": 2.0}, "default-mix", 0),
+    "mix-cosine-3e-4": ("KD + cross-entropy (0.5 each), LR 3e-4, cosine schedule",
+                        {"lr": 3e-4, "kl_weight": 0.5, "ce_weight": 0.5, "schedule": "cosine"}, "default-mix", 0),
+    "mix-hidden-3e-4": ("KD + cross-entropy (0.5 each) + cosine hidden-state loss (every 6th layer, weight 0.5), LR 3e-4",
+                        {"lr": 3e-4, "kl_weight": 0.5, "ce_weight": 0.5, "hidden_weight": 0.5,
+                         "hidden_pairs": [[i, i] for i in (6, 12, 18, 24, 30)]}, "default-mix", 0),
+    "mix-corrected-3e-4": ("KD from the teacher corrected on 51k training tokens (CE, LR 5e-5) + cross-entropy "
+                           "(0.5 each), LR 3e-4", {"lr": 3e-4, "kl_weight": 0.5, "ce_weight": 0.5}, "default-mix", 51_200),
     "kd-corrected-3e-4": ("KD from the teacher corrected on 51k training tokens (CE, LR 5e-5), LR 3e-4",
                           {"lr": 3e-4}, "default-mix", 51_200),
     "kd-corrected-1e-4": ("KD from the teacher corrected on 51k training tokens (CE, LR 5e-5), LR 1e-4",
