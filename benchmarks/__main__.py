@@ -50,12 +50,19 @@ class Target:
 
 
 TARGETS = (
+    Target("main_command", ("main_command.json", "main_command.md"), title="The README's main command, one run"),
     Target("pruning_quality", ("pruning_quality.json", "pruning_quality.md"), title="Pruning quality without retraining"),
     Target("distill_recovery", ("distill_recovery.json", "distill_recovery.md"),
            title="Distillation recipes judged on general English", extra=("distill_recovery_2026-11-22.md",)),
     Target("distill_recovery", ("distill_recovery_2.json", "distill_recovery_2.md"),
            args=("--arms", "kd-3e-5,kd-1e-3,ce-3e-4,mix-3e-4", "--name", "distill_recovery_2"),
            title="Distillation recipes judged on general English, second run"),
+    Target("distill_recovery", ("distill_recovery_3.json", "distill_recovery_3.md"),
+           args=("--arms", "mix-t2-3e-4,mix-cosine-3e-4,mix-hidden-3e-4,mix-corrected-3e-4", "--name", "distill_recovery_3"),
+           title="Distillation recipes around the default (KD + cross-entropy)"),
+    Target("distill_recovery", ("distill_topk.json", "distill_topk.md"),
+           args=("--arms", "mix-3e-4,mix-topk64-3e-4", "--name", "distill_topk"),
+           title="Stored top-64 teacher logits against the full-vocabulary KL"),
     Target("distill_overhead", ("distill_overhead.json", "distill_overhead.md"),
            title="Distillation step time against the bare loop and the matmul ceiling"),
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m.json", "quant_accuracy_smollm2-135m.md"),

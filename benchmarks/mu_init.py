@@ -31,9 +31,9 @@ from compress.archspec import resolve
 from compress.config import CompressConfig, TargetSize
 from compress.data import load_corpus, token_batches
 from compress.evaluate import continuation_quality
+from compress.families.mu import student_config
 from compress.mu import MuForConditionalGeneration
 from compress.mu_init import mu_from_teacher
-from compress.mu_run import student_config
 from compress.scoring import score_importance
 from compress.teachers import load_teacher
 from distill import DistillConfig, distill

@@ -42,7 +42,8 @@ from compress.config import DEFAULT_TRANSFORMS, CompressConfig
 from compress.data import load_corpus, token_batches
 from compress.evaluate import continuation_quality
 from compress.io import read_json, write_text
-from compress.pipeline import load_model, run
+from compress.pipeline import run
+from compress.runstate import load_model
 from compress.teachers import load_teacher
 
 RESULTS = Path(__file__).parent / "results"
@@ -77,8 +78,8 @@ def _graphs(family: str, model: Any, folder: Path, calib: np.ndarray, args: argp
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if family == "mu":
+        from compress.families.mu import calibration_feeds
         from compress.mu_export import write_mu_graphs
-        from compress.mu_run import calibration_feeds
         from quant import runtime
 
         # The decoder's own cache holds the generated tokens only: new_tokens slots.

@@ -29,6 +29,8 @@ from compress.errors import (
     UnsupportedArchitectureError,
 )
 from compress.evaluate import PairQuality, Quality, pair_quality, perplexity, quality
+from compress.families import StudentFamily, family_names, get_family
+from compress.families import register as register_family
 from compress.finetune import FinetuneConfig, finetune
 from compress.pipeline import CompressResult, StageMetrics, run
 from compress.planner import PruningPlan, keep_all_plan, plan
@@ -84,6 +86,7 @@ __all__ = [
     "RunDirectoryError",
     "Shape",
     "StageMetrics",
+    "StudentFamily",
     "TargetSize",
     "TeacherNotFoundError",
     "UnsupportedArchitectureError",
@@ -91,7 +94,9 @@ __all__ = [
     "apply_plan",
     "distill",
     "export_graphs",
+    "family_names",
     "finetune",
+    "get_family",
     "get_profile",
     "keep_all_plan",
     "load_corpus",
@@ -107,6 +112,7 @@ __all__ = [
     "quality",
     "quantize_graphs",
     "register",
+    "register_family",
     "register_students",
     "resolve",
     "run",

@@ -24,12 +24,6 @@ DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("rotate", "embed-rows")
 STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", "report")
 """The stages in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
 ``--teacher-correction-tokens`` is set; ``quantize`` does nothing with ``--quant none``."""
-STUDENTS = ("minitron", "mobilellm", "mu")
-"""Student families: ``minitron`` is the teacher pruned by importance, then distilled; ``mobilellm`` the same,
-deep and thin, with each block applied twice (compress.mobilellm); ``mu`` a Mu-like encoder-decoder initialized
-from the pruned teacher and distilled across architectures (compress.mu, compress.mu_run)."""
-# How many times in a row each kept block is applied (MobileLLM's immediate block-wise weight sharing).
-BLOCK_REPEATS = {"minitron": 1, "mobilellm": 2, "mu": 1}
 QUANT_CHOICES = ("none", *PRESETS)
 AXES = ("heads", "kv", "hidden", "mlp", "layers")
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
@@ -141,8 +135,12 @@ class CompressConfig:
         _choice("layer-metric", self.layer_metric, LAYER_METRICS)
         _choice("proxy", self.proxy, PROXIES)
         _choice("stop-after", self.stop_after, STAGES)
-        if self.student not in STUDENTS:
-            raise ConfigError(f"--student {self.student!r}: choose one of {', '.join(STUDENTS)}")
+        from compress.families import (
+            family_names,  # the families import the run's machinery, which imports this
+        )
+
+        if self.student not in family_names():
+            raise ConfigError(f"--student {self.student!r}: choose one of {', '.join(family_names())}")
         _choice("quant", self.quant, QUANT_CHOICES)
         _choice("npu-profile", self.npu_profile, tuple(PROFILES))
         transforms = DEFAULT_TRANSFORMS[self.quant] if self.quant_transforms is None else self.quant_transforms

@@ -19,8 +19,8 @@ from compress.config import CompressConfig
 from compress.data import token_batches
 from compress.errors import CompressError
 from compress.evaluate import continuation_quality, quality
+from compress.families.mu import cut_of
 from compress.mobilellm import is_block_shared
-from compress.mu_run import cut_of
 from compress.surgery import save_checkpoint
 from distill import DistillError, distill
 
@@ -60,7 +60,7 @@ def distill_student(
     ``reference``: the teacher's top-1 predictions on the validation sequences, for the student's agreement;
     ``others``: more evaluation sets (name -> their sequences and the teacher's top-1 on them), measured alongside.
     """
-    from compress.pipeline import load_model
+    from compress.runstate import load_model
 
     if not (student_dir / "config.json").exists():
         raise CompressError(f"no student checkpoint in {student_dir}; run the prune stage first or pass --student DIR")
@@ -81,7 +81,7 @@ def distill_student(
     def evaluate(model: Any) -> dict[str, float]:
         measured = {}
         for name, (ids, top1) in sets.items():
-            if encoder_decoder:  # scored on continuations, like every row of a Mu-like run (compress.mu_run)
+            if encoder_decoder:  # scored on continuations, like every row of a Mu-like run (compress.families.mu)
                 cut = cut_of(ids.shape[1])
                 scored, _ = continuation_quality(model, ids, cut, config.batch_size,
                                                  None if top1 is None else top1[:, cut - 1 :])

@@ -81,7 +81,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
 
     from compress.data import load_pairs, pair_batches
     from compress.evaluate import pair_quality
-    from compress.pipeline import load_model
+    from compress.runstate import load_model
     from compress.teachers import load_teacher
 
     student_dir, out = Path(config.student), Path(config.out)

@@ -16,20 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from compress.archspec import ArchSpec, resolve
-from compress.config import BLOCK_REPEATS, STAGES, CompressConfig
-from compress.data import GENERAL_EVAL, eval_set_name, load_corpus, token_batches
-from compress.errors import CompressError, DataError, RunDirectoryError
-from compress.evaluate import Perplexity, mean_nll, perplexity, quality
+from compress.config import STAGES, CompressConfig
+from compress.errors import CompressError, RunDirectoryError
+from compress.evaluate import perplexity
+from compress.families import get_family
 from compress.io import read_json, write_json
-from compress.planner import PruningPlan, feasible_shapes, plan
-from compress.scoring import check_scores, score_importance
-from compress.surgery import apply_plan, prune, save_checkpoint
-from compress.teachers import load_teacher
-from importance import ImportanceScores
+from compress.planner import PruningPlan, feasible_shapes
+from compress.runstate import RunState, folder_mb, load_model
+from compress.scoring import score_importance
+from compress.surgery import save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +49,13 @@ _STAGE_FIELDS = {
 _STAGE_CODE = {
     "correct": ("compress/data.py", "compress/corpora.py", "compress/teachers.py", "distill"),
     "score": ("importance", "compress/scoring.py", "compress/archspec.py"),
-    "plan": ("compress/planner.py", "compress/mobilellm.py", "compress/mu.py", "compress/students.py"),
-    "prune": ("compress/surgery.py", "compress/evaluate.py", "compress/mu_init.py"),
+    "plan": ("compress/planner.py", "compress/mobilellm.py", "compress/mu.py", "compress/students.py",
+             "compress/families"),
+    "prune": ("compress/surgery.py", "compress/evaluate.py", "compress/mu_init.py", "compress/runstate.py"),
     "distill": ("compress/distillation.py",),
     "export": ("quant/export.py", "quant/runtime.py", "compress/export.py", "compress/mu_export.py", "compress/outliers.py",
                "compress/quantization.py"),
-    "quantize": ("quant", "compress/gptq.py", "compress/mu_run.py"),
+    "quantize": ("quant", "compress/gptq.py"),
     "report": ("compress/report.py",),
 }
 _OURS = ("compress", "distill", "quant", "importance", "benchmarks")
@@ -129,124 +125,6 @@ class CompressResult:
         return path.read_text() if path.exists() else f"run directory {self.run_dir}: {[s.stage for s in self.stages]}"
 
 
-class _Run:
-    """Lazily loaded shared state of one run (teacher, data) so reused stages load nothing."""
-
-    def __init__(self, config: CompressConfig, progress: bool) -> None:
-        self.config = config
-        self.progress = progress
-        self.dir = config.run_dir
-        self._teacher: tuple[Any, Any] | None = None
-        self._spec: ArchSpec | None = None
-        self._dataset: Any = None
-        self._eval_sets: dict[str, tuple[Any, str]] | None = None
-        self.fingerprint = ""
-        self.teacher_fingerprint = ""  # of the correct stage: which teacher, data and correction
-
-    @property
-    def teacher(self) -> Any:
-        """The teacher every stage uses: the corrected one (``run_dir/teacher``) when correction is on."""
-        if self._teacher is None:
-            corrected = self.dir / "teacher"
-            source = str(corrected) if self.config.teacher_correction_tokens and (corrected / "config.json").exists() else self.config.teacher
-            log.info("loading teacher %s", source)
-            self._teacher = load_teacher(source, self.config.trust_remote_code)
-        return self._teacher[0]
-
-    @property
-    def tokenizer(self) -> Any:
-        self.teacher  # noqa: B018 - loads both
-        assert self._teacher is not None
-        return self._teacher[1]
-
-    @property
-    def spec(self) -> ArchSpec:
-        if self._spec is None:
-            self._spec = resolve(self.teacher)
-        return self._spec
-
-    @property
-    def dataset(self) -> Any:
-        if self._dataset is None:
-            self._dataset = load_corpus(self.config.data)
-        return self._dataset
-
-    def ids(self, split: str, seq_len: int, sequences: int) -> torch.Tensor:
-        return token_batches(self.dataset, self.tokenizer, split, seq_len, sequences)
-
-    @property
-    def eval_sets(self) -> dict[str, tuple[Any, str]]:
-        """Every evaluation set of the run, name -> (corpus, split): the training corpus's own validation split
-        (``validation``, in-domain), the general English set (``general-english``) and each ``--eval-data``."""
-        if self._eval_sets is None:
-            sets: dict[str, tuple[Any, str]] = {"validation": (self.dataset, "validation")}
-            for data in (GENERAL_EVAL, *self.config.eval_data):
-                try:
-                    sets[eval_set_name(data)] = (load_corpus(data, evaluation=True), "all")
-                except DataError as error:  # load_corpus speaks of --data
-                    raise DataError(str(error).replace("--data ", "--eval-data ", 1)) from error
-            self._eval_sets = sets
-        return self._eval_sets
-
-    def validation(self, seq_len: int) -> Reference:
-        """The run's in-domain validation sequences with the teacher's perplexity and top-1 (see :meth:`reference`)."""
-        return self.reference("validation", seq_len)
-
-    def references(self, seq_len: int) -> dict[str, Reference]:
-        """:meth:`reference` of every evaluation set, the in-domain validation first."""
-        return {name: self.reference(name, seq_len) for name in self.eval_sets}
-
-    def reference(self, name: str, seq_len: int) -> Reference:
-        """One evaluation set's sequences of ``seq_len`` tokens with the teacher's perplexity and top-1 on them.
-
-        Every model and graph of the run is measured on these, so their numbers compare. The teacher's part
-        is computed once per set and length and kept in ``validation.<seq_len>.safetensors`` (the in-domain
-        set) or ``eval.<name>.<seq_len>.safetensors``.
-        """
-        from safetensors import safe_open
-        from safetensors.torch import load_file, save_file
-
-        corpus, split = self.eval_sets[name]
-        ids = token_batches(corpus, self.tokenizer, split, seq_len, self.config.eval_samples)
-        path = self.dir / (f"validation.{seq_len}.safetensors" if name == "validation" else f"eval.{name}.{seq_len}.safetensors")
-        if path.exists():
-            with safe_open(str(path), "pt") as handle:
-                meta = handle.metadata() or {}
-            stored = load_file(str(path))
-            if meta.get("teacher") == self.teacher_fingerprint and torch.equal(stored["ids"], ids):
-                return Reference(ids, stored["teacher_top1"], Perplexity(**json.loads(meta["perplexity"])))
-        measured = quality(self.teacher, ids, self.config.batch_size, progress=self.progress)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"ids": ids.contiguous(), "teacher_top1": measured.top1.contiguous()}, str(tmp),
-                  metadata={"teacher": self.teacher_fingerprint, "perplexity": json.dumps(measured.perplexity.to_dict())})
-        tmp.replace(path)
-        return Reference(ids, measured.top1, measured.perplexity)
-
-    def evals(self, model: Any, seq_len: int) -> dict[str, dict[str, Any]]:
-        """The model's fp32 perplexity and top-1 agreement with the teacher on every evaluation set."""
-        out = {}
-        for name, reference in self.references(seq_len).items():
-            measured = quality(model, reference.ids, self.config.batch_size, reference.teacher_top1,
-                               progress=self.progress)
-            out[name] = {"perplexity": measured.perplexity.perplexity, "agreement": measured.agreement,
-                         "tokens": measured.perplexity.tokens, "teacher_perplexity": reference.teacher.perplexity}
-        return out
-
-
-@dataclass(frozen=True)
-class Reference:
-    """Validation sequences and the teacher's perplexity and top-1 predictions on them."""
-
-    ids: torch.Tensor
-    teacher_top1: torch.Tensor
-    teacher: Perplexity
-
-
-def folder_mb(path: Path) -> float:
-    """Size on disk of a checkpoint's weight files, in MB."""
-    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e6
-
-
 def _prepare_run_dir(config: CompressConfig) -> None:
     run_dir = config.run_dir
     if run_dir.exists() and not run_dir.is_dir():
@@ -307,7 +185,7 @@ def run(config: CompressConfig | None = None, progress: bool = True, **fields: A
 
 
 def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
-    state = _Run(config, progress)
+    state = RunState(config, progress)
     stages_file = state.dir / "stages.json"
     done: dict[str, str] = read_json(stages_file) if stages_file.exists() else {}
     results: list[StageMetrics] = []
@@ -320,7 +198,7 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
     if any(done.get(stage) != fingerprint for stage, fingerprint in fingerprints.items()):
         state.dataset  # noqa: B018 - unreadable data fails here, before any stage spends time
         state.eval_sets  # noqa: B018 - and so does a missing evaluation set
-    if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and config.student != "mu":
+    if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and get_family(config.student).prunes_teacher:
         # Refuse an infeasible target before the expensive scoring stage, not after it.
         feasible_shapes(state.spec, state.teacher.config, config.target, config.axes, config.align, config.tolerance)
     for stage, fingerprint in fingerprints.items():
@@ -372,7 +250,7 @@ def code_version(stage: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _correct(state: _Run) -> dict[str, Any]:
+def _correct(state: RunState) -> dict[str, Any]:
     """Minitron's teacher correction: a short cross-entropy fine-tune of the teacher on the training split."""
     c = state.config
     corrected = state.dir / "teacher"
@@ -401,7 +279,7 @@ def _correct(state: _Run) -> dict[str, Any]:
             "tokens_per_second": result.tokens_per_second}
 
 
-def _score(state: _Run) -> dict[str, Any]:
+def _score(state: RunState) -> dict[str, Any]:
     c = state.config
     ids = state.ids("calibration", c.calib_seq_len, c.calib_samples) if c.importance == "activation" else None
     scores = score_importance(
@@ -427,77 +305,7 @@ def _score(state: _Run) -> dict[str, Any]:
     return {"method": scores.method, "samples": scores.samples, "tokens": scores.tokens}
 
 
-def _plan(state: _Run) -> dict[str, Any]:
-    c = state.config
-    if c.student == "mu":
-        from compress import mu_run
-
-        return mu_run.plan_stage(state)
-    scores = ImportanceScores.load(state.dir / "scores.safetensors")
-    check_scores(scores, state.spec)
-    calib = state.ids("calibration", c.calib_seq_len, _PROXY_SEQUENCES) if c.proxy == "loss" else None
-    teacher, spec = state.teacher, state.spec
-
-    repeats = BLOCK_REPEATS[c.student]
-
-    def evaluate(kept: dict[str, list[int]], shape: Any) -> float:
-        candidate = prune(teacher, spec, shape, kept)
-        if repeats > 1:
-            from compress.mobilellm import share_blocks
-
-            candidate = share_blocks(candidate, repeats)
-        return mean_nll(candidate, calib, batch_size=c.batch_size, bf16=c.bf16)
-
-    chosen = plan(
-        spec,
-        teacher.config,
-        scores,
-        c.target,
-        axes=c.axes,
-        align=c.align,
-        tolerance=c.tolerance,
-        proxy=c.proxy,
-        search_candidates=c.search_candidates,
-        evaluate=evaluate if spec.causal_lm and c.proxy == "loss" else None,
-        repeats=repeats,
-    )
-    chosen.save(state.dir / "plan.json")
-    return {
-        "shape": chosen.shape.to_dict(),
-        "params": chosen.params,
-        "teacher_params": chosen.teacher_params,
-        "target_params": chosen.target_params,
-        "candidates": len(chosen.candidates),
-        "reason": chosen.reason,
-    }
-
-
-def _prune(state: _Run) -> dict[str, Any]:
-    c = state.config
-    if c.student == "mu":
-        from compress import mu_run
-
-        return mu_run.prune_stage(state)
-    chosen = PruningPlan.load(state.dir / "plan.json")
-    student = apply_plan(state.teacher, state.spec, chosen)
-    save_checkpoint(student, state.tokenizer, state.dir / "pruned")
-    metrics: dict[str, Any] = {"params": chosen.params, "teacher_params": chosen.teacher_params,
-                               "pruned_mb": folder_mb(state.dir / "pruned")}
-    if state.spec.causal_lm:
-        evals = state.evals(student, c.eval_seq_len)
-        valid = evals["validation"]
-        metrics.update(
-            teacher_perplexity=valid["teacher_perplexity"],
-            pruned_perplexity=valid["perplexity"],
-            pruned_agreement=valid["agreement"],
-            validation_tokens=valid["tokens"],
-            validation_seq_len=c.eval_seq_len,
-            evals=evals,
-        )
-    return metrics
-
-
-def _distill(state: _Run) -> dict[str, Any]:
+def _distill(state: RunState) -> dict[str, Any]:
     from compress.distillation import distill_student
 
     # Checkpoints resume only a run with the same settings and the same pruned student: the folder is
@@ -518,124 +326,29 @@ def _distill(state: _Run) -> dict[str, Any]:
     return {**metrics, "student_mb": folder_mb(state.dir / "student")}
 
 
-def load_model(path: Path, **kwargs: Any) -> Any:
-    """A checkpoint of any student family: a causal LM, or an encoder-decoder (Mu-like) one."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    config = _registered(AutoConfig).from_pretrained(path)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return auto.from_pretrained(path, **kwargs)
-
-
-def _registered(auto: Any) -> Any:
-    """``auto`` after the student families' classes are registered with it (see compress.students)."""
-    from compress.students import register
-
-    register()
-    return auto
-
-
-def final_model(state: _Run) -> tuple[Path, Any]:
-    """The model the graphs are made of: the distilled student, or the pruned (for Mu, the initialized) one when
-    distillation was skipped; any student family."""
-    source = state.dir / "student"
-    if not (source / "config.json").exists():
-        source = state.dir / "pruned"
-    return source, load_model(source, dtype=torch.float32).eval()
-
-
-def _prepared(state: _Run) -> tuple[Path, Any, torch.Tensor]:
-    from compress.quantization import prepare
-    from quant.profiles import get_profile
-
-    c = state.config
-    source, model = final_model(state)
-    calib = state.ids("calibration", c.seq_len, c.quant_calib_samples)
-    conv = get_profile(c.npu_profile).linear_as_conv
-    return source, prepare(model, c.seq_len, c.quant_transforms, calib, seed=c.seed, conv=conv), calib
-
-
-def _export(state: _Run) -> dict[str, Any]:
-    from safetensors.numpy import save_file
-
-    from compress.quantization import export_graphs, measure
-    from quant import runtime
-
-    c = state.config
-    if c.student == "mu":
-        from compress import mu_run
-
-        return mu_run.export_stage(state)
-    source, lm, _ = _prepared(state)
-    folder = state.dir / "onnx"
-    shutil.rmtree(folder, ignore_errors=True)  # graphs of other settings (and their quantized copies) go
-    prefill, decode = export_graphs(lm, folder)
-    references = state.references(c.seq_len)
-    reference = references["validation"]
-    valid = reference.ids
-    with torch.no_grad():
-        expected = lm.prefill(valid[:1])[0].numpy()
-    got = runtime.prefill_logits(runtime.session(prefill), valid[:1].numpy())
-    metrics, top1 = measure(prefill, decode, valid.numpy(), reference.teacher_top1.numpy(), progress=state.progress,
-                            others=_graph_sets(references))
-    save_file({"top1": top1}, str(folder / "model.top1.safetensors"))  # the reference of the integer graphs
-    return {"source": str(source), "seq_len": c.seq_len, "transforms": list(c.quant_transforms),
-            "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "teacher_perplexity": reference.teacher.perplexity,
-            "fp32": metrics}
-
-
-# ONNX Runtime runs a 16-bit QDQ graph as float with conversions, ~1.5 s per sequence here: the graphs are
-# scored on the first sequences of each held-out set (the in-domain set in full).
-GRAPH_HELD_OUT_SEQUENCES = 16
-
-
-def _graph_sets(references: dict[str, Reference]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The evaluation sets other than the in-domain one, for the graphs (agreement with the teacher's top-1)."""
-    n = GRAPH_HELD_OUT_SEQUENCES
-    return {k: (r.ids[:n].numpy(), r.teacher_top1[:n].numpy()) for k, r in references.items() if k != "validation"}
-
-
-def _quantize(state: _Run) -> dict[str, Any]:
-    from safetensors.numpy import load_file
-
-    from compress.quantization import measure, quantize_graphs
-    from quant.profiles import get_profile
-    from quant.quantize import PRESETS
-
-    c = state.config
-    if c.quant == "none":
-        return {"quant": "none"}
-    if c.student == "mu":
-        from compress import mu_run
-
-        return mu_run.quantize_stage(state)
-    _, lm, calib = _prepared(state)
-    folder = state.dir / "onnx"
-    references = state.references(c.seq_len)
-    reference = references["validation"]
-    float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
-    graphs = quantize_graphs(lm, folder, PRESETS[c.quant], get_profile(c.npu_profile), calib.numpy(),
-                             decode_calib_tokens=c.quant_decode_calib_tokens,
-                             progress=state.progress)
-    metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress,
-                            others=_graph_sets(references))
-    metrics["agreement_with_float"] = metrics.pop("agreement")
-    if "decode_agreement" in metrics:
-        metrics["decode_agreement_with_float"] = metrics.pop("decode_agreement")
-    metrics["agreement"] = float((top1 == reference.teacher_top1.numpy()).mean())
-    violations = graphs.violations["prefill"] + graphs.violations["decode"]
-    if violations:
-        log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",
-                    len(violations), c.npu_profile, graphs.prefill, c.npu_profile)
-    return {"quant": c.quant, "npu_profile": c.npu_profile, c.quant: metrics, "violations": violations,
-            "reports": {k: v.to_dict() for k, v in graphs.reports.items()}}
-
-
-def _report(state: _Run) -> dict[str, Any]:
+def _report(state: RunState) -> dict[str, Any]:
     from compress.report import write_report
 
     report = write_report(state.dir)
     return {"files": report["files"], "verdict": report["verdict"]}
+
+
+def _plan(state: RunState) -> dict[str, Any]:
+    return get_family(state.config.student).plan(state)
+
+
+def _prune(state: RunState) -> dict[str, Any]:
+    return get_family(state.config.student).prune(state)
+
+
+def _export(state: RunState) -> dict[str, Any]:
+    return get_family(state.config.student).export(state)
+
+
+def _quantize(state: RunState) -> dict[str, Any]:
+    if state.config.quant == "none":
+        return {"quant": "none"}
+    return get_family(state.config.student).quantize(state)
 
 
 _STAGE_RUNNERS = {"correct": _correct, "score": _score, "plan": _plan, "prune": _prune, "distill": _distill,

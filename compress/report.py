@@ -16,6 +16,7 @@ from typing import Any
 
 from compress.corpora import CORPORA, DEFAULT_CORPUS, GENERAL_EVAL
 from compress.errors import RunDirectoryError
+from compress.families import get_family
 from compress.io import read_json, write_json
 
 # Quality bars the verdict judges an integer graph by (relative perplexity increase over the float graph).
@@ -73,7 +74,7 @@ def _graph_row(name: str, path: str, g: dict[str, Any], params: int | None) -> d
             "decode_validation_tokens": g.get("decode_validation_tokens"), "evals": _others(g.get("evals", {}))}
 
 
-def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]]) -> str:
+def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]], student: str = "minitron") -> str:
     by_name = {r["name"]: r for r in rows}
     quant = m.get("quantize", {})
     float_graph = by_name.get("fp32 graph")
@@ -93,9 +94,8 @@ def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]]) -> str:
             parts.append(f"Do not ship `{graph['path']}` yet: it has {graph['violations']} {quant['npu_profile']} violations "
                          f"(`compress inspect {graph['path']} --npu-profile {quant['npu_profile']}` lists them).")
         else:
-            instead = ("`--quant a16w8` (16-bit activations)" if name != "a16w8" else
-                       "more `--quant-calib-samples` or `--quant-decode-calib-tokens`" if quant.get("student") == "mu"
-                       else "other `--quant-transforms` or more `--quant-calib-samples`")  # no transforms for Mu yet
+            instead = ("`--quant a16w8` (16-bit activations)" if name != "a16w8"
+                       else get_family(student).calibration_hint)
             parts.append(f"`{graph['path']}` ({graph['mb']:.0f} MB, {size:.0%} of the float graph) costs {increase:+.1%} "
                          f"perplexity over the float graph, above the {bar:.0%} bar for {name}: ship it if that is "
                          f"acceptable, else try {instead}, or ship the float graph ({float_graph['mb']:.0f} MB).")
@@ -390,7 +390,7 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
                                   "others": {k: {"before": d["evals_before"][k]["perplexity"], "after": v["perplexity"]}
                                              for k, v in d.get("evals", {}).items()
                                              if k != "validation" and k in d.get("evals_before", {})}}
-    report["verdict"] = _verdict(rows, m)
+    report["verdict"] = _verdict(rows, m, config.get("student", "minitron"))
     report["files"] = {"json": "report.json", "markdown": "report.md", "plots": _plots(run_dir, report)}
     write_json(run_dir / "report.json", report)
     with tempfile.NamedTemporaryFile("w", dir=run_dir, prefix=".report.md.", delete=False) as handle:

@@ -336,3 +336,37 @@ def test_mu_student_runs_from_the_cli_to_a_report_scored_on_continuations(tmp_pa
     assert [r["name"] for r in report["rows"]] == ["teacher", "pruned", "distilled", "fp32 graph", "a16w8 graph (qnn-htp)"]
     assert report["rows"][3]["path"] == "onnx/encoder.onnx" and report["rows"][4]["decode_path"] == "onnx/decoder.a16w8.onnx"
     assert "continuations" in (out / "report.md").read_text()
+
+
+def test_a_new_student_family_is_one_class_and_one_registry_line(tmp_path):
+    from compress import run
+    from compress.families import FAMILIES, family_names, register
+    from compress.families.minitron import Minitron
+    from compress.planner import keep_all_plan
+
+    class Unpruned(Minitron):
+        """A fake family: the student is the whole teacher (Minitron's prune, export and quantize stages)."""
+
+        name = "unpruned"
+        description = "the teacher, every unit kept"
+        prunes_teacher = False
+
+        def plan(self, state):
+            chosen = keep_all_plan(state.spec, state.teacher.config)
+            chosen.save(state.dir / "plan.json")
+            return {"shape": chosen.shape.to_dict(), "params": chosen.params, "teacher_params": chosen.teacher_params,
+                    "target_params": chosen.target_params, "candidates": 0, "reason": chosen.reason}
+
+    teacher = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2)
+    register(Unpruned())
+    try:
+        assert "unpruned" in family_names()
+        result = run(teacher=str(write_teacher(tmp_path, teacher)), data=str(write_corpus(tmp_path)), target_size="0.5x",
+                     out=str(tmp_path / "run"), student="unpruned", stop_after="prune", calib_samples=4,
+                     calib_seq_len=16, eval_samples=2, eval_seq_len=16, batch_size=2, progress=False)
+    finally:
+        FAMILIES.pop("unpruned")
+    pruned = result.load_pruned()
+    assert pruned.config.intermediate_size == 128 and pruned.config.num_hidden_layers == 2
+    assert result.metrics()["prune"]["params"] == result.metrics()["prune"]["teacher_params"]
+    assert "unpruned" not in family_names()

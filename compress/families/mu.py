@@ -1,5 +1,5 @@
-"""The pipeline's stages for ``--student mu``: a Mu-like encoder-decoder (:mod:`compress.mu`) instead of a
-pruned teacher.
+"""The Mu-like family (``--student mu``): a small encoder-decoder (:mod:`compress.mu`) initialized from the
+teacher instead of a pruned teacher, and its stages.
 
 - plan: :func:`compress.mu.mu_config` sizes the student for the target (aligned widths, about two thirds
   of the layer parameters in the encoder) with the teacher's vocabulary and RoPE base; ``plan.json`` holds
@@ -29,6 +29,7 @@ import torch
 
 from compress.errors import PlanInfeasibleError
 from compress.evaluate import continuation_quality
+from compress.families import StudentFamily, register
 from compress.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def prune_stage(state: Any) -> dict[str, Any]:
     calib = state.ids("calibration", c.calib_seq_len, min(c.calib_samples, 16))
     student = mu_from_teacher(state.teacher, state.spec, scores, _mu_config(state), calib, batch_size=c.batch_size)
     save_checkpoint(student, state.tokenizer, state.dir / "pruned")
-    from compress.pipeline import folder_mb
+    from compress.runstate import folder_mb
 
     references = state.references(c.eval_seq_len)
     evals = {}
@@ -204,7 +205,7 @@ def export_stage(state: Any) -> dict[str, Any]:
 
     from compress.evaluate import continuation_logits
     from compress.mu_export import write_mu_graphs
-    from compress.pipeline import final_model
+    from compress.runstate import final_model
     from quant import runtime
 
     c = state.config
@@ -248,7 +249,7 @@ def quantize_stage(state: Any) -> dict[str, Any]:
     import onnx
     from safetensors.numpy import load_file
 
-    from compress.pipeline import final_model
+    from compress.runstate import final_model
     from quant import runtime
     from quant.profiles import check, get_profile
     from quant.quantize import PRESETS, quantize
@@ -278,3 +279,27 @@ def quantize_stage(state: Any) -> dict[str, Any]:
                     len(violations), c.npu_profile, folder / names["encoder"], c.npu_profile)
     return {"quant": c.quant, "npu_profile": c.npu_profile, c.quant: metrics, "violations": violations,
             "reports": {k: v.to_dict() for k, v in reports.items()}, "student": "mu"}
+
+
+class Mu(StudentFamily):
+    """A Mu-like encoder-decoder initialized from the pruned teacher, distilled across architectures."""
+
+    name = "mu"
+    description = "a Mu-like encoder-decoder initialized from the teacher and distilled across architectures"
+    prunes_teacher = False  # it is sized by compress.mu.mu_config, not by pruning the teacher's shape
+    calibration_hint = "more `--quant-calib-samples` or `--quant-decode-calib-tokens`"  # no float rewrites for Mu yet
+
+    def plan(self, state: Any) -> dict[str, Any]:
+        return plan_stage(state)
+
+    def prune(self, state: Any) -> dict[str, Any]:
+        return prune_stage(state)
+
+    def export(self, state: Any) -> dict[str, Any]:
+        return export_stage(state)
+
+    def quantize(self, state: Any) -> dict[str, Any]:
+        return quantize_stage(state)
+
+
+register(Mu())

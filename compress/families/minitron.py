@@ -1,0 +1,187 @@
+"""The Minitron-like family (the teacher pruned by importance, then distilled) and the MobileLLM-like one (the
+same, deep and thin, each kept block applied twice): their plan, prune, export and quantize stages.
+
+plan: :func:`compress.planner.plan` picks the NPU-aligned shape nearest the target from the importance scores
+(with the loss proxy on calibration sequences); prune: :func:`compress.surgery.apply_plan` slices the teacher;
+export / quantize: static-shape prefill and decode graphs (:mod:`compress.quantization`), measured on every
+evaluation set.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress.evaluate import mean_nll
+from compress.families import StudentFamily, register
+from compress.planner import PruningPlan, plan
+from compress.runstate import Reference, RunState, final_model, folder_mb
+from compress.scoring import check_scores
+from compress.surgery import apply_plan, prune, save_checkpoint
+from importance import ImportanceScores
+
+log = logging.getLogger(__name__)
+
+# Calibration sequences the planner's loss proxy runs each candidate on (16 x calib_seq_len tokens).
+_PROXY_SEQUENCES = 16
+
+
+def _prepared(state: RunState) -> tuple[Path, Any, torch.Tensor]:
+    from compress.quantization import prepare
+    from quant.profiles import get_profile
+
+    c = state.config
+    source, model = final_model(state)
+    calib = state.ids("calibration", c.seq_len, c.quant_calib_samples)
+    conv = get_profile(c.npu_profile).linear_as_conv
+    return source, prepare(model, c.seq_len, c.quant_transforms, calib, seed=c.seed, conv=conv), calib
+
+
+# ONNX Runtime runs a 16-bit QDQ graph as float with conversions, ~1.5 s per sequence here: the graphs are
+# scored on the first sequences of each held-out set (the in-domain set in full).
+GRAPH_HELD_OUT_SEQUENCES = 16
+
+
+def _graph_sets(references: dict[str, Reference]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The evaluation sets other than the in-domain one, for the graphs (agreement with the teacher's top-1)."""
+    n = GRAPH_HELD_OUT_SEQUENCES
+    return {k: (r.ids[:n].numpy(), r.teacher_top1[:n].numpy()) for k, r in references.items() if k != "validation"}
+
+
+class Minitron(StudentFamily):
+    """The teacher pruned by importance (Minitron-style), then distilled."""
+
+    name = "minitron"
+    description = "the teacher pruned by importance along heads, hidden channels, MLP neurons and layers"
+    block_repeats = 1  # how many times in a row each kept block is applied
+    calibration_hint = "other `--quant-transforms` or more `--quant-calib-samples`"
+
+    def plan(self, state: RunState) -> dict[str, Any]:
+        c = state.config
+        scores = ImportanceScores.load(state.dir / "scores.safetensors")
+        check_scores(scores, state.spec)
+        calib = state.ids("calibration", c.calib_seq_len, _PROXY_SEQUENCES) if c.proxy == "loss" else None
+        teacher, spec = state.teacher, state.spec
+
+        repeats = self.block_repeats
+
+        def evaluate(kept: dict[str, list[int]], shape: Any) -> float:
+            candidate = prune(teacher, spec, shape, kept)
+            if repeats > 1:
+                from compress.mobilellm import share_blocks
+
+                candidate = share_blocks(candidate, repeats)
+            return mean_nll(candidate, calib, batch_size=c.batch_size, bf16=c.bf16)
+
+        chosen = plan(
+            spec,
+            teacher.config,
+            scores,
+            c.target,
+            axes=c.axes,
+            align=c.align,
+            tolerance=c.tolerance,
+            proxy=c.proxy,
+            search_candidates=c.search_candidates,
+            evaluate=evaluate if spec.causal_lm and c.proxy == "loss" else None,
+            repeats=repeats,
+        )
+        chosen.save(state.dir / "plan.json")
+        return {
+            "shape": chosen.shape.to_dict(),
+            "params": chosen.params,
+            "teacher_params": chosen.teacher_params,
+            "target_params": chosen.target_params,
+            "candidates": len(chosen.candidates),
+            "reason": chosen.reason,
+        }
+
+    def prune(self, state: RunState) -> dict[str, Any]:
+        c = state.config
+        chosen = PruningPlan.load(state.dir / "plan.json")
+        student = apply_plan(state.teacher, state.spec, chosen)
+        save_checkpoint(student, state.tokenizer, state.dir / "pruned")
+        metrics: dict[str, Any] = {"params": chosen.params, "teacher_params": chosen.teacher_params,
+                                   "pruned_mb": folder_mb(state.dir / "pruned")}
+        if state.spec.causal_lm:
+            evals = state.evals(student, c.eval_seq_len)
+            valid = evals["validation"]
+            metrics.update(
+                teacher_perplexity=valid["teacher_perplexity"],
+                pruned_perplexity=valid["perplexity"],
+                pruned_agreement=valid["agreement"],
+                validation_tokens=valid["tokens"],
+                validation_seq_len=c.eval_seq_len,
+                evals=evals,
+            )
+        return metrics
+
+    def export(self, state: RunState) -> dict[str, Any]:
+        from safetensors.numpy import save_file
+
+        from compress.quantization import export_graphs, measure
+        from quant import runtime
+
+        c = state.config
+        source, lm, _ = _prepared(state)
+        folder = state.dir / "onnx"
+        shutil.rmtree(folder, ignore_errors=True)  # graphs of other settings (and their quantized copies) go
+        prefill, decode = export_graphs(lm, folder)
+        references = state.references(c.seq_len)
+        reference = references["validation"]
+        valid = reference.ids
+        with torch.no_grad():
+            expected = lm.prefill(valid[:1])[0].numpy()
+        got = runtime.prefill_logits(runtime.session(prefill), valid[:1].numpy())
+        metrics, top1 = measure(prefill, decode, valid.numpy(), reference.teacher_top1.numpy(), progress=state.progress,
+                                others=_graph_sets(references))
+        save_file({"top1": top1}, str(folder / "model.top1.safetensors"))  # the reference of the integer graphs
+        return {"source": str(source), "seq_len": c.seq_len, "transforms": list(c.quant_transforms),
+                "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "teacher_perplexity": reference.teacher.perplexity,
+                "fp32": metrics}
+
+    def quantize(self, state: RunState) -> dict[str, Any]:
+        from safetensors.numpy import load_file
+
+        from compress.quantization import measure, quantize_graphs
+        from quant.profiles import get_profile
+        from quant.quantize import PRESETS
+
+        c = state.config
+        _, lm, calib = _prepared(state)
+        folder = state.dir / "onnx"
+        references = state.references(c.seq_len)
+        reference = references["validation"]
+        float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
+        graphs = quantize_graphs(lm, folder, PRESETS[c.quant], get_profile(c.npu_profile), calib.numpy(),
+                                 decode_calib_tokens=c.quant_decode_calib_tokens,
+                                 progress=state.progress)
+        metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress,
+                                others=_graph_sets(references))
+        metrics["agreement_with_float"] = metrics.pop("agreement")
+        if "decode_agreement" in metrics:
+            metrics["decode_agreement_with_float"] = metrics.pop("decode_agreement")
+        metrics["agreement"] = float((top1 == reference.teacher_top1.numpy()).mean())
+        violations = graphs.violations["prefill"] + graphs.violations["decode"]
+        if violations:
+            log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",
+                        len(violations), c.npu_profile, graphs.prefill, c.npu_profile)
+        return {"quant": c.quant, "npu_profile": c.npu_profile, c.quant: metrics, "violations": violations,
+                "reports": {k: v.to_dict() for k, v in graphs.reports.items()}}
+
+
+class MobileLLM(Minitron):
+    """Deep and thin: the pruned teacher's kept blocks each applied twice (MobileLLM's block-wise weight sharing)."""
+
+    name = "mobilellm"
+    description = "the pruned teacher, deep and thin, each kept block applied twice (block-wise weight sharing)"
+    block_repeats = 2
+
+
+register(Minitron())
+register(MobileLLM())
