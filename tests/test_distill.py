@@ -20,12 +20,15 @@ def _pair(seed=0):
     return teacher, apply_plan(teacher, spec, plan)
 
 
+def _logit_inputs(seed, positions, vocab, width=16, teacher_width=24):
+    """Student hidden states and head (requiring gradients), teacher hidden states and head, and targets."""
+    torch.manual_seed(seed)
+    return (torch.randn(positions, width, requires_grad=True), torch.randn(vocab, width, requires_grad=True),
+            torch.randn(positions, teacher_width), torch.randn(vocab, teacher_width), torch.randint(0, vocab, (positions,)))
+
+
 def test_chunked_kl_equals_unchunked_in_value_and_gradient():
-    torch.manual_seed(0)
-    hidden = torch.randn(37, 16, requires_grad=True)
-    head = torch.randn(50, 16, requires_grad=True)
-    t_hidden, t_head = torch.randn(37, 24), torch.randn(50, 24)
-    targets = torch.randint(0, 50, (37,))
+    hidden, head, t_hidden, t_head, targets = _logit_inputs(0, 37, 50)
     values, grads = [], []
     for chunk in (5, 1000):
         loss = logit_distillation_loss(hidden, head, t_hidden, t_head, targets, temperature=2.0, ce_weight=0.5, chunk=chunk)
@@ -38,11 +41,7 @@ def test_chunked_kl_equals_unchunked_in_value_and_gradient():
 @pytest.mark.parametrize("temperature, kl_weight, ce_weight, cap", [
     (1.0, 1.0, 0.0, None), (2.0, 1.0, 0.5, None), (1.0, 0.5, 0.5, None), (1.0, 0.0, 1.0, 30.0), (1.0, 1.0, 0.0, 5.0)])
 def test_fused_loss_equals_autograd_in_value_and_gradient(temperature, kl_weight, ce_weight, cap):
-    torch.manual_seed(1)
-    hidden = torch.randn(150, 16, requires_grad=True)  # more positions than one fused slice (64)
-    head = torch.randn(70, 16, requires_grad=True)
-    t_hidden, t_head = torch.randn(150, 24), torch.randn(70, 24)
-    targets = torch.randint(0, 70, (150,))
+    hidden, head, t_hidden, t_head, targets = _logit_inputs(1, 150, 70)  # more positions than one fused slice (64)
     results = []
     for fused in (False, True):
         loss = logit_distillation_loss(hidden, head, t_hidden, t_head, targets, temperature=temperature,
@@ -56,11 +55,7 @@ def test_fused_loss_equals_autograd_in_value_and_gradient(temperature, kl_weight
 
 
 def test_fused_loss_under_bf16_autocast_matches_autograd_to_bf16_precision():
-    torch.manual_seed(2)
-    hidden = torch.randn(80, 32, requires_grad=True)
-    head = torch.randn(90, 32, requires_grad=True)
-    t_hidden, t_head = torch.randn(80, 32), torch.randn(90, 32)
-    targets = torch.randint(0, 90, (80,))
+    hidden, head, t_hidden, t_head, targets = _logit_inputs(2, 80, 90, width=32, teacher_width=32)
     results = []
     for fused in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16):
