@@ -20,7 +20,7 @@ import torch
 from compress.evaluate import mean_nll
 from compress.families import StudentFamily, register
 from compress.planner import PruningPlan, plan
-from compress.runstate import Reference, RunState, final_model, folder_mb
+from compress.runstate import GRAPH_HELD_OUT_SEQUENCES, Reference, RunState, final_model, folder_mb
 from compress.scoring import check_scores
 from compress.surgery import apply_plan, prune, save_checkpoint
 from importance import ImportanceScores
@@ -40,11 +40,6 @@ def _prepared(state: RunState) -> tuple[Path, Any, torch.Tensor]:
     calib = state.ids("calibration", c.seq_len, c.quant_calib_samples)
     conv = get_profile(c.npu_profile).linear_as_conv
     return source, prepare(model, c.seq_len, c.quant_transforms, calib, seed=c.seed, conv=conv), calib
-
-
-# ONNX Runtime runs a 16-bit QDQ graph as float with conversions, ~1.5 s per sequence here: the graphs are
-# scored on the first sequences of each held-out set (the in-domain set in full).
-GRAPH_HELD_OUT_SEQUENCES = 16
 
 
 def _graph_sets(references: dict[str, Reference]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

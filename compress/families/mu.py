@@ -31,6 +31,7 @@ from compress.errors import PlanInfeasibleError
 from compress.evaluate import continuation_quality
 from compress.families import StudentFamily, register
 from compress.io import read_json, write_json
+from compress.runstate import GRAPH_HELD_OUT_SEQUENCES
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +171,10 @@ def _speed(encoder: Any, decoder: Any, prompt: list[int], new_tokens: int, start
     return {"first_token_latency_ms": first * 1000, "decode_tokens_per_second": 1.0 / per_token}
 
 
-def measure_graphs(folder: Path, encoder_name: str, decoder_name: str, ids: np.ndarray, start_token: int,
-                   reference_top1: np.ndarray | None, new_tokens: int = 64) -> tuple[dict[str, Any], np.ndarray]:
-    """Continuation perplexity and agreement with ``reference_top1`` [n, L - cut], sizes, first-token latency
-    and decode speed of a Mu graph pair, and the graphs' top-1 predictions. The keys follow the decoder-only
-    graphs' metrics (``prefill_*`` is the encoder's side) so one report reads both."""
-    from quant import runtime
-
-    encoder, decoder = runtime.session(folder / encoder_name), runtime.session(folder / decoder_name)
+def _graph_continuations(encoder: Any, decoder: Any, ids: np.ndarray, start_token: int,
+                         reference_top1: np.ndarray | None) -> tuple[dict[str, Any], np.ndarray]:
+    """Continuation perplexity, agreement with ``reference_top1`` and tokens of a Mu graph pair on ``ids``, and
+    its top-1 predictions."""
     cut = cut_of(ids.shape[1])
     total, top1 = 0.0, []
     for row in ids:
@@ -187,17 +184,44 @@ def measure_graphs(folder: Path, encoder_name: str, decoder_name: str, ids: np.n
         total -= float(logp[np.arange(len(logits)), row[cut:]].sum())
         top1.append(logits.argmax(-1))
     predictions = np.stack(top1)
-    nll = total / predictions.size
+    scored = {"perplexity": float(np.exp(min(total / predictions.size, 700.0))), "tokens": int(predictions.size),
+              "agreement": None if reference_top1 is None else float((predictions == reference_top1).mean())}
+    return scored, predictions
+
+
+def measure_graphs(folder: Path, encoder_name: str, decoder_name: str, ids: np.ndarray, start_token: int,
+                   reference_top1: np.ndarray | None, new_tokens: int = 64,
+                   others: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """Continuation perplexity and agreement with ``reference_top1`` [n, L - cut], sizes, first-token latency
+    and decode speed of a Mu graph pair, and the graphs' top-1 predictions. The keys follow the decoder-only
+    graphs' metrics (``prefill_*`` is the encoder's side) so one report reads both. ``others`` (name ->
+    sequences and the teacher's continuation top-1) are more evaluation sets, scored into ``evals``."""
+    from quant import runtime
+
+    encoder, decoder = runtime.session(folder / encoder_name), runtime.session(folder / decoder_name)
+    cut = cut_of(ids.shape[1])
+    scored, predictions = _graph_continuations(encoder, decoder, ids, start_token, reference_top1)
+    evals = {name: _graph_continuations(encoder, decoder, rows, start_token, top1)[0]
+             for name, (rows, top1) in (others or {}).items()}
     prompt = [int(t) for t in ids[0, : min(128, cut)]]
     speed = _speed(encoder, decoder, prompt, new_tokens, start_token)
-    return {"perplexity": float(np.exp(min(nll, 700.0))), "validation_tokens": int(predictions.size),
-            "agreement": None if reference_top1 is None else float((predictions == reference_top1).mean()),
-            "path": f"onnx/{encoder_name}", "decode_path": f"onnx/{decoder_name}",
-            "prefill_mb": (folder / encoder_name).stat().st_size / 1e6,
-            "decode_mb": (folder / decoder_name).stat().st_size / 1e6,
-            "total_mb": sum((folder / name).stat().st_size for name in (encoder_name, decoder_name)) / 1e6,
-            "prefill_latency_ms": speed["first_token_latency_ms"], **speed, "metric": "continuation",
-            "continuation_cut": cut, "first_token_prompt_tokens": len(prompt), "decode_new_tokens": new_tokens}, predictions
+    metrics = {"perplexity": scored["perplexity"], "validation_tokens": scored["tokens"], "agreement": scored["agreement"],
+               "path": f"onnx/{encoder_name}", "decode_path": f"onnx/{decoder_name}",
+               "prefill_mb": (folder / encoder_name).stat().st_size / 1e6,
+               "decode_mb": (folder / decoder_name).stat().st_size / 1e6,
+               "total_mb": sum((folder / name).stat().st_size for name in (encoder_name, decoder_name)) / 1e6,
+               "prefill_latency_ms": speed["first_token_latency_ms"], **speed, "metric": "continuation",
+               "continuation_cut": cut, "first_token_prompt_tokens": len(prompt), "decode_new_tokens": new_tokens}
+    if evals:
+        metrics["evals"] = evals
+    return metrics, predictions
+
+
+def _held_out(state: Any, seq_len: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The held-out evaluation sets for the graphs: their first sequences and the teacher's continuation top-1."""
+    n = GRAPH_HELD_OUT_SEQUENCES
+    return {name: (reference.ids[:n].numpy(), teacher_continuation(state, reference, name)["top1"][:n].numpy())
+            for name, reference in state.references(seq_len).items() if name != "validation"}
 
 
 def export_stage(state: Any) -> dict[str, Any]:
@@ -217,7 +241,8 @@ def export_stage(state: Any) -> dict[str, Any]:
     ids = reference.ids.numpy()
     cut, start = cut_of(ids.shape[1]), model.config.decoder_start_token_id
     teacher = teacher_continuation(state, reference)
-    metrics, top1 = measure_graphs(folder, ENCODER, DECODER, ids, start, teacher["top1"].numpy())
+    metrics, top1 = measure_graphs(folder, ENCODER, DECODER, ids, start, teacher["top1"].numpy(),
+                                   others=_held_out(state, c.seq_len))
     save_file({"top1": top1}, str(folder / "continuation.top1.safetensors"))  # the reference of the integer graphs
     got = _forced_logits(runtime.session(folder / ENCODER), runtime.session(folder / DECODER), ids[0], cut, start)
     with torch.no_grad():
@@ -271,7 +296,8 @@ def quantize_stage(state: Any) -> dict[str, Any]:
     violations = [str(v) for name in names.values() for v in check(onnx.load(folder / name), profile)]
     reference = state.validation(c.seq_len)
     float_top1 = load_file(str(folder / "continuation.top1.safetensors"))["top1"]
-    metrics, top1 = measure_graphs(folder, names["encoder"], names["decoder"], reference.ids.numpy(), start, float_top1)
+    metrics, top1 = measure_graphs(folder, names["encoder"], names["decoder"], reference.ids.numpy(), start, float_top1,
+                                   others=_held_out(state, c.seq_len))
     metrics["agreement_with_float"] = metrics.pop("agreement")
     metrics["agreement"] = float((top1 == teacher_continuation(state, reference)["top1"].numpy()).mean())
     if violations:
