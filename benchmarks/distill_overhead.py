@@ -11,13 +11,13 @@ process so that none always runs on a warmer or quieter machine:
   loss, backward, clipping, AdamW, with the trainer's attention and teacher weight casts), to bound what the
   trainer's bookkeeping adds;
 - ``compiled``: ``trainer`` with ``compile="on"`` (every decoder layer through torch.compile, as the trainer's
-  "auto" does for runs like the README's; its compilation is in the first step of the first block, which is
-  reported and not counted);
+  "auto" does for runs like the README's; its compilation, cold (an empty inductor cache), is in the first step
+  of the first block, which is reported and not counted);
 - ``stored-top-64``: the trainer reading the teacher's stored top-64 log-probabilities instead of running it.
 
 The useful work of a step is counted by ``torch.utils.flop_counter`` (matmuls and attention) and set against
 the bf16 matmul ceiling measured in the same run on the step's own largest shapes. One profiled ``trainer``
-step says what dominates. Writes ``benchmarks/results/distill_overhead.{md,json}``.
+step of ``trainer`` and of ``compiled`` says what dominates. Writes ``benchmarks/results/distill_overhead.{md,json}``.
 
     python -m benchmarks.distill_overhead [--steps 4] [--blocks 2]
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import statistics
 import tempfile
@@ -78,6 +79,8 @@ def main() -> None:
     except (TypeError, ValueError):
         parser.error(f"--shape {args.shape!r}: give five integers hidden,mlp,kv_heads,heads_per_group,layers")
     keep_freed_memory()
+    # A cold compilation, as on a fresh machine: inductor's on-disk cache would hide what it costs.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pdq-inductor-")
     started = time.perf_counter()
     meta = provenance()
     teacher, _ = load_teacher(args.teacher)
@@ -113,7 +116,7 @@ def main() -> None:
 
     flops = _step_flops(student, teacher, ids[: args.batch_size], base)
     ceiling = _matmul_ceiling(tokens_per_step, shape.hidden, vocab, shape.mlp)
-    profile = _profile(student, teacher, ids, base)
+    profile = {arm: _profile(student, teacher, ids, configs[arm]) for arm in ("trainer", "compiled") if arm in arms}
     rows = {}
     for arm, values in times.items():
         seconds = statistics.median(values)
@@ -198,7 +201,8 @@ def _matmul_ceiling(tokens: int, hidden: int, vocab: int, mlp: int, repeats: int
 
 
 def _profile(student, teacher, ids: torch.Tensor, config: DistillConfig) -> dict:  # noqa: ANN001
-    """Self CPU time of one trainer step (after a warm-up step), by kind of op and by the top ops."""
+    """Self CPU time of one step (after a warm-up step), by kind of op and by the top ops; compiled steps' fused
+    kernels count as their own kind."""
     from torch.profiler import ProfilerActivity, profile
 
     config = DistillConfig(**{**config.to_dict(), "steps": 1})
@@ -206,15 +210,16 @@ def _profile(student, teacher, ids: torch.Tensor, config: DistillConfig) -> dict
     distill(student, teacher, batch, config, progress=False)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         distill(student, teacher, batch, config, progress=False)
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::") or "fused" in e.key]
     total = sum(e.self_cpu_time_total for e in events)
-    kinds = dict.fromkeys([*_KINDS, "other"], 0.0)
+    kinds = dict.fromkeys([*_KINDS, "compiled fused kernels", "other"], 0.0)
     for event in events:
-        kind = next((k for k, prefixes in _KINDS.items() if event.key.startswith(prefixes)), "other")
+        kind = next((k for k, prefixes in _KINDS.items() if event.key.startswith(prefixes)),
+                    "compiled fused kernels" if "fused" in event.key else "other")
         kinds[kind] += event.self_cpu_time_total
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
-    return {"self_seconds": total / 1e6, "share_by_kind": {k: v / total for k, v in kinds.items()},
-            "top_ops": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in top]}
+    return {"self_seconds": total / 1e6, "share_by_kind": {k: v / total for k, v in kinds.items() if v},
+            "top_ops": [{"op": e.key[:60], "share": e.self_cpu_time_total / total, "calls": e.count} for e in top]}
 
 
 def _markdown(r: dict) -> str:
@@ -249,10 +254,11 @@ def _markdown(r: dict) -> str:
         f"counter); the bf16 matmul ceiling measured here is {c['tflops']:.2f} TFLOP/s (best of "
         + ", ".join(f"{k} {v:.2f}" for k, v in c["by_shape_tflops"].items()) + ").",
         "",
-        "What one `trainer` step spends its CPU time on (torch profiler, self time): "
-        + ", ".join(f"{k} {v:.0%}" for k, v in r["profile"]["share_by_kind"].items()) + ". Top ops: "
-        + ", ".join(f"`{o['op']}` {o['share']:.0%}" for o in r["profile"]["top_ops"][:6]) + ".",
     ]
+    for arm, p in r["profile"].items():
+        lines += ["", f"What one `{arm}` step spends its CPU time on (torch profiler, self time): "
+                  + ", ".join(f"{k} {v:.0%}" for k, v in p["share_by_kind"].items()) + ". Top ops: "
+                  + ", ".join(f"`{o['op']}` {o['share']:.0%}" for o in p["top_ops"][:6]) + "."]
     return "\n".join(lines) + "\n"
 
 
