@@ -12,7 +12,7 @@ SCHEDULES = ("wsd", "cosine", "constant")
 PARALLEL = ("ddp", "fsdp")
 ATTENTION = ("auto", "eager", "sdpa", "model")
 COMPILE = ("auto", "on", "off")
-# compile "auto" pays off from here: compilation costs 7-20 s once, and saves ~0.4 s a step on the README's
+# compile "auto" pays off from here: compilation costs ~20 s once (cold), and saves ~0.8 s a step on the README's
 # 91M-parameter student (benchmarks/results/distill_overhead.md); tiny test models and short runs skip it.
 _COMPILE_MIN_STEPS, _COMPILE_MIN_PARAMS = 50, 10_000_000
 
