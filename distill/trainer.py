@@ -387,6 +387,10 @@ def distill(
         raise DistillError("kl_weight and hidden_weight need a teacher; pass one, or set both to 0 for plain training")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    attention = config.attention_for(device.type, int(train_ids.shape[1]))
+    # Counted before FSDP empties the caller's parameters (below).
+    compiled = config.compile_for(device.type, sum(p.numel() for p in student.parameters()),
+                                  config.total_steps(int(train_ids.shape[1]), world))
     sharded = world > 1 and config.parallel == "fsdp"
     # FSDP turns the module it shards into another class holding shards: train a copy and give the
     # caller's student the gathered weights at the end, so it comes back a plain model.
@@ -404,9 +408,6 @@ def distill(
         _shard(loss_module)
         for param in student.parameters():  # the copy holds them now; freed until the gather at the end
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
-    attention = config.attention_for(device.type, int(train_ids.shape[1]))
-    compiled = config.compile_for(device.type, sum(p.numel() for p in student.parameters()),
-                                  config.total_steps(int(train_ids.shape[1]), world))
     try:
         with _attention([trained, teacher], attention), \
                 _low_precision_linears(teacher if stored is None else None, torch.bfloat16 if config.bf16 else None), \

@@ -31,7 +31,7 @@ from compress.errors import PlanInfeasibleError
 from compress.evaluate import continuation_quality
 from compress.families import StudentFamily, register
 from compress.io import read_json, write_json
-from compress.runstate import GRAPH_HELD_OUT_SEQUENCES
+from compress.runstate import GRAPH_HELD_OUT_SEQUENCES, final_model, folder_mb
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,6 @@ def prune_stage(state: Any) -> dict[str, Any]:
     calib = state.ids("calibration", c.calib_seq_len, min(c.calib_samples, 16))
     student = mu_from_teacher(state.teacher, state.spec, scores, _mu_config(state), calib, batch_size=c.batch_size)
     save_checkpoint(student, state.tokenizer, state.dir / "pruned")
-    from compress.runstate import folder_mb
-
     references = state.references(c.eval_seq_len)
     evals = {}
     for name, reference in references.items():
@@ -229,7 +227,6 @@ def export_stage(state: Any) -> dict[str, Any]:
 
     from compress.evaluate import continuation_logits
     from compress.mu_export import write_mu_graphs
-    from compress.runstate import final_model
     from quant import runtime
 
     c = state.config
@@ -274,7 +271,6 @@ def quantize_stage(state: Any) -> dict[str, Any]:
     import onnx
     from safetensors.numpy import load_file
 
-    from compress.runstate import final_model
     from quant import runtime
     from quant.profiles import check, get_profile
     from quant.quantize import PRESETS, quantize
