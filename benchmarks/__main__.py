@@ -85,7 +85,7 @@ TARGETS = (
 
 def _prune_run() -> None:
     """The pruned student the student quantization benchmark needs (reused when present)."""
-    command = [sys.executable, "-m", "compress.cli", "--teacher", "smollm2-135m", "--target-size", "0.67x",
+    command = [sys.executable, "-m", "compress.app.cli", "--teacher", "smollm2-135m", "--target-size", "0.67x",
                "--out", str(PRUNED_RUN), "--stop-after", "prune", "--quiet"]
     subprocess.run(command, check=True, cwd=ROOT)
 

@@ -37,14 +37,15 @@ from pathlib import Path
 import torch
 
 from benchmarks.plots import provenance
-from compress.archspec import Shape, resolve
 from compress.io import write_json, write_text
-from compress.planner import select
-from compress.scoring import random_scores
-from compress.surgery import prune
-from compress.teachers import load_teacher
+from compress.pruning.archspec import Shape, resolve
+from compress.pruning.planner import select
+from compress.pruning.scoring import random_scores
+from compress.pruning.surgery import prune
+from compress.sources.teachers import load_teacher
 from distill import DistillConfig, distill, logit_distillation_loss
-from distill.trainer import _attention, _low_precision_linears, _optimizers, keep_freed_memory
+from distill.speed import attention_implementation, keep_freed_memory, low_precision_linears
+from distill.trainer import _optimizers
 
 RESULTS = Path(__file__).parent / "results"
 ISSUE_BASELINE = 289.0  # tokens/s of the KD step in the issue that asked for twice as many (2026-12-01)
@@ -153,8 +154,8 @@ def _bare(student, teacher, ids: torch.Tensor, config: DistillConfig, steps: int
     out = []
     student.train()
     teacher_head_bf16 = teacher_head.detach().to(torch.bfloat16)
-    with _attention([student, teacher], config.attention_for("cpu", int(ids.shape[1]))), \
-            _low_precision_linears(teacher, torch.bfloat16):
+    with attention_implementation([student, teacher], config.attention_for("cpu", int(ids.shape[1]))), \
+            low_precision_linears(teacher, torch.bfloat16):
         for step in range(steps):
             batch = ids[step * config.batch_size : (step + 1) * config.batch_size]
             t0 = time.perf_counter()

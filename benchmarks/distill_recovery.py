@@ -27,16 +27,16 @@ from pathlib import Path
 import torch
 
 from benchmarks.plots import provenance
-from compress.archspec import resolve
-from compress.config import CompressConfig, TargetSize
-from compress.corpora import GENERAL_EVAL
-from compress.data import load_corpus, token_batches
-from compress.evaluate import mean_nll, quality
+from compress.core.config import CompressConfig, TargetSize
+from compress.evaluation.quality import mean_nll, quality
 from compress.io import cache_dir, write_json, write_text
-from compress.planner import plan
-from compress.scoring import score_importance
-from compress.surgery import apply_plan, prune
-from compress.teachers import load_teacher
+from compress.pruning.archspec import resolve
+from compress.pruning.planner import plan
+from compress.pruning.scoring import score_importance
+from compress.pruning.surgery import apply_plan, prune
+from compress.sources.corpora import GENERAL_EVAL
+from compress.sources.data import load_corpus, token_batches
+from compress.sources.teachers import load_teacher
 from distill import DistillConfig, distill
 from distill.teacher_logits import ids_fingerprint
 
@@ -107,21 +107,21 @@ def main() -> None:
     spec = resolve(teacher)
     corpora = {name: load_corpus(name) for name in {ARMS[a][2] for a in chosen_arms} | {"default-mix", "debian-docs"}}
     general = load_corpus(GENERAL_EVAL, evaluation=True)
-    length, count = defaults.eval_seq_len, defaults.eval_samples
+    length, count = defaults.eval.seq_len, defaults.eval.samples
     sets = {"in-domain": token_batches(corpora["default-mix"], tokenizer, "validation", length, count),
             "debian-docs": token_batches(corpora["debian-docs"], tokenizer, "validation", length, count),
             GENERAL_EVAL: token_batches(general, tokenizer, "all", length, count)}
     reference = {name: quality(teacher, ids, defaults.batch_size) for name, ids in sets.items()}
     teacher_row = {name: r.perplexity.perplexity for name, r in reference.items()}
     print("teacher", json.dumps(teacher_row))
-    calib = token_batches(corpora["default-mix"], tokenizer, "calibration", defaults.calib_seq_len, defaults.calib_samples)
+    calib = token_batches(corpora["default-mix"], tokenizer, "calibration", defaults.prune.calib_seq_len, defaults.prune.calib_samples)
     activation = score_importance(teacher, spec, "activation", ids=calib, batch_size=defaults.batch_size, bf16=defaults.bf16)
 
     def evaluate_proxy(kept, shape):
         return mean_nll(prune(teacher, spec, shape, kept), calib[:16], defaults.batch_size, bf16=True)
 
-    chosen = plan(spec, teacher.config, activation, TargetSize.parse(args.target_size), axes=defaults.axes,
-                  align=defaults.align, tolerance=defaults.tolerance, evaluate=evaluate_proxy)
+    chosen = plan(spec, teacher.config, activation, TargetSize.parse(args.target_size), axes=defaults.prune.axes,
+                  align=defaults.prune.align, tolerance=defaults.prune.tolerance, evaluate=evaluate_proxy)
     print(f"student shape {chosen.shape.to_dict()}, {chosen.params / 1e6:.1f}M params")
     pruned = apply_plan(teacher, spec, chosen)
     before = _measure(pruned, sets, reference, defaults.batch_size)
@@ -129,10 +129,10 @@ def main() -> None:
 
     curve_start = {"tokens": 0, **{k: quality(pruned, ids[:_CURVE_SEQUENCES], defaults.batch_size).perplexity.perplexity
                                    for k, ids in sets.items()}}
-    base = DistillConfig(tokens=args.tokens, batch_size=defaults.distill_batch_size, lr=defaults.distill_lr,
+    base = DistillConfig(tokens=args.tokens, batch_size=defaults.distill.batch_size, lr=defaults.distill.lr,
                          eval_every=args.eval_every, checkpoint_every=0, bf16=defaults.bf16, seed=defaults.seed)
-    train = {name: token_batches(corpus, tokenizer, "train", defaults.distill_seq_len,
-                                 -(-args.tokens // defaults.distill_seq_len)) for name, corpus in corpora.items()}
+    train = {name: token_batches(corpus, tokenizer, "train", defaults.distill.seq_len,
+                                 -(-args.tokens // defaults.distill.seq_len)) for name, corpus in corpora.items()}
     arms = {}
     for arm in chosen_arms:
         name, overrides, data, correction = ARMS[arm]

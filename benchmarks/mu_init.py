@@ -5,7 +5,7 @@ smollm2-135m), distilled on the same training tokens with the pipeline's distill
 (continuation KL, the split point varying per batch):
   random     the model's own initialization
   embedding  the teacher's pruned embedding (shared by encoder, decoder and head), blocks at random
-  teacher    :func:`compress.mu_init.mu_from_teacher` (pruned embedding and blocks, fitted output norms)
+  teacher    :func:`compress.families.mu_init.mu_from_teacher` (pruned embedding and blocks, fitted output norms)
 Measured: perplexity and top-1 agreement with the teacher on the continuations of the validation
 sequences (the encoder reads the first half, the decoder predicts the second), before training and
 every ``--eval-every`` steps; the teacher is scored on the same continuation tokens.
@@ -27,16 +27,16 @@ from pathlib import Path
 import torch
 
 from benchmarks.plots import finish_perplexity_plot, provenance
-from compress.archspec import resolve
-from compress.config import CompressConfig, TargetSize
-from compress.data import load_corpus, token_batches
-from compress.evaluate import continuation_quality
+from compress.core.config import CompressConfig, TargetSize
+from compress.evaluation.quality import ENCODER_DECODER, continuation_quality
 from compress.families.mu import student_config
-from compress.mu import MuForConditionalGeneration
-from compress.mu_init import mu_from_teacher
-from compress.scoring import score_importance
-from compress.teachers import load_teacher
-from distill import DistillConfig, distill
+from compress.families.mu_init import mu_from_teacher
+from compress.models.mu import MuForConditionalGeneration
+from compress.pruning.archspec import resolve
+from compress.pruning.scoring import score_importance
+from compress.sources.data import load_corpus, token_batches
+from compress.sources.teachers import load_teacher
+from distill import DistillConfig, EncoderDecoderStudent, distill
 
 RESULTS = Path(__file__).parent / "results"
 ARMS = {"random": "random initialization", "embedding": "the teacher's pruned embedding, random blocks",
@@ -59,21 +59,21 @@ def main() -> None:
     teacher, tokenizer = load_teacher(args.teacher)
     spec = resolve(teacher)
     dataset = load_corpus(None)
-    calib = token_batches(dataset, tokenizer, "calibration", defaults.calib_seq_len, defaults.calib_samples)
-    valid = token_batches(dataset, tokenizer, "validation", defaults.eval_seq_len, defaults.eval_samples)
-    train = token_batches(dataset, tokenizer, "train", defaults.distill_seq_len, -(-args.tokens // defaults.distill_seq_len))
+    calib = token_batches(dataset, tokenizer, "calibration", defaults.prune.calib_seq_len, defaults.prune.calib_samples)
+    valid = token_batches(dataset, tokenizer, "validation", defaults.eval.seq_len, defaults.eval.samples)
+    train = token_batches(dataset, tokenizer, "train", defaults.distill.seq_len, -(-args.tokens // defaults.distill.seq_len))
     cut = valid.shape[1] // 2
     teacher_quality, reference = continuation_quality(teacher, valid, cut, defaults.batch_size)
     print(f"teacher continuation perplexity {teacher_quality.perplexity:.2f} on {teacher_quality.tokens:,} tokens")
 
     target = TargetSize.parse(args.target_size).params_for(sum(p.numel() for p in teacher.parameters()))
-    config = student_config(teacher, tokenizer, spec, target, defaults.align)  # what --student mu builds
+    config = student_config(teacher, tokenizer, spec, target, defaults.prune.align)  # what --student mu builds
     scores = score_importance(teacher, spec, "activation", ids=calib, batch_size=defaults.batch_size, bf16=defaults.bf16)
     settings = DistillConfig(**{**defaults.distill_config().to_dict(), "tokens": args.tokens,
                                 "eval_every": args.eval_every, "checkpoint_every": 0, "parallel": "ddp"})
 
     def evaluate(model: MuForConditionalGeneration) -> float:
-        return continuation_quality(model.eval(), valid, cut, defaults.batch_size)[0].perplexity
+        return continuation_quality(model.eval(), valid, cut, defaults.batch_size, reader=ENCODER_DECODER)[0].perplexity
 
     arms = {}
     for arm in args.arms.split(","):
@@ -84,9 +84,9 @@ def main() -> None:
         else:
             student = mu_from_teacher(teacher, spec, scores, config, calib, blocks=arm == "teacher")
         init_seconds = time.perf_counter() - t0
-        before, _ = continuation_quality(student, valid, cut, defaults.batch_size, reference)
-        result = distill(student, teacher, train, settings, evaluate=evaluate)
-        after, _ = continuation_quality(student.eval(), valid, cut, defaults.batch_size, reference)
+        before, _ = continuation_quality(student, valid, cut, defaults.batch_size, reference, reader=ENCODER_DECODER)
+        result = distill(student, teacher, train, settings, evaluate=evaluate, student_io=EncoderDecoderStudent())
+        after, _ = continuation_quality(student.eval(), valid, cut, defaults.batch_size, reference, reader=ENCODER_DECODER)
         curve = [{"tokens": 0, "val_perplexity": before.perplexity}] + [
             {"tokens": r["tokens"], "val_perplexity": r["val_perplexity"]} for r in result.history if "val_perplexity" in r]
         arms[arm] = {"name": ARMS[arm], "curve": curve, "before": before.to_dict(), "after": after.to_dict(),

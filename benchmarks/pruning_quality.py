@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.plots import finish_perplexity_plot, provenance
-from compress.archspec import resolve
-from compress.config import CompressConfig, TargetSize
-from compress.data import load_corpus, token_batches
-from compress.evaluate import mean_nll, perplexity
-from compress.planner import plan
-from compress.scoring import score_importance
-from compress.surgery import apply_plan, prune
-from compress.teachers import load_teacher
+from compress.core.config import CompressConfig, TargetSize
+from compress.evaluation.quality import mean_nll, perplexity
+from compress.pruning.archspec import resolve
+from compress.pruning.planner import plan
+from compress.pruning.scoring import score_importance
+from compress.pruning.surgery import apply_plan, prune
+from compress.sources.data import load_corpus, token_batches
+from compress.sources.teachers import load_teacher
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("activation", "magnitude", "random")
@@ -48,9 +48,9 @@ def main() -> None:
     teacher, tokenizer = load_teacher(args.teacher)
     spec = resolve(teacher)
     dataset = load_corpus(None)
-    calib = token_batches(dataset, tokenizer, "calibration", defaults.calib_seq_len, defaults.calib_samples)
+    calib = token_batches(dataset, tokenizer, "calibration", defaults.prune.calib_seq_len, defaults.prune.calib_samples)
     proxy_ids = calib[:16]
-    valid = token_batches(dataset, tokenizer, "validation", defaults.eval_seq_len, defaults.eval_samples)
+    valid = token_batches(dataset, tokenizer, "validation", defaults.eval.seq_len, defaults.eval.samples)
     teacher_ppl = perplexity(teacher, valid, defaults.batch_size)
     print(f"teacher {args.teacher}: {spec.params / 1e6:.1f}M params, perplexity {teacher_ppl.perplexity:.2f}")
 
@@ -70,8 +70,8 @@ def main() -> None:
     for size in args.sizes.split(","):
         for method in METHODS:
             chosen = plan(
-                spec, teacher.config, scores[method], TargetSize.parse(size), axes=defaults.axes,
-                align=defaults.align, tolerance=defaults.tolerance, search_candidates=defaults.search_candidates,
+                spec, teacher.config, scores[method], TargetSize.parse(size), axes=defaults.prune.axes,
+                align=defaults.prune.align, tolerance=defaults.prune.tolerance, search_candidates=defaults.prune.search_candidates,
                 evaluate=evaluate,
             )
             student = apply_plan(teacher, spec, chosen)
@@ -90,8 +90,8 @@ def main() -> None:
         "validation_tokens": teacher_ppl.tokens,
         "validation_seq_len": teacher_ppl.seq_len,
         "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
-        "planner": {"axes": list(defaults.axes), "align": defaults.align, "tolerance": defaults.tolerance,
-                    "proxy": defaults.proxy, "search_candidates": defaults.search_candidates},
+        "planner": {"axes": list(defaults.prune.axes), "align": defaults.prune.align, "tolerance": defaults.prune.tolerance,
+                    "proxy": defaults.prune.proxy, "search_candidates": defaults.prune.search_candidates},
         "rows": rows,
         "seconds": time.perf_counter() - started,
         **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from benchmarks.plots import provenance
-from compress.config import DEFAULT_TRANSFORMS, CompressConfig
-from compress.data import load_corpus, token_batches
-from compress.quantization import export_graphs, measure, prepare, quantize_graphs
-from compress.teachers import load_teacher
+from compress.core.config import DEFAULT_TRANSFORMS, CompressConfig
+from compress.deploy.quantization import export_graphs, measure, prepare, quantize_graphs
+from compress.sources.data import load_corpus, token_batches
+from compress.sources.teachers import load_teacher
 from quant import runtime
 from quant.profiles import get_profile
 from quant.quantize import PRESETS, QuantRecipe

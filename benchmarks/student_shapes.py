@@ -38,13 +38,13 @@ import onnx
 import torch
 
 from benchmarks.plots import provenance
-from compress.config import DEFAULT_TRANSFORMS, CompressConfig
-from compress.data import load_corpus, token_batches
-from compress.evaluate import continuation_quality
+from compress.app.pipeline import run
+from compress.core.config import CompressConfig
+from compress.core.family import get_family, load_model
+from compress.evaluation.quality import continuation_quality
 from compress.io import read_json, write_text
-from compress.pipeline import run
-from compress.runstate import load_model
-from compress.teachers import load_teacher
+from compress.sources.data import load_corpus, token_batches
+from compress.sources.teachers import load_teacher
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parent.parent
@@ -70,41 +70,15 @@ def _build(family: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _graphs(family: str, model: Any, folder: Path, calib: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
     """Float and quantized graphs for a ``prompt_tokens`` prompt and ``new_tokens`` outputs, and the profile check."""
-    from compress.quantization import export_graphs, prepare, quantize_graphs
     from quant.profiles import check, get_profile
-    from quant.quantize import PRESETS, quantize
+    from quant.quantize import PRESETS
 
     profile, recipe = get_profile(args.npu_profile), PRESETS[args.quant]
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    if family == "mu":
-        from compress.families.mu import calibration_feeds
-        from compress.mu_export import write_mu_graphs
-        from quant import runtime
-
-        # The decoder's own cache holds the generated tokens only: new_tokens slots.
-        write_mu_graphs(model, folder, length=args.prompt_tokens, capacity=args.new_tokens)
-        start = model.config.decoder_start_token_id
-        # Calibration sequences of prompt + new tokens: encoder on prefixes, decoder on teacher-forced steps.
-        # calibration_feeds cuts each sequence at 1/4, 1/2 or 3/4 of its length for the encoder: sequences of
-        # 4/3 of the prompt keep every cut within the encoder graph's length.
-        encoder_feeds, decoder_feeds = calibration_feeds(runtime.session(folder / "encoder.onnx"),
-                                                         runtime.session(folder / "decoder.onnx"),
-                                                         calib[:, : args.prompt_tokens * 4 // 3], start,
-                                                         args.decode_calib_tokens)
-        names = {"first": "encoder", "step": "decoder"}
-        for part, feeds in (("encoder", encoder_feeds), ("decoder", decoder_feeds)):
-            quantize(folder / f"{part}.onnx", folder / f"{part}.{recipe.name}.onnx", feeds, recipe, profile)
-    else:
-        # The cache holds the prompt and every generated token; the prefill graph reads the prompt only.
-        lm = prepare(model, args.prompt_tokens + args.new_tokens, DEFAULT_TRANSFORMS[args.quant], torch.as_tensor(calib),
-                     conv=profile.linear_as_conv)
-        export_graphs(lm, folder, prefill_length=args.prompt_tokens)
-        quantize_graphs(lm, folder, recipe, profile, calib, decode_calib_tokens=args.decode_calib_tokens)
-        names = {"first": "model", "step": "decode"}
+    graphs = get_family(family).generation_graphs(model, folder, args.prompt_tokens, args.new_tokens, calib, recipe,
+                                                  profile, args.decode_calib_tokens)
     seconds = time.perf_counter() - started
-    graphs = {kind: {"float": folder / f"{name}.onnx", "quantized": folder / f"{name}.{recipe.name}.onnx"}
-              for kind, name in names.items()}
     violations = [str(v) for kind in graphs.values() for v in check(onnx.load(kind["quantized"]), profile)]
     sizes = {precision: sum(graphs[k][precision].stat().st_size for k in graphs) / 1e6 for precision in ("float", "quantized")}
     return {"paths": {k: {p: str(v) for p, v in d.items()} for k, d in graphs.items()}, "violations": violations,
@@ -136,28 +110,20 @@ def kernels(path: str | Path) -> dict[str, int]:
 class _Timer:
     """One family's graph pair at one precision: sessions opened once, one timed generation per call."""
 
-    def __init__(self, family: str, paths: dict[str, dict[str, str]], precision: str, start_token: int | None) -> None:
+    def __init__(self, family: str, paths: dict[str, dict[str, str]], precision: str, model_config: Any) -> None:
         from quant import runtime
 
-        self.mu = family == "mu"
+        self.family = get_family(family)
         self.first = runtime.session(paths["first"][precision])
         self.step = runtime.session(paths["step"][precision])
-        self.start_token = start_token
+        self.model_config = model_config
         self.first_ms: list[float] = []
         self.step_ms: list[float] = []
         self.tokens: list[int] = []
 
     def once(self, prompt: list[int], new_tokens: int) -> None:
-        from compress.mu_export import decoder_cache, encoder_feed
-        from quant.runtime import DecodeCache
-
         started = time.perf_counter()
-        if self.mu:
-            cache = decoder_cache(self.first, self.step, encoder_feed(self.first, prompt))
-            logits = cache.step(self.start_token)
-        else:
-            cache = DecodeCache(self.step)
-            logits = cache.prefill(self.first, prompt)
+        cache, logits = self.family.begin_generation(self.first, self.step, prompt, self.model_config)
         self.first_ms.append((time.perf_counter() - started) * 1000)
         tokens, steps = [int(np.argmax(logits))], []
         for _ in range(new_tokens - 1):
@@ -180,6 +146,7 @@ def main() -> None:
     parser.add_argument("--target-size", default="60M")
     parser.add_argument("--tokens", type=int, default=100_000, help="distillation tokens per family")
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--compare", default="mu", help="the family whose latency the others are compared against")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "student-shapes", help="one run directory per family")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -220,7 +187,7 @@ def main() -> None:
     teacher, tokenizer = load_teacher(args.teacher)
     dataset = load_corpus(defaults.data)
     # The pipeline's validation sequences: the first prompt_tokens are read, the rest scored.
-    valid = token_batches(dataset, tokenizer, "validation", defaults.eval_seq_len, defaults.eval_samples)
+    valid = token_batches(dataset, tokenizer, "validation", defaults.eval.seq_len, defaults.eval.samples)
     calib = token_batches(dataset, tokenizer, "calibration", args.prompt_tokens + args.new_tokens,
                           args.calib_samples).numpy()
     cut = args.prompt_tokens
@@ -235,11 +202,11 @@ def main() -> None:
     for family in families:
         run_dir = args.runs / family
         model = load_model(run_dir / "student", dtype=torch.float32).eval()
-        measured, _ = continuation_quality(model, valid, cut, defaults.batch_size, reference)
+        measured, _ = continuation_quality(model, valid, cut, defaults.batch_size, reference,
+                                           reader=get_family(family).reader)
         graphs = _graphs(family, model, run_dir / "shapes-onnx", calib, args)
-        start = model.config.decoder_start_token_id if family == "mu" else None
         for precision in ("float", "quantized"):
-            timers[family, precision] = _Timer(family, graphs["paths"], precision, start)
+            timers[family, precision] = _Timer(family, graphs["paths"], precision, model.config)
         students[family] = {"name": FAMILIES[family], **built[family], "continuation": measured.to_dict(),
                             "graphs": graphs}
         print(f"{family}: continuation perplexity {measured.perplexity:,.2f} (agreement {measured.agreement:.3f}); "
@@ -269,7 +236,7 @@ def main() -> None:
         "teacher_continuation": teacher_quality.to_dict(), "tokens": args.tokens, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "validation_sequences": int(valid.shape[0]),
         "validation_seq_len": int(valid.shape[1]), "quant": args.quant, "npu_profile": args.npu_profile, "rounds": args.rounds,
-        "students": students, "ratios": _ratios(students), "seconds": time.perf_counter() - started,
+        "students": students, "compare": args.compare, "ratios": _ratios(students, args.compare), "seconds": time.perf_counter() - started,
         **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
@@ -285,21 +252,21 @@ def _add_kernels(students: dict[str, dict[str, Any]]) -> None:
         student["quantized_kernels"] = {kind: kernels(paths["quantized"]) for kind, paths in student["graphs"]["paths"].items()}
 
 
-def _ratios(students: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Mu-like against each decoder-only family, as Mu's authors report it: first-token latency reduction
-    (1 - mu/other) and decode speed-up (mu tokens/s / other tokens/s), per precision."""
-    if "mu" not in students:
+def _ratios(students: dict[str, dict[str, Any]], against: str) -> dict[str, dict[str, float]]:
+    """The family ``against`` (by default the Mu-like one) against each other family, as Mu's authors report it:
+    first-token latency reduction (1 - it/other) and decode speed-up (its tokens/s / other tokens/s), per precision."""
+    if against not in students:
         return {}
-    mu = students["mu"]["speed"]
+    ours = students[against]["speed"]
     out = {}
     for family, student in students.items():
-        if family == "mu":
+        if family == against:
             continue
         for precision in ("float", "quantized"):
             other = student["speed"][precision]
-            out[f"mu_vs_{family}_{precision}"] = {
-                "first_token_latency_reduction": 1.0 - mu[precision]["first_token_ms"] / other["first_token_ms"],
-                "decode_speedup": mu[precision]["decode_tokens_per_second"] / other["decode_tokens_per_second"],
+            out[f"{against}_vs_{family}_{precision}"] = {
+                "first_token_latency_reduction": 1.0 - ours[precision]["first_token_ms"] / other["first_token_ms"],
+                "decode_speedup": ours[precision]["decode_tokens_per_second"] / other["decode_tokens_per_second"],
             }
     return out
 
@@ -338,7 +305,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "latency, 4.7x faster decoding):", "",
                   "| against | precision | first-token latency reduction | decode speed-up |", "|---|---|---|---|"]
         for key, ratio in report["ratios"].items():
-            family, precision = key.removeprefix("mu_vs_").rsplit("_", 1)
+            family, precision = key.removeprefix(f"{report.get('compare', 'mu')}_vs_").rsplit("_", 1)
             lines.append(f"| {FAMILIES[family]} | {'fp32' if precision == 'float' else q} | "
                          f"{ratio['first_token_latency_reduction'] * 100:.0f}% lower | {ratio['decode_speedup']:.2f}x |")
     slower = [s["name"] for s in report["students"].values()

@@ -7,7 +7,7 @@ input ``Describe the Python function os.path.join(path, *paths).``, output the e
 (``split`` column), so no held-out description was seen in distillation or fine-tuning.
 
 Each student (default: the three students of ``benchmarks.student_shapes``) is
-fine-tuned by :func:`compress.finetune.finetune`, as ``compress finetune`` does it (a finished fine-tuning
+fine-tuned by :func:`compress.app.finetune.finetune`, as ``compress finetune`` does it (a finished fine-tuning
 with the same settings in ``--work`` is reused; delete it to redo it), and scored before and
 after on the held-out outputs (teacher-forced perplexity and top-1 token accuracy); the teacher is scored
 on the same pairs as a causal model reading input then output. Writes
@@ -32,12 +32,12 @@ from typing import Any
 import torch
 
 from benchmarks.plots import provenance
-from compress.corpora import fetch_source
-from compress.data import document_split, load_pairs, pair_batches
-from compress.evaluate import pair_quality
-from compress.finetune import FinetuneConfig, finetune
+from compress.app.finetune import FinetuneConfig, finetune
+from compress.evaluation.quality import pair_quality
 from compress.io import write_json, write_text
-from compress.teachers import load_teacher
+from compress.sources.corpora import fetch_source
+from compress.sources.data import document_split, load_pairs, pair_batches
+from compress.sources.teachers import load_teacher
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parent.parent

@@ -9,7 +9,7 @@ output channel, as both profiles quantize them:
   uniform shrink nearest step, r = max|w| times the mean ratio the MSE search chose (a control: the same
                  narrowing, not searched)
   random shrink  nearest step, r = max|w| times a random factor per channel with the same mean (a control)
-  gptq           :func:`compress.gptq.gptq_` on MinMax ranges (the recipes' default), Hessians from
+  gptq           :func:`compress.deploy.gptq.gptq_` on MinMax ranges (the recipes' default), Hessians from
                  ``--calib-seqs`` calibration sequences
   gptq mse       the same on MSE ranges
 
@@ -37,12 +37,12 @@ import numpy as np
 import torch
 
 from benchmarks.plots import provenance
-from compress.data import load_corpus, token_batches
-from compress.export import StaticLM
-from compress.gptq import gptq_, weight_matrix
+from compress.deploy.export import StaticLM
+from compress.deploy.gptq import gptq_, weight_matrix
+from compress.deploy.outliers import normalize_embedding, rotate
 from compress.io import write_json, write_text
-from compress.outliers import normalize_embedding, rotate
-from compress.teachers import load_teacher
+from compress.sources.data import load_corpus, token_batches
+from compress.sources.teachers import load_teacher
 from quant.quantize import mse_range
 
 RESULTS = Path(__file__).parent / "results"

@@ -16,9 +16,10 @@ Or the steps one by one on in-memory objects::
     compress.finetune(compress.FinetuneConfig(student="runs/demo/student", data="task.jsonl", out="runs/demo/task"))
 """
 
-from compress.archspec import ArchSpec, FamilySpec, Shape, register, resolve
-from compress.config import CompressConfig, TargetSize
-from compress.data import load_corpus, load_pairs, pair_batches, token_batches
+from compress.app.finetune import FinetuneConfig, finetune
+from compress.app.pipeline import CompressResult, StageMetrics, run
+from compress.app.report import write_report
+from compress.core.config import CompressConfig, TargetSize
 from compress.errors import (
     CompressError,
     ConfigError,
@@ -28,27 +29,27 @@ from compress.errors import (
     TeacherNotFoundError,
     UnsupportedArchitectureError,
 )
-from compress.evaluate import PairQuality, Quality, pair_quality, perplexity, quality
+from compress.evaluation.quality import PairQuality, Quality, pair_quality, perplexity, quality
 from compress.families import StudentFamily, family_names, get_family
 from compress.families import register as register_family
-from compress.finetune import FinetuneConfig, finetune
-from compress.pipeline import CompressResult, StageMetrics, run
-from compress.planner import PruningPlan, keep_all_plan, plan
-from compress.report import write_report
-from compress.scoring import score_importance
-from compress.students import register as register_students
-from compress.surgery import apply_plan, save_checkpoint
-from compress.teachers import load_teacher
-from distill import DistillConfig, DistillResult, LoraConfig, Pairs, add_lora_, distill, merge_lora_
+from compress.models import register as register_students
+from compress.pruning.archspec import ArchSpec, Shape, resolve
+from compress.pruning.families import FamilySpec, register
+from compress.pruning.planner import PruningPlan, keep_all_plan, plan
+from compress.pruning.scoring import score_importance
+from compress.pruning.surgery import apply_plan, save_checkpoint
+from compress.sources.data import load_corpus, load_pairs, pair_batches, token_batches
+from compress.sources.teachers import load_teacher
+from distill import DistillConfig, DistillResult, Pairs, distill
 from quant.profiles import NpuProfile, get_profile
 from quant.quantize import PRESETS, QuantRecipe
 
 # The export and quantization steps load onnx, onnxscript and onnxruntime (about a second): only on first use.
-_LAZY = {name: "compress.quantization" for name in ("export_graphs", "measure", "prepare", "quantize_graphs")}
+_LAZY = {name: "compress.deploy.quantization" for name in ("export_graphs", "measure", "prepare", "quantize_graphs")}
 # The student families' modeling code costs seconds of import; their classes load on first use too.
-_LAZY |= {name: "compress.mobilellm" for name in ("MobileLLMConfig", "MobileLLMForCausalLM", "share_blocks",
+_LAZY |= {name: "compress.models.mobilellm" for name in ("MobileLLMConfig", "MobileLLMForCausalLM", "share_blocks",
                                                   "unique_parameters", "unshare")}
-_LAZY |= {name: "compress.mu" for name in ("MuConfig", "MuForConditionalGeneration")}
+_LAZY |= {name: "compress.models.mu" for name in ("MuConfig", "MuForConditionalGeneration")}
 
 
 def __getattr__(name: str) -> object:
@@ -69,7 +70,6 @@ __all__ = [
     "DistillConfig",
     "DistillResult",
     "FinetuneConfig",
-    "LoraConfig",
     "FamilySpec",
     "MobileLLMConfig",
     "MobileLLMForCausalLM",
@@ -90,7 +90,6 @@ __all__ = [
     "TargetSize",
     "TeacherNotFoundError",
     "UnsupportedArchitectureError",
-    "add_lora_",
     "apply_plan",
     "distill",
     "export_graphs",
@@ -103,7 +102,6 @@ __all__ = [
     "load_pairs",
     "load_teacher",
     "measure",
-    "merge_lora_",
     "pair_batches",
     "pair_quality",
     "perplexity",

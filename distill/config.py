@@ -26,6 +26,9 @@ class DistillConfig:
     """How to distill: budget, batch, optimizer, schedule, loss mix, checkpointing."""
 
     tokens: int | None = 300_000  # budget in training tokens (ignored when ``steps`` is set)
+    # Tokens per training sequence, as the caller cuts them (distill() refuses train_ids of another length);
+    # None: whatever train_ids hold.
+    seq_len: int | None = None
     steps: int | None = None
     batch_size: int = 8  # sequences per micro-batch and process
     grad_accum: int = 1
@@ -87,6 +90,8 @@ class DistillConfig:
             raise DistillError("give a budget: tokens or steps")
         if self.temperature <= 0:
             raise DistillError(f"temperature {self.temperature}: must be positive")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise DistillError(f"seq_len {self.seq_len}: a training sequence needs at least 2 tokens")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise DistillError("batch_size and grad_accum must be at least 1")
         if self.teacher_top_k < 0:

@@ -5,7 +5,7 @@ next-token distributions on ``train_ids`` (sequences, seq_len). Models are duck-
 causal LMs: ``model.base_model(input_ids=...)`` gives hidden states and ``model.get_output_embeddings()``
 the output projection.
 
-An encoder-decoder student (``config.is_encoder_decoder``, e.g. the Mu-like one) learns from a causal
+An encoder-decoder student (``student_io=EncoderDecoderStudent()``, e.g. the Mu-like one) learns from a causal
 teacher across architectures: each batch is cut at a split point (pseudo-random per batch, reproducible
 from its tokens, between a quarter and three quarters of the length); the teacher reads the whole
 sequence, the student encodes the prefix and decodes the continuation (``decoder_input_ids`` = the start
@@ -27,7 +27,6 @@ import copy
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,141 +39,20 @@ from tqdm.auto import tqdm
 
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.config import DistillConfig, DistillError, DistillResult
-from distill.losses import HiddenStateLoss, logit_distillation_loss
+from distill.losses import HiddenStateLoss
+from distill.objective import KnowledgeDistillationLoss
 from distill.pairs import Pairs
+from distill.speed import (
+    attention_implementation,
+    autocast,
+    compiled_layers,
+    keep_freed_memory,
+    low_precision_linears,
+)
+from distill.students import StudentIO
 from distill.teacher_logits import TeacherTopK, cached_teacher_topk
 
 log = logging.getLogger(__name__)
-
-
-def _cap(model: nn.Module) -> float | None:
-    return getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-
-
-class KnowledgeDistillationLoss(nn.Module):
-    """Student forward + teacher forward + loss, as one module so that DDP or FSDP sees the whole step.
-
-    The teacher is held outside the module tree: DDP neither broadcasts nor tracks it.
-    """
-
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, config: DistillConfig, hidden: HiddenStateLoss | None) -> None:
-        super().__init__()
-        self.student = student
-        self.hidden = hidden
-        self.config = config
-        object.__setattr__(self, "_teacher", teacher)
-        self._teacher_heads: dict[torch.dtype, torch.Tensor] = {}
-
-    def _teacher_head(self) -> torch.Tensor:
-        """The frozen teacher's output projection, cast once to the autocast dtype instead of on every step."""
-        head = self._teacher.get_output_embeddings().weight
-        device = head.device.type
-        if not torch.is_autocast_enabled(device):
-            return head
-        dtype = torch.get_autocast_dtype(device)
-        if dtype not in self._teacher_heads:
-            self._teacher_heads[dtype] = head.detach().to(dtype)
-        return self._teacher_heads[dtype]
-
-    def forward(self, ids: torch.Tensor | Pairs, topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if topk is not None and (isinstance(ids, Pairs) or getattr(self.student.config, "is_encoder_decoder", False)):
-            raise DistillError("stored teacher top-k logits serve causal students on token sequences only")
-        if isinstance(ids, Pairs):
-            return self._pairs(ids)
-        if getattr(self.student.config, "is_encoder_decoder", False):
-            return self._across(ids)
-        c, teacher = self.config, self._teacher
-        if topk is not None:  # the teacher's stored top-k stand in for its forward pass
-            student_hidden = self.student.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-            return self._logit_loss(student_hidden, None, ids[:, 1:], topk)
-        want_states = self.hidden is not None
-        student_out = self.student.base_model(input_ids=ids, output_hidden_states=want_states, use_cache=False)
-        student_hidden = student_out.last_hidden_state[:, :-1]  # (batch, seq-1, width): predicts ids[:, 1:]
-        teacher_out = teacher_hidden = None
-        if teacher is not None and (c.kl_weight or self.hidden is not None):  # plain CE training needs no teacher
-            with torch.no_grad():
-                teacher_out = teacher.base_model(input_ids=ids, output_hidden_states=want_states, use_cache=False)
-            teacher_hidden = teacher_out.last_hidden_state[:, :-1]
-        loss = self._logit_loss(student_hidden, teacher_hidden, ids[:, 1:])
-        if self.hidden is not None and teacher_out is not None:
-            loss = loss + c.hidden_weight * self.hidden(student_out.hidden_states, teacher_out.hidden_states)
-        return loss
-
-    def _logit_loss(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor | None,
-                    targets: torch.Tensor, topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """The logit loss of final hidden states [batch, positions, width] predicting ``targets`` [batch, positions];
-        ``teacher_hidden`` None means cross-entropy only, unless stored top-k (log-probs, ids) [batch, positions, k]
-        stand in for the teacher."""
-        c, teacher = self.config, self._teacher
-        head = self.student.get_output_embeddings().weight
-        stored = (None, None) if topk is None else (topk[0].reshape(-1, topk[0].shape[-1]),
-                                                    topk[1].reshape(-1, topk[1].shape[-1]))
-        return logit_distillation_loss(
-            student_hidden.reshape(-1, student_hidden.shape[-1]),
-            head,
-            teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None,
-            self._teacher_head() if teacher_hidden is not None else None,
-            targets=targets.reshape(-1),
-            temperature=c.temperature,
-            kl_weight=c.kl_weight,
-            ce_weight=c.ce_weight,
-            chunk=max(1, c.kl_chunk_elements // head.shape[0]),
-            student_cap=_cap(self.student),
-            teacher_cap=_cap(teacher) if teacher is not None else None,
-            teacher_log_probs=stored[0],
-            teacher_indices=stored[1],
-            fused=c.fused_loss,
-        )
-
-    def _across(self, ids: torch.Tensor) -> torch.Tensor:
-        """The loss of an encoder-decoder student on ``ids`` cut at ``split_point`` (see the module docstring)."""
-        c, teacher = self.config, self._teacher
-        if self.hidden is not None:
-            raise DistillError("the hidden-state loss pairs layers of one stack; an encoder-decoder student has two")
-        cut = split_point(ids)
-        prefix, continuation = ids[:, :cut], ids[:, cut:]
-        start = torch.full_like(continuation[:, :1], self.student.config.decoder_start_token_id)
-        out = self.student(input_ids=prefix, decoder_input_ids=torch.cat((start, continuation[:, :-1]), dim=1),
-                           output_hidden_states=True)
-        student_hidden = out.decoder_hidden_states[-1]  # position j predicts continuation[:, j]
-        teacher_hidden = None
-        if teacher is not None and c.kl_weight:
-            with torch.no_grad():
-                teacher_hidden = teacher.base_model(input_ids=ids).last_hidden_state[:, cut - 1 : -1]  # ids[:, cut:]
-        return self._logit_loss(student_hidden, teacher_hidden, continuation)
-
-    def _pairs(self, batch: Pairs) -> torch.Tensor:
-        """The loss on the output tokens of (input, output) pairs: the teacher reads input and output as one
-        sequence; a causal student too, an encoder-decoder student encodes the input and decodes the output."""
-        c, teacher = self.config, self._teacher
-        if self.hidden is not None:
-            raise DistillError("the hidden-state loss is not defined on (input, output) pairs; set hidden_weight 0")
-        mask = batch.attention_mask()
-        scored = batch.predicting_outputs()  # (pairs, length - 1): causal positions predicting an output token
-        teacher_hidden = None
-        if teacher is not None and c.kl_weight:
-            with torch.no_grad():
-                states = teacher.base_model(input_ids=batch.ids, attention_mask=mask).last_hidden_state[:, :-1]
-            teacher_hidden = states[scored]  # (output tokens, width), in row-major order
-        if not getattr(self.student.config, "is_encoder_decoder", False):
-            student_hidden = self.student.base_model(input_ids=batch.ids, attention_mask=mask).last_hidden_state[:, :-1]
-            return self._logit_loss(student_hidden[scored], teacher_hidden, batch.ids[:, 1:][scored])
-        inputs, input_mask = batch.inputs()
-        outputs, output_mask = batch.outputs()
-        out = self.student(input_ids=inputs, attention_mask=input_mask, output_hidden_states=True,
-                           decoder_input_ids=batch.decoder_input_ids(self.student.config.decoder_start_token_id))
-        # Row-major order of output_mask equals that of ``scored``: output j of row i sits at causal position cut+j-1.
-        return self._logit_loss(out.decoder_hidden_states[-1][output_mask], teacher_hidden, outputs[output_mask])
-
-
-def split_point(ids: torch.Tensor) -> int:
-    """Where an encoder-decoder student's batch is cut into prefix and continuation: between a quarter and
-    three quarters of the length, varying from batch to batch but a function of the tokens (so a resumed
-    run cuts each batch as the uninterrupted one did)."""
-    length = ids.shape[1]
-    low = max(1, length // 4)
-    span = max(1, length * 3 // 4 - low)
-    return low + int(ids[0, : min(8, length)].sum().item() * 2654435761 % span)
 
 
 def _optimizers(student: nn.Module, extra: nn.Module | None, config: DistillConfig) -> list[torch.optim.Optimizer]:
@@ -263,92 +141,6 @@ def _due(step: int, total: int, every: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning each large block to the kernel.
-
-    Every training step allocates and frees tensors of hundreds of MB (a batch's logits); glibc serves blocks
-    above 32 MB with fresh ``mmap`` pages, so the kernel faults in and zeroes those pages again every step, and
-    much of a CPU run's time goes to the kernel. With ``mmap`` off for the heap the freed blocks are reused.
-    Process-wide and idempotent; ``PDQ_MALLOC_TUNING=0`` turns it off. Returns whether it applied (Linux with
-    glibc only)."""
-    if os.environ.get("PDQ_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-
-
-@contextlib.contextmanager
-def _attention(models: list[nn.Module | None], choice: str | None) -> Any:
-    """Train ``models`` with attention implementation ``choice`` (None: unchanged), restoring theirs after."""
-    saved = []
-    if choice is not None:
-        for model in models:
-            current = getattr(getattr(model, "config", None), "_attn_implementation", None)
-            if current is None or current == choice or not hasattr(model, "set_attn_implementation"):
-                continue
-            try:
-                model.set_attn_implementation(choice)
-            except (ValueError, NotImplementedError) as error:  # a model without that kernel keeps its own
-                log.debug("%s keeps %s attention: %s", type(model).__name__, current, error)
-                continue
-            saved.append((model, current))
-    try:
-        yield
-    finally:
-        for model, current in saved:
-            model.set_attn_implementation(current)
-
-
-@contextlib.contextmanager
-def _low_precision_linears(model: nn.Module | None, dtype: torch.dtype | None) -> Any:
-    """Hold the frozen ``model``'s linear weights in ``dtype`` while it runs under autocast to that dtype.
-
-    Autocast casts weights that need no gradient again on every call; cast once, the matmuls get bit-identical
-    operands. Weights shared with an embedding (a tied output head) stay as they are: the lookup reads them too.
-    """
-    swapped: list[tuple[nn.Linear, nn.Parameter]] = []
-    if model is not None and dtype is not None:
-        shared = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(module, nn.Linear) and weight is not None and id(weight) not in shared and weight.dtype != dtype:
-                swapped.append((module, weight))
-                module.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-    try:
-        yield
-    finally:
-        for module, weight in swapped:
-            module.weight = weight
-
-
-@contextlib.contextmanager
-def _compiled_layers(models: list[nn.Module | None], enabled: bool) -> Any:
-    """torch.compile the decoder layers (``base_model.layers``) of ``models`` for the duration."""
-    layers = []
-    if enabled:
-        for model in models:
-            found = getattr(getattr(model, "base_model", None), "layers", None)
-            if isinstance(found, nn.ModuleList):
-                layers += list(found)
-        for layer in layers:
-            layer.compile(dynamic=False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer._compiled_call_impl = None  # what nn.Module.compile set: the layer runs eagerly again
-
-
-def _autocast(bf16: bool, device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 def distill(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -359,6 +151,7 @@ def distill(
     resume: bool = True,
     progress: bool = True,
     teacher_logits: str | Path | None = None,
+    student_io: StudentIO | None = None,
 ) -> DistillResult:
     """Distill ``teacher`` into ``student`` (in place) on ``train_ids`` (sequences, seq_len), or on (input,
     output) :class:`Pairs` (loss on the output tokens).
@@ -366,6 +159,9 @@ def distill(
     With ``config.teacher_top_k`` > 0 the teacher's top-k log-probabilities over ``train_ids`` are computed once
     and stored at ``teacher_logits`` (a .safetensors path; reused when the same teacher, ids and k made it, see
     :func:`distill.teacher_logits.cached_teacher_topk`), and training reads them instead of running the teacher.
+
+    ``student_io`` says how the student reads a batch (default :class:`distill.students.CausalStudent`; an
+    encoder-decoder student takes :class:`distill.students.EncoderDecoderStudent`).
 
     ``teacher`` may be None for plain cross-entropy training (``kl_weight`` 0, no hidden-state loss).
 
@@ -380,6 +176,9 @@ def distill(
     keep_freed_memory()
     torch.manual_seed(config.seed)
     per_step = config.global_batch(world)
+    if config.seq_len is not None and not isinstance(train_ids, Pairs) and train_ids.shape[1] != config.seq_len:
+        raise DistillError(f"train_ids hold sequences of {train_ids.shape[1]} tokens, the config says seq_len "
+                           f"{config.seq_len}: cut them to that length, or leave seq_len None")
     if train_ids.shape[0] < per_step:
         log.warning("only %d training sequences for a global batch of %d: they repeat within a step",
                     train_ids.shape[0], per_step)
@@ -403,15 +202,15 @@ def distill(
     stored = None
     if config.teacher_top_k:
         stored = _stored_logits(teacher, train_ids, config, teacher_logits, progress)
-    loss_module = KnowledgeDistillationLoss(trained, None if stored is not None else teacher, config, hidden)
+    loss_module = KnowledgeDistillationLoss(trained, None if stored is not None else teacher, config, hidden, student_io)
     if sharded:
         _shard(loss_module)
         for param in student.parameters():  # the copy holds them now; freed until the gather at the end
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     try:
-        with _attention([trained, teacher], attention), \
-                _low_precision_linears(teacher if stored is None else None, torch.bfloat16 if config.bf16 else None), \
-                _compiled_layers([trained, None if stored is not None else teacher], compiled):
+        with attention_implementation([trained, teacher], attention), \
+                low_precision_linears(teacher if stored is None else None, torch.bfloat16 if config.bf16 else None), \
+                compiled_layers([trained, None if stored is not None else teacher], compiled):
             return _loop(loss_module, train_ids, config, evaluate, checkpoint_dir, resume, progress, sharded, stored)
     finally:
         if sharded:
@@ -463,6 +262,9 @@ def _loop(
     seq_len = int(train_ids.shape[1])
     total = config.total_steps(seq_len, world)
     per_step = config.global_batch(world)
+    if config.seq_len is not None and not isinstance(train_ids, Pairs) and train_ids.shape[1] != config.seq_len:
+        raise DistillError(f"train_ids hold sequences of {train_ids.shape[1]} tokens, the config says seq_len "
+                           f"{config.seq_len}: cut them to that length, or leave seq_len None")
     trained, hidden = loss_module.student, loss_module.hidden
     device = next(loss_module.parameters()).device
     optimizers = _optimizers(trained, hidden, config)  # after sharding: they must hold the shards
@@ -501,7 +303,7 @@ def _loop(
             if sharded:
                 module.set_requires_gradient_sync(not accumulate)
             with module.no_sync() if accumulate and not sharded else contextlib.nullcontext():
-                with _autocast(config.bf16, device):
+                with autocast(config.bf16, device):
                     loss = (module(batch) if topk is None else module(batch, topk)) / config.grad_accum
                 loss.backward()
             step_loss += float(loss.detach())

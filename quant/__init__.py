@@ -1,7 +1,7 @@
 """Static-shape ONNX export, whole-graph QDQ post-training quantization, NPU profiles and graph checks.
 
 Knows nothing of pruning, distillation or model families: it exports and quantizes whatever module it
-is given (``compress.export`` builds the export-ready modules).
+is given (``compress.deploy.export`` builds the export-ready modules).
 
 - :mod:`quant.ops`: operators that export to one ONNX node each (``rms_norm`` → ``RMSNormalization``);
 - :mod:`quant.export`: ``export(module, example, path, input_names, output_names)``, static shapes only;

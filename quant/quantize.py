@@ -18,7 +18,7 @@ Groups, found from the graph's structure rather than from names:
 Weight groups a recipe may store as int16 (``sixteen_bit_weights``), also reported:
 
 - ``head-mix``: the square matrix a rotated model with a tied head applies before the head
-  (Qᵀ·diag(g)·Q, the final norm's weights seen in the rotated basis, see :func:`compress.outliers.rotate`).
+  (Qᵀ·diag(g)·Q, the final norm's weights seen in the rotated basis, see :func:`compress.deploy.outliers.rotate`).
   Every column mixes all channels, so neither per-tensor nor per-channel int8 fits it: int8 costs about
   2% perplexity on SmolLM2, int16 nothing measurable, and it is d×d (0.66 MB at 16 bits for d=576).
 """
@@ -62,7 +62,7 @@ class QuantRecipe:
     calibration: str = "minmax"
     percentile: float = 99.999
     weight_range: str = "minmax"  # "mse": each int8 weight channel clipped to its error-minimizing range
-    # "gptq": block weights rounded with GPTQ before export (compress.gptq; done by compress.quantization's
+    # "gptq": block weights rounded with GPTQ before export (compress.deploy.gptq; done by compress.deploy.quantization's
     # quantize_graphs, which owns the torch model and the calibration text); quantize() then finds them on
     # their grids and keeps them exactly. "nearest": the quantizer rounds every weight to its nearest step.
     weight_rounding: str = "nearest"

@@ -1,6 +1,6 @@
 """Run exported graphs with ONNX Runtime: perplexity, top-1 agreement, prefill latency, decode tokens/s.
 
-Graph contract (what ``compress.export`` emits):
+Graph contract (what ``compress.deploy.export`` emits):
 
 - prefill: ``input_ids`` int64 [1, L] → ``logits`` [1, L, V] (+ ``present.<i>.key|value`` [1, KV, L, D]);
 - decode step: ``input_ids`` [1, 1], ``position_ids`` [1, 1], ``attention_mask`` float [1, C] (1 = slot

@@ -28,7 +28,7 @@ def _isolated_cache(request, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PDQ_CACHE", str(cache))
     # Every run is also measured on the general evaluation set: its sources (fetched by the setup, under 1 MB)
     # are linked in read-only, so tiny runs measure on real general English without fetching anything.
-    from compress.corpora import CORPORA, GENERAL_EVAL
+    from compress.sources.corpora import CORPORA, GENERAL_EVAL
 
     (cache / "data" / "sources").mkdir(parents=True)
     for source in CORPORA[GENERAL_EVAL].sources:

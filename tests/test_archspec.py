@@ -3,8 +3,8 @@ import torch
 from factories import FAMILY_FACTORIES, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from compress.archspec import Shape, config_for, is_valid_shape, resolve
 from compress.errors import UnsupportedArchitectureError
+from compress.pruning.archspec import Shape, config_for, is_valid_shape, resolve
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_FACTORIES))

@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import onnx
 import pytest
@@ -12,7 +11,7 @@ import torch
 from factories import tiny_llama, write_corpus, write_teacher
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from compress.cli import main
+from compress.app.cli import main
 
 SMALL = ["--calib-samples", "8", "--calib-seq-len", "16", "--eval-samples", "4", "--eval-seq-len", "16",
          "--align", "16", "--tolerance", "0.15", "--search-candidates", "3", "--batch-size", "4", "--quiet",
@@ -119,12 +118,12 @@ def test_foreign_output_folder_is_refused(inputs, tmp_path, capsys):
 
 def test_print_config_and_help_work_as_a_subprocess(tmp_path):
     env = {**os.environ, "PDQ_CACHE": str(tmp_path)}
-    shown = subprocess.run([sys.executable, "-m", "compress.cli", "--target-size", "50%", "--print-config"],
+    shown = subprocess.run([sys.executable, "-m", "compress.app.cli", "--target-size", "50%", "--print-config"],
                            capture_output=True, text=True, env=env, check=True)
     assert json.loads(shown.stdout)["target_size"] == "50%"
-    helped = subprocess.run([sys.executable, "-m", "compress.cli", "--help"], capture_output=True, text=True, env=env)
+    helped = subprocess.run([sys.executable, "-m", "compress.app.cli", "--help"], capture_output=True, text=True, env=env)
     assert helped.returncode == 0 and "--target-size" in helped.stdout and "examples:" in helped.stdout
-    bad = subprocess.run([sys.executable, "-m", "compress.cli", "--target-size", "x"], capture_output=True, text=True, env=env)
+    bad = subprocess.run([sys.executable, "-m", "compress.app.cli", "--target-size", "x"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
 
 
@@ -141,12 +140,15 @@ def test_eval_subcommand_on_a_text_file(inputs, tmp_path, capsys):
 def test_cli_flags_map_one_to_one_onto_the_config():
     import dataclasses
 
-    from compress.cli import _parser
-    from compress.config import CompressConfig
+    from compress.app.cli import _parser
+    from compress.core.config import FLAGS, SECTIONS, CompressConfig
 
     flags = {a.dest for a in _parser()._actions} - {"help", "config", "print_config", "quiet"}
-    assert flags == {f.name for f in dataclasses.fields(CompressConfig)}
-    assert Path  # used above
+    top = {f.name for f in dataclasses.fields(CompressConfig)} - set(SECTIONS)
+    fields = top | {f"{section}.{f.name}" for section in SECTIONS for f in dataclasses.fields(getattr(CompressConfig(), section))}
+    named = top | {".".join(FLAGS[f]) for f in flags - top}
+    assert named == fields - {"distill.bf16", "distill.seed", "distill.hidden_pairs"}  # --bf16, --seed; a config file
+    assert len(flags) == len(named)
 
 
 def test_teacher_correction_fine_tunes_the_teacher_before_scoring(inputs, tmp_path):
@@ -302,7 +304,7 @@ def test_whole_run_ends_in_a_report_whose_numbers_re_measure(inputs, tmp_path, c
 def test_interrupted_runs_resume_without_redoing_finished_stages(inputs, tmp_path):
     teacher, corpus = inputs
     out = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "compress.cli", "--teacher", str(teacher), "--data", str(corpus), "--target-size",
+    command = [sys.executable, "-m", "compress.app.cli", "--teacher", str(teacher), "--data", str(corpus), "--target-size",
                "0.7x", "--out", str(out), *SMALL, *WHOLE, "--distill-tokens", "100000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -346,7 +348,10 @@ def test_config_file_in_yaml_or_json_and_flags_override_it(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("teacher: smollm2-135m\ntarget_size: 50%\ndistill_tokens: 1000\naxes: [heads, mlp]\n")
     assert _run("--config", tmp_path / "run.yaml", "--distill-tokens", "2000", "--print-config") == 0
     shown = json.loads(capsys.readouterr().out)
-    assert (shown["target_size"], shown["distill_tokens"], shown["axes"]) == ("50%", 2000, ["heads", "mlp"])
+    assert (shown["target_size"], shown["distill"]["tokens"], shown["prune"]["axes"]) == ("50%", 2000, ["heads", "mlp"])
+    (tmp_path / "nested.yaml").write_text("target_size: 50%\ndistill:\n  tokens: 2000\nprune:\n  axes: [heads, mlp]\n")
+    assert _run("--config", tmp_path / "nested.yaml", "--print-config") == 0
+    assert json.loads(capsys.readouterr().out) == shown
     (tmp_path / "run.json").write_text(json.dumps(shown))
     assert _run("--config", tmp_path / "run.json", "--print-config") == 0
     assert json.loads(capsys.readouterr().out) == shown
@@ -362,7 +367,7 @@ def test_a_changed_recipe_default_or_stage_code_reruns_that_stage_and_the_ones_a
                                                                                       monkeypatch):
     import dataclasses
 
-    from compress import pipeline
+    from compress.app import pipeline
     from quant.quantize import PRESETS
 
     teacher, corpus = inputs

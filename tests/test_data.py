@@ -2,8 +2,8 @@ import pytest
 import torch
 from factories import tiny_tokenizer, write_corpus
 
-from compress.data import load_corpus, pack, split_texts
 from compress.errors import DataError
+from compress.sources.data import load_corpus, pack, split_texts
 
 
 def test_splits_are_disjoint_deterministic_and_cover_the_corpus(tmp_path):

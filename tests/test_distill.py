@@ -2,10 +2,10 @@ import pytest
 import torch
 from factories import tiny_llama
 
-from compress.archspec import Shape, resolve
-from compress.planner import keep_all_plan, select
-from compress.scoring import random_scores
-from compress.surgery import apply_plan
+from compress.pruning.archspec import Shape, resolve
+from compress.pruning.planner import keep_all_plan, select
+from compress.pruning.scoring import random_scores
+from compress.pruning.surgery import apply_plan
 from distill import DistillConfig, DistillError, distill, latest_checkpoint, logit_distillation_loss
 from distill.trainer import _optimizers
 
@@ -180,14 +180,14 @@ def test_auto_attention_is_eager_only_for_short_sequences_on_cpu():
 
 
 def test_teacher_linears_cast_once_give_bit_identical_outputs_and_come_back():
-    from distill.trainer import _low_precision_linears
+    from distill.speed import low_precision_linears
 
     teacher, _ = _pair()
     ids = torch.randint(3, 250, (2, 10))
     before = {name: p for name, p in teacher.named_parameters()}
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = teacher(input_ids=ids).logits
-        with _low_precision_linears(teacher, torch.bfloat16):
+        with low_precision_linears(teacher, torch.bfloat16):
             assert teacher.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
             assert teacher.lm_head.weight.dtype == torch.float32  # tied to the embedding: left alone
             got = teacher(input_ids=ids).logits

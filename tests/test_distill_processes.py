@@ -14,7 +14,7 @@ from factories import VOCAB, tiny_tokenizer, write_corpus
 from safetensors.torch import load_file
 from test_distill import _pair
 
-CLI = [sys.executable, "-m", "compress.cli", "distill"]
+CLI = [sys.executable, "-m", "compress", "distill"]
 
 
 def _inputs(tmp_path):
@@ -67,7 +67,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_same_weights(tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "compress.cli"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "compress"]
 
 
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):

@@ -3,10 +3,10 @@ import json
 import pytest
 from factories import tiny_llama, write_corpus, write_teacher
 
-from compress.cli import main
-from compress.corpora import CORPORA, GENERAL_EVAL, SOURCES
-from compress.data import eval_set_name, load_corpus, pack, split_texts, token_batches
+from compress.app.cli import main
 from compress.errors import DataError
+from compress.sources.corpora import CORPORA, GENERAL_EVAL, SOURCES
+from compress.sources.data import eval_set_name, load_corpus, pack, split_texts, token_batches
 
 
 def _run(*argv):
@@ -31,7 +31,7 @@ def test_training_on_the_general_set_is_refused():
 def test_a_mix_gives_each_source_its_share_of_the_sequences(tmp_path):
     from factories import tiny_tokenizer
 
-    from compress.data import Corpus
+    from compress.sources.data import Corpus
 
     rows = [{"text": f"{source} document {i}. " + "words of prose here. " * 40, "source": source}
             for source in ("a", "b") for i in range(60)]

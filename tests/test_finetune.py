@@ -8,23 +8,15 @@ from factories import tiny_llama, tiny_tokenizer, write_teacher
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from compress.cli import main
-from compress.evaluate import pair_quality
-from distill import (
-    DistillConfig,
-    LoraConfig,
-    Pairs,
-    add_lora_,
-    distill,
-    load_lora_,
-    lora_state_dict,
-    merge_lora_,
-)
-from distill.trainer import KnowledgeDistillationLoss
+from compress.app.cli import main
+from compress.app.finetune import adapter_layers, add_adapters, merge_adapters
+from compress.evaluation.quality import CAUSAL, ENCODER_DECODER, pair_quality
+from distill import CausalStudent, DistillConfig, EncoderDecoderStudent, Pairs, distill
+from distill.objective import KnowledgeDistillationLoss
 
 
 def _tiny_mu():
-    from compress.mu import MuConfig, MuForConditionalGeneration
+    from compress.models.mu import MuConfig, MuForConditionalGeneration
 
     torch.manual_seed(0)
     config = MuConfig(vocab_size=256, hidden_size=64, intermediate_size=128, encoder_layers=3, decoder_layers=2,
@@ -57,7 +49,8 @@ def test_pairs_pack_inputs_then_outputs_and_refuse_empty_sides():
 def test_pair_loss_is_cross_entropy_on_the_output_tokens_only(family):
     model = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2) if family == "causal" else _tiny_mu()
     pairs = _pairs()
-    loss_module = KnowledgeDistillationLoss(model, None, DistillConfig(kl_weight=0.0, ce_weight=1.0), None)
+    student_io = CausalStudent() if family == "causal" else EncoderDecoderStudent()
+    loss_module = KnowledgeDistillationLoss(model, None, DistillConfig(kl_weight=0.0, ce_weight=1.0), None, student_io)
     with torch.no_grad():
         loss = float(loss_module(pairs))
         # By hand, one pair at a time without padding.
@@ -73,7 +66,8 @@ def test_pair_loss_is_cross_entropy_on_the_output_tokens_only(family):
             total += float(torch.nn.functional.cross_entropy(logits, ids[0, cut:], reduction="sum"))
             count += ids.shape[1] - cut
     assert loss == pytest.approx(total / count, rel=1e-4)
-    assert pair_quality(model, pairs, batch_size=2).nll == pytest.approx(total / count, rel=1e-4)
+    reader = CAUSAL if family == "causal" else ENCODER_DECODER
+    assert pair_quality(model, pairs, batch_size=2, reader=reader).nll == pytest.approx(total / count, rel=1e-4)
     # Changing a padding position changes nothing: it is neither read nor scored.
     padded = Pairs(pairs.ids.clone(), pairs.cuts, pairs.lengths, pairs.pad_id)
     shortest = int(pairs.lengths.argmin())
@@ -89,14 +83,16 @@ def test_pair_kl_is_zero_when_the_student_is_the_teacher():
         assert float(loss_module(_pairs())) < 1e-5
 
 
-def test_lora_starts_as_the_model_trains_only_adapters_and_merges_exactly():
+def test_lora_starts_as_the_model_trains_only_adapters_and_merges_exactly(tmp_path):
+    from peft import PeftModel
+
     model = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2)
     ids = torch.randint(3, 256, (2, 12))
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    layers = add_lora_(model, LoraConfig(rank=4))
-    assert len(layers) == 2 * 7, "q, k, v, o, gate, up, down in each block; never the tied head"
+    wrapped = add_adapters(model, rank=4, alpha=16.0)
+    assert len(adapter_layers(model)) == 2 * 7, "q, k, v, o, gate, up, down in each block; never the tied head"
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, expected), "B starts at zero"
@@ -107,34 +103,32 @@ def test_lora_starts_as_the_model_trains_only_adapters_and_merges_exactly():
                                               eval_every=0, checkpoint_every=0, bf16=False), progress=False)
     for name, param in model.named_parameters():
         if ".lora_" not in name:
-            assert torch.equal(param, frozen[name.replace(".base.", ".")]), f"{name} moved"
+            assert torch.equal(param, frozen[name.replace(".base_layer.", ".")]), f"{name} moved"
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
     assert not torch.allclose(adapted, expected, atol=1e-4), "training moved the adapters"
-    state = lora_state_dict(model)
-    merge_lora_(model)
-    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    wrapped.save_pretrained(tmp_path / "adapter")
+    merged = merge_adapters(wrapped)
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     with torch.no_grad():
-        assert torch.allclose(model(input_ids=ids).logits, adapted, atol=1e-4)
-    # Saved adapters load into a fresh copy of the base and give the same outputs.
-    fresh = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2)
-    add_lora_(fresh, LoraConfig(rank=4))
-    load_lora_(fresh, state)
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-4)
+    # Saved adapters load into a fresh copy of the base, with peft's own loader, and give the same outputs.
+    fresh = PeftModel.from_pretrained(tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.allclose(fresh(input_ids=ids).logits, adapted, atol=1e-5)
 
 
 def test_lora_keeps_block_sharing_one_adapter_per_shared_weight():
-    from compress.mobilellm import share_blocks, unique_parameters
+    from compress.models.mobilellm import share_blocks, unique_parameters
 
     model = share_blocks(tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2), 2)
     unique = unique_parameters(model)
-    add_lora_(model, LoraConfig(rank=4, targets=("q_proj",)))
+    wrapped = add_adapters(model, rank=4, alpha=16.0, targets=("q_proj",))
     first, second = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.q_proj
     assert first is second, "the repeated block's q_proj shares its adapter"
     with torch.no_grad():
-        first.lora_B.normal_()
-    merge_lora_(model)
+        first.lora_B["default"].weight.normal_()
+    model = merge_adapters(wrapped)
     assert model.model.layers[0].self_attn.q_proj.weight is model.model.layers[1].self_attn.q_proj.weight
     assert unique_parameters(model) == unique, "merging added no parameters and kept the sharing"
 
@@ -166,8 +160,8 @@ def test_finetune_cli_lowers_held_out_output_perplexity_and_writes_a_plain_check
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert sum(p.numel() for p in model.parameters()) == metrics["params"]
-    adapter = load_file(str(out / "adapter" / "adapter.safetensors"))
-    assert len(adapter) == 2 * 14 and json.loads((out / "adapter" / "adapter.json").read_text())["lora"]["rank"] == 4
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert len(adapter) == 2 * 14 and json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
 
 
@@ -189,8 +183,8 @@ def test_finetune_refuses_bad_input_with_a_clear_message(tmp_path, capsys):
 
 
 def test_pairs_follow_a_split_column_when_the_data_has_one(tmp_path):
-    from compress.data import load_pairs, pair_batches, split_pairs
     from compress.errors import DataError
+    from compress.sources.data import load_pairs, pair_batches, split_pairs
 
     rows = [{"input": f"question {i}", "output": f"answer {i}", "split": "validation" if i < 3 else "train"}
             for i in range(12)]
@@ -212,8 +206,8 @@ def test_pairs_follow_a_split_column_when_the_data_has_one(tmp_path):
 def test_finetune_trains_a_mu_like_student_on_pairs_with_teacher_kl(tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
-    from compress.finetune import FinetuneConfig, finetune
-    from compress.mu import MuForConditionalGeneration
+    from compress.app.finetune import FinetuneConfig, finetune
+    from compress.models.mu import MuForConditionalGeneration
 
     tokenizer = tiny_tokenizer()
     teacher = write_teacher(tmp_path, tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2), tokenizer)

@@ -12,8 +12,8 @@ import torch
 from factories import int8_weights, tiny_llama
 from onnx import numpy_helper
 
-from compress.gptq import block_op, gptq_, input_hessians
-from compress.quantization import export_graphs, prepare, quantize_graphs
+from compress.deploy.gptq import block_op, gptq_, input_hessians
+from compress.deploy.quantization import export_graphs, prepare, quantize_graphs
 from quant import runtime
 from quant.gptq import gptq_round
 from quant.profiles import get_profile

@@ -3,8 +3,8 @@ import torch
 from factories import tiny_llama
 from torch import nn
 
-from compress.archspec import resolve
-from compress.scoring import activation_scores, magnitude_scores, probes_for
+from compress.pruning.archspec import resolve
+from compress.pruning.scoring import activation_scores, magnitude_scores, probes_for
 from importance import (
     BatchStatistic,
     ImportanceScores,

@@ -3,11 +3,11 @@ import json
 import pytest
 from factories import tiny_llama
 
-from compress.archspec import resolve
-from compress.config import TargetSize
+from compress.core.config import TargetSize
 from compress.errors import PlanInfeasibleError
-from compress.planner import PruningPlan, plan
-from compress.scoring import random_scores
+from compress.pruning.archspec import resolve
+from compress.pruning.planner import PruningPlan, plan
+from compress.pruning.scoring import random_scores
 
 
 def _setup(**kw):

@@ -9,10 +9,10 @@ import torch
 from factories import int8_weights, tiny_gemma3, tiny_llama, tiny_qwen2
 from onnx import TensorProto, helper
 
+from compress.deploy.export import StaticLM
+from compress.deploy.outliers import fold_norms, rotate, smooth
+from compress.deploy.quantization import DecodeFeeds, export_graphs, prepare, quantize_graphs
 from compress.errors import UnsupportedArchitectureError
-from compress.export import StaticLM
-from compress.outliers import fold_norms, rotate, smooth
-from compress.quantization import DecodeFeeds, export_graphs, prepare, quantize_graphs
 from quant import runtime
 from quant.profiles import check, get_profile
 from quant.quantize import PRESETS, QuantRecipe, mse_range, tensor_groups

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compress.cli import main
+from compress.app.cli import main
 
 pytestmark = pytest.mark.real_teacher
 

@@ -10,9 +10,9 @@ from factories import tiny_llama, write_corpus, write_teacher
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from compress.cli import main
-from compress.mobilellm import MobileLLMForCausalLM, share_blocks, unique_parameters, unshare
-from compress.quantization import export_graphs, prepare, quantize_graphs
+from compress.app.cli import main
+from compress.deploy.quantization import export_graphs, prepare, quantize_graphs
+from compress.models.mobilellm import MobileLLMForCausalLM, share_blocks, unique_parameters, unshare
 from quant import runtime
 from quant.profiles import get_profile
 from quant.quantize import PRESETS, weight_groups
@@ -139,7 +139,7 @@ def test_mobilellm_student_runs_from_the_cli_deep_and_thin(tmp_path, capsys):
 
 
 def _tiny_mu():
-    from compress.mu import MuConfig, MuForConditionalGeneration
+    from compress.models.mu import MuConfig, MuForConditionalGeneration
 
     torch.manual_seed(0)
     config = MuConfig(vocab_size=128, hidden_size=64, intermediate_size=128, encoder_layers=3, decoder_layers=2,
@@ -150,7 +150,7 @@ def _tiny_mu():
 def test_mu_like_model_round_trips_through_the_auto_classes(tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
-    from compress.mu import MuForConditionalGeneration
+    from compress.models.mu import MuForConditionalGeneration
 
     model = _tiny_mu()
     assert model.lm_head.weight is model.model.shared.weight, "one table for encoder, decoder and head"
@@ -176,7 +176,7 @@ def test_mu_like_model_round_trips_through_the_auto_classes(tmp_path):
 
 
 def test_mu_like_graphs_match_torch_and_pass_inspection(tmp_path):
-    from compress.mu_export import generate, write_mu_graphs
+    from compress.deploy.mu_export import generate, write_mu_graphs
     from quant.profiles import check, get_profile
 
     model = _tiny_mu()
@@ -225,9 +225,9 @@ def _continuation_kl(student, teacher, ids: torch.Tensor, cut: int) -> float:
 
 
 def test_mu_like_student_distills_from_a_causal_teacher_across_architectures(tmp_path):
-    from compress.mu import MuConfig, MuForConditionalGeneration
-    from distill import DistillConfig, distill
-    from distill.trainer import split_point
+    from compress.models.mu import MuConfig, MuForConditionalGeneration
+    from distill import DistillConfig, EncoderDecoderStudent, distill
+    from distill.objective import split_point
 
     teacher = tiny_llama()
     torch.manual_seed(0)
@@ -241,16 +241,16 @@ def test_mu_like_student_distills_from_a_causal_teacher_across_architectures(tmp
     before = _continuation_kl(student, teacher, held_out, 12)
     config = DistillConfig(steps=40, batch_size=4, lr=3e-3, warmup_steps=2, bf16=False, eval_every=0,
                            checkpoint_every=0)
-    result = distill(student, teacher, train, config, progress=False)
+    result = distill(student, teacher, train, config, progress=False, student_io=EncoderDecoderStudent())
     after = _continuation_kl(student.eval(), teacher, held_out, 12)
     assert result.steps == 40 and after < 0.7 * before, (before, after)
 
 
 def test_mu_like_student_initialized_from_the_teacher_copies_its_blocks_and_fits_its_outputs():
-    from compress.archspec import resolve
-    from compress.mu import MuConfig, MuForConditionalGeneration
-    from compress.mu_init import mu_from_teacher
-    from compress.scoring import score_importance
+    from compress.families.mu_init import mu_from_teacher
+    from compress.models.mu import MuConfig, MuForConditionalGeneration
+    from compress.pruning.archspec import resolve
+    from compress.pruning.scoring import score_importance
 
     teacher = tiny_llama(layers=4)
     spec = resolve(teacher)
@@ -302,7 +302,7 @@ def test_mu_like_student_initialized_from_the_teacher_copies_its_blocks_and_fits
 def test_mu_student_runs_from_the_cli_to_a_report_scored_on_continuations(tmp_path):
     from transformers import AutoModelForSeq2SeqLM
 
-    from compress.mu import MuForConditionalGeneration
+    from compress.models.mu import MuForConditionalGeneration
 
     # A Mu layer costs more than a teacher layer (cross-attention) and needs 3 + 3 of them: a deep tiny teacher.
     teacher = write_teacher(tmp_path, tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=16))
@@ -347,7 +347,7 @@ def test_a_new_student_family_is_one_class_and_one_registry_line(tmp_path):
     from compress import run
     from compress.families import FAMILIES, family_names, register
     from compress.families.minitron import Minitron
-    from compress.planner import keep_all_plan
+    from compress.pruning.planner import keep_all_plan
 
     class Unpruned(Minitron):
         """A fake family: the student is the whole teacher (Minitron's prune, export and quantize stages)."""

@@ -3,10 +3,10 @@ import torch
 from factories import FAMILY_FACTORIES, tiny_gemma3, tiny_llama, tiny_tokenizer
 from transformers import AutoModel, AutoModelForCausalLM
 
-from compress.archspec import Shape, resolve
-from compress.planner import keep_all_plan, select
-from compress.scoring import random_scores
-from compress.surgery import apply_plan, save_checkpoint
+from compress.pruning.archspec import Shape, resolve
+from compress.pruning.planner import keep_all_plan, select
+from compress.pruning.scoring import random_scores
+from compress.pruning.surgery import apply_plan, save_checkpoint
 
 
 def _outputs(model, ids):
@@ -132,7 +132,7 @@ def test_removing_an_mlp_neuron_equals_zeroing_its_activation_in_every_family(fa
 
 @pytest.mark.parametrize("family", sorted(FAMILY_FACTORIES))
 def test_scores_follow_a_permutation_of_channels_in_every_family(family):
-    from compress.scoring import activation_scores
+    from compress.pruning.scoring import activation_scores
 
     model = FAMILY_FACTORIES[family]()
     spec = resolve(model)

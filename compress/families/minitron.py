@@ -1,9 +1,9 @@
 """The Minitron-like family (the teacher pruned by importance, then distilled) and the MobileLLM-like one (the
 same, deep and thin, each kept block applied twice): their plan, prune, export and quantize stages.
 
-plan: :func:`compress.planner.plan` picks the NPU-aligned shape nearest the target from the importance scores
-(with the loss proxy on calibration sequences); prune: :func:`compress.surgery.apply_plan` slices the teacher;
-export / quantize: static-shape prefill and decode graphs (:mod:`compress.quantization`), measured on every
+plan: :func:`compress.pruning.planner.plan` picks the NPU-aligned shape nearest the target from the importance scores
+(with the loss proxy on calibration sequences); prune: :func:`compress.pruning.surgery.apply_plan` slices the teacher;
+export / quantize: static-shape prefill and decode graphs (:mod:`compress.deploy.quantization`), measured on every
 evaluation set.
 """
 
@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from compress.evaluate import mean_nll
-from compress.families import StudentFamily, register
-from compress.planner import PruningPlan, plan
-from compress.runstate import GRAPH_HELD_OUT_SEQUENCES, Reference, RunState, final_model, folder_mb
-from compress.scoring import check_scores
-from compress.surgery import apply_plan, prune, save_checkpoint
+from compress.core.family import StudentFamily, register
+from compress.core.state import GRAPH_HELD_OUT_SEQUENCES, Reference, RunState, final_model, folder_mb
+from compress.evaluation.quality import mean_nll
+from compress.pruning.planner import PruningPlan, plan
+from compress.pruning.scoring import check_scores
+from compress.pruning.surgery import apply_plan, prune, save_checkpoint
 from importance import ImportanceScores
 
 log = logging.getLogger(__name__)
@@ -32,14 +32,14 @@ _PROXY_SEQUENCES = 16
 
 
 def _prepared(state: RunState) -> tuple[Path, Any, torch.Tensor]:
-    from compress.quantization import prepare
+    from compress.deploy.quantization import prepare
     from quant.profiles import get_profile
 
     c = state.config
     source, model = final_model(state)
-    calib = state.ids("calibration", c.seq_len, c.quant_calib_samples)
-    conv = get_profile(c.npu_profile).linear_as_conv
-    return source, prepare(model, c.seq_len, c.quant_transforms, calib, seed=c.seed, conv=conv), calib
+    calib = state.ids("calibration", c.quant.seq_len, c.quant.calib_samples)
+    conv = get_profile(c.quant.npu_profile).linear_as_conv
+    return source, prepare(model, c.quant.seq_len, c.quant.transforms, calib, seed=c.seed, conv=conv), calib
 
 
 def _graph_sets(references: dict[str, Reference]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -60,7 +60,7 @@ class Minitron(StudentFamily):
         c = state.config
         scores = ImportanceScores.load(state.dir / "scores.safetensors")
         check_scores(scores, state.spec)
-        calib = state.ids("calibration", c.calib_seq_len, _PROXY_SEQUENCES) if c.proxy == "loss" else None
+        calib = state.ids("calibration", c.prune.calib_seq_len, _PROXY_SEQUENCES) if c.prune.proxy == "loss" else None
         teacher, spec = state.teacher, state.spec
 
         repeats = self.block_repeats
@@ -68,7 +68,7 @@ class Minitron(StudentFamily):
         def evaluate(kept: dict[str, list[int]], shape: Any) -> float:
             candidate = prune(teacher, spec, shape, kept)
             if repeats > 1:
-                from compress.mobilellm import share_blocks
+                from compress.models.mobilellm import share_blocks
 
                 candidate = share_blocks(candidate, repeats)
             return mean_nll(candidate, calib, batch_size=c.batch_size, bf16=c.bf16)
@@ -78,12 +78,12 @@ class Minitron(StudentFamily):
             teacher.config,
             scores,
             c.target,
-            axes=c.axes,
-            align=c.align,
-            tolerance=c.tolerance,
-            proxy=c.proxy,
-            search_candidates=c.search_candidates,
-            evaluate=evaluate if spec.causal_lm and c.proxy == "loss" else None,
+            axes=c.prune.axes,
+            align=c.prune.align,
+            tolerance=c.prune.tolerance,
+            proxy=c.prune.proxy,
+            search_candidates=c.prune.search_candidates,
+            evaluate=evaluate if spec.causal_lm and c.prune.proxy == "loss" else None,
             repeats=repeats,
         )
         chosen.save(state.dir / "plan.json")
@@ -104,22 +104,41 @@ class Minitron(StudentFamily):
         metrics: dict[str, Any] = {"params": chosen.params, "teacher_params": chosen.teacher_params,
                                    "pruned_mb": folder_mb(state.dir / "pruned")}
         if state.spec.causal_lm:
-            evals = state.evals(student, c.eval_seq_len)
+            evals = state.evals(student, c.eval.seq_len)
             valid = evals["validation"]
             metrics.update(
                 teacher_perplexity=valid["teacher_perplexity"],
                 pruned_perplexity=valid["perplexity"],
                 pruned_agreement=valid["agreement"],
                 validation_tokens=valid["tokens"],
-                validation_seq_len=c.eval_seq_len,
+                validation_seq_len=c.eval.seq_len,
                 evals=evals,
             )
         return metrics
 
+    def generation_graphs(self, model: Any, folder: Path, prompt_tokens: int, new_tokens: int, calib: Any,
+                          recipe: Any, profile: Any, decode_calib_tokens: int) -> dict[str, dict[str, Path]]:
+        from compress.core.config import DEFAULT_TRANSFORMS
+        from compress.deploy.quantization import export_graphs, prepare, quantize_graphs
+
+        # The cache holds the prompt and every generated token; the prefill graph reads the prompt only.
+        lm = prepare(model, prompt_tokens + new_tokens, DEFAULT_TRANSFORMS[recipe.name], torch.as_tensor(calib),
+                     conv=profile.linear_as_conv)
+        export_graphs(lm, folder, prefill_length=prompt_tokens)
+        quantize_graphs(lm, folder, recipe, profile, calib, decode_calib_tokens=decode_calib_tokens)
+        return {kind: {"float": folder / f"{name}.onnx", "quantized": folder / f"{name}.{recipe.name}.onnx"}
+                for kind, name in (("first", "model"), ("step", "decode"))}
+
+    def begin_generation(self, first: Any, step: Any, prompt: list[int], model_config: Any) -> tuple[Any, Any]:
+        from quant.runtime import DecodeCache
+
+        cache = DecodeCache(step)
+        return cache, cache.prefill(first, prompt)
+
     def export(self, state: RunState) -> dict[str, Any]:
         from safetensors.numpy import save_file
 
-        from compress.quantization import export_graphs, measure
+        from compress.deploy.quantization import export_graphs, measure
         from quant import runtime
 
         c = state.config
@@ -127,7 +146,7 @@ class Minitron(StudentFamily):
         folder = state.dir / "onnx"
         shutil.rmtree(folder, ignore_errors=True)  # graphs of other settings (and their quantized copies) go
         prefill, decode = export_graphs(lm, folder)
-        references = state.references(c.seq_len)
+        references = state.references(c.quant.seq_len)
         reference = references["validation"]
         valid = reference.ids
         with torch.no_grad():
@@ -136,25 +155,25 @@ class Minitron(StudentFamily):
         metrics, top1 = measure(prefill, decode, valid.numpy(), reference.teacher_top1.numpy(), progress=state.progress,
                                 others=_graph_sets(references))
         save_file({"top1": top1}, str(folder / "model.top1.safetensors"))  # the reference of the integer graphs
-        return {"source": str(source), "seq_len": c.seq_len, "transforms": list(c.quant_transforms),
+        return {"source": str(source), "seq_len": c.quant.seq_len, "transforms": list(c.quant.transforms),
                 "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "teacher_perplexity": reference.teacher.perplexity,
                 "fp32": metrics}
 
     def quantize(self, state: RunState) -> dict[str, Any]:
         from safetensors.numpy import load_file
 
-        from compress.quantization import measure, quantize_graphs
+        from compress.deploy.quantization import measure, quantize_graphs
         from quant.profiles import get_profile
         from quant.quantize import PRESETS
 
         c = state.config
         _, lm, calib = _prepared(state)
         folder = state.dir / "onnx"
-        references = state.references(c.seq_len)
+        references = state.references(c.quant.seq_len)
         reference = references["validation"]
         float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
-        graphs = quantize_graphs(lm, folder, PRESETS[c.quant], get_profile(c.npu_profile), calib.numpy(),
-                                 decode_calib_tokens=c.quant_decode_calib_tokens,
+        graphs = quantize_graphs(lm, folder, PRESETS[c.quant.recipe], get_profile(c.quant.npu_profile), calib.numpy(),
+                                 decode_calib_tokens=c.quant.decode_calib_tokens,
                                  progress=state.progress)
         metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress,
                                 others=_graph_sets(references))
@@ -165,8 +184,8 @@ class Minitron(StudentFamily):
         violations = graphs.violations["prefill"] + graphs.violations["decode"]
         if violations:
             log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",
-                        len(violations), c.npu_profile, graphs.prefill, c.npu_profile)
-        return {"quant": c.quant, "npu_profile": c.npu_profile, c.quant: metrics, "violations": violations,
+                        len(violations), c.quant.npu_profile, graphs.prefill, c.quant.npu_profile)
+        return {"quant": c.quant.recipe, "npu_profile": c.quant.npu_profile, c.quant.recipe: metrics, "violations": violations,
                 "reports": {k: v.to_dict() for k, v in graphs.reports.items()}}
 
 
@@ -176,6 +195,7 @@ class MobileLLM(Minitron):
     name = "mobilellm"
     description = "the pruned teacher, deep and thin, each kept block applied twice (block-wise weight sharing)"
     block_repeats = 2
+    model_types = ("pdq_mobilellm",)  # compress.models.mobilellm.MobileLLMConfig.model_type
 
 
 register(Minitron())

@@ -1,13 +1,13 @@
-"""The Mu-like family (``--student mu``): a small encoder-decoder (:mod:`compress.mu`) initialized from the
+"""The Mu-like family (``--student mu``): a small encoder-decoder (:mod:`compress.models.mu`) initialized from the
 teacher instead of a pruned teacher, and its stages.
 
-- plan: :func:`compress.mu.mu_config` sizes the student for the target (aligned widths, about two thirds
+- plan: :func:`compress.models.mu.mu_config` sizes the student for the target (aligned widths, about two thirds
   of the layer parameters in the encoder) with the teacher's vocabulary and RoPE base; ``plan.json`` holds
   its config (``family: "mu"``).
-- prune: :func:`compress.mu_init.mu_from_teacher` initializes it from the teacher (``pruned/``).
+- prune: :func:`compress.families.mu_init.mu_from_teacher` initializes it from the teacher (``pruned/``).
 - distill: the shared distillation stage, across architectures (see :mod:`distill.trainer`).
 - export / quantize: ``onnx/encoder.onnx`` and ``onnx/decoder.onnx`` (+ ``.<quant>.onnx``), see
-  :mod:`compress.mu_export`.
+  :mod:`compress.deploy.mu_export`.
 
 An encoder-decoder is scored on continuations: the encoder (or, for the teacher, the context) reads the
 first half of each validation sequence, and perplexity and top-1 agreement are taken on the second half.
@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from compress.core.family import StudentFamily, register
+from compress.core.state import GRAPH_HELD_OUT_SEQUENCES, final_model, folder_mb
 from compress.errors import PlanInfeasibleError
-from compress.evaluate import continuation_quality
-from compress.families import StudentFamily, register
+from compress.evaluation.quality import ENCODER_DECODER, continuation_quality
 from compress.io import read_json, write_json
-from compress.runstate import GRAPH_HELD_OUT_SEQUENCES, final_model, folder_mb
+from distill.students import EncoderDecoderStudent
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +45,16 @@ def cut_of(length: int) -> int:
 
 
 def _mu_config(state: Any) -> Any:
-    from compress.mu import MuConfig
+    from compress.models.mu import MuConfig
 
     return MuConfig.from_dict(read_json(state.dir / "plan.json")["mu_config"])
 
 
 def student_config(teacher: Any, tokenizer: Any, spec: Any, target: int, align: int) -> Any:
-    """The Mu config for ``target`` parameters that :func:`compress.mu_init.mu_from_teacher` can fill from
+    """The Mu config for ``target`` parameters that :func:`compress.families.mu_init.mu_from_teacher` can fill from
     ``teacher``: its vocabulary, tokens, head size, GQA group size and RoPE base, within its widths and depth."""
-    from compress.mu import mu_config
-    from compress.mu_init import teacher_rope
+    from compress.families.mu_init import teacher_rope
+    from compress.models.mu import mu_config
 
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
@@ -68,18 +69,18 @@ def student_config(teacher: Any, tokenizer: Any, spec: Any, target: int, align: 
 
 
 def plan_stage(state: Any) -> dict[str, Any]:
-    from compress.mu import MuForConditionalGeneration
+    from compress.models.mu import MuForConditionalGeneration
 
     c, teacher = state.config, state.teacher
     teacher_params = sum(p.numel() for p in teacher.parameters())
     target = c.target.params_for(teacher_params)
-    config = student_config(teacher, state.tokenizer, state.spec, target, c.align)
+    config = student_config(teacher, state.tokenizer, state.spec, target, c.prune.align)
     with torch.device("meta"):
         params = sum(p.numel() for p in MuForConditionalGeneration(config).parameters())
     shape = {"hidden": config.hidden_size, "mlp": config.intermediate_size, "kv_heads": config.num_key_value_heads,
              "heads_per_group": config.num_attention_heads // config.num_key_value_heads,
              "encoder_layers": config.encoder_layers, "decoder_layers": config.decoder_layers}
-    reason = (f"the widest Mu-like shape (hidden multiple of {c.align}, at least 3 decoder layers, about 2/3 of the "
+    reason = (f"the widest Mu-like shape (hidden multiple of {c.prune.align}, at least 3 decoder layers, about 2/3 of the "
               f"layer parameters in the encoder) within {target / 1e6:.1f}M: {params / 1e6:.1f}M "
               f"({params / teacher_params:.2f}x the teacher)")
     write_json(state.dir / "plan.json", {"version": 1, "family": "mu", "shape": shape, "params": params,
@@ -93,7 +94,8 @@ def _continuation(state: Any, model: Any, reference: Any, name: str = "validatio
     """A model's continuation quality on one evaluation set's sequences, agreement with the teacher's."""
     cut = cut_of(reference.ids.shape[1])
     teacher_cont = teacher_continuation(state, reference, name)
-    return continuation_quality(model, reference.ids, cut, state.config.batch_size, teacher_cont["top1"])[0], teacher_cont
+    return continuation_quality(model, reference.ids, cut, state.config.batch_size, teacher_cont["top1"],
+                                reader=ENCODER_DECODER)[0], teacher_cont
 
 
 def teacher_continuation(state: Any, reference: Any, name: str = "validation") -> dict[str, Any]:
@@ -120,17 +122,17 @@ def teacher_continuation(state: Any, reference: Any, name: str = "validation") -
 
 
 def prune_stage(state: Any) -> dict[str, Any]:
-    from compress.mu_init import mu_from_teacher
-    from compress.surgery import save_checkpoint
+    from compress.families.mu_init import mu_from_teacher
+    from compress.pruning.surgery import save_checkpoint
     from importance import ImportanceScores
 
     c = state.config
     plan = read_json(state.dir / "plan.json")
     scores = ImportanceScores.load(state.dir / "scores.safetensors")
-    calib = state.ids("calibration", c.calib_seq_len, min(c.calib_samples, 16))
+    calib = state.ids("calibration", c.prune.calib_seq_len, min(c.prune.calib_samples, 16))
     student = mu_from_teacher(state.teacher, state.spec, scores, _mu_config(state), calib, batch_size=c.batch_size)
     save_checkpoint(student, state.tokenizer, state.dir / "pruned")
-    references = state.references(c.eval_seq_len)
+    references = state.references(c.eval.seq_len)
     evals = {}
     for name, reference in references.items():
         scored, teacher = _continuation(state, student, reference, name)
@@ -147,7 +149,7 @@ def prune_stage(state: Any) -> dict[str, Any]:
 def _forced_logits(encoder: Any, decoder: Any, row: np.ndarray, cut: int, start_token: int) -> np.ndarray:
     """Logits predicting ``row[cut:]``: the encoder graph reads ``row[:cut]``, the decoder step graph is fed the
     start token and then the continuation one token at a time (teacher forcing)."""
-    from compress.mu_export import decoder_cache, encoder_feed
+    from compress.deploy.mu_export import decoder_cache, encoder_feed
 
     cache = decoder_cache(encoder, decoder, encoder_feed(encoder, row[:cut]))
     return np.stack([cache.step(t) for t in [start_token, *(int(t) for t in row[cut:-1])]])
@@ -155,7 +157,7 @@ def _forced_logits(encoder: Any, decoder: Any, row: np.ndarray, cut: int, start_
 
 def _speed(encoder: Any, decoder: Any, prompt: list[int], new_tokens: int, start_token: int) -> dict[str, float]:
     """Median first-token latency (encoder + first decoder step) and decode tokens/s of greedy generation."""
-    from compress.mu_export import generate
+    from compress.deploy.mu_export import generate
 
     firsts = []
     for _ in range(5):
@@ -225,26 +227,25 @@ def _held_out(state: Any, seq_len: int) -> dict[str, tuple[np.ndarray, np.ndarra
 def export_stage(state: Any) -> dict[str, Any]:
     from safetensors.numpy import save_file
 
-    from compress.evaluate import continuation_logits
-    from compress.mu_export import write_mu_graphs
+    from compress.deploy.mu_export import write_mu_graphs
     from quant import runtime
 
     c = state.config
     source, model = final_model(state)
     folder = state.dir / "onnx"
     shutil.rmtree(folder, ignore_errors=True)
-    write_mu_graphs(model, folder, length=c.seq_len, capacity=c.seq_len)
-    reference = state.validation(c.seq_len)
+    write_mu_graphs(model, folder, length=c.quant.seq_len, capacity=c.quant.seq_len)
+    reference = state.validation(c.quant.seq_len)
     ids = reference.ids.numpy()
     cut, start = cut_of(ids.shape[1]), model.config.decoder_start_token_id
     teacher = teacher_continuation(state, reference)
     metrics, top1 = measure_graphs(folder, ENCODER, DECODER, ids, start, teacher["top1"].numpy(),
-                                   others=_held_out(state, c.seq_len))
+                                   others=_held_out(state, c.quant.seq_len))
     save_file({"top1": top1}, str(folder / "continuation.top1.safetensors"))  # the reference of the integer graphs
     got = _forced_logits(runtime.session(folder / ENCODER), runtime.session(folder / DECODER), ids[0], cut, start)
     with torch.no_grad():
-        expected = continuation_logits(model, reference.ids[:1], cut)[0].numpy()
-    return {"source": str(source), "seq_len": c.seq_len, "transforms": [], "student": "mu",
+        expected = ENCODER_DECODER.continuation_logits(model, reference.ids[:1], cut)[0].numpy()
+    return {"source": str(source), "seq_len": c.quant.seq_len, "transforms": [], "student": "mu",
             "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "teacher_perplexity": teacher["perplexity"],
             "fp32": metrics}
 
@@ -253,7 +254,7 @@ def calibration_feeds(encoder: Any, decoder: Any, ids: np.ndarray, start_token: 
                       decoder_tokens: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
     """Encoder feeds (each calibration sequence cut at a quarter, a half or three quarters, as distillation
     cuts them) and about ``decoder_tokens`` decoder feeds from teacher-forced steps over the continuations."""
-    from compress.mu_export import decoder_cache, encoder_feed
+    from compress.deploy.mu_export import decoder_cache, encoder_feed
 
     encoder_feeds, decoder_feeds = [], []
     per_sequence = max(1, -(-decoder_tokens // max(1, len(ids))))
@@ -279,27 +280,27 @@ def quantize_stage(state: Any) -> dict[str, Any]:
     folder = state.dir / "onnx"
     _, model = final_model(state)
     start = model.config.decoder_start_token_id
-    calib = state.ids("calibration", c.seq_len, c.quant_calib_samples).numpy()
+    calib = state.ids("calibration", c.quant.seq_len, c.quant.calib_samples).numpy()
     encoder_feeds, decoder_feeds = calibration_feeds(runtime.session(folder / ENCODER), runtime.session(folder / DECODER),
-                                                     calib, start, c.quant_decode_calib_tokens)
-    # GPTQ rounding (the recipes' default) is built for the decoder-only export (compress.gptq); Mu's graphs
+                                                     calib, start, c.quant.decode_calib_tokens)
+    # GPTQ rounding (the recipes' default) is built for the decoder-only export (compress.deploy.gptq); Mu's graphs
     # round each weight to its nearest step, and the report says so.
-    profile, recipe = get_profile(c.npu_profile), dataclasses.replace(PRESETS[c.quant], weight_rounding="nearest")
-    names = {"encoder": f"encoder.{c.quant}.onnx", "decoder": f"decoder.{c.quant}.onnx"}
+    profile, recipe = get_profile(c.quant.npu_profile), dataclasses.replace(PRESETS[c.quant.recipe], weight_rounding="nearest")
+    names = {"encoder": f"encoder.{c.quant.recipe}.onnx", "decoder": f"decoder.{c.quant.recipe}.onnx"}
     reports = {part: quantize(folder / (ENCODER if part == "encoder" else DECODER), folder / name,
                               encoder_feeds if part == "encoder" else decoder_feeds, recipe, profile, state.progress)
                for part, name in names.items()}
     violations = [str(v) for name in names.values() for v in check(onnx.load(folder / name), profile)]
-    reference = state.validation(c.seq_len)
+    reference = state.validation(c.quant.seq_len)
     float_top1 = load_file(str(folder / "continuation.top1.safetensors"))["top1"]
     metrics, top1 = measure_graphs(folder, names["encoder"], names["decoder"], reference.ids.numpy(), start, float_top1,
-                                   others=_held_out(state, c.seq_len))
+                                   others=_held_out(state, c.quant.seq_len))
     metrics["agreement_with_float"] = metrics.pop("agreement")
     metrics["agreement"] = float((top1 == teacher_continuation(state, reference)["top1"].numpy()).mean())
     if violations:
         log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",
-                    len(violations), c.npu_profile, folder / names["encoder"], c.npu_profile)
-    return {"quant": c.quant, "npu_profile": c.npu_profile, c.quant: metrics, "violations": violations,
+                    len(violations), c.quant.npu_profile, folder / names["encoder"], c.quant.npu_profile)
+    return {"quant": c.quant.recipe, "npu_profile": c.quant.npu_profile, c.quant.recipe: metrics, "violations": violations,
             "reports": {k: v.to_dict() for k, v in reports.items()}, "student": "mu"}
 
 
@@ -308,8 +309,46 @@ class Mu(StudentFamily):
 
     name = "mu"
     description = "a Mu-like encoder-decoder initialized from the teacher and distilled across architectures"
-    prunes_teacher = False  # it is sized by compress.mu.mu_config, not by pruning the teacher's shape
+    prunes_teacher = False  # it is sized by compress.models.mu.mu_config, not by pruning the teacher's shape
     calibration_hint = "more `--quant-calib-samples` or `--quant-decode-calib-tokens`"  # no float rewrites for Mu yet
+    model_types = ("pdq_mu",)  # compress.models.mu.MuConfig.model_type (its import costs seconds)
+    auto_class = "AutoModelForSeq2SeqLM"
+    student_io = EncoderDecoderStudent()
+    reader = ENCODER_DECODER
+
+    def score_set(self, model: Any, ids: torch.Tensor, top1: torch.Tensor | None, batch_size: int) -> tuple[float | None, float]:
+        """Scored on continuations after :func:`cut_of`, like every row of a Mu-like run."""
+        cut = cut_of(ids.shape[1])
+        scored, _ = continuation_quality(model, ids, cut, batch_size, None if top1 is None else top1[:, cut - 1 :],
+                                         reader=ENCODER_DECODER)
+        return scored.agreement, scored.perplexity
+
+    def generation_graphs(self, model: Any, folder: Path, prompt_tokens: int, new_tokens: int, calib: Any,
+                          recipe: Any, profile: Any, decode_calib_tokens: int) -> dict[str, dict[str, Path]]:
+        from compress.deploy.mu_export import write_mu_graphs
+        from quant import runtime
+        from quant.quantize import quantize
+
+        # The decoder's own cache holds the generated tokens only: new_tokens slots.
+        write_mu_graphs(model, folder, length=prompt_tokens, capacity=new_tokens)
+        # Calibration sequences of prompt + new tokens: encoder on prefixes, decoder on teacher-forced steps.
+        # calibration_feeds cuts each sequence at 1/4, 1/2 or 3/4 of its length for the encoder: sequences of
+        # 4/3 of the prompt keep every cut within the encoder graph's length.
+        feeds = calibration_feeds(runtime.session(folder / ENCODER), runtime.session(folder / DECODER),
+                                  calib[:, : prompt_tokens * 4 // 3], model.config.decoder_start_token_id,
+                                  decode_calib_tokens)
+        graphs = {}
+        for kind, name, part_feeds in (("first", ENCODER, feeds[0]), ("step", DECODER, feeds[1])):
+            quantized = folder / name.replace(".onnx", f".{recipe.name}.onnx")
+            quantize(folder / name, quantized, part_feeds, recipe, profile)
+            graphs[kind] = {"float": folder / name, "quantized": quantized}
+        return graphs
+
+    def begin_generation(self, first: Any, step: Any, prompt: list[int], model_config: Any) -> tuple[Any, Any]:
+        from compress.deploy.mu_export import decoder_cache, encoder_feed
+
+        cache = decoder_cache(first, step, encoder_feed(first, prompt))
+        return cache, cache.step(model_config.decoder_start_token_id)
 
     def plan(self, state: Any) -> dict[str, Any]:
         return plan_stage(state)

@@ -1,0 +1,208 @@
+"""The ``compress`` subcommands: fetch, eval, distill, finetune, inspect, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from compress.app.flags import add_config_flags, config_from, flag_names
+from compress.core.config import CompressConfig
+from compress.errors import ConfigError
+from quant.profiles import PROFILES
+
+
+def fetch(argv: list[str]) -> int:
+    from compress.sources.data import fetch_default_corpus
+    from compress.sources.teachers import BUILTIN_TEACHERS, fetch_teacher
+
+    parser = argparse.ArgumentParser(prog="compress fetch", description="Download built-in teachers and the default data into the cache ($PDQ_CACHE).")
+    parser.add_argument("teachers", nargs="*", default=["smollm2-135m"], help=f"aliases of {', '.join(BUILTIN_TEACHERS)} (default smollm2-135m)")
+    parser.add_argument("--no-data", action="store_true", help="skip the default corpus and the general evaluation set")
+    parser.add_argument("--quiet", action="store_true", help="print only the paths")
+    args = parser.parse_args(argv)
+    for alias in args.teachers:
+        if alias not in BUILTIN_TEACHERS:
+            raise ConfigError(f"compress fetch {alias}: unknown alias; known: {', '.join(BUILTIN_TEACHERS)}")
+        print(f"{alias}: {fetch_teacher(alias)}")
+    if not args.no_data:
+        for path in fetch_default_corpus():
+            print(f"data: {path}")
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    from compress.evaluation.quality import perplexity
+    from compress.sources.corpora import GENERAL_EVAL
+    from compress.sources.data import eval_set_name, load_corpus, text_file_ids, token_batches
+    from compress.sources.teachers import load_teacher
+
+    parser = argparse.ArgumentParser(
+        prog="compress eval",
+        description="Perplexity of a model on the in-domain validation split of --data and on general-english (general "
+        "English held out of every training corpus), or on a text file; or lm-eval tasks with --lm-eval.")
+    parser.add_argument("model", help="a checkpoint folder, .gguf file or built-in teacher alias")
+    parser.add_argument("--text", help="a UTF-8 text file to measure instead of the evaluation sets")
+    parser.add_argument("--data", help="corpus whose validation split is the in-domain set (default: default-mix)")
+    parser.add_argument("--eval-data", help="comma-separated extra evaluation sets (files, folders or corpus names), "
+                        "each used whole")
+    parser.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval task names (or task YAML files) to run "
+                        "through lm-eval's Hugging Face model wrapper instead of perplexity")
+    parser.add_argument("--lm-eval-limit", type=int, help="at most this many examples per lm-eval task")
+    parser.add_argument("--samples", type=int, default=64, help="sequences per evaluation set (default 64)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.lm_eval:
+        from compress.evaluation.harness import run_lm_eval
+
+        tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+        print(json.dumps({"model": args.model, **run_lm_eval(args.model, tasks, args.batch_size, args.lm_eval_limit)},
+                         indent=2))
+        return 0
+    model, tokenizer = load_teacher(args.model)
+    if args.text:
+        ids = text_file_ids(args.text, tokenizer, args.seq_len)
+        result = perplexity(model, ids, args.batch_size, progress=True)
+        print(json.dumps({"model": args.model, "data": args.text, **result.to_dict()}, indent=2))
+        return 0
+    corpus = load_corpus(args.data)
+    sets = {"validation": (corpus, "validation", f"validation split of {corpus.name}")}
+    for data in [GENERAL_EVAL, *(d.strip() for d in (args.eval_data or "").split(",") if d.strip())]:
+        sets[eval_set_name(data)] = (load_corpus(data, evaluation=True), "all", data)
+    out = {}
+    for name, (source, split, label) in sets.items():
+        ids = token_batches(source, tokenizer, split, args.seq_len, args.samples)
+        out[name] = {"data": label, **perplexity(model, ids, args.batch_size, progress=True).to_dict()}
+    print(json.dumps({"model": args.model, "evals": out}, indent=2))
+    return 0
+
+
+# The run's fields compress distill reads besides the distillation section's (--student is a folder there).
+_DISTILL_FLAGS = ("teacher", "data", "eval_samples", "eval_seq_len", "batch_size", "bf16", "seed", "trust_remote_code")
+
+
+def distill(argv: list[str]) -> int:
+    import torch.distributed as dist
+
+    from compress.app.distillation import distill_student
+    from compress.sources.data import load_corpus
+    from compress.sources.teachers import load_teacher
+
+    parser = argparse.ArgumentParser(
+        prog="compress distill",
+        description="Distill a student checkpoint from a teacher. Runs under torchrun for several processes: "
+        "torchrun --nproc-per-node 2 -m compress distill --student DIR --out DIR",
+    )
+    parser.add_argument("--student", required=True, help="the student's Hugging Face checkpoint folder")
+    parser.add_argument("--out", required=True, help="folder for the distilled student; resumable checkpoints go in OUT.checkpoints/ beside it")
+    parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming from OUT.checkpoints/")
+    parser.add_argument("--quiet", action="store_true")
+    names = [n for n in flag_names() if n in _DISTILL_FLAGS or n.startswith("distill_")]
+    add_config_flags(parser, names)
+    args = parser.parse_args(argv)
+    config: CompressConfig = config_from(args, names)
+    out = Path(args.out)
+    checkpoints = out.with_name(out.name + ".checkpoints")
+    if args.no_resume and checkpoints.exists():
+        import shutil
+
+        shutil.rmtree(checkpoints)
+    teacher, tokenizer = load_teacher(config.teacher, config.trust_remote_code)
+    metrics = distill_student(Path(args.student), teacher, tokenizer, load_corpus(config.data), config, out,
+                              checkpoints, progress=not args.quiet)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        summary = {k: v for k, v in metrics.items() if k != "history"}
+        print(json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def finetune(argv: list[str]) -> int:
+    from compress.app.finetune import FinetuneConfig, finetune
+
+    parser = argparse.ArgumentParser(
+        prog="compress finetune",
+        description="Fine-tune a student for a task on (input, output) pairs: LoRA adapters (default) or every "
+        "weight, cross-entropy on the output tokens and optionally KL from a teacher. Writes the fine-tuned "
+        "checkpoint (adapters merged) to --out, the adapters alone to OUT/adapter/, and OUT/finetune.json.",
+    )
+    parser.add_argument("--student", required=True, help="the student's checkpoint folder (e.g. runs/demo/student); "
+                        "causal or encoder-decoder (Mu-like)")
+    parser.add_argument("--data", required=True, help='.jsonl/.json or .parquet rows with "input" and "output" text '
+                        "(a tenth is held out, chosen by a hash of each pair)")
+    parser.add_argument("--out", required=True, help="folder for the fine-tuned checkpoint")
+    parser.add_argument("--teacher", help="teacher for the KL term (with --kl-weight): alias, folder or .gguf")
+    parser.add_argument("--lora-rank", type=int, default=8, help="adapter rank (default 8); 0 trains every weight")
+    parser.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scale numerator: updates are scaled "
+                        "by alpha / rank (default 16)")
+    parser.add_argument("--lora-targets", default="", help="comma-separated linear layer names to adapt, e.g. "
+                        "q_proj,v_proj (default: every linear layer but the output head)")
+    parser.add_argument("--epochs", type=float, default=3.0, help="passes over the training pairs (default 3)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 with LoRA, 5e-5 without)")
+    parser.add_argument("--kl-weight", type=float, default=0.0, help="weight of KL from --teacher on the outputs")
+    parser.add_argument("--ce-weight", type=float, default=1.0, help="weight of cross-entropy on the outputs")
+    parser.add_argument("--max-input-tokens", type=int, default=256, help="inputs keep their last N tokens")
+    parser.add_argument("--max-output-tokens", type=int, default=128, help="outputs keep their first N tokens")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 instead of bf16 autocast")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    args = vars(parser.parse_args(argv))
+    quiet = args.pop("quiet")
+    args["lora_targets"] = tuple(t for t in args["lora_targets"].split(",") if t)
+    metrics = finetune(FinetuneConfig(**args), progress=not quiet)
+    before, after = metrics["before"], metrics["after"]
+    print(f"{args['out']}: held-out output perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}, "
+          f"token accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} on {after['tokens']:,} tokens of "
+          f"{metrics['validation_pairs']} pairs; {metrics['trainable_params']:,} of {metrics['params']:,} parameters "
+          f"trained for {metrics['steps']} steps ({metrics['seconds']:.0f} s)")
+    return 0
+
+
+def inspect(argv: list[str]) -> int:
+    import onnx
+
+    from quant.profiles import check, get_profile
+
+    parser = argparse.ArgumentParser(
+        prog="compress inspect",
+        description="Check an ONNX graph against an NPU profile: dynamic dimensions, control flow, operators "
+        "outside the profile's set, float islands, weight types and channel alignment. Exits 1 on any violation.",
+    )
+    parser.add_argument("model", help="an .onnx file")
+    parser.add_argument("--npu-profile", default="qnn-htp", help=f"one of {', '.join(PROFILES)} (default qnn-htp)")
+    parser.add_argument("--float", action="store_true", help="the graph is a float graph: check shapes and operators only")
+    args = parser.parse_args(argv)
+    if args.npu_profile not in PROFILES:
+        raise ConfigError(f"--npu-profile {args.npu_profile!r}: known profiles are {', '.join(PROFILES)}")
+    path = Path(args.model)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; pass the path of an .onnx graph")
+    try:
+        model = onnx.load(path)
+    except Exception as error:  # noqa: BLE001 - any parse failure is the user's file
+        raise ConfigError(f"{path}: not a readable ONNX model ({error})") from error
+    violations = check(model, get_profile(args.npu_profile), quantized=not args.float)
+    for v in violations:
+        print(v)
+    nodes = len(model.graph.node)
+    verdict = "passes" if not violations else f"has {len(violations)} violation(s) of"
+    print(f"{path}: {nodes} nodes, {verdict} the {args.npu_profile} profile")
+    return 1 if violations else 0
+
+
+def report(argv: list[str]) -> int:
+    from compress.app.report import write_report
+
+    parser = argparse.ArgumentParser(prog="compress report", description="Rebuild report.md, report.json and the "
+                                     "report_*.png plots of a run directory from what its stages measured.")
+    parser.add_argument("run_dir", help="a run directory (the --out of a compress run)")
+    parser.add_argument("--quiet", action="store_true", help="print only the report's path")
+    args = parser.parse_args(argv)
+    report = write_report(args.run_dir)
+    path = Path(args.run_dir) / "report.md"
+    print(path if args.quiet else f"{path}\n{report['verdict']}")
+    return 0

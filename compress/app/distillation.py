@@ -1,0 +1,119 @@
+"""The distillation stage: hands ``distill`` a ready student, the teacher and token batches.
+
+Used by the pipeline (``--stop-after distill``) and by ``compress distill``, which also runs under
+``torchrun --nproc-per-node N`` (DDP or FSDP; gloo on CPU, nccl on GPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from compress.core.config import CompressConfig
+from compress.core.family import family_of, load_model
+from compress.errors import CompressError
+from compress.models.mobilellm import is_block_shared
+from compress.pruning.surgery import save_checkpoint
+from compress.sources.data import token_batches
+from distill import DistillError, distill
+
+log = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def teacher_logits_path(config: CompressConfig, train: torch.Tensor) -> Path | None:
+    """Where the teacher's stored top-k over ``train`` live (None when distillation runs the teacher online): in the
+    cache, named by teacher and data, so later runs and benchmark arms on the same sequences reuse them."""
+    if not config.distill.teacher_top_k:
+        return None
+    from compress.io import cache_dir
+    from distill.teacher_logits import ids_fingerprint
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(config.teacher).name or config.teacher)
+    return cache_dir() / "teacher-logits" / f"{name}-{ids_fingerprint(train)}-k{config.distill.teacher_top_k}.safetensors"
+
+
+def distill_student(
+    student_dir: Path,
+    teacher: Any,
+    tokenizer: Any,
+    dataset: Any,
+    config: CompressConfig,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    progress: bool = True,
+    reference: torch.Tensor | None = None,
+    others: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
+    """Distill the checkpoint in ``student_dir`` from ``teacher``; save it to ``out_dir``; return metrics.
+
+    ``reference``: the teacher's top-1 predictions on the validation sequences, for the student's agreement;
+    ``others``: more evaluation sets (name -> their sequences and the teacher's top-1 on them), measured alongside.
+    """
+    if not (student_dir / "config.json").exists():
+        raise CompressError(f"no student checkpoint in {student_dir}; run the prune stage first or pass --student DIR")
+    student = load_model(student_dir, dtype=torch.float32)
+    family = family_of(student.config)
+    settings = config.distill
+    if settings.parallel == "fsdp" and is_block_shared(student):
+        # fully_shard gives each decoder layer its own flat shards, and a shared layer lives in two of them.
+        raise CompressError("--distill-parallel fsdp cannot shard a block-shared (mobilellm) student: each shared "
+                            "block would sit in two FSDP units; use --distill-parallel ddp")
+    budget = settings.tokens if settings.steps is None else settings.steps * settings.global_batch() * settings.seq_len
+    sequences = math.ceil(budget / settings.seq_len)
+    train = token_batches(dataset, tokenizer, "train", config.distill.seq_len, sequences)
+    valid = token_batches(dataset, tokenizer, "validation", config.eval.seq_len, config.eval.samples)
+
+    sets = {"validation": (valid, reference), **(others or {})}
+    agreement: dict[str, float | None] = {}
+
+    def evaluate(model: Any) -> dict[str, float]:
+        measured = {}
+        for name, (ids, top1) in sets.items():
+            agreement[name], measured[name] = family.score_set(model, ids, top1, config.batch_size)
+        return measured
+
+    before = evaluate(student) if _rank() == 0 else {}
+    agreement_before = dict(agreement)
+    try:
+        # Every process evaluates: under FSDP the forward pass gathers shards from all of them.
+        result = distill(student, teacher, train, settings, evaluate=evaluate, checkpoint_dir=checkpoint_dir,
+                         progress=progress, teacher_logits=teacher_logits_path(config, train),
+                         student_io=family.student_io)
+    except DistillError as error:
+        raise CompressError(str(error)) from error
+    metrics: dict[str, Any] = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_sequences": int(train.shape[0]),
+        "seq_len": config.distill.seq_len,
+        "tokens_per_second": result.tokens_per_second,
+        "seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "resumed_from_step": result.resumed_from_step,
+        "parallel": result.parallel,
+        "processes": result.processes,
+        "history": list(result.history),
+        "student_perplexity_before": before.get("validation", float("nan")),
+        "student_agreement_before": agreement_before.get("validation"),
+        "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
+    }
+    if _rank() == 0:
+        last = result.history[-1]  # the trainer evaluates at the final step, so this is normally measured already
+        after = last.get("val_perplexities") or ({"validation": last["val_perplexity"]} if "val_perplexity" in last
+                                                 else evaluate(student))
+        metrics["student_perplexity"] = after["validation"]
+        metrics["student_agreement"] = agreement.get("validation")
+        metrics["evals_before"] = {k: {"perplexity": v, "agreement": agreement_before.get(k)} for k, v in before.items()}
+        metrics["evals"] = {k: {"perplexity": v, "agreement": agreement.get(k)} for k, v in after.items()}
+        save_checkpoint(student, tokenizer, out_dir)
+    return metrics

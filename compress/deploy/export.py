@@ -1,0 +1,311 @@
+"""Export-ready copies of a causal LM: static shapes, one node per normalization, an explicit KV cache.
+
+``StaticLM(model, capacity)`` copies a llama-family model's weights (Llama, SmolLM, Mistral, Qwen2,
+Qwen3) into a module whose forward has only fixed shapes: RoPE tables are constants gathered by
+position, the causal mask is a constant, RMSNorm is one ``RMSNormalization`` node, the output head
+reuses the (tied) embedding through ``Gemm(transB=1)`` so the graph stores it once. Two entry points:
+
+- :class:`Prefill`: ``input_ids`` [1, L] → ``logits`` [1, L, V] and every layer's keys and values
+  [1, kv_heads, L, head_dim] (to seed the decode cache);
+- :class:`DecodeStep`: one token, its position, a 0/1 ``attention_mask`` [1, C] over the cache slots and
+  the cache [1, kv_heads, C, head_dim] per layer → ``logits`` [1, 1, V] and the cache shifted left by
+  one slot with the new key/value in the last slot. The host keeps the mask in step (shift it left and
+  append 1), so capacity, shapes and the graph never change.
+
+The float rewrites that prepare a model for integer arithmetic (norm folding, rotation, smoothing) are
+in :mod:`compress.deploy.outliers`; they act on a ``StaticLM`` and leave its float outputs unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.errors import UnsupportedArchitectureError
+from quant.ops import rms_norm
+
+EXPORTABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "pdq_mobilellm")
+MASK_VALUE = -100.0  # bounded so that integer graphs can represent it; exp(-100) is 0 in float32 terms
+
+
+def _plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _linear(module: nn.Linear) -> nn.Linear:
+    out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    out.weight = nn.Parameter(module.weight.detach().float().clone())
+    if module.bias is not None:
+        out.bias = nn.Parameter(module.bias.detach().float().clone())
+    return out
+
+
+class Conv1x1(nn.Module):
+    """A linear layer computed as a 1x1 Conv over [1, in, 1, T]: NPU toolchains that take per-channel
+    weights only on Conv (QNN) then quantize it per output channel."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach()[:, :, None, None].clone())
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), self.weight, self.bias)  # (1, out, 1, T)
+        return y.squeeze(2).transpose(1, 2)
+
+
+class MatMulLinear(nn.Module):
+    """A linear layer whose weight is stored transposed, (in, out), and applied as ``x @ weight``.
+
+    The exporter folds ``linear``'s transpose of a weight into the stored tensor only when one node reads
+    the weight; a block applied at several depths (MobileLLM-like sharing) would keep a runtime Transpose of
+    a float weight in the graph, which then stays unquantized."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().t().contiguous())
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
+class _Block(nn.Module):
+    def __init__(self, layer: nn.Module, config) -> None:  # noqa: ANN001
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.q, self.k, self.v, self.o = (_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        self.gate, self.up, self.down = (_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.ln1 = nn.Parameter(layer.input_layernorm.weight.detach().float().clone())
+        self.ln2 = nn.Parameter(layer.post_attention_layernorm.weight.detach().float().clone())
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.q_norm = nn.Parameter(qn.weight.detach().float().clone()) if qn is not None else None
+        self.k_norm = nn.Parameter(kn.weight.detach().float().clone()) if kn is not None else None
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.eps = float(config.rms_norm_eps)
+        self.fused_norm = True
+
+    def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):  # noqa: ANN201
+        """Normalized input → rotated queries [1, H, T, d], keys and values [1, KV, T, d]."""
+        norm = rms_norm if self.fused_norm else _plain_rms_norm
+        h = norm(x, self.ln1, self.eps)
+        t = x.shape[1]
+        q = self.q(h).view(1, t, self.heads, self.head_dim)
+        k = self.k(h).view(1, t, self.kv_heads, self.head_dim)
+        v = self.v(h).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = norm(q, self.q_norm, self.eps), norm(k, self.k_norm, self.eps)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def attend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Attention of q over (k, v) with an additive ``bias``, then the MLP; returns the new residual."""
+        groups = self.heads // self.kv_heads
+        if groups > 1:
+            s = k.shape
+            k = k[:, :, None].expand(s[0], s[1], groups, s[2], s[3]).reshape(s[0], self.heads, s[2], s[3])
+            v = v[:, :, None].expand(s[0], s[1], groups, s[2], s[3]).reshape(s[0], self.heads, s[2], s[3])
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5 + bias
+        attn = torch.matmul(torch.softmax(scores, dim=-1), v)
+        t = x.shape[1]
+        x = x + self.o(attn.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
+        h = (rms_norm if self.fused_norm else _plain_rms_norm)(x, self.ln2, self.eps)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class StaticLM(nn.Module):
+    """A float copy of a llama-family causal LM with static shapes; see the module docstring."""
+
+    def __init__(self, model: nn.Module, capacity: int, fused_norm: bool = True) -> None:
+        super().__init__()
+        config = model.config
+        if config.model_type not in EXPORTABLE_TYPES:
+            raise UnsupportedArchitectureError(
+                f"export supports the llama family ({', '.join(EXPORTABLE_TYPES)}), not {config.model_type!r}"
+            )
+        self.config = config
+        self.capacity = capacity
+        base = model.model
+        self.embed = nn.Parameter(base.embed_tokens.weight.detach().float().clone())
+        head = model.get_output_embeddings().weight
+        self.head = self.embed if head is base.embed_tokens.weight else nn.Parameter(head.detach().float().clone())
+        # Layers that share weights (MobileLLM-like students, compress.models.mobilellm) share one block, so the
+        # graphs store those weights once.
+        made: dict[int, _Block] = {}
+        blocks = []
+        for layer in base.layers:
+            key = layer.self_attn.q_proj.weight.data_ptr()
+            if key not in made:
+                made[key] = _Block(layer, config)
+            blocks.append(made[key])
+        self.blocks = nn.ModuleList(blocks)
+        self.fused_norm = fused_norm  # False: RMSNorm as plain ops (Pow, ReduceMean, ...), to measure the difference
+        for block in self.blocks:
+            block.fused_norm = fused_norm
+        self.norm = nn.Parameter(base.norm.weight.detach().float().clone())
+        self.eps = float(config.rms_norm_eps)
+        # Residual-stream transforms set by compress.deploy.outliers: the embedding rows are stored already
+        # multiplied by a rotation, and ``head_mix`` (hidden x hidden) undoes it before the output head.
+        self.head_mix: nn.Parameter | None = None
+        # Per-row scales of the embedding table (compress.deploy.outliers.normalize_embedding): the table holds
+        # rows of max |value| 1, the lookup multiplies the row's scale back in, and a tied head multiplies
+        # each logit by it. One int8 per-tensor table then fits every row.
+        self.embed_scale: nn.Parameter | None = None
+        self.embed_scale_rows: nn.Parameter | None = None  # the same scales as a (vocab, 1) table for the lookup
+        # RoPE tables cover every position the model was trained for: decoding past the cache capacity
+        # (a sliding window) keeps counting positions.
+        positions = torch.arange(max(capacity, int(getattr(config, "max_position_embeddings", capacity))))[None]
+        probe = torch.zeros(1, dtype=torch.float32)
+        cos, sin = base.rotary_emb(probe, positions)
+        self.register_buffer("cos", cos[0].float().clone(), persistent=False)  # (positions, head_dim)
+        self.register_buffer("sin", sin[0].float().clone(), persistent=False)
+        # Prefill constants in their final shapes: the exporter's constant folding skips large tensors, so
+        # a Slice, Unsqueeze or Trilu of a constant would stay in the graph.
+        self.register_buffer("cos_prefill", cos[0, :capacity].float()[None, None].clone(), persistent=False)
+        self.register_buffer("sin_prefill", sin[0, :capacity].float()[None, None].clone(), persistent=False)
+        causal = torch.full((capacity, capacity), MASK_VALUE).triu(1)[None, None]
+        self.register_buffer("causal_bias", causal, persistent=False)
+
+    @property
+    def unique_blocks(self) -> list[nn.Module]:
+        """The blocks, each once (a shared block is applied at several depths); weight rewrites go through this."""
+        return list({id(b): b for b in self.blocks}.values())
+
+    @property
+    def tied(self) -> bool:
+        return self.head is self.embed
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        h = (rms_norm if self.fused_norm else _plain_rms_norm)(x, self.norm, self.eps).reshape(t, -1)
+        if self.head_mix is not None:
+            h = h @ self.head_mix
+        logits = F.linear(h, self.head)  # 2-D, so it exports as Gemm(transB=1): E stored once
+        if self.embed_scale is not None and self.tied:
+            logits = logits * self.embed_scale
+        return logits.reshape(1, t, -1)
+
+    def embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed)
+        if self.embed_scale is not None:
+            x = x * F.embedding(input_ids, self.embed_scale_rows)
+        return x
+
+    def prefill_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE cos, sin and the causal bias for a prefill of ``length`` tokens."""
+        if length > self.capacity:
+            raise ValueError(f"prefill takes at most {self.capacity} tokens, got {length}")
+        return (self.cos_prefill[:, :, :length], self.sin_prefill[:, :, :length],
+                self.causal_bias[:, :, :length, :length])
+
+    def prefill(self, input_ids: torch.Tensor, tables: tuple[torch.Tensor, ...] | None = None,
+                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Logits and every layer's keys and values for ``input_ids`` [1, t]; ``tables`` (from
+        :meth:`prefill_tables`) spare the slicing, which an exported graph would otherwise keep as float ops."""
+        x = self.embedding(input_ids)
+        cos, sin, bias = tables if tables is not None else self.prefill_tables(input_ids.shape[1])
+        keys, values = [], []
+        for block in self.blocks:
+            q, k, v = block.attention_inputs(x, cos, sin)
+            keys.append(k)
+            values.append(v)
+            x = block.attend(x, q, k, v, bias)
+        return self.logits(x), keys, values
+
+    def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+               cache: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.embedding(input_ids)
+        cos = F.embedding(position_ids, self.cos)[:, None]  # (1, 1, 1, head_dim)
+        sin = F.embedding(position_ids, self.sin)[:, None]
+        slots = torch.cat((attention_mask, torch.ones_like(attention_mask[:, :1])), dim=1)
+        bias = ((slots - 1.0) * -MASK_VALUE)[:, None, None]  # (1, 1, 1, C + 1)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.attention_inputs(x, cos, sin)
+            k = torch.cat((cache[2 * i], k), dim=2)
+            v = torch.cat((cache[2 * i + 1], v), dim=2)
+            presents += [k[:, :, 1:], v[:, :, 1:]]
+            x = block.attend(x, q, k, v, bias)
+        return self.logits(x), presents
+
+    def convolutional(self) -> StaticLM:
+        """Every linear layer of the blocks as a 1x1 Conv (in place; apply after the float rewrites)."""
+        return self._relayout(Conv1x1)
+
+    def matmul_layout(self) -> StaticLM:
+        """Every linear layer of the blocks as a MatMul on a stored (in, out) weight (in place; apply after the
+        float rewrites): the layout for profiles that take per-channel weights on MatMul."""
+        return self._relayout(MatMulLinear)
+
+    def _relayout(self, layer_type: type[nn.Module]) -> StaticLM:
+        for block in self.unique_blocks:
+            for name in ("q", "k", "v", "o", "gate", "up", "down"):
+                layer = getattr(block, name)
+                if isinstance(layer, nn.Linear):
+                    setattr(block, name, layer_type(layer))
+        return self
+
+    def cache_shape(self) -> tuple[int, int, int, int]:
+        b = self.blocks[0]
+        return (1, b.kv_heads, self.capacity, b.head_dim)
+
+
+class Prefill(nn.Module):
+    """``input_ids`` [1, L] → logits and the per-layer keys/values, as graph outputs (L: ``length``, by
+    default the cache capacity)."""
+
+    def __init__(self, lm: StaticLM, length: int | None = None) -> None:
+        super().__init__()
+        self.lm = lm
+        self.length = lm.capacity if length is None else length
+        # Tables cut to the graph's length once, here, so the graph holds them as constants.
+        for name, table in zip(("cos", "sin", "bias"), lm.prefill_tables(self.length), strict=True):
+            self.register_buffer(name, table.clone(), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, keys, values = self.lm.prefill(input_ids, (self.cos, self.sin, self.bias))
+        return (logits, *[t for pair in zip(keys, values, strict=True) for t in pair])
+
+    def names(self) -> tuple[list[str], list[str]]:
+        return ["input_ids"], ["logits", *_cache_names(len(self.lm.blocks), "present")]
+
+    def example(self) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(1, self.length, dtype=torch.long),)
+
+
+class DecodeStep(nn.Module):
+    """One token with a static cache: see the module docstring."""
+
+    def __init__(self, lm: StaticLM) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, presents = self.lm.decode(input_ids, position_ids, attention_mask, list(cache))
+        return (logits, *presents)
+
+    def names(self) -> tuple[list[str], list[str]]:
+        layers = len(self.lm.blocks)
+        return (["input_ids", "position_ids", "attention_mask", *_cache_names(layers, "past")],
+                ["logits", *_cache_names(layers, "present")])
+
+    def example(self) -> tuple[torch.Tensor, ...]:
+        shape = self.lm.cache_shape()
+        cache = [torch.zeros(shape) for _ in range(2 * len(self.lm.blocks))]
+        mask = torch.zeros(1, self.lm.capacity)
+        return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), mask, *cache)
+
+
+def _cache_names(layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
