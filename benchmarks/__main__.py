@@ -51,6 +51,8 @@ class Target:
 
 TARGETS = (
     Target("main_command", ("main_command.json", "main_command.md"), title="The README's main command, one run"),
+    Target("same_numbers", ("same_numbers.json", "same_numbers.md"), args=("--base", "36307ec"),
+           title="Every student family at the commit before the package redesign and after it"),
     Target("pruning_quality", ("pruning_quality.json", "pruning_quality.md"), title="Pruning quality without retraining"),
     Target("distill_recovery", ("distill_recovery.json", "distill_recovery.md"),
            title="Distillation recipes judged on general English", extra=("distill_recovery_2026-11-22.md",)),

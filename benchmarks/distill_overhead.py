@@ -60,7 +60,7 @@ _KINDS = {
 }
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--shape", default="576,704,3,3,30", help="hidden,mlp,kv_heads,heads_per_group,layers")
@@ -70,6 +70,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser
+
+
+def main() -> None:
+    parser = _parser()
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     arms = [a for a in args.arms.split(",") if a]

@@ -85,7 +85,7 @@ SETS = ("in-domain", "debian-docs", GENERAL_EVAL)
 _CURVE_SEQUENCES = 16
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--target-size", default="0.67x")
@@ -94,6 +94,11 @@ def main() -> None:
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="distill_recovery", help="stem of the results files (default distill_recovery)")
+    return parser
+
+
+def main() -> None:
+    parser = _parser()
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     chosen_arms = [a for a in args.arms.split(",") if a]

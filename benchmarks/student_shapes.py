@@ -140,7 +140,7 @@ class _Timer:
                 "decode_tokens_per_second": 1000.0 / step, "rounds": len(self.first_ms)}
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--target-size", default="60M")
@@ -160,24 +160,32 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--rebuild", action="store_true", help="only rebuild the markdown, the plot and the kernel "
                         "counts of the graphs on disk from an earlier run's JSON (no training, no timing)")
+    return parser
+
+
+def _rebuild(out: Path) -> None:
+    """The markdown, the plot and the kernel counts again from the stored JSON."""
+    report = json.loads((out / "student_shapes.json").read_text())
+    _add_kernels(report["students"])
+    write_text(out / "student_shapes.json", json.dumps(report, indent=2, default=str) + "\n")
+    write_text(out / "student_shapes.md", markdown(report))
+    _plot(report, out / "student_shapes.png")
+    print(markdown(report))
+
+
+def main() -> None:
+    parser = _parser()
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.rebuild:
-        report = json.loads((args.out / "student_shapes.json").read_text())
-        _add_kernels(report["students"])
-        write_text(args.out / "student_shapes.json", json.dumps(report, indent=2, default=str) + "\n")
-        write_text(args.out / "student_shapes.md", markdown(report))
-        _plot(report, args.out / "student_shapes.png")
-        print(markdown(report))
+        _rebuild(args.out)
         return
     families = args.families.split(",")
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown:
+    if unknown := sorted(set(families) - set(FAMILIES)):
         parser.error(f"--families: unknown {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     started = time.perf_counter()
     base = json.loads(args.config.read_text()) if args.config else {}
     args.base = defaults = CompressConfig.from_dict({**base, "teacher": args.teacher, "target_size": args.target_size})
-
     built = {}
     for family in families:
         built[family] = _build(family, args)

@@ -246,6 +246,31 @@ def _gather_into(student: nn.Module, loss_module: nn.Module) -> None:
     student.eval()
 
 
+def _backward(module: nn.Module, train_ids: torch.Tensor | Pairs, mine: torch.Tensor, stored: TeacherTopK | None,
+              config: DistillConfig, device: torch.device, world: int, sharded: bool) -> float:
+    """Forward and backward of one optimizer step's micro-batches ``mine`` of this process; the step's loss,
+    averaged over the processes."""
+    step_loss = 0.0
+    for micro in range(config.grad_accum):
+        rows = mine[micro * config.batch_size : (micro + 1) * config.batch_size]
+        batch = train_ids[rows].to(device)
+        topk = None if stored is None else tuple(t.to(device) for t in stored.batch(rows))
+        # DDP and FSDP reduce gradients only on the last micro-batch of a step.
+        accumulate = world > 1 and micro < config.grad_accum - 1
+        if sharded:
+            module.set_requires_gradient_sync(not accumulate)
+        with module.no_sync() if accumulate and not sharded else contextlib.nullcontext():
+            with autocast(config.bf16, device):
+                loss = (module(batch) if topk is None else module(batch, topk)) / config.grad_accum
+            loss.backward()
+        step_loss += float(loss.detach())
+    if world > 1:
+        reduced = torch.tensor([step_loss], device=device)
+        dist.all_reduce(reduced)
+        step_loss = float(reduced) / world
+    return step_loss
+
+
 def _loop(
     loss_module: KnowledgeDistillationLoss,
     train_ids: torch.Tensor | Pairs,
@@ -262,21 +287,12 @@ def _loop(
     seq_len = int(train_ids.shape[1])
     total = config.total_steps(seq_len, world)
     per_step = config.global_batch(world)
-    if config.seq_len is not None and not isinstance(train_ids, Pairs) and train_ids.shape[1] != config.seq_len:
-        raise DistillError(f"train_ids hold sequences of {train_ids.shape[1]} tokens, the config says seq_len "
-                           f"{config.seq_len}: cut them to that length, or leave seq_len None")
     trained, hidden = loss_module.student, loss_module.hidden
     device = next(loss_module.parameters()).device
     optimizers = _optimizers(trained, hidden, config)  # after sharding: they must hold the shards
     folder = Path(checkpoint_dir) if checkpoint_dir else None
-    history: list[dict[str, Any]] = []
-    step = tokens = 0
-    resumed = 0
-    if folder is not None and resume and (found := latest_checkpoint(folder)) is not None:
-        state = load_checkpoint(found, loss_module, optimizers)
-        step, tokens, history = state["step"], state["tokens"], state["history"]
-        resumed = step
-        log.info("resuming distillation from %s (step %d of %d)", found, step, total)
+    step, tokens, history = _resumed(folder if resume else None, loss_module, optimizers, total)
+    resumed = step
 
     module: nn.Module = loss_module
     if world > 1 and not sharded:
@@ -288,29 +304,11 @@ def _loop(
     evaluating = 0.0  # seconds spent in validation, left out of throughput
     bar = tqdm(total=total, initial=step, desc="distill", unit="step", disable=not progress or rank != 0)
     while step < total:
-        for group_optimizer in optimizers:
-            for group in group_optimizer.param_groups:
-                group["lr"] = config.lr_at(step, total)
+        for group in (g for optimizer in optimizers for g in optimizer.param_groups):
+            group["lr"] = config.lr_at(step, total)
         indices = order.take(step * per_step, per_step)
         mine = indices[rank * config.batch_size * config.grad_accum : (rank + 1) * config.batch_size * config.grad_accum]
-        step_loss = 0.0
-        for micro in range(config.grad_accum):
-            rows = mine[micro * config.batch_size : (micro + 1) * config.batch_size]
-            batch = train_ids[rows].to(device)
-            topk = None if stored is None else tuple(t.to(device) for t in stored.batch(rows))
-            # DDP and FSDP reduce gradients only on the last micro-batch of a step.
-            accumulate = world > 1 and micro < config.grad_accum - 1
-            if sharded:
-                module.set_requires_gradient_sync(not accumulate)
-            with module.no_sync() if accumulate and not sharded else contextlib.nullcontext():
-                with autocast(config.bf16, device):
-                    loss = (module(batch) if topk is None else module(batch, topk)) / config.grad_accum
-                loss.backward()
-            step_loss += float(loss.detach())
-        if world > 1:
-            reduced = torch.tensor([step_loss], device=device)
-            dist.all_reduce(reduced)
-            step_loss = float(reduced) / world
+        step_loss = _backward(module, train_ids, mine, stored, config, device, world, sharded)
         if not math.isfinite(step_loss):
             last = latest_checkpoint(folder) if folder else None
             raise DistillError(
@@ -348,15 +346,20 @@ def _loop(
     bar.close()
     trained.eval()
     seconds = time.perf_counter() - started - evaluating
-    return DistillResult(
-        steps=step,
-        tokens=tokens,
-        seconds=seconds,
-        tokens_per_second=(tokens - started_tokens) / seconds if seconds > 0 else 0.0,
-        final_loss=history[-1]["loss"] if history else float("nan"),
-        history=tuple(history),
-        resumed_from_step=resumed,
-        parallel=("fsdp" if sharded else "ddp") if world > 1 else "none",
-        processes=world,
-    )
+    return DistillResult(steps=step, tokens=tokens, seconds=seconds,
+                         tokens_per_second=(tokens - started_tokens) / seconds if seconds > 0 else 0.0,
+                         final_loss=history[-1]["loss"] if history else float("nan"), history=tuple(history),
+                         resumed_from_step=resumed, parallel=("fsdp" if sharded else "ddp") if world > 1 else "none",
+                         processes=world)
+
+
+def _resumed(folder: Path | None, loss_module: nn.Module, optimizers: list[torch.optim.Optimizer],
+             total: int) -> tuple[int, int, list[dict[str, Any]]]:
+    """(step, tokens, history) of the latest checkpoint in ``folder``, loaded into the module and optimizers;
+    a fresh start without one."""
+    if folder is None or (found := latest_checkpoint(folder)) is None:
+        return 0, 0, []
+    state = load_checkpoint(found, loss_module, optimizers)
+    log.info("resuming distillation from %s (step %d of %d)", found, state["step"], total)
+    return state["step"], state["tokens"], state["history"]
 

@@ -5,22 +5,8 @@ Everything goes through ``onnxruntime.quantization``: for the ``qnn-htp`` profil
 mixed-precision fixer. Every operator is quantized (normalizations, softmax, residual adds included);
 a recipe may keep named *groups* of tensors at 16 bits in an 8-bit graph, and the report lists them.
 
-Groups, found from the graph's structure rather than from names:
-
-- ``residual``: the residual stream, i.e. the inputs of every normalization and the Add chains that
-  produce them (one outlier token sets their range; 8 bits then round ordinary tokens to zero);
-- ``softmax``: inputs and outputs of every Softmax, and the scores' scaling and masking before it (the
-  masked scores span [-100, +30]);
-- ``swiglu``: the MLP's gating, from the gate and up projections' outputs through silu(gate)·up to the
-  down projection's input (the worst tensor for 8 bits);
-- ``attention``: both inputs of every MatMul between two activations (queries·keys, weights·values).
-
-Weight groups a recipe may store as int16 (``sixteen_bit_weights``), also reported:
-
-- ``head-mix``: the square matrix a rotated model with a tied head applies before the head
-  (Qᵀ·diag(g)·Q, the final norm's weights seen in the rotated basis, see :func:`compress.deploy.outliers.rotate`).
-  Every column mixes all channels, so neither per-tensor nor per-channel int8 fits it: int8 costs about
-  2% perplexity on SmolLM2, int16 nothing measurable, and it is d×d (0.66 MB at 16 bits for d=576).
+Groups are named sets of tensors that the caller finds in the graph (``quantize(..., groups=...)``, see
+:func:`compress.deploy.groups.find_groups`): this module knows operators, not models.
 """
 
 from __future__ import annotations
@@ -31,7 +17,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,9 +32,8 @@ log = logging.getLogger(__name__)
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 WEIGHT_RANGES = ("minmax", "mse")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
-GROUPS = ("residual", "softmax", "swiglu", "attention")
-WEIGHT_GROUPS = ("head-mix",)
-_NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
+# Finds the tensors of each named group in a float graph: {group: tensor names}.
+GroupFinder = Callable[[onnx.ModelProto], Mapping[str, Sequence[str]]]
 
 
 @dataclass(frozen=True)
@@ -66,8 +51,8 @@ class QuantRecipe:
     # quantize_graphs, which owns the torch model and the calibration text); quantize() then finds them on
     # their grids and keeps them exactly. "nearest": the quantizer rounds every weight to its nearest step.
     weight_rounding: str = "nearest"
-    sixteen_bit: tuple[str, ...] = ()  # groups (see GROUPS) kept at 16 bits in an 8-bit graph
-    sixteen_bit_weights: tuple[str, ...] = ()  # weight groups (see WEIGHT_GROUPS) stored as int16
+    sixteen_bit: tuple[str, ...] = ()  # activation groups (quantize's ``groups``) kept at 16 bits in an 8-bit graph
+    sixteen_bit_weights: tuple[str, ...] = ()  # weight groups (quantize's ``weight_groups``) stored as int16
 
     def __post_init__(self) -> None:
         if self.activation_bits not in (8, 16) or self.weight_bits != 8:
@@ -78,12 +63,8 @@ class QuantRecipe:
             raise ValueError(f"weight_range must be one of {', '.join(WEIGHT_RANGES)}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ValueError(f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}")
-        unknown = set(self.sixteen_bit) - set(GROUPS)
-        if unknown:
-            raise ValueError(f"unknown tensor groups {sorted(unknown)}; known: {', '.join(GROUPS)}")
-        unknown = set(self.sixteen_bit_weights) - set(WEIGHT_GROUPS)
-        if unknown:
-            raise ValueError(f"unknown weight groups {sorted(unknown)}; known: {', '.join(WEIGHT_GROUPS)}")
+        object.__setattr__(self, "sixteen_bit", tuple(self.sixteen_bit))
+        object.__setattr__(self, "sixteen_bit_weights", tuple(self.sixteen_bit_weights))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,70 +92,6 @@ class QuantReport:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def tensor_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """The activation tensors of each group in GROUPS (see the module docstring)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    initializers = {t.name for t in model.graph.initializer}
-    residual: list[str] = []
-    stack = [n.input[0] for n in model.graph.node if n.op_type in _NORMS]
-    seen: set[str] = set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name in initializers:
-            continue
-        seen.add(name)
-        residual.append(name)
-        node = producers.get(name)
-        if node is not None and node.op_type == "Add":
-            stack += [i for i in node.input if i]
-    softmax: list[str] = []
-    for node in model.graph.node:
-        if node.op_type != "Softmax":
-            continue
-        softmax += [*node.input, *node.output]
-        # back through the scaling and masking of the scores to the MatMul that made them
-        source = producers.get(node.input[0])
-        while source is not None and source.op_type in ("Add", "Sub", "Mul", "Div"):
-            activations = [i for i in source.input if i and i not in initializers]
-            softmax += activations
-            source = producers.get(activations[0]) if len(activations) == 1 else None
-    swiglu: list[str] = []
-    layout = ("Transpose", "Unsqueeze", "Reshape", "Squeeze")
-    for n in model.graph.node:
-        if n.op_type not in ("MatMul", "Conv") or n.input[1] not in initializers:
-            continue
-        source = n.input[0]
-        while producers.get(source) is not None and producers[source].op_type in layout:
-            source = producers[source].input[0]  # a Conv reads the Mul through a layout change
-        if producers.get(source) is None or producers[source].op_type != "Mul":
-            continue
-        stack, chain = [n.input[0]], []
-        while stack:  # back through the gating to the gate/up projections' outputs (included)
-            name = stack.pop()
-            if name in chain or name in initializers:
-                continue
-            chain.append(name)
-            node = producers.get(name)
-            if node is not None and node.op_type in ("Mul", "Sigmoid", *layout):
-                stack += [i for i in node.input if i]
-        swiglu += chain
-    attention = [i for n in model.graph.node if n.op_type == "MatMul" and not set(n.input) & initializers
-                 for i in n.input]
-    return {"residual": residual, "softmax": softmax, "swiglu": swiglu, "attention": attention}
-
-
-def weight_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """The initializers of each group in WEIGHT_GROUPS (see the module docstring)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    initializers = {t.name for t in model.graph.initializer}
-    mixes = []
-    for node in model.graph.node:
-        source = producers.get(node.input[0]) if node.op_type == "Gemm" and node.input[1] in initializers else None
-        if source is not None and source.op_type == "MatMul" and source.input[1] in initializers:
-            mixes.append(source.input[1])
-    return {"head-mix": sorted(set(mixes))}
 
 
 def shared_weights(model: onnx.ModelProto) -> list[str]:
@@ -317,6 +234,61 @@ class _Reader:
         self._i, self._end = 0, len(self._feeds)
 
 
+def _chosen(model: onnx.ModelProto, names: Sequence[str], finder: GroupFinder | None, argument: str) -> dict[str, list[str]]:
+    """{group: its tensors} for the groups ``names`` a recipe asks for, found by ``finder``."""
+    if not names:
+        return {}
+    found = finder(model) if finder is not None else {}
+    missing = [g for g in names if g not in found]
+    if missing:
+        raise ValueError(f"the recipe keeps tensor groups {', '.join(missing)} wide, which quantize(..., {argument}=...) "
+                         f"does not find (it finds: {', '.join(found) or 'none'})")
+    return {g: sorted(set(found[g])) for g in names}
+
+
+def _overrides(model: onnx.ModelProto, chosen: dict[str, list[str]], wide: list[str]) -> dict[str, list[dict]]:
+    """ORT's per-tensor overrides: 16-bit activations of the chosen groups, one symmetric int8 tensor for a tied
+    embedding (the lookup and the head read it), int16 for the wide weights."""
+    from onnxruntime.quantization import QuantType
+
+    overrides = {name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names}
+    for name in shared_weights(model):
+        overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
+    for name in wide:
+        overrides[name] = [{"quant_type": QuantType.QInt16, "symmetric": True}]
+    return overrides
+
+
+def _ort_config(source: Path, tmp: Path, model: onnx.ModelProto, reader: Any, recipe: QuantRecipe, profile: NpuProfile,
+                overrides: dict[str, list[dict]]) -> tuple[Path, Any]:
+    """(the graph to quantize, ORT's StaticQuantConfig) for ``recipe`` on ``profile``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
+
+    activation = QuantType.QUInt16 if recipe.activation_bits == 16 else QuantType.QUInt8
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[recipe.calibration]
+    if profile.qnn_toolchain:
+        preprocessed = tmp / "preprocessed.onnx"
+        if qnn_preprocess_model(source, preprocessed):
+            source = preprocessed
+    # ORT's QNN config helper also fixes mixed-precision boundaries (converts between 8- and 16-bit
+    # tensors) and the types each operator needs; other profiles then switch on per-channel weights
+    # for the operators they take them on.
+    config = get_qnn_qdq_config(
+        str(source), reader, calibrate_method=method, activation_type=activation,
+        weight_type=QuantType.QInt8, per_channel=recipe.per_channel and "Conv" in profile.per_channel_ops,
+        init_overrides=overrides or None, activation_symmetric=False, weight_symmetric=True,
+    )
+    # ORT's calibrators keep every intermediate tensor of the runs of one collection pass (about
+    # 0.6 GB per 256-token SmolLM2 run), and its CalibMaxIntermediateOutputs option drops data instead
+    # of reducing it. A stride of one run per pass reduces ranges / histograms as they come.
+    config.extra_options.update({"CalibPercentile": recipe.percentile, "CalibStridedMinMax": 1})
+    if not profile.qnn_toolchain and recipe.per_channel:
+        _per_channel(config, model, profile, keep_per_tensor=set(shared_weights(model)))
+    return source, config
+
+
 def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
     """ORT advises shape-inference preprocessing on every call; the graphs are already static (and QNN's is run)."""
     return not str(record.msg).startswith("Please consider")
@@ -329,24 +301,24 @@ def quantize(
     recipe: QuantRecipe,
     profile: NpuProfile,
     progress: bool = False,
+    groups: GroupFinder | None = None,
+    weight_groups: GroupFinder | None = None,
 ) -> QuantReport:
     """Quantize the float graph at ``float_path`` into a QDQ graph at ``out_path`` (written atomically).
 
     ``feeds`` are calibration inputs (one dict of input name → array per run), real data from the
-    calibration split; a ``Sequence`` is read item by item (it may build them on demand). Returns what was done, including how many tensors were kept at 16 bits.
+    calibration split; a ``Sequence`` is read item by item (it may build them on demand). ``groups`` and
+    ``weight_groups`` find the named tensor groups the recipe keeps at 16 bits (``sixteen_bit``) or stores as
+    int16 (``sixteen_bit_weights``). Returns what was done, including how many tensors were kept at 16 bits.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantType
+    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize as ort_quantize
-    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
     started = time.perf_counter()
     if not isinstance(feeds, Sequence):
         feeds = list(feeds)  # a sequence stays as it is: its items may be built on demand
     if not feeds:
         raise ValueError("quantization needs at least one calibration input")
-    activation = QuantType.QUInt16 if recipe.activation_bits == 16 else QuantType.QUInt8
-    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-              "entropy": CalibrationMethod.Entropy}[recipe.calibration]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
@@ -357,35 +329,12 @@ def quantize(
         source = Path(tmp) / "float.onnx"
         shutil.copyfile(float_path, source)
         model = onnx.load(source)
-        groups = tensor_groups(model)
-        chosen = {g: sorted(set(groups[g])) for g in recipe.sixteen_bit} if recipe.activation_bits == 8 else {}
-        overrides = {name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names}
-        sixteen_bit_activations = len(overrides)
-        for name in shared_weights(model):  # a tied embedding: one int8 tensor for the lookup and the head
-            overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
-        weights = weight_groups(model)
-        wide = sorted({n for g in recipe.sixteen_bit_weights for n in weights[g]})
-        for name in wide:
-            overrides[name] = [{"quant_type": QuantType.QInt16, "symmetric": True}]
-        # ORT's calibrators keep every intermediate tensor of the runs of one collection pass (about
-        # 0.6 GB per 256-token SmolLM2 run), and its CalibMaxIntermediateOutputs option drops data instead
-        # of reducing it. A stride of one run per pass reduces ranges / histograms as they come.
-        extra = {"CalibPercentile": recipe.percentile, "CalibStridedMinMax": 1}
-        if profile.qnn_toolchain:
-            preprocessed = Path(tmp) / "preprocessed.onnx"
-            if qnn_preprocess_model(source, preprocessed):
-                source = preprocessed
-        # ORT's QNN config helper also fixes mixed-precision boundaries (converts between 8- and 16-bit
-        # tensors) and the types each operator needs; other profiles then switch on per-channel weights
-        # for the operators they take them on.
-        config = get_qnn_qdq_config(
-            str(source), _Reader(feeds, bar), calibrate_method=method, activation_type=activation,
-            weight_type=QuantType.QInt8, per_channel=recipe.per_channel and "Conv" in profile.per_channel_ops,
-            init_overrides=overrides or None, activation_symmetric=False, weight_symmetric=True,
-        )
-        config.extra_options.update(extra)
-        if not profile.qnn_toolchain and recipe.per_channel:
-            _per_channel(config, model, profile, keep_per_tensor=set(shared_weights(model)))
+        chosen = _chosen(model, recipe.sixteen_bit, groups, "groups") if recipe.activation_bits == 8 else {}
+        wide = sorted({n for names in _chosen(model, recipe.sixteen_bit_weights, weight_groups, "weight_groups").values()
+                       for n in names})
+        overrides = _overrides(model, chosen, wide)
+        sixteen_bit_activations = sum(1 for o in overrides.values() if o[0]["quant_type"] == QuantType.QUInt16)
+        source, config = _ort_config(source, Path(tmp), model, _Reader(feeds, bar), recipe, profile, overrides)
         del model
         clipped = 0
         if recipe.weight_range == "mse":

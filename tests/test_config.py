@@ -37,6 +37,9 @@ def test_sections_are_what_the_stages_take():
     assert (config.distill.lr, config.distill.attention, config.distill.seed, config.distill.bf16) == (1e-3, "sdpa", 3, False)
     assert (config.distill.tokens, config.distill.kl_weight, config.distill.ce_weight) == (200_000, 0.5, 0.5)
     assert PRESETS[config.quant.recipe].name == "a16w8"
+    # --distill-eval-every alone sets the checkpoint interval too, as the flat config always did.
+    assert CompressConfig.from_dict({"distill_eval_every": 5}).distill.checkpoint_every == 5
+    assert CompressConfig.from_dict({"distill_eval_every": 5, "distill_checkpoint_every": 0}).distill.checkpoint_every == 0
 
 
 def test_flat_config_files_of_earlier_runs_are_read_like_the_nested_ones():

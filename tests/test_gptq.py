@@ -13,11 +13,12 @@ from factories import int8_weights, tiny_llama
 from onnx import numpy_helper
 
 from compress.deploy.gptq import block_op, gptq_, input_hessians
+from compress.deploy.groups import quantize_graph
 from compress.deploy.quantization import export_graphs, prepare, quantize_graphs
 from quant import runtime
 from quant.gptq import gptq_round
 from quant.profiles import get_profile
-from quant.quantize import PRESETS, quantize
+from quant.quantize import PRESETS
 
 CAPACITY = 32
 
@@ -74,7 +75,7 @@ def test_the_quantized_graph_keeps_gptq_weights_exactly(tmp_path, profile, weigh
     floats = {t.name: numpy_helper.to_array(t) for t in onnx.load(tmp_path / "model.onnx").graph.initializer}
     # With MSE ranges the quantizer searches each channel's range again: an on-grid channel must keep its own.
     recipe = dataclasses.replace(PRESETS["a16w8" if profile == "qnn-htp" else "a8w8"], weight_range=weight_range)
-    quantize(tmp_path / "model.onnx", tmp_path / "q.onnx", [{"input_ids": r[None].numpy()} for r in calib], recipe, npu)
+    quantize_graph(tmp_path / "model.onnx", tmp_path / "q.onnx", [{"input_ids": r[None].numpy()} for r in calib], recipe, npu)
     kept = 0
     for source, weight, _, axis, restored in int8_weights(onnx.load(tmp_path / "q.onnx"), floats):
         if axis is None:

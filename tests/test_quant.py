@@ -10,12 +10,13 @@ from factories import int8_weights, tiny_gemma3, tiny_llama, tiny_qwen2
 from onnx import TensorProto, helper
 
 from compress.deploy.export import StaticLM
+from compress.deploy.groups import find_groups
 from compress.deploy.outliers import fold_norms, rotate, smooth
 from compress.deploy.quantization import DecodeFeeds, export_graphs, prepare, quantize_graphs
 from compress.errors import UnsupportedArchitectureError
 from quant import runtime
 from quant.profiles import check, get_profile
-from quant.quantize import PRESETS, QuantRecipe, mse_range, tensor_groups
+from quant.quantize import PRESETS, QuantRecipe, mse_range, quantize
 
 CAPACITY = 32
 
@@ -239,7 +240,7 @@ def test_a8w8_keeps_the_named_groups_in_16_bits(tmp_path):
     model = tiny_llama()
     lm = prepare(model, CAPACITY, ())
     export_graphs(lm, tmp_path)
-    groups = tensor_groups(onnx.load(tmp_path / "model.onnx"))
+    groups = find_groups(onnx.load(tmp_path / "model.onnx"))
     assert len(groups["residual"]) >= 2 * model.config.num_hidden_layers
     assert len(groups["softmax"]) == 4 * model.config.num_hidden_layers  # scores, scaled, masked, probabilities
     assert len(groups["swiglu"]) >= 4 * model.config.num_hidden_layers
@@ -251,6 +252,10 @@ def test_a8w8_keeps_the_named_groups_in_16_bits(tmp_path):
     uint16_points = {n.input[2] for n in quantized.graph.node if n.op_type == "QuantizeLinear"
                      and len(n.input) > 2 and zero_points.get(n.input[2]) == TensorProto.UINT16}
     assert len(uint16_points) >= len(set(groups["residual"])) // 2, "the residual stream must be quantized to 16 bits"
+    # quant knows no model: a recipe naming a group needs a finder for it.
+    feeds = [{"input_ids": _ids(model, 1).numpy()}]
+    with pytest.raises(ValueError, match="residual.*groups="):
+        quantize(tmp_path / "model.onnx", tmp_path / "none.onnx", feeds, recipe, get_profile("generic-a8w8"))
 
 
 def _graph(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:

@@ -11,11 +11,12 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from compress.app.cli import main
+from compress.deploy.groups import find_weight_groups
 from compress.deploy.quantization import export_graphs, prepare, quantize_graphs
 from compress.models.mobilellm import MobileLLMForCausalLM, share_blocks, unique_parameters, unshare
 from quant import runtime
 from quant.profiles import get_profile
-from quant.quantize import PRESETS, weight_groups
+from quant.quantize import PRESETS
 
 CAPACITY = 16
 
@@ -91,7 +92,7 @@ def test_shared_blocks_export_once_and_the_graphs_match_torch(tmp_path, layout):
     graph = onnx.load(prefill)
     initializers = {t.name for t in graph.graph.initializer}
     weights = {n.input[1] for n in graph.graph.node if n.op_type == layout and n.input[1] in initializers}
-    weights -= set(weight_groups(graph)["head-mix"])  # the rotation's matrix before the head, not a block's
+    weights -= set(find_weight_groups(graph)["head-mix"])  # the rotation's matrix before the head, not a block's
     assert len(weights) == 7 * 2, "a shared block's weights appear once in the graph, read directly"
     if layout == "MatMul":
         profile = get_profile("generic-a8w8")
@@ -196,7 +197,8 @@ def test_mu_like_graphs_match_torch_and_pass_inspection(tmp_path):
         generate(encoder, decoder, list(range(13)), 1, 1)
 
     # Both graphs quantize whole through the same recipes and profiles, calibrated on real decoder feeds.
-    from quant.quantize import PRESETS, quantize
+    from compress.deploy.groups import quantize_graph
+    from quant.quantize import PRESETS
 
     encoder_feeds, decoder_feeds = [], []
     for shift in range(3):
@@ -205,8 +207,8 @@ def test_mu_like_graphs_match_torch_and_pass_inspection(tmp_path):
         encoder_feeds.append({"input_ids": np.array([text + [0] * 3]), "attention_mask": np.array([[1.0] * 9 + [0.0] * 3],
                                                                                                    dtype=np.float32)})
     profile = get_profile("qnn-htp")
-    quantize(encoder_path, tmp_path / "encoder.a16w8.onnx", encoder_feeds, PRESETS["a16w8"], profile)
-    quantize(decoder_path, tmp_path / "decoder.a16w8.onnx", decoder_feeds, PRESETS["a16w8"], profile)
+    quantize_graph(encoder_path, tmp_path / "encoder.a16w8.onnx", encoder_feeds, PRESETS["a16w8"], profile)
+    quantize_graph(decoder_path, tmp_path / "decoder.a16w8.onnx", decoder_feeds, PRESETS["a16w8"], profile)
     for name in ("encoder.a16w8.onnx", "decoder.a16w8.onnx"):
         assert check(onnx.load(tmp_path / name), profile) == [], name
     quantized, _ = generate(runtime.session(tmp_path / "encoder.a16w8.onnx"), runtime.session(tmp_path / "decoder.a16w8.onnx"),

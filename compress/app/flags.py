@@ -63,7 +63,8 @@ _HELP = {
     "distill_kl_weight": "weight of the KL from the teacher's next-token distributions (0: plain cross-entropy training)",
     "distill_ce_weight": "weight of cross-entropy on the data next to the KL (0: logits only)",
     "distill_eval_every": "steps between validation perplexity checks (0: only at the end)",
-    "distill_checkpoint_every": "steps between resumable checkpoints (0: only at the end)",
+    "distill_checkpoint_every": "steps between resumable checkpoints (0: only at the end; given --distill-eval-every "
+    "alone, the same)",
     "distill_keep_checkpoints": "how many of the latest checkpoints are kept",
     "distill_steps": "optimizer steps (overrides --distill-tokens)",
     "distill_min_lr_ratio": "the schedule's floor as a fraction of the peak learning rate",

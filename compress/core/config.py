@@ -224,6 +224,9 @@ class CompressConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s) {', '.join(sorted(unknown))}; known: "
                               f"{', '.join(sorted(top | set(FLAGS) | set(SECTIONS)))}")
+        distill = sections["distill"]
+        if "eval_every" in distill and "checkpoint_every" not in distill:  # a checkpoint at every validation, as before
+            distill["checkpoint_every"] = distill["eval_every"]
         defaults = cls()
         for name, (kind, _, _, _) in SECTIONS.items():
             if sections[name]:

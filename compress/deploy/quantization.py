@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from compress.deploy.export import DecodeStep, Prefill, StaticLM
+from compress.deploy.groups import quantize_graph
 from compress.deploy.outliers import TRANSFORMS, normalize_embedding, rotate, smooth
 from quant import runtime
 from quant.export import export
 from quant.profiles import NpuProfile, check
-from quant.quantize import QuantRecipe, QuantReport, quantize
+from quant.quantize import QuantRecipe, QuantReport
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +197,10 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
                               weight_range=recipe.weight_range)
             source_dir = Path(tmp)
             export_graphs(source_lm, source_dir, decode=decode, prefill_length=length)
-        reports["prefill"] = quantize(source_dir / "model.onnx", out, prefill_feeds, recipe, profile, progress)
+        reports["prefill"] = quantize_graph(source_dir / "model.onnx", out, prefill_feeds, recipe, profile, progress)
         violations["prefill"] = [str(v) for v in check(onnx.load(out), profile)]
         if decode_out is not None:
             feeds = DecodeFeeds(source_lm, calibration_ids, decode_calib_tokens)
-            reports["decode"] = quantize(source_dir / "decode.onnx", decode_out, feeds, recipe, profile, progress)
+            reports["decode"] = quantize_graph(source_dir / "decode.onnx", decode_out, feeds, recipe, profile, progress)
             violations["decode"] = [str(v) for v in check(onnx.load(decode_out), profile)]
     return QuantizedGraphs(out, decode_out, reports, violations)

@@ -272,9 +272,10 @@ def quantize_stage(state: Any) -> dict[str, Any]:
     import onnx
     from safetensors.numpy import load_file
 
+    from compress.deploy.groups import quantize_graph
     from quant import runtime
     from quant.profiles import check, get_profile
-    from quant.quantize import PRESETS, quantize
+    from quant.quantize import PRESETS
 
     c = state.config
     folder = state.dir / "onnx"
@@ -287,7 +288,7 @@ def quantize_stage(state: Any) -> dict[str, Any]:
     # round each weight to its nearest step, and the report says so.
     profile, recipe = get_profile(c.quant.npu_profile), dataclasses.replace(PRESETS[c.quant.recipe], weight_rounding="nearest")
     names = {"encoder": f"encoder.{c.quant.recipe}.onnx", "decoder": f"decoder.{c.quant.recipe}.onnx"}
-    reports = {part: quantize(folder / (ENCODER if part == "encoder" else DECODER), folder / name,
+    reports = {part: quantize_graph(folder / (ENCODER if part == "encoder" else DECODER), folder / name,
                               encoder_feeds if part == "encoder" else decoder_feeds, recipe, profile, state.progress)
                for part, name in names.items()}
     violations = [str(v) for name in names.values() for v in check(onnx.load(folder / name), profile)]
@@ -325,9 +326,9 @@ class Mu(StudentFamily):
 
     def generation_graphs(self, model: Any, folder: Path, prompt_tokens: int, new_tokens: int, calib: Any,
                           recipe: Any, profile: Any, decode_calib_tokens: int) -> dict[str, dict[str, Path]]:
+        from compress.deploy.groups import quantize_graph
         from compress.deploy.mu_export import write_mu_graphs
         from quant import runtime
-        from quant.quantize import quantize
 
         # The decoder's own cache holds the generated tokens only: new_tokens slots.
         write_mu_graphs(model, folder, length=prompt_tokens, capacity=new_tokens)
@@ -340,7 +341,7 @@ class Mu(StudentFamily):
         graphs = {}
         for kind, name, part_feeds in (("first", ENCODER, feeds[0]), ("step", DECODER, feeds[1])):
             quantized = folder / name.replace(".onnx", f".{recipe.name}.onnx")
-            quantize(folder / name, quantized, part_feeds, recipe, profile)
+            quantize_graph(folder / name, quantized, part_feeds, recipe, profile)
             graphs[kind] = {"float": folder / name, "quantized": quantized}
         return graphs
 

@@ -1,0 +1,107 @@
+"""The tensor groups of the exported graphs that a quantization recipe may keep wider than the rest, found
+from the graph's structure rather than from names (the graphs of :mod:`compress.deploy.export` and
+:mod:`compress.deploy.mu_export`).
+
+Activation groups (:func:`find_groups`, a recipe's ``sixteen_bit``):
+
+- ``residual``: the residual stream, i.e. the inputs of every normalization and the Add chains that
+  produce them (one outlier token sets their range; 8 bits then round ordinary tokens to zero);
+- ``softmax``: inputs and outputs of every Softmax, and the scores' scaling and masking before it (the
+  masked scores span [-100, +30]);
+- ``swiglu``: the MLP's gating, from the gate and up projections' outputs through silu(gate)·up to the
+  down projection's input (the worst tensor for 8 bits);
+- ``attention``: both inputs of every MatMul between two activations (queries·keys, weights·values).
+
+Weight groups (:func:`find_weight_groups`, a recipe's ``sixteen_bit_weights``), stored as int16:
+
+- ``head-mix``: the square matrix a rotated model with a tied head applies before the head
+  (Qᵀ·diag(g)·Q, the final norm's weights seen in the rotated basis, see :func:`compress.deploy.outliers.rotate`).
+  Every column mixes all channels, so neither per-tensor nor per-channel int8 fits it: int8 costs about
+  2% perplexity on SmolLM2, int16 nothing measurable, and it is d×d (0.66 MB at 16 bits for d=576).
+
+:func:`quantize_graph` is :func:`quant.quantize.quantize` with both finders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from quant.quantize import QuantRecipe, QuantReport, quantize
+
+GROUPS = ("residual", "softmax", "swiglu", "attention")
+WEIGHT_GROUPS = ("head-mix",)
+_NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
+
+
+def find_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """The activation tensors of each group in GROUPS (see the module docstring)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name for t in model.graph.initializer}
+    residual: list[str] = []
+    stack = [n.input[0] for n in model.graph.node if n.op_type in _NORMS]
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name in initializers:
+            continue
+        seen.add(name)
+        residual.append(name)
+        node = producers.get(name)
+        if node is not None and node.op_type == "Add":
+            stack += [i for i in node.input if i]
+    softmax: list[str] = []
+    for node in model.graph.node:
+        if node.op_type != "Softmax":
+            continue
+        softmax += [*node.input, *node.output]
+        # back through the scaling and masking of the scores to the MatMul that made them
+        source = producers.get(node.input[0])
+        while source is not None and source.op_type in ("Add", "Sub", "Mul", "Div"):
+            activations = [i for i in source.input if i and i not in initializers]
+            softmax += activations
+            source = producers.get(activations[0]) if len(activations) == 1 else None
+    swiglu: list[str] = []
+    layout = ("Transpose", "Unsqueeze", "Reshape", "Squeeze")
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Conv") or n.input[1] not in initializers:
+            continue
+        source = n.input[0]
+        while producers.get(source) is not None and producers[source].op_type in layout:
+            source = producers[source].input[0]  # a Conv reads the Mul through a layout change
+        if producers.get(source) is None or producers[source].op_type != "Mul":
+            continue
+        stack, chain = [n.input[0]], []
+        while stack:  # back through the gating to the gate/up projections' outputs (included)
+            name = stack.pop()
+            if name in chain or name in initializers:
+                continue
+            chain.append(name)
+            node = producers.get(name)
+            if node is not None and node.op_type in ("Mul", "Sigmoid", *layout):
+                stack += [i for i in node.input if i]
+        swiglu += chain
+    attention = [i for n in model.graph.node if n.op_type == "MatMul" and not set(n.input) & initializers
+                 for i in n.input]
+    return {"residual": residual, "softmax": softmax, "swiglu": swiglu, "attention": attention}
+
+
+def find_weight_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """The initializers of each group in WEIGHT_GROUPS (see the module docstring)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name for t in model.graph.initializer}
+    mixes = []
+    for node in model.graph.node:
+        source = producers.get(node.input[0]) if node.op_type == "Gemm" and node.input[1] in initializers else None
+        if source is not None and source.op_type == "MatMul" and source.input[1] in initializers:
+            mixes.append(source.input[1])
+    return {"head-mix": sorted(set(mixes))}
+
+
+def quantize_graph(float_path: str | Path, out_path: str | Path, feeds: Any, recipe: QuantRecipe, profile: Any,
+                   progress: bool = False) -> QuantReport:
+    """:func:`quant.quantize.quantize` of one of the project's graphs, its tensor groups found here."""
+    return quantize(float_path, out_path, feeds, recipe, profile, progress=progress, groups=find_groups,
+                    weight_groups=find_weight_groups)
