@@ -12,6 +12,7 @@ a timing column is left out on purpose (the two runs share a noisy machine).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import subprocess
@@ -85,7 +86,7 @@ def main() -> None:
         subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, capture_output=True)
         shutil.rmtree(scratch, ignore_errors=True)
     result = {**meta, "base": base, "date": datetime.now(UTC).strftime("%Y-%m-%d"), "run_args": args.args,
-              "families": families}
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "families": families}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "same_numbers.json", result)
     write_text(args.out / "same_numbers.md", markdown(result))
@@ -99,7 +100,8 @@ def _number(value: float | None) -> str:
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# The same runs at two commits", "",
              f"`{result['command']}` on {result['date']}: commit `{result['commit']}` against `{result['base']}`, "
-             f"each family run with `--student F {result['run_args']}` (perplexities from each run's report).", ""]
+             f"each family run with `--student F {result['run_args']}` (perplexities from each run's report; "
+             f"OMP_NUM_THREADS={result.get('omp_num_threads') or 'unset'}).", ""]
     for family, rows in result["families"].items():
         lines += [f"## {family}", "", "| row / set | base | this commit | relative difference |", "|---|---|---|---|"]
         for name, r in rows.items():
