@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 # Small enough for three families at two commits in about half an hour on 2 cores; every stage still runs.
 SMALL = ("--target-size 60M --calib-samples 16 --proxy mass --eval-samples 8 --eval-seq-len 64 --distill-tokens 4096 "
-         "--distill-seq-len 64 --distill-eval-every 4 --seq-len 64 --quant-calib-samples 2 --quant-decode-calib-tokens 32")
+         "--distill-seq-len 64 --distill-eval-every 4 --seq-len 64 --quant-calib-samples 2 --quant-decode-calib-tokens 32 "
+         "--no-bf16")  # fp32: bf16 matmuls crawl on CPUs without AVX-512 BF16 / AMX
 
 
 def _command(checkout: Path) -> list[str]:
