@@ -39,12 +39,12 @@ def _command(checkout: Path) -> list[str]:
     return [sys.executable, "-m", module]
 
 
-def _run(checkout: Path, family: str, extra: str, out: Path) -> dict[str, Any]:
+def _run(checkout: Path, family: str, extra: str, out: Path) -> dict[str, float]:
     argv = [*_command(checkout), "--student", family, *shlex.split(extra), "--out", str(out), "--quiet"]
     done = subprocess.run(argv, cwd=checkout, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{' '.join(argv)} failed in {checkout} ({done.returncode}):\n{done.stderr[-3000:]}")
-    return read_json(out / "report.json")
+    return _rows(read_json(out / "report.json")) if (out / "report.json").exists() else _stage_rows(out)
 
 
 def _rows(report: dict[str, Any]) -> dict[str, float]:
@@ -55,6 +55,24 @@ def _rows(report: dict[str, Any]) -> dict[str, float]:
         for name, measured in row.get("evals", {}).items():
             if name != "validation" and measured.get("perplexity") is not None:
                 out[f"{row['name']} / {name}"] = measured["perplexity"]
+    return out
+
+
+def _stage_rows(run_dir: Path) -> dict[str, float]:
+    """The same from the stages' metrics, for a run stopped before the report (``--stop-after distill``)."""
+    out: dict[str, float] = {}
+    for stage, prefix in (("prune", "pruned"), ("distill", "distilled")):
+        path = run_dir / f"{stage}.metrics.json"
+        if not path.exists():
+            continue
+        metrics = read_json(path)
+        if stage == "distill" and "student_perplexity" in metrics:
+            out["distilled / in-domain"] = metrics["student_perplexity"]
+        for name, measured in metrics.get("evals", {}).items():
+            if measured.get("perplexity") is not None:
+                out[f"{prefix} / {'in-domain' if name == 'validation' else name}"] = measured["perplexity"]
+        if "teacher_perplexity" in metrics:
+            out["teacher / in-domain"] = metrics["teacher_perplexity"]
     return out
 
 
@@ -75,8 +93,8 @@ def main() -> None:
     families: dict[str, Any] = {}
     try:
         for family in args.families.split(","):
-            before = _rows(_run(worktree, family, args.args, scratch / f"{family}-base"))
-            after = _rows(_run(ROOT, family, args.args, scratch / f"{family}-head"))
+            before = _run(worktree, family, args.args, scratch / f"{family}-base")
+            after = _run(ROOT, family, args.args, scratch / f"{family}-head")
             rows = {k: {"base": before.get(k), "head": after.get(k),
                         "relative": (after[k] / before[k] - 1) if k in before and k in after and before[k] else None}
                     for k in dict.fromkeys([*before, *after])}
