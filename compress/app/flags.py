@@ -116,9 +116,8 @@ def flag_names() -> list[str]:
     return top + list(FLAGS)
 
 
-def _field_of(name: str) -> tuple[Any, type]:
-    """The default value behind flag ``name`` and the type its text parses to."""
-    defaults = CompressConfig()
+def _field_of(name: str, defaults: CompressConfig) -> tuple[Any, type]:
+    """The default value behind flag ``name`` in ``defaults`` and the type its text parses to."""
     owner, field_name = (getattr(defaults, FLAGS[name][0]), FLAGS[name][1]) if name in FLAGS else (defaults, name)
     default = getattr(owner, field_name)
     if default is not None:
@@ -130,9 +129,10 @@ def _field_of(name: str) -> tuple[Any, type]:
 
 def add_config_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
     """One flag per named config field (``--distill-lr`` for ``distill_lr``); unset flags stay None."""
+    defaults = CompressConfig()
     for name in names:
         flag = "--" + name.replace("_", "-")
-        default, kind = _field_of(name)
+        default, kind = _field_of(name, defaults)
         text = _HELP[name]
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{text} (default {default})")
