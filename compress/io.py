@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -60,3 +61,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+PROJECT_LOGGERS = ("compress", "distill", "quant", "importance", "benchmarks")
+
+
+def project_records(record: logging.LogRecord) -> bool:
+    """A log filter: the project's own INFO lines and everyone's warnings (the ONNX exporter's optimizer alone logs
+    thousands of INFO lines, "Replaced initializer ...", that a user has no use for)."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] in PROJECT_LOGGERS

@@ -19,6 +19,7 @@ from transformers import (
     Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 256
@@ -58,11 +59,25 @@ def tiny_qwen2(seed: int = 0):
     return model
 
 
+def tiny_qwen3(seed: int = 0):
+    _seeded(seed)
+    config = Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # q/k norms start at one: make them non-trivial
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 2.0)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 2.0)
+    return model
+
+
 def tiny_mistral(seed: int = 0):
     _seeded(seed)
     config = MistralConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, pad_token_id=0,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, pad_token_id=0, sliding_window=None,
     )
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -83,11 +98,12 @@ def tiny_gemma3(seed: int = 0):
     return model
 
 
-def tiny_phi3(seed: int = 0):
+def tiny_phi3(seed: int = 0, partial_rotary_factor: float = 1.0):
     _seeded(seed)
     config = Phi3Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        partial_rotary_factor=partial_rotary_factor,
     )
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -104,11 +120,13 @@ def tiny_bert(seed: int = 0):
 FAMILY_FACTORIES = {
     "llama": tiny_llama,
     "qwen2": tiny_qwen2,
+    "qwen3": tiny_qwen3,
     "mistral": tiny_mistral,
     "gemma3": tiny_gemma3,
     "phi3": tiny_phi3,
     "bert": tiny_bert,
 }
+DECODER_FAMILIES = {name: make for name, make in FAMILY_FACTORIES.items() if name != "bert"}
 
 
 def tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:

@@ -22,7 +22,7 @@ from compress.core.state import RunState, folder_mb
 from compress.errors import CompressError, RunDirectoryError
 from compress.evaluation.quality import perplexity
 from compress.families import get_family
-from compress.io import read_json, write_json
+from compress.io import project_records, read_json, write_json
 from compress.pruning.planner import PruningPlan, feasible_shapes
 from compress.pruning.scoring import score_importance
 from compress.pruning.surgery import save_checkpoint
@@ -54,7 +54,6 @@ _STAGE_CODE = {
     "quantize": ("quant",),
     "report": ("compress/app/report.py",),
 }
-_OURS = ("compress", "distill", "quant", "importance", "benchmarks")
 # Calibration sequences the planner's loss proxy runs each candidate on (16 x calib_seq_len tokens).
 _PROXY_SEQUENCES = 16
 
@@ -152,14 +151,15 @@ def run(config: CompressConfig | None = None, progress: bool = True, **fields: A
     handler = logging.FileHandler(config.run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    # Our INFO lines, and everyone's warnings (onnxscript's optimizer alone logs hundreds of INFO lines).
-    handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.split(".")[0] in _OURS)
+    handler.addFilter(project_records)
     root = logging.getLogger()
     root.addHandler(handler)
     level = root.level
     root.setLevel(min(level, logging.INFO) if level else logging.INFO)
     try:
-        log.info("run %s: %s", config.run_dir, json.dumps(config.to_dict()))
+        log.info("run %s: %s to %s as %s", config.run_dir, config.teacher, config.target_size, config.student)
+        # The whole configuration goes to run.log only: one line of a thousand characters helps no one on a terminal.
+        handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "config %s", (json.dumps(config.to_dict()),), None))
         return _run_stages(config, progress)
     except BaseException as error:
         # To run.log only: the terminal gets the CLI's one line (or Python's traceback for a failure).
@@ -194,6 +194,9 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
     if any(done.get(stage) != fingerprint for stage, fingerprint in fingerprints.items()):
         state.dataset  # noqa: B018 - unreadable data fails here, before any stage spends time
         state.eval_sets  # noqa: B018 - and so does a missing evaluation set
+    if any(done.get(stage) != fingerprint for stage, fingerprint in fingerprints.items()):
+        # A teacher the student family cannot take (or export) is refused before any stage spends time.
+        get_family(config.student).check_teacher(state.teacher.config, config)
     if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and get_family(config.student).prunes_teacher:
         # Refuse an infeasible target before the expensive scoring stage, not after it.
         feasible_shapes(state.spec, state.teacher.config, config.target, config.prune.axes, config.prune.align, config.prune.tolerance)

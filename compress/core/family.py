@@ -46,6 +46,10 @@ class StudentFamily:
         result = quality(model, ids, batch_size, top1)
         return result.agreement, result.perplexity.perplexity
 
+    def check_teacher(self, teacher_config: Any, config: Any) -> None:
+        """Refuse, before any stage runs, a teacher this family cannot make a student of with ``config``'s options
+        (UnsupportedArchitectureError naming what is missing); by default every teacher is taken."""
+
     def generation_graphs(self, model: Any, folder: Path, prompt_tokens: int, new_tokens: int, calib: Any,
                           recipe: Any, profile: Any, decode_calib_tokens: int) -> dict[str, dict[str, Path]]:
         """Graphs that generate ``new_tokens`` after a ``prompt_tokens`` prompt, float and quantized with ``recipe``

@@ -1,9 +1,12 @@
 """Export-ready copies of a causal LM: static shapes, one node per normalization, an explicit KV cache.
 
-``StaticLM(model, capacity)`` copies a llama-family model's weights (Llama, SmolLM, Mistral, Qwen2,
-Qwen3) into a module whose forward has only fixed shapes: RoPE tables are constants gathered by
-position, the causal mask is a constant, RMSNorm is one ``RMSNormalization`` node, the output head
-reuses the (tied) embedding through ``Gemm(transB=1)`` so the graph stores it once. Two entry points:
+``StaticLM(model, capacity)`` copies a causal decoder's weights (every family whose registry entry names its
+export roles: Llama, SmolLM, Mistral, Qwen2, Qwen3, Gemma3, Phi-3; :mod:`compress.deploy.decoder` reads them)
+into a module whose forward has only fixed shapes: RoPE tables (one per layer type, Gemma3's local and global)
+are constants gathered by position, the causal masks (one per sliding window shorter than the cache; a longer
+window is the same as global attention inside a static graph) are constants, RMSNorm is one
+``RMSNormalization`` node, the output head reuses the (tied) embedding through ``Gemm(transB=1)`` so the graph
+stores it once. Two entry points:
 
 - :class:`Prefill`: ``input_ids`` [1, L] → ``logits`` [1, L, V] and every layer's keys and values
   [1, kv_heads, L, head_dim] (to seed the decode cache);
@@ -22,10 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.errors import UnsupportedArchitectureError
+from compress.deploy.decoder import (
+    BlockTensors,
+    block_tensors,
+    embedding_multiplier,
+    export_family,
+    rope_tables,
+)
 from quant.ops import rms_norm
 
-EXPORTABLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "pdq_mobilellm")
+MAX_TABLE_POSITIONS = 8192  # RoPE positions the decode graph holds (Gemma3's 32k x 256 tables would be 134 MB)
 MASK_VALUE = -100.0  # bounded so that integer graphs can represent it; exp(-100) is 0 in float32 terms
 
 
@@ -73,32 +82,38 @@ class MatMulLinear(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, layer: nn.Module, config) -> None:  # noqa: ANN001
+    """One decoder layer: pre-norm attention and gated MLP, with the optional parts the family's roles name
+    (q/k norms, norms on the sub-layers' outputs, a sliding window, soft-capped scores)."""
+
+    def __init__(self, tensors: BlockTensors, config) -> None:  # noqa: ANN001
         super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
-        self.q, self.k, self.v, self.o = (_linear(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-        self.gate, self.up, self.down = (_linear(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        self.ln1 = nn.Parameter(layer.input_layernorm.weight.detach().float().clone())
-        self.ln2 = nn.Parameter(layer.post_attention_layernorm.weight.detach().float().clone())
-        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.q_norm = nn.Parameter(qn.weight.detach().float().clone()) if qn is not None else None
-        self.k_norm = nn.Parameter(kn.weight.detach().float().clone()) if kn is not None else None
+        for role, linear in tensors.linears.items():
+            setattr(self, role, linear)
+        norms = {k: None if v is None else nn.Parameter(v.clone()) for k, v in tensors.norms.items()}
+        self.ln1, self.ln2 = norms["attn_norm"], norms["mlp_norm"]
+        self.q_norm, self.k_norm = norms["q_norm"], norms["k_norm"]
+        self.attn_out_norm, self.mlp_out_norm = norms["attn_out_norm"], norms["mlp_out_norm"]
         self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.eps = float(config.rms_norm_eps)
+        self.scaling, self.softcap, self.act = tensors.scaling, tensors.softcap, tensors.activation
+        self.window, self.rope_kind = tensors.window, tensors.rope_kind
+        self.rope_index = self.mask_index = 0  # the StaticLM's RoPE table and mask this block reads
         self.fused_norm = True
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return (rms_norm if self.fused_norm else _plain_rms_norm)(x, weight, self.eps)
 
     def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):  # noqa: ANN201
         """Normalized input → rotated queries [1, H, T, d], keys and values [1, KV, T, d]."""
-        norm = rms_norm if self.fused_norm else _plain_rms_norm
-        h = norm(x, self.ln1, self.eps)
+        h = self._norm(x, self.ln1)
         t = x.shape[1]
         q = self.q(h).view(1, t, self.heads, self.head_dim)
         k = self.k(h).view(1, t, self.kv_heads, self.head_dim)
         v = self.v(h).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
-            q, k = norm(q, self.q_norm, self.eps), norm(k, self.k_norm, self.eps)
+            q, k = self._norm(q, self.q_norm), self._norm(k, self.k_norm)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         return _rope(q, cos, sin), _rope(k, cos, sin), v
 
@@ -109,15 +124,22 @@ class _Block(nn.Module):
             s = k.shape
             k = k[:, :, None].expand(s[0], s[1], groups, s[2], s[3]).reshape(s[0], self.heads, s[2], s[3])
             v = v[:, :, None].expand(s[0], s[1], groups, s[2], s[3]).reshape(s[0], self.heads, s[2], s[3])
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5 + bias
-        attn = torch.matmul(torch.softmax(scores, dim=-1), v)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scaling
+        if self.softcap:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        attn = torch.matmul(torch.softmax(scores + bias, dim=-1), v)
         t = x.shape[1]
-        x = x + self.o(attn.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
-        h = (rms_norm if self.fused_norm else _plain_rms_norm)(x, self.ln2, self.eps)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        out = self.o(attn.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
+        x = x + (out if self.attn_out_norm is None else self._norm(out, self.attn_out_norm))
+        h = self._norm(x, self.ln2)
+        out = self.down(self.act(self.gate(h)) * self.up(h))
+        return x + (out if self.mlp_out_norm is None else self._norm(out, self.mlp_out_norm))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:  # partial rotary (Phi-3 variants): the rest of each head passes through
+        return torch.cat((_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -129,30 +151,30 @@ class StaticLM(nn.Module):
     def __init__(self, model: nn.Module, capacity: int, fused_norm: bool = True) -> None:
         super().__init__()
         config = model.config
-        if config.model_type not in EXPORTABLE_TYPES:
-            raise UnsupportedArchitectureError(
-                f"export supports the llama family ({', '.join(EXPORTABLE_TYPES)}), not {config.model_type!r}"
-            )
+        spec = export_family(config)
         self.config = config
         self.capacity = capacity
+        self.family = spec.name
         base = model.model
         self.embed = nn.Parameter(base.embed_tokens.weight.detach().float().clone())
         head = model.get_output_embeddings().weight
         self.head = self.embed if head is base.embed_tokens.weight else nn.Parameter(head.detach().float().clone())
+        self.embed_multiplier = embedding_multiplier(base)
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
         # Layers that share weights (MobileLLM-like students, compress.models.mobilellm) share one block, so the
         # graphs store those weights once.
         made: dict[int, _Block] = {}
         blocks = []
         for layer in base.layers:
-            key = layer.self_attn.q_proj.weight.data_ptr()
+            key = next(layer.parameters()).data_ptr()
             if key not in made:
-                made[key] = _Block(layer, config)
+                made[key] = _Block(block_tensors(layer, spec, config), config)
             blocks.append(made[key])
         self.blocks = nn.ModuleList(blocks)
         self.fused_norm = fused_norm  # False: RMSNorm as plain ops (Pow, ReduceMean, ...), to measure the difference
         for block in self.blocks:
             block.fused_norm = fused_norm
-        self.norm = nn.Parameter(base.norm.weight.detach().float().clone())
+        self.norm = nn.Parameter(base.norm.weight.detach().float().clone() + spec.norm_weight_offset)
         self.eps = float(config.rms_norm_eps)
         # Residual-stream transforms set by compress.deploy.outliers: the embedding rows are stored already
         # multiplied by a rotation, and ``head_mix`` (hidden x hidden) undoes it before the output head.
@@ -162,19 +184,40 @@ class StaticLM(nn.Module):
         # each logit by it. One int8 per-tensor table then fits every row.
         self.embed_scale: nn.Parameter | None = None
         self.embed_scale_rows: nn.Parameter | None = None  # the same scales as a (vocab, 1) table for the lookup
-        # RoPE tables cover every position the model was trained for: decoding past the cache capacity
-        # (a sliding window) keeps counting positions.
-        positions = torch.arange(max(capacity, int(getattr(config, "max_position_embeddings", capacity))))[None]
-        probe = torch.zeros(1, dtype=torch.float32)
-        cos, sin = base.rotary_emb(probe, positions)
-        self.register_buffer("cos", cos[0].float().clone(), persistent=False)  # (positions, head_dim)
-        self.register_buffer("sin", sin[0].float().clone(), persistent=False)
-        # Prefill constants in their final shapes: the exporter's constant folding skips large tensors, so
-        # a Slice, Unsqueeze or Trilu of a constant would stay in the graph.
-        self.register_buffer("cos_prefill", cos[0, :capacity].float()[None, None].clone(), persistent=False)
-        self.register_buffer("sin_prefill", sin[0, :capacity].float()[None, None].clone(), persistent=False)
-        causal = torch.full((capacity, capacity), MASK_VALUE).triu(1)[None, None]
-        self.register_buffer("causal_bias", causal, persistent=False)
+        self.head_layer: nn.Module | None = None  # set by the layout methods for an untied head
+        self._tables(base, capacity)
+
+    def _tables(self, base: nn.Module, capacity: int) -> None:
+        """RoPE tables of each kind the blocks read and the masks of each window, as constants."""
+        # RoPE tables cover every position the model was trained for (up to MAX_TABLE_POSITIONS): decoding past
+        # the cache capacity (a sliding window) keeps counting positions.
+        positions = max(capacity, min(int(getattr(self.config, "max_position_embeddings", capacity)), MAX_TABLE_POSITIONS))
+        tables = rope_tables(base, [b.rope_kind for b in self.blocks], positions)
+        kinds = list(tables)
+        # A window at least as long as the cache (plus the decoded token) sees everything: such a layer is global.
+        windows = sorted({b.window for b in self.blocks if b.window is not None and b.window <= capacity})
+        for block in self.blocks:
+            block.rope_index = kinds.index(block.rope_kind if block.rope_kind in tables else None)
+            block.mask_index = windows.index(block.window) + 1 if block.window in windows else 0
+        self.rope_kinds, self.windows = len(kinds), [None, *windows]
+        for i, (cos, sin) in enumerate(tables.values()):
+            self.register_buffer(f"cos{i}", cos, persistent=False)  # (positions, rotary_dim)
+            self.register_buffer(f"sin{i}", sin, persistent=False)
+            # Prefill constants in their final shapes: the exporter's constant folding skips large tensors, so
+            # a Slice, Unsqueeze or Trilu of a constant would stay in the graph.
+            self.register_buffer(f"cos_prefill{i}", cos[:capacity][None, None].clone(), persistent=False)
+            self.register_buffer(f"sin_prefill{i}", sin[:capacity][None, None].clone(), persistent=False)
+        rows = torch.arange(capacity)[:, None]
+        for j, window in enumerate(self.windows):
+            hidden = torch.arange(capacity)[None, :] > rows
+            if window is not None:
+                hidden |= torch.arange(capacity)[None, :] <= rows - window
+            self.register_buffer(f"causal_bias{j}", (hidden.float() * MASK_VALUE)[None, None], persistent=False)
+            # decode: of the cache's slots and the new token's, a window keeps the last ``window``
+            keep = torch.ones(1, capacity + 1)
+            if window is not None:
+                keep[:, : capacity + 1 - window] = 0.0
+            self.register_buffer(f"decode_keep{j}", keep, persistent=False)
 
     @property
     def unique_blocks(self) -> list[nn.Module]:
@@ -190,52 +233,65 @@ class StaticLM(nn.Module):
         h = (rms_norm if self.fused_norm else _plain_rms_norm)(x, self.norm, self.eps).reshape(t, -1)
         if self.head_mix is not None:
             h = h @ self.head_mix
-        logits = F.linear(h, self.head)  # 2-D, so it exports as Gemm(transB=1): E stored once
+        # A tied head is the 2-D F.linear, exported as Gemm(transB=1) so E is stored once; an untied one is in the
+        # blocks' layout (per-channel where the profile takes it).
+        logits = self.head_layer(h[None])[0] if self.head_layer is not None else F.linear(h, self.head)
         if self.embed_scale is not None and self.tied:
             logits = logits * self.embed_scale
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits.reshape(1, t, -1)
 
     def embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed)
         if self.embed_scale is not None:
             x = x * F.embedding(input_ids, self.embed_scale_rows)
-        return x
+        return x * self.embed_multiplier if self.embed_multiplier != 1.0 else x
 
-    def prefill_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """RoPE cos, sin and the causal bias for a prefill of ``length`` tokens."""
+    def prefill_tables(self, length: int) -> dict[str, torch.Tensor]:
+        """RoPE cos and sin of each kind and the causal bias of each window for a prefill of ``length`` tokens."""
         if length > self.capacity:
             raise ValueError(f"prefill takes at most {self.capacity} tokens, got {length}")
-        return (self.cos_prefill[:, :, :length], self.sin_prefill[:, :, :length],
-                self.causal_bias[:, :, :length, :length])
+        tables = {}
+        for i in range(self.rope_kinds):
+            tables[f"cos{i}"] = getattr(self, f"cos_prefill{i}")[:, :, :length]
+            tables[f"sin{i}"] = getattr(self, f"sin_prefill{i}")[:, :, :length]
+        for j in range(len(self.windows)):
+            tables[f"bias{j}"] = getattr(self, f"causal_bias{j}")[:, :, :length, :length]
+        return tables
 
-    def prefill(self, input_ids: torch.Tensor, tables: tuple[torch.Tensor, ...] | None = None,
+    def prefill(self, input_ids: torch.Tensor, tables: dict[str, torch.Tensor] | None = None,
                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Logits and every layer's keys and values for ``input_ids`` [1, t]; ``tables`` (from
         :meth:`prefill_tables`) spare the slicing, which an exported graph would otherwise keep as float ops."""
         x = self.embedding(input_ids)
-        cos, sin, bias = tables if tables is not None else self.prefill_tables(input_ids.shape[1])
+        tables = tables if tables is not None else self.prefill_tables(input_ids.shape[1])
         keys, values = [], []
         for block in self.blocks:
-            q, k, v = block.attention_inputs(x, cos, sin)
+            r = block.rope_index
+            q, k, v = block.attention_inputs(x, tables[f"cos{r}"], tables[f"sin{r}"])
             keys.append(k)
             values.append(v)
-            x = block.attend(x, q, k, v, bias)
+            x = block.attend(x, q, k, v, tables[f"bias{block.mask_index}"])
         return self.logits(x), keys, values
 
     def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                cache: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.embedding(input_ids)
-        cos = F.embedding(position_ids, self.cos)[:, None]  # (1, 1, 1, head_dim)
-        sin = F.embedding(position_ids, self.sin)[:, None]
+        rope = [(F.embedding(position_ids, getattr(self, f"cos{i}"))[:, None],  # (1, 1, 1, rotary_dim)
+                 F.embedding(position_ids, getattr(self, f"sin{i}"))[:, None]) for i in range(self.rope_kinds)]
         slots = torch.cat((attention_mask, torch.ones_like(attention_mask[:, :1])), dim=1)
-        bias = ((slots - 1.0) * -MASK_VALUE)[:, None, None]  # (1, 1, 1, C + 1)
+        biases = []
+        for j, window in enumerate(self.windows):
+            seen = slots if window is None else slots * getattr(self, f"decode_keep{j}")
+            biases.append(((seen - 1.0) * -MASK_VALUE)[:, None, None])  # (1, 1, 1, C + 1)
         presents = []
         for i, block in enumerate(self.blocks):
-            q, k, v = block.attention_inputs(x, cos, sin)
+            q, k, v = block.attention_inputs(x, *rope[block.rope_index])
             k = torch.cat((cache[2 * i], k), dim=2)
             v = torch.cat((cache[2 * i + 1], v), dim=2)
             presents += [k[:, :, 1:], v[:, :, 1:]]
-            x = block.attend(x, q, k, v, bias)
+            x = block.attend(x, q, k, v, biases[block.mask_index])
         return self.logits(x), presents
 
     def convolutional(self) -> StaticLM:
@@ -253,6 +309,10 @@ class StaticLM(nn.Module):
                 layer = getattr(block, name)
                 if isinstance(layer, nn.Linear):
                     setattr(block, name, layer_type(layer))
+        if not self.tied:
+            head = nn.Linear(self.head.shape[1], self.head.shape[0], bias=False)
+            head.weight = self.head
+            self.head_layer = layer_type(head)
         return self
 
     def cache_shape(self) -> tuple[int, int, int, int]:
@@ -269,11 +329,12 @@ class Prefill(nn.Module):
         self.lm = lm
         self.length = lm.capacity if length is None else length
         # Tables cut to the graph's length once, here, so the graph holds them as constants.
-        for name, table in zip(("cos", "sin", "bias"), lm.prefill_tables(self.length), strict=True):
+        self.table_names = list(lm.prefill_tables(self.length))
+        for name, table in lm.prefill_tables(self.length).items():
             self.register_buffer(name, table.clone(), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, keys, values = self.lm.prefill(input_ids, (self.cos, self.sin, self.bias))
+        logits, keys, values = self.lm.prefill(input_ids, {n: getattr(self, n) for n in self.table_names})
         return (logits, *[t for pair in zip(keys, values, strict=True) for t in pair])
 
     def names(self) -> tuple[list[str], list[str]]:

@@ -8,7 +8,7 @@ Activation groups (:func:`find_groups`, a recipe's ``sixteen_bit``):
   produce them (one outlier token sets their range; 8 bits then round ordinary tokens to zero);
 - ``softmax``: inputs and outputs of every Softmax, and the scores' scaling and masking before it (the
   masked scores span [-100, +30]);
-- ``swiglu``: the MLP's gating, from the gate and up projections' outputs through silu(gate)·up to the
+- ``swiglu``: the MLP's gating (SwiGLU, or GeGLU for Gemma), from the gate and up projections' outputs through act(gate)·up to the
   down projection's input (the worst tensor for 8 bits);
 - ``attention``: both inputs of every MatMul between two activations (queries·keys, weights·values).
 
@@ -33,6 +33,7 @@ from quant.quantize import QuantRecipe, QuantReport, quantize
 
 GROUPS = ("residual", "softmax", "swiglu", "attention")
 WEIGHT_GROUPS = ("head-mix",)
+_GATES = ("Sigmoid", "Gelu", "Tanh", "Erf")  # SiLU's and GELU's ops, as the exporter writes them
 _NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
 
 
@@ -80,7 +81,7 @@ def find_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
                 continue
             chain.append(name)
             node = producers.get(name)
-            if node is not None and node.op_type in ("Mul", "Sigmoid", *layout):
+            if node is not None and node.op_type in ("Mul", *_GATES, *layout):
                 stack += [i for i in node.input if i]
         swiglu += chain
     attention = [i for n in model.graph.node if n.op_type == "MatMul" and not set(n.input) & initializers

@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.deploy.decoder import TRANSFORMS
 from compress.deploy.export import StaticLM
 
-TRANSFORMS = ("rotate", "smooth", "embed-rows")  # the rewrites, in the order they apply
+__all__ = ["TRANSFORMS", "fold_norms", "normalize_embedding", "rotate", "smooth"]
 
 
 @torch.no_grad()

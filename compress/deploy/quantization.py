@@ -20,6 +20,7 @@ import onnx
 import torch
 from torch import nn
 
+from compress.deploy.decoder import check_exportable
 from compress.deploy.export import DecodeStep, Prefill, StaticLM
 from compress.deploy.groups import quantize_graph
 from compress.deploy.outliers import TRANSFORMS, normalize_embedding, rotate, smooth
@@ -36,11 +37,18 @@ def prepare(model: nn.Module, seq_len: int, transforms: tuple[str, ...] = TRANSF
             conv: bool = False) -> StaticLM:
     """The export-ready float copy of ``model`` with ``transforms`` applied in TRANSFORMS order; with
     ``conv``, linear layers become 1x1 Convs (for profiles that take per-channel weights only on Conv), else
-    MatMuls on stored (in, out) weights."""
+    MatMuls on stored (in, out) weights. Transforms the model's family does not allow are skipped with a warning;
+    ``lm.transforms`` holds those applied."""
     unknown = set(transforms) - set(TRANSFORMS)
     if unknown:
         raise ValueError(f"unknown transforms {sorted(unknown)}; known: {', '.join(TRANSFORMS)}")
     lm = StaticLM(model, seq_len, fused_norm=fused_norm).eval()
+    skipped = check_exportable(model.config, transforms)
+    if skipped:
+        log.warning("%s: skipping the transforms %s, which its blocks do not allow (norms on the sub-layers' "
+                    "outputs do not commute with a rotation of the residual stream)", lm.family, ", ".join(skipped))
+        transforms = tuple(t for t in transforms if t not in skipped)
+    lm.transforms = tuple(t for t in TRANSFORMS if t in transforms)  # what was applied, for the stage metrics
     if "rotate" in transforms:
         rotate(lm, seed)
     if "smooth" in transforms:

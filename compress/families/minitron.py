@@ -56,6 +56,14 @@ class Minitron(StudentFamily):
     block_repeats = 1  # how many times in a row each kept block is applied
     calibration_hint = "other `--quant-transforms` or more `--quant-calib-samples`"
 
+    def check_teacher(self, teacher_config: Any, config: Any) -> None:
+        from compress.core.config import STAGES
+        from compress.deploy.decoder import check_exportable
+
+        # A run that ends before the export may prune any registered family (BERT included).
+        if STAGES.index(config.stop_after) >= STAGES.index("export"):
+            check_exportable(teacher_config)
+
     def plan(self, state: RunState) -> dict[str, Any]:
         c = state.config
         scores = ImportanceScores.load(state.dir / "scores.safetensors")
@@ -155,7 +163,7 @@ class Minitron(StudentFamily):
         metrics, top1 = measure(prefill, decode, valid.numpy(), reference.teacher_top1.numpy(), progress=state.progress,
                                 others=_graph_sets(references))
         save_file({"top1": top1}, str(folder / "model.top1.safetensors"))  # the reference of the integer graphs
-        return {"source": str(source), "seq_len": c.quant.seq_len, "transforms": list(c.quant.transforms),
+        return {"source": str(source), "seq_len": c.quant.seq_len, "transforms": list(lm.transforms),
                 "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "teacher_perplexity": reference.teacher.perplexity,
                 "fp32": metrics}
 
@@ -196,6 +204,12 @@ class MobileLLM(Minitron):
     description = "the pruned teacher, deep and thin, each kept block applied twice (block-wise weight sharing)"
     block_repeats = 2
     model_types = ("pdq_mobilellm",)  # compress.models.mobilellm.MobileLLMConfig.model_type
+
+    def check_teacher(self, teacher_config: Any, config: Any) -> None:
+        from compress.models.mobilellm import check_shareable
+
+        check_shareable(teacher_config)
+        super().check_teacher(teacher_config, config)
 
 
 register(Minitron())

@@ -22,6 +22,8 @@ from typing import Any
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from compress.errors import UnsupportedArchitectureError
+
 
 class MobileLLMConfig(LlamaConfig):
     """A ``LlamaConfig`` whose decoder layers share weights in runs of ``share_repeats``."""
@@ -78,6 +80,18 @@ def _llama_fields(config: LlamaConfig) -> dict[str, Any]:
     return values
 
 
+def check_shareable(config: Any) -> None:
+    """Raise UnsupportedArchitectureError unless a model of ``config`` is a Llama in all but name, the only kind
+    :func:`share_blocks` carries over whole (a MobileLLM-like student is a ``LlamaConfig``)."""
+    model_type = getattr(config, "model_type", None)
+    plain = model_type == "llama" or (model_type == "mistral" and getattr(config, "sliding_window", None) is None)
+    if not plain:
+        raise UnsupportedArchitectureError(
+            f"a MobileLLM-like student is a Llama with shared blocks; the {model_type!r} teacher's layers are not "
+            "Llama layers (biases, q/k norms, extra norms, fused projections or a sliding window would be lost). "
+            "Use --student minitron or --student mu for this teacher")
+
+
 def share_blocks(model: LlamaForCausalLM, repeats: int = 2) -> MobileLLMForCausalLM:
     """A MobileLLM-like model that applies each decoder layer of ``model`` ``repeats`` times in a row.
 
@@ -86,6 +100,7 @@ def share_blocks(model: LlamaForCausalLM, repeats: int = 2) -> MobileLLMForCausa
     """
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    check_shareable(model.config)
     values = _llama_fields(model.config)
     layers = len(model.model.layers)
     values["num_hidden_layers"] = layers * repeats

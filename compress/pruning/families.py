@@ -17,7 +17,7 @@ is one :func:`register` call with a :class:`FamilySpec`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from compress.errors import UnsupportedArchitectureError
@@ -52,6 +52,12 @@ class FamilySpec:
     embed_scale_follows_hidden: bool = False
     residual_output_norms: tuple[str, ...] = ()
     norm_weight_offset: float = 0.0
+    # Which layer tensor plays which part of a pre-norm decoder block, for export (compress.deploy.decoder):
+    # roles q k v o gate up down (weights; a ".bias" next to one is its bias), attn_norm and mlp_norm (the
+    # norms before attention and MLP), optional q_norm, k_norm, attn_out_norm and mlp_out_norm (norms of the
+    # sub-layers' outputs before the residual add, Gemma's sandwich). "name:i" is segment i of a fused tensor's
+    # first dimension (its layout's "A+B"). Empty: the family has no export path.
+    export_roles: Mapping[str, str] = field(default_factory=dict)
 
 
 _LLAMA_LAYER = {
@@ -71,6 +77,12 @@ _LLAMA_LAYER = {
     "mlp.down_proj.bias": "H",
     "input_layernorm.weight": "H",
     "post_attention_layernorm.weight": "H",
+}
+_LLAMA_ROLES = {
+    "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+    "o": "self_attn.o_proj.weight", "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+    "down": "mlp.down_proj.weight", "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+    "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
 }
 _LLAMA_BIASES = frozenset(k for k in _LLAMA_LAYER if k.endswith(".bias"))
 _DECODER_MODEL = {"model.embed_tokens.weight": "- H", "model.norm.weight": "H", "lm_head.weight": "- H"}
@@ -101,6 +113,7 @@ register(
         hidden_norms=("input_layernorm", "post_attention_layernorm"),
         optional_tensors=_LLAMA_BIASES | {"self_attn.q_norm.weight", "self_attn.k_norm.weight"},
         per_layer_keys=("layer_types",),
+        export_roles=_LLAMA_ROLES,
     )
 )
 
@@ -130,6 +143,9 @@ register(
         embed_scale_follows_hidden=True,
         residual_output_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
         norm_weight_offset=1.0,
+        export_roles={**_LLAMA_ROLES, "mlp_norm": "pre_feedforward_layernorm.weight",
+                      "attn_out_norm": "post_attention_layernorm.weight",
+                      "mlp_out_norm": "post_feedforward_layernorm.weight"},
     )
 )
 
@@ -150,6 +166,9 @@ register(
         attention_output="self_attn.o_proj",
         mlp_output="mlp.down_proj",
         hidden_norms=("input_layernorm", "post_attention_layernorm"),
+        export_roles={**_LLAMA_ROLES, "q": "self_attn.qkv_proj.weight:0", "k": "self_attn.qkv_proj.weight:1",
+                      "v": "self_attn.qkv_proj.weight:2", "gate": "mlp.gate_up_proj.weight:0",
+                      "up": "mlp.gate_up_proj.weight:1"},
     )
 )
 
