@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
     quiet = io.StringIO()
-    with torch.no_grad(), contextlib.redirect_stdout(quiet), _quiet_exporter():
+    with torch.no_grad(), contextlib.redirect_stdout(quiet), _quiet_exporter(), warnings.catch_warnings():
+        # torch's exporter warns about its own internals (LeafSpec deprecations), nothing a user can act on
+        warnings.simplefilter("ignore", FutureWarning)
         program = torch.onnx.export(
             module, tuple(example), dynamo=True, opset_version=OPSET, custom_translation_table=TRANSLATIONS,
             input_names=list(input_names), output_names=list(output_names), optimize=True, verbose=False,

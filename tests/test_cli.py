@@ -127,6 +127,26 @@ def test_print_config_and_help_work_as_a_subprocess(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
 
 
+def test_the_terminal_shows_stage_lines_while_run_log_keeps_the_configuration(inputs, tmp_path):
+    teacher, corpus = inputs
+    out = tmp_path / "run"
+    argv = [a for a in SMALL if a != "--quiet"][:-2]  # with log lines, through the export
+    env = {**os.environ, "PDQ_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "compress", "--teacher", str(teacher), "--data", str(corpus),
+                           "--target-size", "0.7x", "--out", str(out), "--quant", "none", "--stop-after", "export",
+                           "--distill-tokens", "256", "--distill-seq-len", "16", "--distill-batch-size", "4",
+                           "--seq-len", "16", *argv], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    assert any(line.startswith("stage export") for line in lines)
+    # No line of other libraries' INFO chatter (the exporter's optimizer: "Replaced initializer ..."), no
+    # configuration dump.
+    noise = [line for line in lines if "initializer" in line or "Warning" in line or len(line) > 300]
+    assert not noise, noise[:5]
+    log = (out / "run.log").read_text()
+    assert "stage export" in log and '"teacher":' in log and "Replaced initializer" not in log
+
+
 def test_eval_subcommand_on_a_text_file(inputs, tmp_path, capsys):
     teacher, _ = inputs
     text = tmp_path / "notes.txt"

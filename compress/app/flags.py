@@ -25,6 +25,7 @@ from compress.core.config import (
     CompressConfig,
 )
 from compress.errors import ConfigError
+from compress.io import project_records
 from quant.profiles import PROFILES
 
 _HELP = {
@@ -176,10 +177,13 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 
 def setup_logging(quiet: bool) -> None:
-    """INFO on the root logger (a run's run.log takes it all); the terminal shows WARNING and up with --quiet."""
+    """INFO on the root logger (a run's run.log takes it all); the terminal shows the project's INFO lines and
+    everyone's warnings, only warnings with --quiet."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.WARNING if quiet else logging.INFO)
+        if project_records not in handler.filters:
+            handler.addFilter(project_records)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
