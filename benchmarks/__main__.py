@@ -54,6 +54,9 @@ class Target:
 
 TARGETS = (
     Target("main_command", ("main_command.json", "main_command.md"), title="The README's main command, one run"),
+    Target("main_command", ("main_command_gemma3-270m.json", "main_command_gemma3-270m.md"),
+           args=("--teacher", "gemma3-270m", "--no-setup", "--flags", "--distill-tokens 20000 --no-bf16"),
+           title="The main command on gemma3-270m, one run"),
     Target("same_numbers", ("same_numbers.json", "same_numbers.md"), args=("--base", "36307ec", "--args", SAME_ARGS),
            title="Every student family at the commit before the package redesign and after it"),
     Target("pruning_quality", ("pruning_quality.json", "pruning_quality.md"), title="Pruning quality without retraining"),
