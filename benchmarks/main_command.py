@@ -64,7 +64,7 @@ def main() -> None:
     body = "\n".join(("#" + line) if line.startswith("#") else line for line in (run_dir / "report.md").read_text().splitlines())
     write_text(args.out / f"{stem}.md", (
         f"# {title}\n\n`{command}` on {result['date']} at commit `{meta['commit']}`, "
-        f"{'without' if args.no_setup else 'setup included'}, recorded by `{meta['command']}`: wall time {seconds / 60:.1f} min "
+        f"{'setup not included' if args.no_setup else 'setup included'}, recorded by `{meta['command']}`: wall time {seconds / 60:.1f} min "
         f"({seconds:,.0f} s).\n\n```\n" + "\n".join(summary) + "\n```\n\nIts report.md:\n\n" + body + "\n"))
     print("\n".join(summary))
     print(f"wall time {seconds:,.0f} s")
