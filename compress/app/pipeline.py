@@ -194,8 +194,7 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
     if any(done.get(stage) != fingerprint for stage, fingerprint in fingerprints.items()):
         state.dataset  # noqa: B018 - unreadable data fails here, before any stage spends time
         state.eval_sets  # noqa: B018 - and so does a missing evaluation set
-    if any(done.get(stage) != fingerprint for stage, fingerprint in fingerprints.items()):
-        # A teacher the student family cannot take (or export) is refused before any stage spends time.
+        # and a teacher the student family cannot take (or export)
         get_family(config.student).check_teacher(state.teacher.config, config)
     if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and get_family(config.student).prunes_teacher:
         # Refuse an infeasible target before the expensive scoring stage, not after it.

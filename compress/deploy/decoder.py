@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from compress.errors import UnsupportedArchitectureError
-from compress.pruning.families import FAMILIES, FamilySpec
+from compress.pruning.families import FAMILIES, FamilySpec, head_dim_of
 
 REQUIRED_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
 OPTIONAL_ROLES = ("q_norm", "k_norm", "attn_out_norm", "mlp_out_norm")
@@ -84,7 +84,7 @@ class BlockTensors:
 def _sizes(config: Any, spec: FamilySpec) -> dict[str, int]:
     heads = getattr(config, spec.heads_key)
     kv = getattr(config, spec.kv_heads_key, None) if spec.kv_heads_key else None
-    head_dim = getattr(config, "head_dim", None) or getattr(config, spec.hidden_key) // heads
+    head_dim = head_dim_of(config, spec)
     return {"Q": heads * head_dim, "K": (kv or heads) * head_dim, "M": getattr(config, spec.mlp_key),
             "H": getattr(config, spec.hidden_key)}
 
@@ -122,13 +122,13 @@ def block_tensors(layer: nn.Module, spec: FamilySpec, config: Any) -> BlockTenso
         norms[role] = None if weight is None else weight + spec.norm_weight_offset
     attn = layer.self_attn
     window = getattr(attn, "sliding_window", getattr(config, "sliding_window", None))
+    # imported here: transformers at module level would cost every CLI start seconds
     from transformers.activations import ACT2FN
 
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
-    head_dim = sizes["Q"] // getattr(config, spec.heads_key)
     return BlockTensors(
         linears=linears, norms=norms,
-        scaling=float(getattr(attn, "scaling", head_dim**-0.5)),
+        scaling=float(getattr(attn, "scaling", head_dim_of(config, spec) ** -0.5)),
         window=int(window) if window else None,
         rope_kind=getattr(attn, "layer_type", None),
         softcap=getattr(config, "attn_logit_softcapping", None),

@@ -42,14 +42,6 @@ def _plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def _linear(module: nn.Linear) -> nn.Linear:
-    out = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    out.weight = nn.Parameter(module.weight.detach().float().clone())
-    if module.bias is not None:
-        out.bias = nn.Parameter(module.bias.detach().float().clone())
-    return out
-
-
 class Conv1x1(nn.Module):
     """A linear layer computed as a 1x1 Conv over [1, in, 1, T]: NPU toolchains that take per-channel
     weights only on Conv (QNN) then quantize it per output channel."""
@@ -154,7 +146,7 @@ class StaticLM(nn.Module):
         spec = export_family(config)
         self.config = config
         self.capacity = capacity
-        self.family = spec.name
+        self.spec = spec
         base = model.model
         self.embed = nn.Parameter(base.embed_tokens.weight.detach().float().clone())
         head = model.get_output_embeddings().weight

@@ -20,7 +20,7 @@ import onnx
 import torch
 from torch import nn
 
-from compress.deploy.decoder import check_exportable
+from compress.deploy.decoder import allowed_transforms
 from compress.deploy.export import DecodeStep, Prefill, StaticLM
 from compress.deploy.groups import quantize_graph
 from compress.deploy.outliers import TRANSFORMS, normalize_embedding, rotate, smooth
@@ -43,10 +43,10 @@ def prepare(model: nn.Module, seq_len: int, transforms: tuple[str, ...] = TRANSF
     if unknown:
         raise ValueError(f"unknown transforms {sorted(unknown)}; known: {', '.join(TRANSFORMS)}")
     lm = StaticLM(model, seq_len, fused_norm=fused_norm).eval()
-    skipped = check_exportable(model.config, transforms)
+    skipped = [t for t in transforms if t not in allowed_transforms(lm.spec)]
     if skipped:
         log.warning("%s: skipping the transforms %s, which its blocks do not allow (norms on the sub-layers' "
-                    "outputs do not commute with a rotation of the residual stream)", lm.family, ", ".join(skipped))
+                    "outputs do not commute with a rotation of the residual stream)", lm.spec.name, ", ".join(skipped))
         transforms = tuple(t for t in transforms if t not in skipped)
     lm.transforms = tuple(t for t in TRANSFORMS if t in transforms)  # what was applied, for the stage metrics
     if "rotate" in transforms:
