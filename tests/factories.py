@@ -34,10 +34,11 @@ def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, mlp: int = 128, seed: int = 0, **kw):
+def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, mlp: int = 128, seed: int = 0,
+               vocab_size: int = VOCAB, **kw):
     _seeded(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw,
     )
@@ -129,15 +130,15 @@ FAMILY_FACTORIES = {
 DECODER_FAMILIES = {name: make for name, make in FAMILY_FACTORIES.items() if name != "bert"}
 
 
-def tiny_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer of VOCAB tokens trained on TEXT (no download)."""
+def tiny_tokenizer(add_bos: bool = False, text: str = TEXT) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of VOCAB tokens trained on ``text`` (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    tokenizer.train_from_iterator([TEXT], trainer)
+    tokenizer.train_from_iterator([text], trainer)
     if add_bos:
         tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")

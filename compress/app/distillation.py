@@ -7,13 +7,13 @@ Used by the pipeline (``--stop-after distill``) and by ``compress distill``, whi
 from __future__ import annotations
 
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from compress.core.config import CompressConfig
 from compress.core.family import family_of, load_model
@@ -42,6 +42,71 @@ def teacher_logits_path(config: CompressConfig, train: torch.Tensor) -> Path | N
     return cache_dir() / "teacher-logits" / f"{name}-{ids_fingerprint(train)}-k{config.distill.teacher_top_k}.safetensors"
 
 
+class _MappedBackbone(nn.Module):
+    """The teacher's backbone reading a trimmed student's token ids (each is one teacher token)."""
+
+    def __init__(self, backbone: nn.Module, kept: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = backbone
+        self.register_buffer("kept", kept, persistent=False)
+
+    @property
+    def layers(self) -> Any:
+        return getattr(self.inner, "layers", None)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        return self.inner(input_ids=self.kept[input_ids], **kwargs)
+
+
+class TrimmedVocabTeacher(nn.Module):
+    """The teacher as a trimmed-vocabulary student sees it: it reads the student's token ids and predicts over the
+    kept tokens only (its output head's kept rows), so the distillation loss compares like with like."""
+
+    def __init__(self, teacher: nn.Module, kept: torch.Tensor) -> None:
+        super().__init__()
+        self.config = teacher.config
+        self.backbone = _MappedBackbone(teacher.base_model, kept)
+        head = teacher.get_output_embeddings().weight
+        self.head = nn.Linear(head.shape[1], len(kept), bias=False)
+        self.head.weight = nn.Parameter(head.detach()[kept].clone(), requires_grad=False)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self.backbone
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
+
+def _in_student_vocabulary(vocab_map: Any, train: torch.Tensor, valid: torch.Tensor, teacher: Any,
+                           config: CompressConfig) -> tuple[torch.Tensor, torch.Tensor, int, Any]:
+    """Training and validation sequences in a trimmed student's vocabulary, the validation's teacher-token count,
+    and the teacher as that student sees it."""
+    if config.distill.teacher_top_k:
+        raise CompressError("--distill-teacher-top-k stores the teacher's top-k over its whole vocabulary; with "
+                            "'vocab' in --axes use --distill-teacher-top-k 0")
+    converted = vocab_map.convert(valid)
+    return (vocab_map.convert(train).ids, converted.ids, int(converted.teacher_tokens.sum()),
+            TrimmedVocabTeacher(teacher, vocab_map.kept))
+
+
+def _scorer(family: Any, sets: dict[str, tuple[torch.Tensor, torch.Tensor | None]], scales: dict[str, float],
+            batch_size: int, agreement: dict[str, float | None]) -> Any:
+    """The trainer's evaluation: perplexity per set (per teacher token with ``scales``), agreements into
+    ``agreement``."""
+    from compress.core.state import per_teacher_agreement, per_teacher_token
+
+    def evaluate(model: Any) -> dict[str, float]:
+        measured = {}
+        for name, (ids, top1) in sets.items():
+            agreed, perplexity = family.score_set(model, ids, top1, batch_size)
+            scale = scales.get(name, 1.0)
+            agreement[name], measured[name] = per_teacher_agreement(agreed, scale), per_teacher_token(perplexity, scale)
+        return measured
+
+    return evaluate
+
+
 def distill_student(
     student_dir: Path,
     teacher: Any,
@@ -53,11 +118,17 @@ def distill_student(
     progress: bool = True,
     reference: torch.Tensor | None = None,
     others: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    vocab_map: Any = None,
+    scales: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Distill the checkpoint in ``student_dir`` from ``teacher``; save it to ``out_dir``; return metrics.
 
     ``reference``: the teacher's top-1 predictions on the validation sequences, for the student's agreement;
     ``others``: more evaluation sets (name -> their sequences and the teacher's top-1 on them), measured alongside.
+    With a trimmed vocabulary (``vocab_map``, :class:`compress.pruning.vocab.VocabMap`) the student reads the data
+    in its own vocabulary, learns from the teacher's distribution over the kept tokens, and is saved with the
+    trimmed tokenizer; ``reference`` and ``others`` are then in the student's vocabulary too, and ``scales``
+    (set name -> ``Reference.nll_scale()``) turn its figures into ones per teacher token.
     """
     if not (student_dir / "config.json").exists():
         raise CompressError(f"no student checkpoint in {student_dir}; run the prune stage first or pass --student DIR")
@@ -68,20 +139,15 @@ def distill_student(
         # fully_shard gives each decoder layer its own flat shards, and a shared layer lives in two of them.
         raise CompressError("--distill-parallel fsdp cannot shard a block-shared (mobilellm) student: each shared "
                             "block would sit in two FSDP units; use --distill-parallel ddp")
-    budget = settings.tokens if settings.steps is None else settings.steps * settings.global_batch() * settings.seq_len
-    sequences = math.ceil(budget / settings.seq_len)
-    train = token_batches(dataset, tokenizer, "train", config.distill.seq_len, sequences)
+    train = token_batches(dataset, tokenizer, "train", settings.seq_len, config.training_sequences())
     valid = token_batches(dataset, tokenizer, "validation", config.eval.seq_len, config.eval.samples)
-
-    sets = {"validation": (valid, reference), **(others or {})}
+    validation_tokens = int(valid.shape[0] * (valid.shape[1] - 1))
+    if vocab_map is not None:
+        train, valid, validation_tokens, teacher = _in_student_vocabulary(vocab_map, train, valid, teacher, config)
+        tokenizer = vocab_map.tokenizer
     agreement: dict[str, float | None] = {}
-
-    def evaluate(model: Any) -> dict[str, float]:
-        measured = {}
-        for name, (ids, top1) in sets.items():
-            agreement[name], measured[name] = family.score_set(model, ids, top1, config.batch_size)
-        return measured
-
+    evaluate = _scorer(family, {"validation": (valid, reference), **(others or {})}, scales or {}, config.batch_size,
+                       agreement)
     before = evaluate(student) if _rank() == 0 else {}
     agreement_before = dict(agreement)
     try:
@@ -105,7 +171,7 @@ def distill_student(
         "history": list(result.history),
         "student_perplexity_before": before.get("validation", float("nan")),
         "student_agreement_before": agreement_before.get("validation"),
-        "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
+        "validation_tokens": validation_tokens,
     }
     if _rank() == 0:
         last = result.history[-1]  # the trainer evaluates at the final step, so this is normally measured already

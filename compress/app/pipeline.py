@@ -19,7 +19,7 @@ from typing import Any
 from compress.core.config import STAGES, CompressConfig
 from compress.core.family import load_model
 from compress.core.state import RunState, folder_mb
-from compress.errors import CompressError, RunDirectoryError
+from compress.errors import CompressError, ConfigError, RunDirectoryError
 from compress.evaluation.quality import perplexity
 from compress.families import get_family
 from compress.io import project_records, read_json, write_json
@@ -47,7 +47,7 @@ _STAGE_FIELDS = {
 _STAGE_CODE = {
     "correct": ("compress/sources", "distill"),
     "score": ("importance", "compress/pruning/scoring.py", "compress/pruning/archspec.py", "compress/evaluation"),
-    "plan": ("compress/pruning/planner.py", "compress/models", "compress/families"),
+    "plan": ("compress/pruning/planner.py", "compress/pruning/vocab.py", "compress/models", "compress/families"),
     "prune": ("compress/pruning/surgery.py", "compress/core"),
     "distill": ("compress/app/distillation.py",),
     "export": ("quant/export.py", "quant/runtime.py", "compress/deploy"),
@@ -195,7 +195,10 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
         state.dataset  # noqa: B018 - unreadable data fails here, before any stage spends time
         state.eval_sets  # noqa: B018 - and so does a missing evaluation set
         # and a teacher the student family cannot take (or export)
-        get_family(config.student).check_teacher(state.teacher.config, config)
+        family = get_family(config.student)
+        if "vocab" in config.prune.axes and not family.trims_vocab:
+            raise ConfigError(f"--student {config.student} does not trim the vocabulary; drop 'vocab' from --axes")
+        family.check_teacher(state.teacher.config, config)
     if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and get_family(config.student).prunes_teacher:
         # Refuse an infeasible target before the expensive scoring stage, not after it.
         feasible_shapes(state.spec, state.teacher.config, config.target, config.prune.axes, config.prune.align, config.prune.tolerance)
@@ -226,6 +229,10 @@ def _resolved(config: CompressConfig, stage: str) -> str:
     from quant.profiles import get_profile
     from quant.quantize import PRESETS
 
+    if stage == "plan" and "vocab" in config.prune.axes:
+        # The kept vocabulary is chosen from the training and calibration tokens: their amounts are the plan's input.
+        return config.fingerprint("distill.tokens", "distill.steps", "distill.seq_len", "distill.batch_size",
+                                  "distill.grad_accum", "quant.seq_len", "quant.calib_samples")
     if stage == "export":
         return json.dumps(asdict(get_profile(config.quant.npu_profile)), sort_keys=True, default=str)
     if stage == "quantize" and config.quant.recipe != "none":
@@ -314,11 +321,12 @@ def _distill(state: RunState) -> dict[str, Any]:
     if chosen["params"] >= chosen["teacher_params"]:
         shutil.rmtree(state.dir / "student", ignore_errors=True)
         return {"skipped": "the plan keeps every parameter: the student is the teacher"}
-    references = state.references(state.config.eval.seq_len)
+    references = state.student_references(state.config.eval.seq_len)
     metrics = distill_student(state.dir / "pruned", state.teacher, state.tokenizer, state.dataset, state.config,
                               state.dir / "student", checkpoints, progress=state.progress,
                               reference=references["validation"].teacher_top1,
-                              others={k: (r.ids, r.teacher_top1) for k, r in references.items() if k != "validation"})
+                              others={k: (r.ids, r.teacher_top1) for k, r in references.items() if k != "validation"},
+                              vocab_map=state.vocab_map, scales={k: r.nll_scale() for k, r in references.items()})
     return {**metrics, "student_mb": folder_mb(state.dir / "student")}
 
 

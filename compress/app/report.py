@@ -182,13 +182,21 @@ def _markdown(report: dict[str, Any]) -> str:
         lines += ["## Plan", "", f"{p['reason']}.", "",
                   "Shape: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in p["shape"].items()) + ".", ""]
     elif p:
-        lines += ["## Plan", "", f"{p['reason']}.", "",
-                  "| hidden | MLP | KV heads x per group | layers | params | importance kept | calibration loss |",
-                  "|---|---|---|---|---|---|---|"]
+        trimmed = any(c["shape"].get("vocab") for c in p["candidates"])
+        lines += ["## Plan", "", f"{p['reason']}.", ""]
+        if trimmed:
+            lines += [f"The vocabulary is an axis: every block shape takes the largest vocabulary that fits, at least the "
+                      f"{p['vocab_floor']:,} tokens the training and calibration data use (with the special and byte "
+                      "tokens and what they are merged from); the tokenizer is trimmed to match, and figures on text "
+                      "with other tokens are per teacher token of the same text.", ""]
+        lines += ["| hidden | MLP | KV heads x per group | layers |" + (" vocabulary |" if trimmed else "")
+                  + " params | importance kept | calibration loss |",
+                  "|---|---|---|---|" + ("---|" if trimmed else "") + "---|---|---|"]
         for cand in p["candidates"]:
             s = cand["shape"]
             mark = " **(chosen)**" if s == p["shape"] else ""
-            lines.append(f"| {s['hidden']} | {s['mlp']} | {s['kv_heads']}x{s['heads_per_group']} | {s['layers']} | "
+            vocab = f" {s.get('vocab') or p.get('teacher_vocab', 0):,} |" if trimmed else ""
+            lines.append(f"| {s['hidden']} | {s['mlp']} | {s['kv_heads']}x{s['heads_per_group']} | {s['layers']} |{vocab} "
                          f"{cand['params'] / 1e6:.1f}M{mark} | {cand['mass']:.3f} | {_fmt(cand.get('loss'), '.4f')} |")
         lines.append("")
     if report["files"]["plots"]:
@@ -260,6 +268,8 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     plan = _read(run_dir, "plan.json")
     if plan:
         report["plan"] = {k: plan[k] for k in ("shape", "params", "teacher_params", "target_params", "reason", "candidates")}
+        if "vocab_floor" in m.get("plan", {}):
+            report["plan"].update(vocab_floor=m["plan"]["vocab_floor"], teacher_vocab=m["plan"]["teacher_vocab"])
     d = m.get("distill", {})
     if "student_perplexity" in d:
         report["distillation"] = {"tokens": d["tokens"], "steps": d["steps"], "tokens_per_second": d["tokens_per_second"],

@@ -21,9 +21,10 @@ def summary(result: Any) -> str:  # noqa: C901 - one branch per stage
             s = m["shape"]
             layers = (f"layers {s['layers']}" if "layers" in s else
                       f"encoder {s['encoder_layers']} + decoder {s['decoder_layers']} layers")
+            vocab = f", vocabulary {s['vocab']:,}" if s.get("vocab") else ""
             text = (
                 f"hidden {s['hidden']}, mlp {s['mlp']}, heads {s['kv_heads']}x{s['heads_per_group']}, "
-                f"{layers}: {m['params'] / 1e6:.1f}M params ({m['params'] / m['teacher_params']:.2f}x)"
+                f"{layers}{vocab}: {m['params'] / 1e6:.1f}M params ({m['params'] / m['teacher_params']:.2f}x)"
             )
         elif stage.stage == "distill" and "skipped" not in m:
             text = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", 
 """The stages in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
 ``--teacher-correction-tokens`` is set; ``quantize`` does nothing with ``--quant none``."""
 QUANT_CHOICES = ("none", *PRESETS)
-AXES = ("heads", "kv", "hidden", "mlp", "layers")
+AXES = ("heads", "kv", "hidden", "mlp", "layers", "vocab")
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
 LAYER_METRICS = ("block-influence", "perplexity")
 PROXIES = ("loss", "mass")
@@ -232,6 +233,12 @@ class CompressConfig:
             if sections[name]:
                 given[name] = _section(kind, name, getattr(defaults, name), sections[name])
         return cls(**given)
+
+    def training_sequences(self) -> int:
+        """How many training sequences of ``distill.seq_len`` tokens the distillation budget reads."""
+        d = self.distill
+        budget = d.tokens if d.steps is None else d.steps * d.global_batch() * d.seq_len
+        return math.ceil(budget / d.seq_len)
 
     def fingerprint(self, *paths: str) -> str:
         """A short hash of the named fields or sections (``"distill"``, ``"prune.axes"``): a stage's output is

@@ -29,6 +29,8 @@ class StudentFamily:
     description: ClassVar[str]
     # The plan prunes the teacher: an infeasible --target-size is refused before scoring, from the shapes alone.
     prunes_teacher: ClassVar[bool] = True
+    # The plan may trim the vocabulary (``--axes ...,vocab``, see compress.pruning.vocab).
+    trims_vocab: ClassVar[bool] = False
     # What the report suggests when the quantized graphs lose accuracy.
     calibration_hint: ClassVar[str] = "more `--quant-calib-samples`"
     # transformers model types whose checkpoints are this family's (the family of a checkpoint folder); a family

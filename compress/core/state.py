@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from compress.core.config import CompressConfig
 from compress.core.family import load_model
 from compress.errors import DataError
 from compress.evaluation.quality import Perplexity, quality
+from compress.io import read_json
 from compress.pruning.archspec import ArchSpec, resolve
 from compress.sources.data import GENERAL_EVAL, eval_set_name, load_corpus, token_batches
 from compress.sources.teachers import load_teacher
@@ -41,6 +43,7 @@ class RunState:
         self._spec: ArchSpec | None = None
         self._dataset: Any = None
         self._eval_sets: dict[str, tuple[Any, str]] | None = None
+        self._vocab_map: tuple[float, Any] | None = None
         self.fingerprint = ""
         self.teacher_fingerprint = ""  # of the correct stage: which teacher, data and correction
 
@@ -123,24 +126,79 @@ class RunState:
         tmp.replace(path)
         return Reference(ids, measured.top1, measured.perplexity)
 
-    def evals(self, model: Any, seq_len: int) -> dict[str, dict[str, Any]]:
-        """The model's fp32 perplexity and top-1 agreement with the teacher on every evaluation set."""
+    @property
+    def vocab_map(self) -> Any:
+        """The student's vocabulary against the teacher's when the plan trims it
+        (:class:`compress.pruning.vocab.VocabMap`), else None."""
+        path = self.dir / "plan.json"
+        stamp = path.stat().st_mtime_ns if path.exists() else 0.0
+        if self._vocab_map is None or self._vocab_map[0] != stamp:
+            kept = read_json(path).get("kept", {}).get("vocab") if path.exists() else None
+            vocab_map = None
+            if kept is not None:
+                from compress.pruning.vocab import VocabMap
+
+                vocab_map = VocabMap(kept, self.spec.vocab, self.tokenizer)
+            self._vocab_map = (stamp, vocab_map)
+        return self._vocab_map[1]
+
+    def student_references(self, seq_len: int) -> dict[str, Reference]:
+        """:meth:`references` as the student reads them: in its own vocabulary when the plan trims the vocabulary
+        (``Reference.converted`` then says how its figures become per teacher token), else the same."""
+        vocab_map = self.vocab_map
+        references = self.references(seq_len)
+        if vocab_map is None:
+            return references
         out = {}
-        for name, reference in self.references(seq_len).items():
+        for name, reference in references.items():
+            converted = vocab_map.convert(reference.ids, reference.teacher_top1)
+            out[name] = Reference(converted.ids, converted.teacher_top1, reference.teacher, converted)
+        return out
+
+    def evals(self, model: Any, seq_len: int) -> dict[str, dict[str, Any]]:
+        """The student's fp32 perplexity and top-1 agreement with the teacher on every evaluation set (per teacher
+        token of the same text when the vocabulary is trimmed)."""
+        out = {}
+        for name, reference in self.student_references(seq_len).items():
             measured = quality(model, reference.ids, self.config.batch_size, reference.teacher_top1,
                                progress=self.progress)
-            out[name] = {"perplexity": measured.perplexity.perplexity, "agreement": measured.agreement,
-                         "tokens": measured.perplexity.tokens, "teacher_perplexity": reference.teacher.perplexity}
+            scale = reference.nll_scale()
+            out[name] = {"perplexity": per_teacher_token(measured.perplexity.perplexity, scale),
+                         "agreement": per_teacher_agreement(measured.agreement, scale),
+                         "tokens": reference.teacher_tokens(), "teacher_perplexity": reference.teacher.perplexity}
         return out
 
 
 @dataclass(frozen=True)
 class Reference:
-    """Validation sequences and the teacher's perplexity and top-1 predictions on them."""
+    """Validation sequences and the teacher's perplexity and top-1 predictions on them; ``converted``, when the
+    sequences are written in a trimmed student vocabulary (:class:`compress.pruning.vocab.Converted`)."""
 
     ids: torch.Tensor
     teacher_top1: torch.Tensor
     teacher: Perplexity
+    converted: Any = None
+
+    def nll_scale(self, rows: int | None = None) -> float:
+        """What turns a per-token NLL of the first ``rows`` sequences into one per teacher token (1 untrimmed)."""
+        return 1.0 if self.converted is None else self.converted.nll_scale(rows)
+
+    def teacher_tokens(self, rows: int | None = None) -> int:
+        """Teacher tokens the first ``rows`` sequences predict."""
+        rows = len(self.ids) if rows is None else rows
+        if self.converted is None:
+            return rows * (self.ids.shape[1] - 1)
+        return int(self.converted.teacher_tokens[:rows].sum())
+
+
+def per_teacher_token(perplexity: float, scale: float) -> float:
+    """A perplexity per student token as one per teacher token of the same text (``scale``: ``Reference.nll_scale``)."""
+    return perplexity if scale == 1.0 else math.exp(min(math.log(perplexity) * scale, 700.0))
+
+
+def per_teacher_agreement(agreement: float | None, scale: float) -> float | None:
+    """Agreement counted over every student position as agreement over the positions that start a teacher token."""
+    return agreement if agreement is None or scale == 1.0 else min(1.0, agreement * scale)
 
 
 def folder_mb(path: Path) -> float:

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 
 from compress.core.family import StudentFamily, register
-from compress.core.state import GRAPH_HELD_OUT_SEQUENCES, Reference, RunState, final_model, folder_mb
+from compress.core.state import (
+    GRAPH_HELD_OUT_SEQUENCES,
+    Reference,
+    RunState,
+    final_model,
+    folder_mb,
+    per_teacher_agreement,
+    per_teacher_token,
+)
 from compress.evaluation.quality import mean_nll
 from compress.pruning.planner import PruningPlan, plan
 from compress.pruning.scoring import check_scores
@@ -38,14 +46,55 @@ def _prepared(state: RunState) -> tuple[Path, Any, torch.Tensor]:
     c = state.config
     source, model = final_model(state)
     calib = state.ids("calibration", c.quant.seq_len, c.quant.calib_samples)
+    if state.vocab_map is not None:
+        calib = state.vocab_map.student_ids(calib)  # the plan kept every calibration token
     conv = get_profile(c.quant.npu_profile).linear_as_conv
     return source, prepare(model, c.quant.seq_len, c.quant.transforms, calib, seed=c.seed, conv=conv), calib
+
+
+def _per_teacher_token(metrics: dict[str, Any], references: dict[str, Reference], agreement: bool = True,
+                       decode_samples: int = 4) -> dict[str, Any]:
+    """A trimmed-vocabulary student's graph figures per teacher token (see ``RunState.student_references``):
+    perplexities, and agreements with the teacher when ``agreement`` (not those with the float graph)."""
+    valid = references["validation"]
+    if valid.converted is None:
+        return metrics
+    scale = valid.nll_scale()
+    metrics["perplexity"] = per_teacher_token(metrics["perplexity"], scale)
+    metrics["validation_tokens"] = valid.teacher_tokens()
+    if agreement:
+        metrics["agreement"] = per_teacher_agreement(metrics["agreement"], scale)
+    if "decode_perplexity" in metrics:
+        half = valid.nll_scale(decode_samples)  # the decode rows' second halves, approximately
+        metrics["decode_perplexity"] = per_teacher_token(metrics["decode_perplexity"], half)
+        if agreement and "decode_agreement" in metrics:
+            metrics["decode_agreement"] = per_teacher_agreement(metrics["decode_agreement"], half)
+    for name, measured in metrics.get("evals", {}).items():
+        rows = min(GRAPH_HELD_OUT_SEQUENCES, len(references[name].ids))
+        scale = references[name].nll_scale(rows)
+        measured["perplexity"] = per_teacher_token(measured["perplexity"], scale)
+        measured["agreement"] = per_teacher_agreement(measured["agreement"], scale)
+        measured["tokens"] = references[name].teacher_tokens(rows)
+    return metrics
 
 
 def _graph_sets(references: dict[str, Reference]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The evaluation sets other than the in-domain one, for the graphs (agreement with the teacher's top-1)."""
     n = GRAPH_HELD_OUT_SEQUENCES
     return {k: (r.ids[:n].numpy(), r.teacher_top1[:n].numpy()) for k, r in references.items() if k != "validation"}
+
+
+def vocab_importance(dataset: Any, tokenizer: Any, config: Any, teacher: Any, spec: Any) -> tuple[torch.Tensor, int]:
+    """The ``vocab`` axis's scores and floor (:func:`compress.pruning.vocab.vocab_scores`) from the tokens a run with
+    ``config`` trains and calibrates on: the distillation's training sequences and both calibration sets."""
+    from compress.pruning.vocab import vocab_scores
+    from compress.sources.data import token_batches
+
+    c = config
+    data = [token_batches(dataset, tokenizer, "train", c.distill.seq_len, c.training_sequences()),
+            token_batches(dataset, tokenizer, "calibration", c.prune.calib_seq_len, c.prune.calib_samples),
+            token_batches(dataset, tokenizer, "calibration", c.quant.seq_len, c.quant.calib_samples)]
+    return vocab_scores(tokenizer, spec.vocab, data, teacher.config, getattr(teacher, "generation_config", None))
 
 
 class Minitron(StudentFamily):
@@ -55,6 +104,7 @@ class Minitron(StudentFamily):
     description = "the teacher pruned by importance along heads, hidden channels, MLP neurons and layers"
     block_repeats = 1  # how many times in a row each kept block is applied
     calibration_hint = "other `--quant-transforms` or more `--quant-calib-samples`"
+    trims_vocab = True
 
     def check_teacher(self, teacher_config: Any, config: Any) -> None:
         from compress.core.config import STAGES
@@ -70,6 +120,9 @@ class Minitron(StudentFamily):
         check_scores(scores, state.spec)
         calib = state.ids("calibration", c.prune.calib_seq_len, _PROXY_SEQUENCES) if c.prune.proxy == "loss" else None
         teacher, spec = state.teacher, state.spec
+        vocab_floor = None
+        if "vocab" in c.prune.axes:
+            scores.scores["vocab"], vocab_floor = vocab_importance(state.dataset, state.tokenizer, c, teacher, spec)
 
         repeats = self.block_repeats
 
@@ -79,7 +132,12 @@ class Minitron(StudentFamily):
                 from compress.models.mobilellm import share_blocks
 
                 candidate = share_blocks(candidate, repeats)
-            return mean_nll(candidate, calib, batch_size=c.batch_size, bf16=c.bf16)
+            ids = calib
+            if shape.vocab is not None:
+                to_student = torch.full((spec.vocab,), -1, dtype=torch.long)
+                to_student[torch.tensor(kept["vocab"])] = torch.arange(shape.vocab)
+                ids = to_student[calib]
+            return mean_nll(candidate, ids, batch_size=c.batch_size, bf16=c.bf16)
 
         chosen = plan(
             spec,
@@ -93,6 +151,7 @@ class Minitron(StudentFamily):
             search_candidates=c.prune.search_candidates,
             evaluate=evaluate if spec.causal_lm and c.prune.proxy == "loss" else None,
             repeats=repeats,
+            vocab_floor=vocab_floor,
         )
         chosen.save(state.dir / "plan.json")
         return {
@@ -102,13 +161,16 @@ class Minitron(StudentFamily):
             "target_params": chosen.target_params,
             "candidates": len(chosen.candidates),
             "reason": chosen.reason,
+            **({"vocab_floor": vocab_floor, "vocab": chosen.shape.vocab or spec.vocab, "teacher_vocab": spec.vocab}
+               if vocab_floor is not None else {}),
         }
 
     def prune(self, state: RunState) -> dict[str, Any]:
         c = state.config
         chosen = PruningPlan.load(state.dir / "plan.json")
         student = apply_plan(state.teacher, state.spec, chosen)
-        save_checkpoint(student, state.tokenizer, state.dir / "pruned")
+        vocab_map = state.vocab_map
+        save_checkpoint(student, vocab_map.tokenizer if vocab_map is not None else state.tokenizer, state.dir / "pruned")
         metrics: dict[str, Any] = {"params": chosen.params, "teacher_params": chosen.teacher_params,
                                    "pruned_mb": folder_mb(state.dir / "pruned")}
         if state.spec.causal_lm:
@@ -154,7 +216,7 @@ class Minitron(StudentFamily):
         folder = state.dir / "onnx"
         shutil.rmtree(folder, ignore_errors=True)  # graphs of other settings (and their quantized copies) go
         prefill, decode = export_graphs(lm, folder)
-        references = state.references(c.quant.seq_len)
+        references = state.student_references(c.quant.seq_len)
         reference = references["validation"]
         valid = reference.ids
         with torch.no_grad():
@@ -162,6 +224,7 @@ class Minitron(StudentFamily):
         got = runtime.prefill_logits(runtime.session(prefill), valid[:1].numpy())
         metrics, top1 = measure(prefill, decode, valid.numpy(), reference.teacher_top1.numpy(), progress=state.progress,
                                 others=_graph_sets(references))
+        metrics = _per_teacher_token(metrics, references)
         save_file({"top1": top1}, str(folder / "model.top1.safetensors"))  # the reference of the integer graphs
         return {"source": str(source), "seq_len": c.quant.seq_len, "transforms": list(lm.transforms),
                 "max_abs_diff_vs_torch": float(np.abs(got - expected).max()), "teacher_perplexity": reference.teacher.perplexity,
@@ -177,7 +240,7 @@ class Minitron(StudentFamily):
         c = state.config
         _, lm, calib = _prepared(state)
         folder = state.dir / "onnx"
-        references = state.references(c.quant.seq_len)
+        references = state.student_references(c.quant.seq_len)
         reference = references["validation"]
         float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
         graphs = quantize_graphs(lm, folder, PRESETS[c.quant.recipe], get_profile(c.quant.npu_profile), calib.numpy(),
@@ -189,6 +252,8 @@ class Minitron(StudentFamily):
         if "decode_agreement" in metrics:
             metrics["decode_agreement_with_float"] = metrics.pop("decode_agreement")
         metrics["agreement"] = float((top1 == reference.teacher_top1.numpy()).mean())
+        metrics = _per_teacher_token(metrics, references, agreement=False)
+        metrics["agreement"] = per_teacher_agreement(metrics["agreement"], reference.nll_scale())
         violations = graphs.violations["prefill"] + graphs.violations["decode"]
         if violations:
             log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",

@@ -57,6 +57,7 @@ class ArchSpec:
     hidden_norm_paths: tuple[str, ...]
     tied_embeddings: bool
     causal_lm: bool = True
+    vocab: int = 0  # rows of the embedding (the ``vocab`` axis)
 
     @property
     def family_spec(self) -> FamilySpec:
@@ -67,9 +68,11 @@ class ArchSpec:
         """Query heads per key/value head."""
         return self.heads // self.kv_heads
 
-    def count_params(self, hidden: int, mlp: int, kv_heads: int, heads_per_group: int, layers: int) -> int:
-        """Parameters of a homogeneous shape, counting tied tensors once."""
-        sizes = {"hidden": hidden, "mlp": mlp, "heads": kv_heads * heads_per_group, "kv": kv_heads}
+    def count_params(self, hidden: int, mlp: int, kv_heads: int, heads_per_group: int, layers: int,
+                     vocab: int | None = None) -> int:
+        """Parameters of a homogeneous shape, counting tied tensors once (``vocab`` None: the whole vocabulary)."""
+        sizes = {"hidden": hidden, "mlp": mlp, "heads": kv_heads * heads_per_group, "kv": kv_heads,
+                 "vocab": self.vocab if vocab is None else vocab}
         total = 0
         for tensor in self.tensors:
             if tensor.layer is not None and tensor.layer >= layers:
@@ -95,6 +98,8 @@ def _axis_name(token: str, layer: int | None) -> str | None:
         return None
     if token == "H":
         return "hidden"
+    if token == "V":
+        return "vocab"
     prefix = {"M": "mlp", "Q": "heads", "K": "kv"}[token]
     return f"{prefix}.{layer}"
 
@@ -150,7 +155,8 @@ def resolve(model: nn.Module) -> ArchSpec:
     kv_heads = kv_heads or heads
     num_layers = getattr(config, family.layers_key)
     head_dim = head_dim_of(config, family)
-    sizes = {"H": hidden, "M": mlp, "Q": heads, "K": kv_heads}
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    sizes = {"H": hidden, "M": mlp, "Q": heads, "K": kv_heads, "V": vocab}
 
     layer_re = re.compile(rf"^{re.escape(family.layers_path)}\.(\d+)\.(.+)$")
     state = model.state_dict(keep_vars=True)
@@ -212,6 +218,7 @@ def resolve(model: nn.Module) -> ArchSpec:
         hidden_norm_paths=norms,
         tied_embeddings=tied,
         causal_lm=family.causal_lm,
+        vocab=vocab,
     )
 
 
@@ -224,6 +231,7 @@ class Shape:
     kv_heads: int
     heads_per_group: int
     layers: int
+    vocab: int | None = None  # vocabulary entries kept (None: the teacher's whole vocabulary)
 
     @property
     def heads(self) -> int:
@@ -238,8 +246,10 @@ def teacher_shape(spec: ArchSpec) -> Shape:
 
 
 def config_for(config: Any, spec: ArchSpec, shape: Shape, kept_layers: list[int] | None = None,
-               validate: bool = True) -> Any:
+               validate: bool = True, kept_vocab: list[int] | None = None) -> Any:
     """The teacher's config changed to ``shape``, validated by the family's own config class.
+
+    A trimmed vocabulary (``shape.vocab``) renumbers the token ids the config names to the ``kept_vocab`` order.
 
     Raises ValueError when the family's config rejects the shape or would change ``head_dim``. With
     ``validate=False`` the family's own checks are skipped (the fields are assigned to a copy): for an
@@ -262,6 +272,12 @@ def config_for(config: Any, spec: ArchSpec, shape: Shape, kept_layers: list[int]
     if "head_dim" in values and values["head_dim"]:
         values["head_dim"] = spec.head_dim
     values.pop("quantization_config", None)
+    if shape.vocab is not None:
+        from compress.pruning.vocab import remapped_token_ids
+
+        values["vocab_size"] = shape.vocab
+        if kept_vocab is not None:
+            values.update(remapped_token_ids(values, kept_vocab))
     if validate:
         new = type(config).from_dict(values)
     else:

@@ -7,7 +7,8 @@ Layout tokens:
 - ``M``: MLP neurons of that layer;
 - ``Q``: query heads of that layer (``head_dim`` elements each);
 - ``K``: key/value heads (GQA groups) of that layer (``head_dim`` elements each);
-- ``-``: a dimension no axis changes (vocabulary, ``head_dim`` of a q/k norm, ...);
+- ``V``: vocabulary entries (the rows of the embedding and the output head; see :mod:`compress.pruning.vocab`);
+- ``-``: a dimension no axis changes (``head_dim`` of a q/k norm, BERT's vocabulary, ...);
 - ``A+B``: a fused dimension, the concatenation of segments (Phi-3's ``qkv_proj`` is ``Q+K+K``).
 
 :func:`compress.pruning.archspec.resolve` matches a family's table against a live model. A user's own family
@@ -22,7 +23,7 @@ from typing import Any
 
 from compress.errors import UnsupportedArchitectureError
 
-AXIS_TOKENS = ("H", "M", "Q", "K")
+AXIS_TOKENS = ("H", "M", "Q", "K", "V")
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ _LLAMA_ROLES = {
     "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
 }
 _LLAMA_BIASES = frozenset(k for k in _LLAMA_LAYER if k.endswith(".bias"))
-_DECODER_MODEL = {"model.embed_tokens.weight": "- H", "model.norm.weight": "H", "lm_head.weight": "- H"}
+_DECODER_MODEL = {"model.embed_tokens.weight": "V H", "model.norm.weight": "H", "lm_head.weight": "V H"}
 
 FAMILIES: dict[str, FamilySpec] = {}
 

@@ -154,6 +154,10 @@ def select(spec: ArchSpec, scores: ImportanceScores, shape: Shape) -> dict[str, 
     s = scores.scores
     kept: dict[str, list[int]] = {"hidden": _top(s["hidden"], shape.hidden)}
     kept["layers"] = _top(s["layers"], shape.layers)
+    if shape.vocab is not None:
+        if "vocab" not in s:
+            raise ValueError("a shape with a trimmed vocabulary needs 'vocab' scores (compress.pruning.vocab.vocab_scores)")
+        kept["vocab"] = _top(s["vocab"], shape.vocab)
     g = spec.group_size
     for i in range(spec.num_layers):
         heads = s[f"heads.{i}"].float().view(spec.kv_heads, g)  # (kv groups, query heads per group)
@@ -192,6 +196,23 @@ def _fmt(params: int, teacher: int) -> str:
     return f"{params / 1e6:.1f}M ({params / teacher:.2f}x)"
 
 
+def _with_vocab(spec: ArchSpec, shapes: list[tuple[Shape, int]], high: int, floor: int, align: int) -> list[tuple[Shape, int]]:
+    """Each block shape with the largest vocabulary on the grid that keeps it under ``high`` (at least ``floor``
+    tokens; the whole vocabulary when that fits): a larger vocabulary costs parameters, never quality."""
+    out = []
+    for shape, _ in shapes:
+        base = spec.count_params(shape.hidden, shape.mlp, shape.kv_heads, shape.heads_per_group, shape.layers, vocab=0)
+        per_token = spec.count_params(shape.hidden, shape.mlp, shape.kv_heads, shape.heads_per_group, shape.layers,
+                                      vocab=1) - base
+        if base + spec.vocab * per_token <= high:
+            out.append((shape, base + spec.vocab * per_token))
+            continue
+        vocab = (high - base) // max(per_token, 1) // align * align
+        if vocab >= floor:
+            out.append((dataclasses.replace(shape, vocab=vocab), base + vocab * per_token))
+    return out
+
+
 def feasible_shapes(
     spec: ArchSpec,
     teacher_config: Any,
@@ -199,8 +220,12 @@ def feasible_shapes(
     axes: Sequence[str] = ("heads", "hidden", "mlp"),
     align: int = 64,
     tolerance: float = 0.05,
+    vocab_floor: int | None = None,
 ) -> tuple[int, list[tuple[Shape, int]]]:
-    """The target in parameters and every valid shape within tolerance of it. Raises PlanInfeasibleError."""
+    """The target in parameters and every valid shape within tolerance of it. Raises PlanInfeasibleError.
+
+    With the ``vocab`` axis each block shape takes the largest vocabulary that fits (``vocab_floor`` tokens at
+    least, a multiple of ``align``)."""
     teacher_params = spec.params
     goal = target.params_for(teacher_params)
     if goal > teacher_params * (1 + tolerance):
@@ -210,6 +235,9 @@ def feasible_shapes(
         )
     low, high = goal * (1 - tolerance), goal * (1 + tolerance)
     valid = [(s, p) for s, p in enumerate_shapes(spec, axes, align) if is_valid_shape(teacher_config, spec, s) is None]
+    if "vocab" in axes:
+        floor = -(-(vocab_floor or 0) // align) * align
+        valid = _with_vocab(spec, valid, int(high), floor, align)
     within = [(s, p) for s, p in valid if low <= p <= high]
     if not within:
         below = max((p for _, p in valid if p < low), default=None)
@@ -235,17 +263,21 @@ def plan(
     search_candidates: int = 8,
     evaluate: Callable[[dict[str, list[int]], Shape], float] | None = None,
     repeats: int = 1,
+    vocab_floor: int | None = None,
 ) -> PruningPlan:
     """Choose the shape and the kept units. ``evaluate(kept, shape)`` returns a calibration loss (proxy ``loss``).
 
     With ``repeats`` > 1 the student applies each kept layer that many times (MobileLLM's block sharing, see
     :mod:`compress.models.mobilellm`): parameters are counted once, and the planner goes deep and thin, choosing
-    among the shapes with the most layers that fit the target."""
+    among the shapes with the most layers that fit the target.
+
+    The ``vocab`` axis (in ``axes``) needs ``scores.scores["vocab"]`` and ``vocab_floor``
+    (:func:`compress.pruning.vocab.vocab_scores`): the tokens kept are the highest-scoring ones."""
     teacher_params = spec.params
     if teacher_params <= target.params_for(teacher_params) <= teacher_params * (1 + tolerance):
         # 1x: no pruning (export or quantize the teacher itself)
         return dataclasses.replace(keep_all_plan(spec, teacher_config), reason="the target is the teacher's size: keep everything")
-    goal, within = feasible_shapes(spec, teacher_config, target, axes, align, tolerance)
+    goal, within = feasible_shapes(spec, teacher_config, target, axes, align, tolerance, vocab_floor)
     deep = ""
     if repeats > 1:
         depth = max(s.layers for s, _ in within)
@@ -277,7 +309,7 @@ def plan(
         reason = deep + f"most importance mass kept ({chosen.mass:.4f}) among {len(candidates)} candidates"
 
     kept = select(spec, scores, chosen.shape)
-    config = config_for(teacher_config, spec, chosen.shape, kept["layers"])
+    config = config_for(teacher_config, spec, chosen.shape, kept["layers"], kept_vocab=kept.get("vocab"))
     return PruningPlan(
         family=spec.family,
         teacher_shape=teacher_shape(spec),

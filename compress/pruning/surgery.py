@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ def _dim_index(segments: tuple, kept: dict[str, list[int]]) -> torch.Tensor:
     """Element indices to keep along one tensor dimension made of ``segments``."""
     parts, offset = [], 0
     for seg in segments:
-        if seg.axis is None:
+        if seg.axis is None or seg.axis not in kept:  # an axis the plan does not prune (e.g. a whole vocabulary)
             parts.append(torch.arange(offset, offset + seg.count))
         else:
             units = torch.tensor(kept[seg.axis], dtype=torch.long)
@@ -90,11 +91,19 @@ def apply_plan(model: nn.Module, spec: ArchSpec, plan: PruningPlan) -> nn.Module
 def prune(model: nn.Module, spec: ArchSpec, shape: Shape, kept: dict[str, list[int]], validate: bool = True) -> nn.Module:
     """A new model of the teacher's class of ``shape``, keeping the units ``kept`` lists per axis (``validate``:
     see :func:`compress.pruning.archspec.config_for`)."""
-    config = config_for(model.config, spec, shape, kept["layers"], validate=validate)
+    kept_vocab = kept.get("vocab") if shape.vocab is not None else None
+    config = config_for(model.config, spec, shape, kept["layers"], validate=validate, kept_vocab=kept_vocab)
     state = pruned_state_dict(model, spec, shape, kept)
     with init_empty_weights(include_buffers=False):  # no random init: every weight comes from the teacher
         student = type(model)(config)
     student.load_state_dict(state, strict=True, assign=True)
+    if kept_vocab is not None and getattr(model, "generation_config", None) is not None:
+        from compress.pruning.vocab import TOKEN_ID_KEYS, remapped_token_ids
+
+        student.generation_config = copy.deepcopy(model.generation_config)
+        values = {key: getattr(student.generation_config, key, None) for key in TOKEN_ID_KEYS}
+        for key, value in remapped_token_ids(values, kept_vocab).items():
+            setattr(student.generation_config, key, value)
     if spec.tied_embeddings:
         student.tie_weights()
     student.eval()
