@@ -5,10 +5,13 @@ checkout's root on a fresh run directory (an existing ``runs/<teacher>-<target>`
 never deleted), times it end to end and writes ``benchmarks/results/main_command.{md,json}`` with the
 commit, the command, the printed summary and the run's ``report.md``. Nothing else should run meanwhile.
 ``--teacher``, ``--target-size`` and ``--flags`` run the same command for another teacher (results named
-``main_command_<teacher>``); ``--no-setup`` leaves the setup out.
+``main_command_<teacher>``); ``--name N`` names the results ``N`` and runs into ``runs/N`` (a second variant of one
+teacher); ``--no-setup`` leaves the setup out.
 
     python -m benchmarks.main_command
     python -m benchmarks.main_command --teacher gemma3-270m --no-setup --flags "--distill-tokens 20000 --no-bf16"
+    python -m benchmarks.main_command --teacher gemma3-270m --no-setup --name main_command_gemma3-270m-vocab \
+        --flags "--axes heads,hidden,mlp,vocab --distill-tokens 20000 --no-bf16"
 """
 
 from __future__ import annotations
@@ -35,14 +38,17 @@ def main() -> None:
     parser.add_argument("--target-size", default=DEFAULT_TARGET)
     parser.add_argument("--flags", default="", help="more compress flags, as one string")
     parser.add_argument("--no-setup", action="store_true", help="run compress only (the setup is done)")
+    parser.add_argument("--name", default=None, help="results stem and run folder under runs/ (default: by teacher)")
     args = parser.parse_args()
     meta = provenance()
     command = " ".join(filter(None, (
         "" if args.no_setup else "./scripts/setup.sh &&",
-        f".venv/bin/compress --teacher {args.teacher} --target-size {args.target_size}", args.flags)))
-    run_dir = ROOT / "runs" / f"{args.teacher}-{args.target_size}"
-    stem = "main_command" if args.teacher == DEFAULT_TEACHER else f"main_command_{args.teacher}"
-    title = "The README's main command, one run" if stem == "main_command" else f"The main command on {args.teacher}, one run"
+        f".venv/bin/compress --teacher {args.teacher} --target-size {args.target_size}", args.flags,
+        f"--out runs/{args.name}" if args.name else "")))
+    run_dir = ROOT / "runs" / (args.name or f"{args.teacher}-{args.target_size}")
+    stem = args.name or ("main_command" if args.teacher == DEFAULT_TEACHER else f"main_command_{args.teacher}")
+    title = ("The README's main command, one run" if stem == "main_command"
+             else f"The main command on {args.teacher}{' (' + args.flags + ')' if args.name else ''}, one run")
     if run_dir.exists():
         aside = run_dir.with_name(f"{run_dir.name}.before-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(aside)

@@ -125,3 +125,32 @@ def test_a_family_that_keeps_the_teachers_vocabulary_refuses_the_vocab_axis(tmp_
             "--student", "mu", "--axes", "hidden,vocab", "--quiet"]
     assert main([str(a) for a in args]) == 2
     assert "drop 'vocab' from --axes" in capsys.readouterr().err
+
+
+@pytest.mark.real_teacher
+@pytest.mark.parametrize("alias", ["smollm2-135m", "gemma3-270m"])
+def test_real_tokenizers_trim_to_the_data_and_spell_covered_text_the_same_way(alias):
+    """SmolLM2's byte-level BPE (alphabet floor) and Gemma3's byte-fallback BPE (byte-token floor), on the real corpus."""
+    from compress.io import cache_dir
+    from compress.sources.data import load_corpus, token_batches
+    from compress.sources.teachers import resolve_teacher
+
+    if alias != "smollm2-135m" and not (cache_dir() / "teachers" / alias / "tokenizer.json").exists():
+        pytest.skip(f"{alias} is not fetched on this machine (the setup fetches smollm2-135m only)")
+    source = resolve_teacher(alias)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    corpus = load_corpus(None)
+    train = token_batches(corpus, tokenizer, "train", 256, 256)
+    scores, floor = vocab_scores(tokenizer, len(tokenizer), [train])
+    kept = sorted(torch.topk(scores, floor).indices.tolist())
+    vocab_map = VocabMap(kept, len(tokenizer), tokenizer)
+    assert floor < len(tokenizer) // 2
+    documents = [t for t in corpus["text"][:400] if t.strip()]
+    lines = [line for t in documents for line in t.splitlines() if len(line) > 20]
+    covered = [t for t in lines if bool((vocab_map.to_student[torch.tensor(tokenizer(t)["input_ids"])] >= 0).all())]
+    assert len(covered) >= 20 and len(covered) < len(lines)
+    for text in covered:
+        assert vocab_map.tokenizer(text)["input_ids"] == vocab_map.student_ids(torch.tensor(tokenizer(text)["input_ids"])).tolist()
+    for text in documents[:50]:  # anything else still tokenizes into kept pieces and decodes to the same text
+        assert vocab_map.tokenizer.decode(vocab_map.tokenizer(text)["input_ids"], skip_special_tokens=True) == \
+            tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True)

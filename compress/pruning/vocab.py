@@ -18,7 +18,6 @@ figures stand next to the teacher's.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -171,7 +170,6 @@ def trim_tokenizer(tokenizer: Any, kept: Sequence[int]) -> Any:
             settings.write_text(json.dumps(values, ensure_ascii=False, indent=2))
         trimmed = AutoTokenizer.from_pretrained(folder)
         trimmed.name_or_path = tokenizer.name_or_path
-        shutil.rmtree(folder / "unused", ignore_errors=True)
     return trimmed
 
 
