@@ -154,3 +154,12 @@ def test_real_tokenizers_trim_to_the_data_and_spell_covered_text_the_same_way(al
     for text in documents[:50]:  # anything else still tokenizes into kept pieces and decodes to the same text
         assert vocab_map.tokenizer.decode(vocab_map.tokenizer(text)["input_ids"], skip_special_tokens=True) == \
             tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True)
+
+
+def test_the_plan_suggests_the_vocab_axis_where_the_embedding_dominates(tmp_path):
+    teacher = write_teacher(tmp_path, tiny_llama(vocab_size=2048))  # the embedding: 131k of 205k parameters
+    args = ["--teacher", teacher, "--data", write_corpus(tmp_path), "--target-size", "0.8x", "--out", tmp_path / "run",
+            "--calib-samples", "8", "--calib-seq-len", "16", "--align", "16", "--tolerance", "0.15", "--proxy", "mass",
+            "--stop-after", "plan", "--quiet"]
+    assert main([str(a) for a in args]) == 0
+    assert "the embedding is 64% of the teacher's parameters: adding 'vocab' to --axes" in (tmp_path / "run" / "run.log").read_text()
