@@ -414,3 +414,20 @@ def test_a_changed_recipe_default_or_stage_code_reruns_that_stage_and_the_ones_a
     assert _run(*args) == 0
     after = stages(capsys.readouterr().out)
     assert after["prune"] == "reused" and all(after[s] != "reused" for s in ("distill", "export", "quantize"))
+
+
+def test_a_student_that_training_makes_worse_keeps_its_initial_weights(inputs, tmp_path):
+    teacher, corpus = inputs
+    out = tmp_path / "run"
+    # A learning rate of 1 wrecks any student within a few steps: the stage must ship the pruned weights instead.
+    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL,
+                "--distill-tokens", "256", "--distill-seq-len", "16", "--distill-batch-size", "4", "--distill-lr", "1",
+                "--seq-len", "16", "--quant-calib-samples", "2", "--quant", "none",
+                "--stop-after", "report") == 0
+    metrics = json.loads((out / "distill.metrics.json").read_text())
+    assert metrics["kept_initial"]["trained"]["validation"] > metrics["student_perplexity_before"]
+    assert metrics["student_perplexity"] == metrics["student_perplexity_before"]
+    pruned = AutoModelForCausalLM.from_pretrained(out / "pruned").state_dict()
+    student = AutoModelForCausalLM.from_pretrained(out / "student").state_dict()
+    assert all(torch.equal(pruned[k], student[k]) for k in pruned)
+    assert "keeps its initial weights" in (out / "report.md").read_text()

@@ -107,6 +107,17 @@ def _scorer(family: Any, sets: dict[str, tuple[torch.Tensor, torch.Tensor | None
     return evaluate
 
 
+def _keep_initial(student_dir: Path, metrics: dict[str, Any], before: dict[str, float],
+                  trained: dict[str, float]) -> tuple[Any, dict[str, float]]:
+    """The student as it started, when training raised its validation perplexity (a student that starts close to
+    its teacher, e.g. one whose blocks are whole and only the vocabulary trimmed, can only lose at a learning rate
+    meant for recovery): the trained figures are kept in ``metrics["kept_initial"]``."""
+    log.warning("distillation raised the validation perplexity from %.2f to %.2f: the student keeps its initial "
+                "weights (a lower --distill-lr or more --distill-tokens may help)", before["validation"], trained["validation"])
+    metrics["kept_initial"] = {"reason": "training raised the validation perplexity", "trained": dict(trained)}
+    return load_model(student_dir, dtype=torch.float32), dict(before)
+
+
 def distill_student(
     student_dir: Path,
     teacher: Any,
@@ -177,6 +188,9 @@ def distill_student(
         last = result.history[-1]  # the trainer evaluates at the final step, so this is normally measured already
         after = last.get("val_perplexities") or ({"validation": last["val_perplexity"]} if "val_perplexity" in last
                                                  else evaluate(student))
+        if before and after["validation"] > before["validation"]:
+            student, after = _keep_initial(student_dir, metrics, before, after)
+            agreement = agreement_before
         metrics["student_perplexity"] = after["validation"]
         metrics["student_agreement"] = agreement.get("validation")
         metrics["evals_before"] = {k: {"perplexity": v, "agreement": agreement_before.get(k)} for k, v in before.items()}

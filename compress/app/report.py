@@ -177,6 +177,11 @@ def _markdown(report: dict[str, Any]) -> str:
                   f"validation perplexity {d['perplexity_before']:,.2f} → {d['perplexity_after']:,.2f}"
                   + "".join(f", {k} {v['before']:,.2f} → {v['after']:,.2f}" for k, v in d.get("others", {}).items())
                   + ".", ""]
+        if d.get("kept_initial"):
+            trained = d["kept_initial"]["trained"]
+            lines += ["Training raised the validation perplexity (to " + ", ".join(f"{k} {v:,.2f}" for k, v in trained.items())
+                      + "), so the student keeps its initial weights: it started close to the teacher, and "
+                      "a lower `--distill-lr` or more `--distill-tokens` may still help.", ""]
     p = report.get("plan")
     if p and not p["candidates"]:
         lines += ["## Plan", "", f"{p['reason']}.", "",
@@ -277,7 +282,8 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
                                   "history": d["history"],
                                   "others": {k: {"before": d["evals_before"][k]["perplexity"], "after": v["perplexity"]}
                                              for k, v in d.get("evals", {}).items()
-                                             if k != "validation" and k in d.get("evals_before", {})}}
+                                             if k != "validation" and k in d.get("evals_before", {})},
+                                  "kept_initial": d.get("kept_initial")}
     report["verdict"] = _verdict(rows, m, config["student"])
     report["files"] = {"json": "report.json", "markdown": "report.md", "plots": plots(run_dir, report)}
     write_json(run_dir / "report.json", report)
