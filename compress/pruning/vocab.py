@@ -247,9 +247,6 @@ class VocabMap:
             raise ValueError(f"teacher token {removed} is not in the trimmed vocabulary")
         return mapped
 
-    def teacher_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.kept[ids]
-
     def convert(self, ids: torch.Tensor, teacher_top1: torch.Tensor | None = None) -> Converted:
         """``ids`` [n, L] (teacher ids) in the student's vocabulary: see :class:`Converted`."""
         rows, length = ids.shape
