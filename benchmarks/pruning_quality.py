@@ -33,7 +33,7 @@ from compress.pruning.archspec import resolve
 from compress.pruning.planner import plan
 from compress.pruning.scoring import score_importance
 from compress.pruning.surgery import apply_plan, prune
-from compress.pruning.vocab import VocabMap
+from compress.pruning.vocab import VocabMap, kept_ids
 from compress.sources.data import GENERAL_EVAL, load_corpus, token_batches
 from compress.sources.teachers import load_teacher
 
@@ -75,9 +75,7 @@ def main() -> None:
     def evaluate(kept, shape):
         ids = proxy_ids
         if shape.vocab is not None:
-            to_student = torch.full((spec.vocab,), -1, dtype=torch.long)
-            to_student[torch.tensor(kept["vocab"])] = torch.arange(shape.vocab)
-            ids = to_student[proxy_ids]
+            ids = kept_ids(proxy_ids, kept["vocab"], spec.vocab)
         return mean_nll(prune(teacher, spec, shape, kept), ids, defaults.batch_size, bf16=defaults.bf16)
 
     rows = []

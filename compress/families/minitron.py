@@ -125,10 +125,9 @@ class Minitron(StudentFamily):
         vocab_floor = None
         if "vocab" in c.prune.axes:
             scores.scores["vocab"], vocab_floor = vocab_importance(state.dataset, state.tokenizer, c, teacher, spec)
-        elif spec.count_params(spec.hidden, spec.mlp, spec.kv_heads, spec.group_size, 0) > spec.params * EMBEDDING_HINT:
+        elif (share := spec.count_params(spec.hidden, spec.mlp, spec.kv_heads, spec.group_size, 0) / spec.params) > EMBEDDING_HINT:
             log.warning("the embedding is %.0f%% of the teacher's parameters: adding 'vocab' to --axes would drop the "
-                        "tokens the training data never uses instead of cutting the blocks (docs/prune.md)",
-                        100 * spec.count_params(spec.hidden, spec.mlp, spec.kv_heads, spec.group_size, 0) / spec.params)
+                        "tokens the training data never uses instead of cutting the blocks (docs/prune.md)", 100 * share)
 
         repeats = self.block_repeats
 
@@ -140,9 +139,9 @@ class Minitron(StudentFamily):
                 candidate = share_blocks(candidate, repeats)
             ids = calib
             if shape.vocab is not None:
-                to_student = torch.full((spec.vocab,), -1, dtype=torch.long)
-                to_student[torch.tensor(kept["vocab"])] = torch.arange(shape.vocab)
-                ids = to_student[calib]
+                from compress.pruning.vocab import kept_ids
+
+                ids = kept_ids(calib, kept["vocab"], spec.vocab)
             return mean_nll(candidate, ids, batch_size=c.batch_size, bf16=c.bf16)
 
         chosen = plan(

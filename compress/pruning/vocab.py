@@ -187,6 +187,13 @@ def remapped_token_ids(values: dict[str, Any], kept: Sequence[int]) -> dict[str,
     return out
 
 
+def kept_ids(ids: torch.Tensor, kept: Sequence[int], teacher_vocab: int) -> torch.Tensor:
+    """Teacher ids that are all in ``kept`` (sorted teacher ids), renumbered into the kept vocabulary."""
+    to_student = torch.full((teacher_vocab,), -1, dtype=torch.long)
+    to_student[torch.as_tensor(list(kept), dtype=torch.long)] = torch.arange(len(kept))
+    return to_student[ids]
+
+
 @dataclass(frozen=True)
 class Converted:
     """Teacher sequences written in a student's vocabulary, at the same length.
@@ -214,8 +221,7 @@ class VocabMap:
                  trimmed_tokenizer: Any | None = None) -> None:
         self.kept = torch.tensor(list(kept), dtype=torch.long)
         self.teacher_vocab = teacher_vocab
-        self.to_student = torch.full((teacher_vocab,), -1, dtype=torch.long)
-        self.to_student[self.kept] = torch.arange(len(self.kept))
+        self.to_student = kept_ids(torch.arange(teacher_vocab), kept, teacher_vocab)
         self.tokenizer = trimmed_tokenizer if trimmed_tokenizer is not None else trim_tokenizer(teacher_tokenizer, kept)
         data = _backend(teacher_tokenizer)
         # A removed token's pieces are found from its string, which only the teacher's vocabulary still has.
@@ -278,5 +284,5 @@ class VocabMap:
         return Converted(out, top1, counted)
 
 
-__all__ = ["Converted", "VocabMap", "floor_tokens", "merge_closure",
+__all__ = ["Converted", "VocabMap", "floor_tokens", "kept_ids", "merge_closure",
            "remapped_token_ids", "trim_tokenizer", "vocab_scores"]
