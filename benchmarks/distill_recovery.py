@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.plots import provenance
-from compress.core.config import CompressConfig, TargetSize
+from compress.core.config import BLOCK_AXES, CompressConfig, TargetSize
 from compress.evaluation.quality import mean_nll, quality
 from compress.io import cache_dir, write_json, write_text
 from compress.pruning.archspec import resolve
@@ -125,7 +125,7 @@ def main() -> None:
     def evaluate_proxy(kept, shape):
         return mean_nll(prune(teacher, spec, shape, kept), calib[:16], defaults.batch_size, bf16=True)
 
-    chosen = plan(spec, teacher.config, activation, TargetSize.parse(args.target_size), axes=defaults.prune.axes,
+    chosen = plan(spec, teacher.config, activation, TargetSize.parse(args.target_size), axes=BLOCK_AXES,
                   align=defaults.prune.align, tolerance=defaults.prune.tolerance, evaluate=evaluate_proxy)
     print(f"student shape {chosen.shape.to_dict()}, {chosen.params / 1e6:.1f}M params")
     pruned = apply_plan(teacher, spec, chosen)

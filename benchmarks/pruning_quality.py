@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.plots import finish_perplexity_plot, provenance
-from compress.core.config import CompressConfig, TargetSize
+from compress.core.config import BLOCK_AXES, CompressConfig, TargetSize
 from compress.core.state import per_teacher_token
 from compress.evaluation.quality import mean_nll, perplexity
 from compress.families.minitron import vocab_importance
@@ -81,7 +81,7 @@ def main() -> None:
     rows = []
     for size in args.sizes.split(","):
         for method in scores:
-            axes = (*defaults.prune.axes, "vocab") if method == VOCAB_METHOD else defaults.prune.axes
+            axes = (*BLOCK_AXES, "vocab") if method == VOCAB_METHOD else BLOCK_AXES
             t = time.perf_counter()
             chosen = plan(
                 spec, teacher.config, scores[method], TargetSize.parse(size), axes=axes,
@@ -120,7 +120,7 @@ def _report(args, spec, teacher_ppl, calib, defaults, vocab_floor, rows, seconds
         "general_tokens": teacher_ppl["general-english"].tokens,
         "validation_seq_len": teacher_ppl["validation"].seq_len,
         "calibration": {"samples": int(calib.shape[0]), "seq_len": int(calib.shape[1])},
-        "planner": {"axes": list(defaults.prune.axes), "align": defaults.prune.align, "tolerance": defaults.prune.tolerance,
+        "planner": {"axes": list(BLOCK_AXES), "align": defaults.prune.align, "tolerance": defaults.prune.tolerance,
                     "proxy": defaults.prune.proxy, "search_candidates": defaults.prune.search_candidates},
         "vocab_floor": vocab_floor,
         "bf16": defaults.bf16,

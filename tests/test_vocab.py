@@ -1,6 +1,7 @@
 """Vocabulary trimming: the trimmed tokenizer spells covered text the same way, the planner keeps every token the
 data uses, surgery keeps the kept tokens' logits, and a run trims end to end with per-teacher-token figures."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,8 @@ from factories import TEXT, tiny_llama, tiny_tokenizer, write_corpus, write_teac
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compress.app.cli import main
+from compress.core.config import BLOCK_AXES, DISTILL_DEFAULTS, CompressConfig, PruneConfig
+from compress.errors import ConfigError
 from compress.pruning.archspec import resolve
 from compress.pruning.planner import TargetSize, plan
 from compress.pruning.scoring import magnitude_scores
@@ -156,10 +159,36 @@ def test_real_tokenizers_trim_to_the_data_and_spell_covered_text_the_same_way(al
             tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True)
 
 
+def test_axes_auto_trims_the_vocabulary_where_the_embedding_dominates_and_only_there(tmp_path):
+    teacher = write_teacher(tmp_path, tiny_llama(vocab_size=2048))  # the embedding: 131k of 205k parameters
+    data = write_corpus(tmp_path)
+    common = ["--data", data, "--target-size", "0.8x", "--calib-samples", "8", "--calib-seq-len", "16", "--align",
+              "16", "--tolerance", "0.15", "--proxy", "mass", "--stop-after", "plan", "--quiet"]
+    assert main([str(a) for a in ["--teacher", teacher, "--out", tmp_path / "auto", *common]]) == 0
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert config["prune"]["axes"] == ["heads", "hidden", "mlp", "vocab"]  # the run records what auto meant
+    assert json.loads((tmp_path / "auto" / "plan.json").read_text())["shape"]["vocab"] < 2048
+    assert "--axes auto: heads,hidden,mlp,vocab (the embedding is 64%" in (tmp_path / "auto" / "run.log").read_text()
+    # A teacher whose blocks dominate keeps its whole vocabulary.
+    small = write_teacher(tmp_path / "small", tiny_llama())
+    assert main([str(a) for a in ["--teacher", small, "--out", tmp_path / "blocks", *common]]) == 0
+    assert json.loads((tmp_path / "blocks" / "config.json").read_text())["prune"]["axes"] == ["heads", "hidden", "mlp"]
+    assert json.loads((tmp_path / "blocks" / "plan.json").read_text())["shape"]["vocab"] is None
+
+
+def test_axes_auto_keeps_the_vocabulary_for_teacher_top_k_which_refuses_the_vocab_axis():
+    config = CompressConfig(distill=dataclasses.replace(DISTILL_DEFAULTS, teacher_top_k=32))
+    assert config.resolve_axes(0.63, trims_vocab=True).prune.axes == BLOCK_AXES
+    assert CompressConfig().resolve_axes(0.63, trims_vocab=True).prune.axes == (*BLOCK_AXES, "vocab")
+    assert CompressConfig().resolve_axes(0.63, trims_vocab=False).prune.axes == BLOCK_AXES
+    with pytest.raises(ConfigError, match="--distill-teacher-top-k 0"):
+        CompressConfig(prune=PruneConfig(axes=("hidden", "vocab")), distill=config.distill)
+
+
 def test_the_plan_suggests_the_vocab_axis_where_the_embedding_dominates(tmp_path):
     teacher = write_teacher(tmp_path, tiny_llama(vocab_size=2048))  # the embedding: 131k of 205k parameters
     args = ["--teacher", teacher, "--data", write_corpus(tmp_path), "--target-size", "0.8x", "--out", tmp_path / "run",
             "--calib-samples", "8", "--calib-seq-len", "16", "--align", "16", "--tolerance", "0.15", "--proxy", "mass",
-            "--stop-after", "plan", "--quiet"]
+            "--axes", "heads,hidden,mlp", "--stop-after", "plan", "--quiet"]
     assert main([str(a) for a in args]) == 0
     assert "the embedding is 64% of the teacher's parameters: adding 'vocab' to --axes" in (tmp_path / "run" / "run.log").read_text()

@@ -78,13 +78,10 @@ class TrimmedVocabTeacher(nn.Module):
         return self.head
 
 
-def _in_student_vocabulary(vocab_map: Any, train: torch.Tensor, valid: torch.Tensor, teacher: Any,
-                           config: CompressConfig) -> tuple[torch.Tensor, torch.Tensor, int, Any]:
+def _in_student_vocabulary(vocab_map: Any, train: torch.Tensor, valid: torch.Tensor,
+                           teacher: Any) -> tuple[torch.Tensor, torch.Tensor, int, Any]:
     """Training and validation sequences in a trimmed student's vocabulary, the validation's teacher-token count,
     and the teacher as that student sees it."""
-    if config.distill.teacher_top_k:
-        raise CompressError("--distill-teacher-top-k stores the teacher's top-k over its whole vocabulary; with "
-                            "'vocab' in --axes use --distill-teacher-top-k 0")
     converted = vocab_map.convert(valid)
     return (vocab_map.convert(train).ids, converted.ids, int(converted.teacher_tokens.sum()),
             TrimmedVocabTeacher(teacher, vocab_map.kept))
@@ -154,7 +151,7 @@ def distill_student(
     valid = token_batches(dataset, tokenizer, "validation", config.eval.seq_len, config.eval.samples)
     validation_tokens = int(valid.shape[0] * (valid.shape[1] - 1))
     if vocab_map is not None:
-        train, valid, validation_tokens, teacher = _in_student_vocabulary(vocab_map, train, valid, teacher, config)
+        train, valid, validation_tokens, teacher = _in_student_vocabulary(vocab_map, train, valid, teacher)
         tokenizer = vocab_map.tokenizer
     agreement: dict[str, float | None] = {}
     evaluate = _scorer(family, {"validation": (valid, reference), **(others or {})}, scales or {}, config.batch_size,

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from compress.core.config import (
+    AUTO_VOCAB_SHARE,
     AXES,
+    BLOCK_AXES,
     FLAGS,
     IMPORTANCE_METHODS,
     LAYER_METRICS,
@@ -34,7 +36,7 @@ _HELP = {
     "out": "run directory (default runs/<teacher>-<target-size>)",
     "data": "training data: a built-in corpus (default-mix: Debian's kernel and Python docs, LibreOffice's help and "
     "the fortunes collection; debian-docs: the docs alone), a text / jsonl / parquet file or folder, or a hub dataset",
-    "axes": f"comma-separated axes the planner may shrink, of {', '.join(AXES)} (kv = whole GQA groups; vocab = tokens the training and calibration data never use, the tokenizer trimmed to match)",
+    "axes": f"comma-separated axes the planner may shrink, of {', '.join(AXES)} (kv = whole GQA groups; vocab = tokens the training and calibration data never use, the tokenizer trimmed to match); auto: {','.join(BLOCK_AXES)}, plus vocab where the embedding is over {100 * AUTO_VOCAB_SHARE:.0f}%% of the teacher",
     "align": "every pruned dimension is a multiple of this (NPU channel alignment; 32 or 64)",
     "importance": f"how units are scored: {', '.join(IMPORTANCE_METHODS)}",
     "calib_samples": "calibration sequences for importance (Minitron used 1024)",

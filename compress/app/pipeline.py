@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.core.config import STAGES, CompressConfig
+from compress.core.config import BLOCK_AXES, STAGES, CompressConfig
 from compress.core.family import load_model
 from compress.core.state import RunState, folder_mb
 from compress.errors import CompressError, ConfigError, RunDirectoryError
@@ -182,6 +182,8 @@ def run(config: CompressConfig | None = None, progress: bool = True, **fields: A
 
 def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
     state = RunState(config, progress)
+    if config.prune.axes == ("auto",):
+        config = state.config = _resolve_axes(config, state)
     stages_file = state.dir / "stages.json"
     done: dict[str, str] = read_json(stages_file) if stages_file.exists() else {}
     results: list[StageMetrics] = []
@@ -219,6 +221,21 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
         write_json(stages_file, done)
         results.append(StageMetrics(stage, time.perf_counter() - started, False, metrics))
     return CompressResult(state.dir, config, tuple(results))
+
+
+def _resolve_axes(config: CompressConfig, state: RunState) -> CompressConfig:
+    """``--axes auto`` made concrete for this teacher and family, logged, and written to the run's config.json."""
+    family = get_family(config.student)
+    if not family.prunes_teacher:
+        resolved = config.resolve_axes(0.0, family.trims_vocab)
+    else:
+        resolved = config.resolve_axes(state.spec.embedding_share(), family.trims_vocab)
+        if "vocab" in resolved.prune.axes:
+            log.info("--axes auto: %s (the embedding is %.0f%% of the teacher's parameters; --axes %s keeps the "
+                     "whole vocabulary)", ",".join(resolved.prune.axes), 100 * state.spec.embedding_share(),
+                     ",".join(BLOCK_AXES))
+    write_json(config.run_dir / "config.json", resolved.to_dict())
+    return resolved
 
 
 def _resolved(config: CompressConfig, stage: str) -> str:

@@ -38,6 +38,10 @@ STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", 
 ``--teacher-correction-tokens`` is set; ``quantize`` does nothing with ``--quant none``."""
 QUANT_CHOICES = ("none", *PRESETS)
 AXES = ("heads", "kv", "hidden", "mlp", "layers", "vocab")
+BLOCK_AXES = ("heads", "hidden", "mlp")
+# --axes auto: BLOCK_AXES, plus "vocab" when the embedding is over this share of the teacher's parameters (and the
+# student family trims vocabularies): there, cutting the blocks instead loses far more (docs/prune.md).
+AUTO_VOCAB_SHARE = 0.4
 IMPORTANCE_METHODS = ("activation", "magnitude", "random")
 LAYER_METRICS = ("block-influence", "perplexity")
 PROXIES = ("loss", "mass")
@@ -59,7 +63,7 @@ def _positive(**values: int) -> None:
 class PruneConfig:
     """The score and plan stages: importance scoring and the shape search."""
 
-    axes: tuple[str, ...] = ("heads", "hidden", "mlp")
+    axes: tuple[str, ...] = ("auto",)  # resolved per teacher: see resolve_axes
     align: int = 64
     importance: str = "activation"
     calib_samples: int = 1024
@@ -73,8 +77,8 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes", tuple(self.axes))
-        if [a for a in self.axes if a not in AXES] or not self.axes:
-            raise ConfigError(f"--axes {','.join(self.axes)!r}: allowed axes are {', '.join(AXES)}")
+        if self.axes != ("auto",) and ([a for a in self.axes if a not in AXES] or not self.axes):
+            raise ConfigError(f"--axes {','.join(self.axes)!r}: use 'auto' or comma-separated axes of {', '.join(AXES)}")
         _choice("importance", self.importance, IMPORTANCE_METHODS)
         _choice("batch-aggregation", self.batch_aggregation, _AGGREGATIONS)
         _choice("sequence-aggregation", self.sequence_aggregation, _AGGREGATIONS)
@@ -187,6 +191,9 @@ class CompressConfig:
             raise ConfigError("--distill-kl-weight and --distill-ce-weight must be >= 0 and not both 0")
         if (d.steps is None and (not d.tokens or d.tokens < 1)) or d.seq_len is None:
             raise ConfigError("--distill-tokens (or --distill-steps) must be at least 1 and --distill-seq-len set")
+        if "vocab" in self.prune.axes and d.teacher_top_k:
+            raise ConfigError("--distill-teacher-top-k stores the teacher's top-k over its whole vocabulary; with "
+                              "'vocab' in --axes use --distill-teacher-top-k 0")
 
     @property
     def target(self) -> TargetSize:
@@ -233,6 +240,15 @@ class CompressConfig:
             if sections[name]:
                 given[name] = _section(kind, name, getattr(defaults, name), sections[name])
         return cls(**given)
+
+    def resolve_axes(self, embedding_share: float, trims_vocab: bool) -> CompressConfig:
+        """This config with ``--axes auto`` made concrete for a teacher whose embedding is ``embedding_share`` of
+        its parameters, for a family that can (``trims_vocab``) or cannot trim the vocabulary."""
+        if self.prune.axes != ("auto",):
+            return self
+        vocab = trims_vocab and not self.distill.teacher_top_k and embedding_share > AUTO_VOCAB_SHARE
+        axes = (*BLOCK_AXES, "vocab") if vocab else BLOCK_AXES
+        return dataclasses.replace(self, prune=dataclasses.replace(self.prune, axes=axes))
 
     def training_sequences(self) -> int:
         """How many training sequences of ``distill.seq_len`` tokens the distillation budget reads."""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from compress.core.config import AUTO_VOCAB_SHARE
 from compress.core.family import StudentFamily, register
 from compress.core.state import (
     GRAPH_HELD_OUT_SEQUENCES,
@@ -37,8 +38,6 @@ log = logging.getLogger(__name__)
 
 # Calibration sequences the planner's loss proxy runs each candidate on (16 x calib_seq_len tokens).
 _PROXY_SEQUENCES = 16
-# Above this share of the teacher's parameters in the embedding (and head), the plan stage suggests the vocab axis.
-EMBEDDING_HINT = 0.4
 
 
 def _prepared(state: RunState) -> tuple[Path, Any, torch.Tensor]:
@@ -125,9 +124,10 @@ class Minitron(StudentFamily):
         vocab_floor = None
         if "vocab" in c.prune.axes:
             scores.scores["vocab"], vocab_floor = vocab_importance(state.dataset, state.tokenizer, c, teacher, spec)
-        elif (share := spec.count_params(spec.hidden, spec.mlp, spec.kv_heads, spec.group_size, 0) / spec.params) > EMBEDDING_HINT:
-            log.warning("the embedding is %.0f%% of the teacher's parameters: adding 'vocab' to --axes would drop the "
-                        "tokens the training data never uses instead of cutting the blocks (docs/prune.md)", 100 * share)
+        elif (share := spec.embedding_share()) > AUTO_VOCAB_SHARE:
+            log.warning("the embedding is %.0f%% of the teacher's parameters: adding 'vocab' to --axes (or --axes auto, "
+                        "the default) would drop the tokens the training data never uses instead of cutting the blocks "
+                        "(docs/prune.md)", 100 * share)
 
         repeats = self.block_repeats
 

@@ -89,6 +89,10 @@ class ArchSpec:
     def params(self) -> int:
         return self.count_params(self.hidden, self.mlp, self.kv_heads, self.group_size, self.num_layers)
 
+    def embedding_share(self) -> float:
+        """The share of the parameters outside the blocks: the embedding, an untied head and the final norm."""
+        return self.count_params(self.hidden, self.mlp, self.kv_heads, self.group_size, 0) / self.params
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
