@@ -7,16 +7,21 @@ validation split of Debian's kernel and Python docs (``debian-docs``, the defaul
 figures compare with older results) and ``general-english``, general English from packages no training corpus
 contains. The arms sweep the peak learning rate, KD against cross-entropy against a mix, the training corpus,
 the temperature, the schedule, a hidden-state loss, Minitron's teacher correction and KD on the teacher's
-stored top-k log-probabilities (an arm's seconds include building them when they are not in the cache yet). Writes
-``benchmarks/results/distill_recovery.{md,json,png}``; step time is ``benchmarks/distill_overhead.py``'s.
+stored top-k log-probabilities (an arm's seconds include building them when they are not in the cache yet). With
+``--vocab`` the plan also trims the vocabulary (``--axes heads,hidden,mlp,vocab``, the floor from this budget's
+training data): the student reads every set in its own vocabulary, learns from the teacher over the kept tokens,
+and every figure is per teacher token of the same text. Writes ``benchmarks/results/<name>.{md,json,png}``
+(default ``distill_recovery``); step time is ``benchmarks/distill_overhead.py``'s.
 
-    python -m benchmarks.distill_recovery [--tokens 100352] [--arms kd-3e-4,ce-1e-4,...]
+    python -m benchmarks.distill_recovery [--teacher gemma3-270m] [--tokens 100352] [--arms kd-3e-4,ce-1e-4,...]
+        [--vocab] [--no-bf16] [--name distill_recovery_gemma3-270m]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import platform
@@ -27,13 +32,17 @@ from pathlib import Path
 import torch
 
 from benchmarks.plots import provenance
-from compress.core.config import BLOCK_AXES, CompressConfig, TargetSize
+from compress.app.distillation import TrimmedVocabTeacher
+from compress.core.config import BLOCK_AXES, DISTILL_DEFAULTS, CompressConfig, TargetSize
+from compress.core.state import per_teacher_agreement, per_teacher_token
 from compress.evaluation.quality import mean_nll, quality
+from compress.families.minitron import vocab_importance
 from compress.io import cache_dir, write_json, write_text
 from compress.pruning.archspec import resolve
 from compress.pruning.planner import plan
 from compress.pruning.scoring import score_importance
 from compress.pruning.surgery import apply_plan, prune
+from compress.pruning.vocab import VocabMap, kept_ids
 from compress.sources.corpora import GENERAL_EVAL
 from compress.sources.data import load_corpus, token_batches
 from compress.sources.teachers import load_teacher
@@ -53,6 +62,8 @@ ARMS: dict[str, tuple[str, dict, str, int]] = {
     "mix-3e-4": ("KD + cross-entropy (0.5 each), LR 3e-4", {"lr": 3e-4, "kl_weight": 0.5, "ce_weight": 0.5},
                  "default-mix", 0),
     "mix-1e-4": ("KD + cross-entropy (0.5 each), LR 1e-4", {"lr": 1e-4, "kl_weight": 0.5, "ce_weight": 0.5},
+                 "default-mix", 0),
+    "mix-3e-5": ("KD + cross-entropy (0.5 each), LR 3e-5", {"lr": 3e-5, "kl_weight": 0.5, "ce_weight": 0.5},
                  "default-mix", 0),
     "kd-t2-1e-4": ("KD at temperature 2, LR 1e-4", {"lr": 1e-4, "temperature": 2.0}, "default-mix", 0),
     "kd-cosine-1e-4": ("KD, LR 1e-4, cosine schedule", {"lr": 1e-4, "schedule": "cosine"}, "default-mix", 0),
@@ -94,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="distill_recovery", help="stem of the results files (default distill_recovery)")
+    parser.add_argument("--vocab", action="store_true", help="the vocabulary as one more pruning axis")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="fp32 scoring and training (a CPU without bf16 instructions runs bf16 autocast slower)")
     return parser
 
 
@@ -105,7 +119,10 @@ def main() -> None:
     unknown = [a for a in chosen_arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {', '.join(unknown)}; known: {', '.join(ARMS)}")
-    defaults = CompressConfig(teacher=args.teacher, target_size=args.target_size)
+    if args.vocab and (stored := [a for a in chosen_arms if ARMS[a][1].get("teacher_top_k")]):
+        parser.error(f"--vocab: arms {', '.join(stored)} store the teacher's top-k over its whole vocabulary")
+    defaults = CompressConfig(teacher=args.teacher, target_size=args.target_size, bf16=args.bf16,
+                              distill=dataclasses.replace(DISTILL_DEFAULTS, tokens=args.tokens))
     started = time.perf_counter()
 
     teacher, tokenizer = load_teacher(args.teacher)
@@ -121,19 +138,29 @@ def main() -> None:
     print("teacher", json.dumps(teacher_row))
     calib = token_batches(corpora["default-mix"], tokenizer, "calibration", defaults.prune.calib_seq_len, defaults.prune.calib_samples)
     activation = score_importance(teacher, spec, "activation", ids=calib, batch_size=defaults.batch_size, bf16=defaults.bf16)
+    floor = None
+    if args.vocab:
+        vocab, floor = vocab_importance(corpora["default-mix"], tokenizer, defaults, teacher, spec)
+        activation = dataclasses.replace(activation, scores={**activation.scores, "vocab": vocab})
+        print(f"vocabulary floor: {floor:,} of {spec.vocab:,} tokens")
 
     def evaluate_proxy(kept, shape):
-        return mean_nll(prune(teacher, spec, shape, kept), calib[:16], defaults.batch_size, bf16=True)
+        ids = calib[:16] if shape.vocab is None else kept_ids(calib[:16], kept["vocab"], spec.vocab)
+        return mean_nll(prune(teacher, spec, shape, kept), ids, defaults.batch_size, bf16=defaults.bf16)
 
-    chosen = plan(spec, teacher.config, activation, TargetSize.parse(args.target_size), axes=BLOCK_AXES,
-                  align=defaults.prune.align, tolerance=defaults.prune.tolerance, evaluate=evaluate_proxy)
+    axes = (*BLOCK_AXES, "vocab") if args.vocab else BLOCK_AXES
+    chosen = plan(spec, teacher.config, activation, TargetSize.parse(args.target_size), axes=axes,
+                  align=defaults.prune.align, tolerance=defaults.prune.tolerance, evaluate=evaluate_proxy,
+                  vocab_floor=floor)
     print(f"student shape {chosen.shape.to_dict()}, {chosen.params / 1e6:.1f}M params")
     pruned = apply_plan(teacher, spec, chosen)
-    before = _measure(pruned, sets, reference, defaults.batch_size)
+    vocab_map = VocabMap(chosen.kept["vocab"], spec.vocab, tokenizer) if chosen.shape.vocab else None
+    seen = {name: _StudentSet(ids, reference[name].top1, vocab_map) for name, ids in sets.items()}
+    before = _measure(pruned, seen, reference, defaults.batch_size)
     print("pruned", json.dumps(before))
 
-    curve_start = {"tokens": 0, **{k: quality(pruned, ids[:_CURVE_SEQUENCES], defaults.batch_size).perplexity.perplexity
-                                   for k, ids in sets.items()}}
+    curves = {name: _StudentSet(ids[:_CURVE_SEQUENCES], None, vocab_map) for name, ids in sets.items()}
+    curve_start = {"tokens": 0, **{k: c.perplexity(pruned, defaults.batch_size) for k, c in curves.items()}}
     base = DistillConfig(tokens=args.tokens, batch_size=defaults.distill.batch_size, lr=defaults.distill.lr,
                          eval_every=args.eval_every, checkpoint_every=0, bf16=defaults.bf16, seed=defaults.seed)
     train = {name: token_batches(corpus, tokenizer, "train", defaults.distill.seq_len,
@@ -151,17 +178,19 @@ def main() -> None:
             arm_teacher.requires_grad_(False).eval()
         student = copy.deepcopy(pruned)
         config = DistillConfig(**{**base.to_dict(), **overrides})
-        curve_sets = {k: v[:_CURVE_SEQUENCES] for k, v in sets.items()}
+        arm_train = train[data]
+        if vocab_map is not None:  # the student's own ids, and the teacher over the kept tokens only
+            arm_train = vocab_map.convert(arm_train).ids
+            arm_teacher = TrimmedVocabTeacher(arm_teacher, vocab_map.kept)
         stored = (cache_dir() / "teacher-logits" / f"{args.teacher}-{ids_fingerprint(train[data])}-k{config.teacher_top_k}"
                   ".safetensors") if config.teacher_top_k else None
         reused = stored is not None and stored.exists()
         distill_started = time.perf_counter()
-        result = distill(student, arm_teacher if config.kl_weight or config.hidden_weight else None, train[data], config,
+        result = distill(student, arm_teacher if config.kl_weight or config.hidden_weight else None, arm_train, config,
                          teacher_logits=stored,
-                         evaluate=lambda m, s=curve_sets: {k: quality(m, ids, defaults.batch_size).perplexity.perplexity
-                                                           for k, ids in s.items()})
+                         evaluate=lambda m: {k: c.perplexity(m, defaults.batch_size) for k, c in curves.items()})
         distill_seconds = time.perf_counter() - distill_started
-        after = _measure(student, sets, reference, defaults.batch_size)
+        after = _measure(student, seen, reference, defaults.batch_size)
         curve = [curve_start]
         curve += [{"tokens": r["tokens"], **r["val_perplexities"]} for r in result.history if "val_perplexities" in r]
         arms[arm] = {"name": name, "settings": overrides, "data": data, "teacher_correction_tokens": correction,
@@ -171,24 +200,44 @@ def main() -> None:
                      "distill_seconds": distill_seconds, "teacher_logits_reused": reused}
         print(f"[{arm}] {name}: " + ", ".join(f"{k} {before[k]['perplexity']:,.1f} -> {after[k]['perplexity']:,.2f}"
                                              for k in SETS) + f" ({result.tokens_per_second:,.0f} tokens/s)", flush=True)
-        _write(args, teacher_row, chosen, before, arms, sets, base, started)
+        _write(args, teacher_row, chosen, before, arms, sets, base, started, floor)
 
 
-def _measure(model, sets: dict, reference: dict, batch_size: int) -> dict:
+class _StudentSet:
+    """One evaluation set as the student reads it: the teacher's ids, or for a trimmed vocabulary the same text in
+    the student's ids, whose figures convert to per teacher token."""
+
+    def __init__(self, ids: torch.Tensor, teacher_top1: torch.Tensor | None, vocab_map: VocabMap | None) -> None:
+        self.ids, self.top1, self.scale, self.tokens = ids, teacher_top1, 1.0, int(ids.shape[0] * (ids.shape[1] - 1))
+        if vocab_map is not None:
+            converted = vocab_map.convert(ids, teacher_top1)
+            self.ids, self.top1 = converted.ids, converted.teacher_top1
+            self.scale, self.tokens = converted.nll_scale(), int(converted.teacher_tokens.sum())
+
+    def quality(self, model, batch_size: int) -> tuple[float, float | None]:  # noqa: ANN001
+        q = quality(model, self.ids, batch_size, reference=self.top1)
+        return per_teacher_token(q.perplexity.perplexity, self.scale), per_teacher_agreement(q.agreement, self.scale)
+
+    def perplexity(self, model, batch_size: int) -> float:  # noqa: ANN001
+        return self.quality(model, batch_size)[0]
+
+
+def _measure(model, sets: dict[str, _StudentSet], reference: dict, batch_size: int) -> dict:
     out = {}
-    for name, ids in sets.items():
-        q = quality(model, ids, batch_size, reference=reference[name].top1)
-        out[name] = {"perplexity": q.perplexity.perplexity, "agreement": q.agreement, "tokens": q.perplexity.tokens,
-                     "vs_teacher": q.perplexity.perplexity / reference[name].perplexity.perplexity}
+    for name, seen in sets.items():
+        perplexity, agreement = seen.quality(model, batch_size)
+        out[name] = {"perplexity": perplexity, "agreement": agreement, "tokens": seen.tokens,
+                     "vs_teacher": perplexity / reference[name].perplexity.perplexity}
     return out
 
 
-def _write(args, teacher_row, chosen, before, arms, sets, base, started) -> None:  # noqa: ANN001
+def _write(args, teacher_row, chosen, before, arms, sets, base, started, floor) -> None:  # noqa: ANN001
     """Write the results so far (after every arm, so a killed run keeps the arms it finished)."""
     report = {
         **provenance(),
         "teacher": args.teacher, "teacher_perplexity": teacher_row, "target_size": args.target_size,
-        "student_shape": chosen.shape.to_dict(), "student_params": chosen.params,
+        "student_shape": chosen.shape.to_dict(), "student_params": chosen.params, "kept_vocab": chosen.shape.vocab,
+        "vocab_floor": floor, "bf16": base.bf16,
         "tokens": args.tokens, "seq_len": 256, "settings": base.to_dict(), "pruned": before,
         "evaluation_tokens": {k: int(v.shape[0] * (v.shape[1] - 1)) for k, v in sets.items()},
         "curve_sequences": _CURVE_SEQUENCES, "arms": arms,
@@ -210,7 +259,12 @@ def _markdown(report: dict) -> str:
         f"Student: {report['student_params'] / 1e6:.1f}M parameters (shape {report['student_shape']}), pruned once "
         f"with activation importance on the default-mix calibration split. Every arm trains a copy of it on "
         f"{report['tokens']:,} training tokens (sequences of {report['seq_len']}, batch {report['settings']['batch_size']}, "
-        f"AdamW, warmup-stable-decay unless named, bf16 autocast). fp32 perplexity, with the ratio to the teacher's and "
+        f"AdamW, warmup-stable-decay unless named, {'bf16 autocast' if report.get('bf16', True) else 'fp32'}). "
+        + (f"The plan trimmed the vocabulary too: {report['kept_vocab']:,} tokens kept (the floor, every token this "
+           f"budget's training and calibration data use, is {report['vocab_floor']:,}); the student reads every set in "
+           "its own vocabulary and learns from the teacher over the kept tokens, and every figure is per teacher token "
+           "of the same text. " if report.get("kept_vocab") else "")
+        + "fp32 perplexity, with the ratio to the teacher's and "
         f"top-1 agreement with the teacher, on {report['evaluation_tokens']['in-domain']:,} tokens of each set: "
         "**in-domain** (the validation split of default-mix, the default training corpus), "
         "**debian-docs** (the validation split of Debian's kernel and Python docs, the default corpus until "
