@@ -36,13 +36,12 @@ from compress.app.distillation import TrimmedVocabTeacher
 from compress.core.config import BLOCK_AXES, DISTILL_DEFAULTS, CompressConfig, TargetSize
 from compress.core.state import per_teacher_agreement, per_teacher_token
 from compress.evaluation.quality import mean_nll, quality
-from compress.families.minitron import vocab_importance
 from compress.io import cache_dir, write_json, write_text
 from compress.pruning.archspec import resolve
 from compress.pruning.planner import plan
 from compress.pruning.scoring import score_importance
 from compress.pruning.surgery import apply_plan, prune
-from compress.pruning.vocab import VocabMap, kept_ids
+from compress.pruning.vocab import VocabMap, kept_ids, vocab_importance
 from compress.sources.corpora import GENERAL_EVAL
 from compress.sources.data import load_corpus, token_batches
 from compress.sources.teachers import load_teacher
@@ -140,7 +139,7 @@ def main() -> None:
     activation = score_importance(teacher, spec, "activation", ids=calib, batch_size=defaults.batch_size, bf16=defaults.bf16)
     floor = None
     if args.vocab:
-        vocab, floor = vocab_importance(corpora["default-mix"], tokenizer, defaults, teacher, spec)
+        vocab, floor = vocab_importance(corpora["default-mix"], tokenizer, defaults, teacher, spec.vocab)
         activation = dataclasses.replace(activation, scores={**activation.scores, "vocab": vocab})
         print(f"vocabulary floor: {floor:,} of {spec.vocab:,} tokens")
 

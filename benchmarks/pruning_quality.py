@@ -28,12 +28,11 @@ from benchmarks.plots import finish_perplexity_plot, provenance
 from compress.core.config import BLOCK_AXES, CompressConfig, TargetSize
 from compress.core.state import per_teacher_token
 from compress.evaluation.quality import mean_nll, perplexity
-from compress.families.minitron import vocab_importance
 from compress.pruning.archspec import resolve
 from compress.pruning.planner import plan
 from compress.pruning.scoring import score_importance
 from compress.pruning.surgery import apply_plan, prune
-from compress.pruning.vocab import VocabMap, kept_ids
+from compress.pruning.vocab import VocabMap, kept_ids, vocab_importance
 from compress.sources.data import GENERAL_EVAL, load_corpus, token_batches
 from compress.sources.teachers import load_teacher
 
@@ -143,7 +142,7 @@ def _scores(teacher, tokenizer, spec, dataset, calib, defaults, vocab: bool) -> 
         print(f"{method} importance: {time.perf_counter() - t:.1f} s")
     if not vocab:
         return scores, None
-    vocab_scores, floor = vocab_importance(dataset, tokenizer, defaults, teacher, spec)
+    vocab_scores, floor = vocab_importance(dataset, tokenizer, defaults, teacher, spec.vocab)
     scores[VOCAB_METHOD] = dataclasses.replace(scores["activation"], scores={**scores["activation"].scores, "vocab": vocab_scores})
     print(f"vocabulary floor: {floor:,} of {spec.vocab:,} tokens")
     return scores, floor

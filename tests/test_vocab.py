@@ -176,6 +176,42 @@ def test_axes_auto_trims_the_vocabulary_where_the_embedding_dominates_and_only_t
     assert json.loads((tmp_path / "blocks" / "plan.json").read_text())["shape"]["vocab"] is None
 
 
+def _unigram_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>",
+                                      show_progress=False)
+    tokenizer.train_from_iterator([TEXT + " " + ENGLISH], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_a_tokenizer_that_cannot_be_trimmed_is_refused_before_scoring_and_auto_keeps_its_vocabulary(tmp_path, capsys):
+    teacher = write_teacher(tmp_path, tiny_llama(vocab_size=2048), _unigram_tokenizer())
+    common = ["--teacher", teacher, "--data", write_corpus(tmp_path), "--target-size", "0.8x", "--calib-samples", "8",
+              "--calib-seq-len", "16", "--align", "16", "--tolerance", "0.15", "--proxy", "mass", "--stop-after", "plan"]
+    assert main([str(a) for a in [*common, "--out", tmp_path / "vocab", "--axes", "heads,hidden,mlp,vocab", "--quiet"]]) == 2
+    assert "rewrites BPE tokenizers; this teacher's is Unigram. Drop 'vocab' from --axes" in capsys.readouterr().err
+    assert not (tmp_path / "vocab").exists()  # refused before the score stage wrote anything
+    assert main([str(a) for a in [*common, "--out", tmp_path / "auto"]]) == 0
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["prune"]["axes"] == list(BLOCK_AXES)
+    log = (tmp_path / "auto" / "run.log").read_text()
+    assert "--axes auto: heads,hidden,mlp, though the embedding is 64%" in log and "adding 'vocab'" not in log
+
+
+def test_a_target_below_the_vocabulary_floor_is_refused_before_scoring(tmp_path, capsys):
+    # At 0.6x the whole-width blocks leave room for fewer tokens than the floor (the corpus's tokens and the
+    # alphabet, 178 of 256): the shape is feasible only for a floor of 0, and the nearest one is 0.5x.
+    teacher = write_teacher(tmp_path, tiny_llama(mlp=32, layers=1), tiny_tokenizer(text=TEXT + " " + ENGLISH))
+    args = ["--teacher", teacher, "--data", write_corpus(tmp_path), "--target-size", "0.6x", "--out", tmp_path / "run",
+            "--axes", "hidden,vocab", "--align", "32", "--stop-after", "plan", "--quiet"]
+    assert main([str(a) for a in args]) == 2
+    assert "--target-size 0.6x" in (err := capsys.readouterr().err) and "(0.50x)" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_axes_auto_keeps_the_vocabulary_for_teacher_top_k_which_refuses_the_vocab_axis():
     config = CompressConfig(distill=dataclasses.replace(DISTILL_DEFAULTS, teacher_top_k=32))
     assert config.resolve_axes(0.63, trims_vocab=True).prune.axes == BLOCK_AXES

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compress.core.config import BLOCK_AXES, STAGES, CompressConfig
+from compress.core.config import AUTO_VOCAB_SHARE, BLOCK_AXES, STAGES, CompressConfig
 from compress.core.family import load_model
 from compress.core.state import RunState, folder_mb
 from compress.errors import CompressError, ConfigError, RunDirectoryError
@@ -202,8 +202,10 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
             raise ConfigError(f"--student {config.student} does not trim the vocabulary; drop 'vocab' from --axes")
         family.check_teacher(state.teacher.config, config)
     if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and get_family(config.student).prunes_teacher:
-        # Refuse an infeasible target before the expensive scoring stage, not after it.
-        feasible_shapes(state.spec, state.teacher.config, config.target, config.prune.axes, config.prune.align, config.prune.tolerance)
+        # Refuse an infeasible target (or an untrimmable tokenizer) before the expensive scoring stage, not after it.
+        floor = state.vocab_importance()[1] if "vocab" in config.prune.axes else None
+        feasible_shapes(state.spec, state.teacher.config, config.target, config.prune.axes, config.prune.align,
+                        config.prune.tolerance, floor)
     for stage, fingerprint in fingerprints.items():
         started = time.perf_counter()
         metrics_file = state.dir / f"{stage}.metrics.json"
@@ -225,15 +227,21 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
 
 def _resolve_axes(config: CompressConfig, state: RunState) -> CompressConfig:
     """``--axes auto`` made concrete for this teacher and family, logged, and written to the run's config.json."""
+    from compress.pruning.vocab import trim_refusal
+
     family = get_family(config.student)
     if not family.prunes_teacher:
         resolved = config.resolve_axes(0.0, family.trims_vocab)
     else:
-        resolved = config.resolve_axes(state.spec.embedding_share(), family.trims_vocab)
+        share = state.spec.embedding_share()
+        refusal = trim_refusal(state.tokenizer) if family.trims_vocab and share > AUTO_VOCAB_SHARE else None
+        resolved = config.resolve_axes(share, family.trims_vocab and refusal is None)
         if "vocab" in resolved.prune.axes:
             log.info("--axes auto: %s (the embedding is %.0f%% of the teacher's parameters; --axes %s keeps the "
-                     "whole vocabulary)", ",".join(resolved.prune.axes), 100 * state.spec.embedding_share(),
-                     ",".join(BLOCK_AXES))
+                     "whole vocabulary)", ",".join(resolved.prune.axes), 100 * share, ",".join(BLOCK_AXES))
+        elif refusal:
+            log.warning("--axes auto: %s, though the embedding is %.0f%% of the teacher's parameters (%s)",
+                        ",".join(resolved.prune.axes), 100 * share, refusal)
     write_json(config.run_dir / "config.json", resolved.to_dict())
     return resolved
 

@@ -44,6 +44,7 @@ class RunState:
         self._dataset: Any = None
         self._eval_sets: dict[str, tuple[Any, str]] | None = None
         self._vocab_map: tuple[float, Any] | None = None
+        self._vocab_importance: tuple[torch.Tensor, int] | None = None
         self.fingerprint = ""
         self.teacher_fingerprint = ""  # of the correct stage: which teacher, data and correction
 
@@ -74,6 +75,16 @@ class RunState:
         if self._dataset is None:
             self._dataset = load_corpus(self.config.data)
         return self._dataset
+
+    def vocab_importance(self) -> tuple[torch.Tensor, int]:
+        """The ``vocab`` axis's scores and floor for this run's data (:func:`compress.pruning.vocab.vocab_importance`),
+        computed once: the early feasibility check and the plan stage both need the floor."""
+        if self._vocab_importance is None:
+            from compress.pruning.vocab import vocab_importance
+
+            self._vocab_importance = vocab_importance(self.dataset, self.tokenizer, self.config, self.teacher,
+                                                      self.spec.vocab)
+        return self._vocab_importance
 
     def ids(self, split: str, seq_len: int, sequences: int) -> torch.Tensor:
         return token_batches(self.dataset, self.tokenizer, split, seq_len, sequences)

@@ -32,6 +32,7 @@ from compress.evaluation.quality import mean_nll
 from compress.pruning.planner import PruningPlan, plan
 from compress.pruning.scoring import check_scores
 from compress.pruning.surgery import apply_plan, prune, save_checkpoint
+from compress.pruning.vocab import trim_refusal
 from importance import ImportanceScores
 
 log = logging.getLogger(__name__)
@@ -85,19 +86,6 @@ def _graph_sets(references: dict[str, Reference]) -> dict[str, tuple[np.ndarray,
     return {k: (r.ids[:n].numpy(), r.teacher_top1[:n].numpy()) for k, r in references.items() if k != "validation"}
 
 
-def vocab_importance(dataset: Any, tokenizer: Any, config: Any, teacher: Any, spec: Any) -> tuple[torch.Tensor, int]:
-    """The ``vocab`` axis's scores and floor (:func:`compress.pruning.vocab.vocab_scores`) from the tokens a run with
-    ``config`` trains and calibrates on: the distillation's training sequences and both calibration sets."""
-    from compress.pruning.vocab import vocab_scores
-    from compress.sources.data import token_batches
-
-    c = config
-    data = [token_batches(dataset, tokenizer, "train", c.distill.seq_len, c.training_sequences()),
-            token_batches(dataset, tokenizer, "calibration", c.prune.calib_seq_len, c.prune.calib_samples),
-            token_batches(dataset, tokenizer, "calibration", c.quant.seq_len, c.quant.calib_samples)]
-    return vocab_scores(tokenizer, spec.vocab, data, teacher.config, getattr(teacher, "generation_config", None))
-
-
 class Minitron(StudentFamily):
     """The teacher pruned by importance (Minitron-style), then distilled."""
 
@@ -123,8 +111,8 @@ class Minitron(StudentFamily):
         teacher, spec = state.teacher, state.spec
         vocab_floor = None
         if "vocab" in c.prune.axes:
-            scores.scores["vocab"], vocab_floor = vocab_importance(state.dataset, state.tokenizer, c, teacher, spec)
-        elif (share := spec.embedding_share()) > AUTO_VOCAB_SHARE:
+            scores.scores["vocab"], vocab_floor = state.vocab_importance()
+        elif (share := spec.embedding_share()) > AUTO_VOCAB_SHARE and trim_refusal(state.tokenizer) is None:
             log.warning("the embedding is %.0f%% of the teacher's parameters: adding 'vocab' to --axes (or --axes auto, "
                         "the default) would drop the tokens the training data never uses instead of cutting the blocks "
                         "(docs/prune.md)", 100 * share)

@@ -31,18 +31,19 @@ from compress.errors import UnsupportedArchitectureError
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-def _backend(tokenizer: Any) -> dict[str, Any]:
+def trim_refusal(tokenizer: Any) -> str | None:
+    """Why ``tokenizer`` cannot be trimmed (None: it can)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise UnsupportedArchitectureError(
-            f"vocabulary trimming rewrites a fast (tokenizers) tokenizer; {type(tokenizer).__name__} is not one. "
-            "Drop 'vocab' from --axes")
-    data = json.loads(backend.to_str())
-    if data["model"]["type"] != "BPE":
-        raise UnsupportedArchitectureError(
-            f"vocabulary trimming rewrites BPE tokenizers; this teacher's is {data['model']['type']}. "
-            "Drop 'vocab' from --axes")
-    return data
+        return f"vocabulary trimming rewrites a fast (tokenizers) tokenizer; {type(tokenizer).__name__} is not one"
+    kind = json.loads(backend.to_str())["model"]["type"]
+    return None if kind == "BPE" else f"vocabulary trimming rewrites BPE tokenizers; this teacher's is {kind}"
+
+
+def _backend(tokenizer: Any) -> dict[str, Any]:
+    if reason := trim_refusal(tokenizer):
+        raise UnsupportedArchitectureError(f"{reason}. Drop 'vocab' from --axes")
+    return json.loads(tokenizer.backend_tokenizer.to_str())
 
 
 def _merge_pair(merge: Any) -> tuple[str, str]:
@@ -286,3 +287,15 @@ class VocabMap:
 
 __all__ = ["Converted", "VocabMap", "floor_tokens", "kept_ids", "merge_closure",
            "remapped_token_ids", "trim_tokenizer", "vocab_scores"]
+
+
+def vocab_importance(dataset: Any, tokenizer: Any, config: Any, teacher: Any, vocab_size: int) -> tuple[torch.Tensor, int]:
+    """The ``vocab`` axis's scores and floor (:func:`vocab_scores`) from the tokens a run with ``config`` trains and
+    calibrates on: the distillation's training sequences and both calibration sets."""
+    from compress.sources.data import token_batches
+
+    c = config
+    data = [token_batches(dataset, tokenizer, "train", c.distill.seq_len, c.training_sequences()),
+            token_batches(dataset, tokenizer, "calibration", c.prune.calib_seq_len, c.prune.calib_samples),
+            token_batches(dataset, tokenizer, "calibration", c.quant.seq_len, c.quant.calib_samples)]
+    return vocab_scores(tokenizer, vocab_size, data, teacher.config, getattr(teacher, "generation_config", None))
