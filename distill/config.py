@@ -129,15 +129,21 @@ class DistillConfig:
         assert self.tokens is not None
         return max(1, math.ceil(self.tokens / (self.global_batch(world_size) * seq_len)))
 
+    def warmup(self, total: int) -> int:
+        """Warmup steps of a run of ``total``: ``warmup_steps``, at most a quarter of the run, so a short run (a
+        small budget) still reaches its peak, holds it and decays instead of ending mid-warmup at the peak."""
+        return min(self.warmup_steps, total // 4)
+
     def lr_at(self, step: int, total: int) -> float:
         """Learning rate at optimizer step ``step`` (0-based) of ``total``."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
+        warmup = self.warmup(total)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
         floor = self.lr * self.min_lr_ratio
         if self.schedule == "constant":
             return self.lr
         if self.schedule == "cosine":
-            progress = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
+            progress = (step - warmup) / max(1, total - warmup)
             return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         decay_start = total - max(1, int(total * self.decay_fraction))
         if step < decay_start:

@@ -90,6 +90,10 @@ def test_schedules():
     cosine = DistillConfig(steps=100, lr=1.0, warmup_steps=0, schedule="cosine", min_lr_ratio=0.0)
     assert cosine.lr_at(0, 100) == pytest.approx(1.0) and cosine.lr_at(50, 100) == pytest.approx(0.5)
     assert DistillConfig(tokens=1000, batch_size=2, grad_accum=2).total_steps(seq_len=10, world_size=2) == 13
+    # A run shorter than its warmup (ten steps of a small budget) warms up over a quarter of it, then holds and
+    # decays to the floor, rather than ending at the peak.
+    short = [DistillConfig(lr=1.0, warmup_steps=10).lr_at(s, 10) for s in range(10)]
+    assert short[:2] == [0.5, 1.0] and short[2:8] == [1.0] * 6 and short[9] == pytest.approx(0.01)
 
 
 def test_muon_gets_only_hidden_matrices():

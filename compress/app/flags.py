@@ -71,7 +71,7 @@ _HELP = {
     "distill_keep_checkpoints": "how many of the latest checkpoints are kept",
     "distill_steps": "optimizer steps (overrides --distill-tokens)",
     "distill_min_lr_ratio": "the schedule's floor as a fraction of the peak learning rate",
-    "distill_warmup_steps": "steps of linear warmup",
+    "distill_warmup_steps": "steps of linear warmup (at most a quarter of the run)",
     "distill_decay_fraction": "share of steps in warmup-stable-decay's final decay",
     "distill_weight_decay": "AdamW (and Muon) weight decay on matrices",
     "distill_hidden_weight": "weight of a hidden-state loss between paired layers (pairs from a config file's "
