@@ -135,22 +135,7 @@ def main() -> None:
     reference = {name: quality(teacher, ids, defaults.batch_size) for name, ids in sets.items()}
     teacher_row = {name: r.perplexity.perplexity for name, r in reference.items()}
     print("teacher", json.dumps(teacher_row))
-    calib = token_batches(corpora["default-mix"], tokenizer, "calibration", defaults.prune.calib_seq_len, defaults.prune.calib_samples)
-    activation = score_importance(teacher, spec, "activation", ids=calib, batch_size=defaults.batch_size, bf16=defaults.bf16)
-    floor = None
-    if args.vocab:
-        vocab, floor = vocab_importance(corpora["default-mix"], tokenizer, defaults, teacher, spec.vocab)
-        activation = dataclasses.replace(activation, scores={**activation.scores, "vocab": vocab})
-        print(f"vocabulary floor: {floor:,} of {spec.vocab:,} tokens")
-
-    def evaluate_proxy(kept, shape):
-        ids = calib[:16] if shape.vocab is None else kept_ids(calib[:16], kept["vocab"], spec.vocab)
-        return mean_nll(prune(teacher, spec, shape, kept), ids, defaults.batch_size, bf16=defaults.bf16)
-
-    axes = (*BLOCK_AXES, "vocab") if args.vocab else BLOCK_AXES
-    chosen = plan(spec, teacher.config, activation, TargetSize.parse(args.target_size), axes=axes,
-                  align=defaults.prune.align, tolerance=defaults.prune.tolerance, evaluate=evaluate_proxy,
-                  vocab_floor=floor)
+    chosen, floor = _plan(args, defaults, teacher, tokenizer, spec, corpora["default-mix"])
     print(f"student shape {chosen.shape.to_dict()}, {chosen.params / 1e6:.1f}M params")
     pruned = apply_plan(teacher, spec, chosen)
     vocab_map = VocabMap(chosen.kept["vocab"], spec.vocab, tokenizer) if chosen.shape.vocab else None
@@ -200,6 +185,27 @@ def main() -> None:
         print(f"[{arm}] {name}: " + ", ".join(f"{k} {before[k]['perplexity']:,.1f} -> {after[k]['perplexity']:,.2f}"
                                              for k in SETS) + f" ({result.tokens_per_second:,.0f} tokens/s)", flush=True)
         _write(args, teacher_row, chosen, before, arms, sets, base, started, floor)
+
+
+def _plan(args, defaults, teacher, tokenizer, spec, corpus):  # noqa: ANN001, ANN202
+    """The student's plan: activation importance (and with ``--vocab`` the vocabulary's) and the planner's pick."""
+    calib = token_batches(corpus, tokenizer, "calibration", defaults.prune.calib_seq_len, defaults.prune.calib_samples)
+    activation = score_importance(teacher, spec, "activation", ids=calib, batch_size=defaults.batch_size, bf16=defaults.bf16)
+    floor = None
+    if args.vocab:
+        vocab, floor = vocab_importance(corpus, tokenizer, defaults, teacher, spec.vocab)
+        activation = dataclasses.replace(activation, scores={**activation.scores, "vocab": vocab})
+        print(f"vocabulary floor: {floor:,} of {spec.vocab:,} tokens")
+
+    def evaluate_proxy(kept, shape):
+        ids = calib[:16] if shape.vocab is None else kept_ids(calib[:16], kept["vocab"], spec.vocab)
+        return mean_nll(prune(teacher, spec, shape, kept), ids, defaults.batch_size, bf16=defaults.bf16)
+
+    axes = (*BLOCK_AXES, "vocab") if args.vocab else BLOCK_AXES
+    chosen = plan(spec, teacher.config, activation, TargetSize.parse(args.target_size), axes=axes,
+                  align=defaults.prune.align, tolerance=defaults.prune.tolerance, evaluate=evaluate_proxy,
+                  vocab_floor=floor)
+    return chosen, floor
 
 
 class _StudentSet:

@@ -114,6 +114,7 @@ def main() -> None:
                 if recipe is None:
                     continue
                 lm = prepare(model, args.seq_len, transforms, calib, fused_norm=fused, conv=as_conv)
+                row["applied"] = list(lm.transforms)  # a family's blocks may refuse one (Gemma3: rotate)
                 folder = work / f"row{index}-{recipe.name}"
                 export_graphs(lm, folder, decode=False)
                 graphs = quantize_graphs(lm, folder, recipe, get_profile(profile), calib.numpy(), decode=False)
@@ -184,7 +185,7 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
         graphs = quantize_graphs(lm, folder / name, PRESETS[name], profile, calib.numpy())
         out[name], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1, decode_samples=DECODE_SAMPLES)
         out[name].update(violations=graphs.violations["prefill"] + graphs.violations["decode"],
-                         transforms=list(transforms), profile=profile_name,
+                         transforms=list(lm.transforms), profile=profile_name,
                          sixteen_bit_tensors=graphs.reports["prefill"].sixteen_bit_tensors,
                          sixteen_bit_groups=graphs.reports["prefill"].sixteen_bit_groups,
                          sixteen_bit_weights=graphs.reports["prefill"].sixteen_bit_weights)
