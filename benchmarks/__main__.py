@@ -79,7 +79,7 @@ TARGETS = (
            args=("--arms", "mix-3e-4,mix-topk64-3e-4", "--name", "distill_topk"),
            title="Stored top-64 teacher logits against the full-vocabulary KL"),
     Target("distill_recovery", ("distill_recovery_gemma3-270m-vocab.json", "distill_recovery_gemma3-270m-vocab.md"),
-           args=("--teacher", "gemma3-270m", "--vocab", "--no-bf16", "--tokens", "20480", "--eval-every", "5", "--arms", "mix-3e-4,mix-3e-5",
+           args=("--teacher", "gemma3-270m", "--vocab", "--no-bf16", "--tokens", "20480", "--eval-every", "5", "--arms", "mix-3e-5,mix-1e-5",
                  "--name", "distill_recovery_gemma3-270m-vocab"),
            title="Distillation on gemma3-270m pruned to 0.67x with the vocabulary trimmed"),
     Target("distill_overhead", ("distill_overhead.json", "distill_overhead.md"),

@@ -64,6 +64,8 @@ ARMS: dict[str, tuple[str, dict, str, int]] = {
                  "default-mix", 0),
     "mix-3e-5": ("KD + cross-entropy (0.5 each), LR 3e-5", {"lr": 3e-5, "kl_weight": 0.5, "ce_weight": 0.5},
                  "default-mix", 0),
+    "mix-1e-5": ("KD + cross-entropy (0.5 each), LR 1e-5", {"lr": 1e-5, "kl_weight": 0.5, "ce_weight": 0.5},
+                 "default-mix", 0),
     "kd-t2-1e-4": ("KD at temperature 2, LR 1e-4", {"lr": 1e-4, "temperature": 2.0}, "default-mix", 0),
     "kd-cosine-1e-4": ("KD, LR 1e-4, cosine schedule", {"lr": 1e-4, "schedule": "cosine"}, "default-mix", 0),
     "kd-hidden-1e-4": ("KD + cosine hidden-state loss (every 6th layer, weight 1), LR 1e-4",
