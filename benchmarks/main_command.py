@@ -10,8 +10,8 @@ teacher); ``--no-setup`` leaves the setup out.
 
     python -m benchmarks.main_command
     python -m benchmarks.main_command --teacher gemma3-270m --no-setup --flags "--distill-tokens 20000 --no-bf16"
-    python -m benchmarks.main_command --teacher gemma3-270m --no-setup --name main_command_gemma3-270m-vocab \
-        --flags "--axes heads,hidden,mlp,vocab --distill-tokens 20000 --no-bf16"
+    python -m benchmarks.main_command --teacher gemma3-270m --no-setup --name main_command_gemma3-270m-blocks \
+        --flags "--axes heads,hidden,mlp --distill-tokens 20000 --no-bf16"
 """
 
 from __future__ import annotations
