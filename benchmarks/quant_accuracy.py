@@ -72,6 +72,8 @@ METHOD_ROWS = [
      dataclasses.replace(PRESETS["a8w8"], weight_rounding="nearest", weight_range="mse")),
     ("row 10 + GPTQ rounding of the block weights (the a16w8 and a8w8 defaults)", ("rotate", "embed-rows"),
      True, True, PRESETS["a16w8"], PRESETS["a8w8"]),
+    ("SmoothQuant instead of rotation, the a8w8 preset (for blocks that refuse rotation, Gemma3's)",
+     ("smooth", "embed-rows"), True, True, None, PRESETS["a8w8"]),
 ]
 
 
