@@ -159,6 +159,9 @@ def _keep_earlier(report: dict, path: Path, wanted: list[str]) -> None:
     report["methods"] = sorted(kept + report["methods"], key=lambda row: row["row"])
     if "final" not in wanted and "final" in earlier:
         report["final"] = earlier["final"]
+        report["final_commit"] = earlier.get("final_commit", earlier["commit"])  # the commit that measured them
+        if earlier.get("provenance_note"):
+            report["provenance_note"] = earlier["provenance_note"]
 
 
 def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple[np.ndarray, float]:  # noqa: ANN001
@@ -226,6 +229,8 @@ def markdown(report: dict) -> str:
                    if decode is not None and decode_base else "– | – | – | ")
                 + f"{g['prefill_mb']:.0f} | {g['decode_mb']:.0f} | "
                 f"{g['prefill_latency_ms']:.0f} | {g['decode_tokens_per_second']:.1f} | {len(g['violations'])} |")
+        if report.get("final_commit"):
+            lines += ["", f"Final graphs measured at commit `{report['final_commit'][:7]}`."]
         tokens = report["final"]["fp32"].get("decode_validation_tokens")
         if tokens:
             lines += ["", f"Decode graphs are scored on the second halves of the first validation sequences ({tokens:,} "
