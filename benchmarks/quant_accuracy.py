@@ -198,12 +198,21 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
     return out
 
 
+def _measured(row: dict, report: dict) -> str:
+    """A method row's date and the commit that measured it (rows from before commits were kept per row have none)."""
+    if row.get("commit"):
+        return f"{row.get('date', report['date'])}, `{row['commit'][:7]}`"
+    return row.get("date", report["date"]) + ("" if "date" in row else f", `{report['commit'][:7]}`")
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Quantization accuracy: {report['model']}", "",
              f"Prefill graphs of {report['seq_len']} tokens; validation perplexity on {report['validation_tokens']:,} "
              f"tokens of {report['data']}; calibration on {report['calibration_sequences']} sequences of the "
              f"calibration split. fp32 graph perplexity {report['fp32_perplexity']:.2f}. Agreement = top-1 next-token "
-             f"agreement with the fp32 graph. Measured {report['date']} on {report['machine']}.", ""]
+             f"agreement with the fp32 graph. Measured {report['date']} on {report['machine']}; this file's last run: "
+             f"commit `{report['commit'][:7]}`, `{report['command']}` (each row names the commit that measured it)."
+             + (f" Note: {report['provenance_note']}" if report.get("provenance_note") else ""), ""]
     if report.get("methods"):
         lines += ["| # | method | A16W8 perplexity | A16W8 agreement | A8W8 perplexity | A8W8 agreement | A8 tensors in 16 bits "
                   "| measured |", "|---|---|---|---|---|---|---|---|"]
@@ -211,7 +220,7 @@ def markdown(report: dict) -> str:
             a16, a8 = row.get("a16w8"), row.get("a8w8")
             lines.append(
                 f"| {row['row']} | {row['method']} | {_ppl(a16)} | {_agree(a16)} | {_ppl(a8)} | {_agree(a8)} | "
-                f"{a8['sixteen_bit_tensors'] if a8 else '–'} | {row.get('date', report['date'])} |")
+                f"{a8['sixteen_bit_tensors'] if a8 else '–'} | {_measured(row, report)} |")
         lines.append("")
     if report.get("final"):
         lines += ["| graph | profile | rewrites | perplexity | vs fp32 | agreement | decode-graph perplexity | vs fp32 "
