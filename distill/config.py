@@ -33,6 +33,11 @@ class DistillConfig:
     batch_size: int = 8  # sequences per micro-batch and process
     grad_accum: int = 1
     lr: float = 3e-4
+    # > 0: at the first step after warmup, a validation perplexity above the start's means the peak learning rate is
+    # too high for this student (one that starts near its teacher): the student goes back to its initial weights,
+    # the peak is divided by 10 and the schedule restarts over the remaining steps, at most this many times
+    # (distill.backoff). Needs an evaluation; 0: the learning rate is used as given.
+    lr_backoffs: int = 0
     min_lr_ratio: float = 0.01
     warmup_steps: int = 10
     schedule: str = "wsd"
@@ -88,6 +93,8 @@ class DistillConfig:
             raise DistillError("Muon needs whole matrices, which FSDP shards: use optimizer adamw with fsdp, or ddp")
         if self.steps is None and not self.tokens:
             raise DistillError("give a budget: tokens or steps")
+        if self.lr_backoffs < 0:
+            raise DistillError(f"lr_backoffs {self.lr_backoffs}: use 0 (off) or how many times the peak may drop 10x")
         if self.temperature <= 0:
             raise DistillError(f"temperature {self.temperature}: must be positive")
         if self.seq_len is not None and self.seq_len < 2:
@@ -134,22 +141,23 @@ class DistillConfig:
         small budget) still reaches its peak, holds it and decays instead of ending mid-warmup at the peak."""
         return min(self.warmup_steps, total // 4)
 
-    def lr_at(self, step: int, total: int) -> float:
-        """Learning rate at optimizer step ``step`` (0-based) of ``total``."""
+    def lr_at(self, step: int, total: int, peak: float | None = None) -> float:
+        """Learning rate at optimizer step ``step`` (0-based) of ``total``, with peak ``peak`` (default ``lr``)."""
+        peak = self.lr if peak is None else peak
         warmup = self.warmup(total)
         if step < warmup:
-            return self.lr * (step + 1) / warmup
-        floor = self.lr * self.min_lr_ratio
+            return peak * (step + 1) / warmup
+        floor = peak * self.min_lr_ratio
         if self.schedule == "constant":
-            return self.lr
+            return peak
         if self.schedule == "cosine":
             progress = (step - warmup) / max(1, total - warmup)
-            return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         decay_start = total - max(1, int(total * self.decay_fraction))
         if step < decay_start:
-            return self.lr
+            return peak
         progress = (step - decay_start + 1) / max(1, total - decay_start)
-        return self.lr + (floor - self.lr) * min(progress, 1.0)  # linear decay to the floor
+        return peak + (floor - peak) * min(progress, 1.0)  # linear decay to the floor
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -168,6 +176,9 @@ class DistillResult:
     final_loss: float
     history: tuple[dict[str, float], ...] = field(default_factory=tuple)  # {"step", "tokens", "loss", "val_perplexity"?}
     resumed_from_step: int = 0
+    # The peak learning rate the run ended with: ``config.lr`` unless the guard backed it off (then the history's
+    # records carry "lr_backoff").
+    peak_lr: float = 0.0
     parallel: str = "none"  # what ran: none (one process), ddp or fsdp
     processes: int = 1
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from distill.backoff import LearningRateGuard
 from distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from distill.config import DistillConfig, DistillError, DistillResult
 from distill.losses import HiddenStateLoss
@@ -152,6 +153,7 @@ def distill(
     progress: bool = True,
     teacher_logits: str | Path | None = None,
     student_io: StudentIO | None = None,
+    baseline: float | None = None,
 ) -> DistillResult:
     """Distill ``teacher`` into ``student`` (in place) on ``train_ids`` (sequences, seq_len), or on (input,
     output) :class:`Pairs` (loss on the output tokens).
@@ -167,7 +169,8 @@ def distill(
 
     ``evaluate(student)`` returns a validation perplexity, or {evaluation set: perplexity} (the first is the
     history's ``val_perplexity``, all are in ``val_perplexities``), called every ``config.eval_every`` steps and
-    at the end. With ``checkpoint_dir``, training state is saved every ``config.checkpoint_every`` steps and,
+    at the end. ``baseline`` is the validation perplexity before training, for ``config.lr_backoffs`` (measured
+    here when None). With ``checkpoint_dir``, training state is saved every ``config.checkpoint_every`` steps and,
     with ``resume``, a rerun continues from the latest checkpoint exactly.
     Raises DistillError when the loss becomes NaN or infinite (the last good checkpoint is kept).
     """
@@ -211,7 +214,8 @@ def distill(
         with attention_implementation([trained, teacher], attention), \
                 low_precision_linears(teacher if stored is None else None, torch.bfloat16 if config.bf16 else None), \
                 compiled_layers([trained, None if stored is not None else teacher], compiled):
-            return _loop(loss_module, train_ids, config, evaluate, checkpoint_dir, resume, progress, sharded, stored)
+            return _loop(loss_module, train_ids, config, evaluate, checkpoint_dir, resume, progress, sharded, stored,
+                         baseline)
     finally:
         if sharded:
             _gather_into(student, loss_module)
@@ -281,6 +285,7 @@ def _loop(
     progress: bool,
     sharded: bool,
     stored: TeacherTopK | None = None,
+    baseline: float | None = None,
 ) -> DistillResult:
     """The training loop of ``distill`` on the (possibly sharded) ``loss_module``."""
     world, rank = _distributed()
@@ -299,23 +304,20 @@ def _loop(
         module = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     order = _Order(int(train_ids.shape[0]), config.seed)
     params = [p for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]]
+    guard = LearningRateGuard(config, total, history, params, evaluate is not None)
+    if guard.left:
+        guard.baseline = _baseline(baseline, evaluate, trained, loss_module if sharded else None, device)
     started_tokens = tokens
     started = time.perf_counter()
     evaluating = 0.0  # seconds spent in validation, left out of throughput
     bar = tqdm(total=total, initial=step, desc="distill", unit="step", disable=not progress or rank != 0)
     while step < total:
         for group in (g for optimizer in optimizers for g in optimizer.param_groups):
-            group["lr"] = config.lr_at(step, total)
+            group["lr"] = guard.lr(step)
         indices = order.take(step * per_step, per_step)
         mine = indices[rank * config.batch_size * config.grad_accum : (rank + 1) * config.batch_size * config.grad_accum]
         step_loss = _backward(module, train_ids, mine, stored, config, device, world, sharded)
-        if not math.isfinite(step_loss):
-            last = latest_checkpoint(folder) if folder else None
-            raise DistillError(
-                f"the distillation loss became {step_loss} at step {step}; "
-                + (f"the last good checkpoint is {last}; " if last else "")
-                + "lower the learning rate (--distill-lr) or check the data"
-            )
+        _finite(step_loss, step, folder)
         torch.nn.utils.clip_grad_norm_(params, config.clip)
         for group_optimizer in optimizers:
             group_optimizer.step()
@@ -323,16 +325,14 @@ def _loop(
         step += 1
         tokens += per_step * seq_len
         record: dict[str, Any] = {
-            "step": step, "tokens": tokens, "loss": step_loss, "lr": config.lr_at(step - 1, total),
+            "step": step, "tokens": tokens, "loss": step_loss, "lr": guard.lr(step - 1),
             "seconds": time.perf_counter() - started - evaluating,  # training time of this process so far
         }
-        if evaluate is not None and _due(step, total, config.eval_every):
-            eval_started = time.perf_counter()
-            measured = _evaluate(evaluate, trained, loss_module if sharded else None)
-            record["val_perplexity"] = next(iter(measured.values()))
-            if len(measured) > 1:
-                record["val_perplexities"] = measured
-            evaluating += time.perf_counter() - eval_started
+        if evaluate is not None and (_due(step, total, config.eval_every) or guard.due(step)):
+            evaluating += _validate(record, evaluate, trained, loss_module if sharded else None)
+            if guard.due(step) and (backoff := guard.check(step, record["val_perplexity"], params)):
+                record["lr_backoff"] = backoff
+                optimizers = _optimizers(trained, hidden, config)  # a fresh start: no moments of the discarded steps
         history.append(record)
         elapsed = time.perf_counter() - started - evaluating
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{(tokens - started_tokens) / max(elapsed, 1e-9):,.0f}")
@@ -349,8 +349,39 @@ def _loop(
     return DistillResult(steps=step, tokens=tokens, seconds=seconds,
                          tokens_per_second=(tokens - started_tokens) / seconds if seconds > 0 else 0.0,
                          final_loss=history[-1]["loss"] if history else float("nan"), history=tuple(history),
-                         resumed_from_step=resumed, parallel=("fsdp" if sharded else "ddp") if world > 1 else "none",
+                         resumed_from_step=resumed, peak_lr=guard.peak, parallel=("fsdp" if sharded else "ddp") if world > 1 else "none",
                          processes=world)
+
+
+def _finite(step_loss: float, step: int, folder: Path | None) -> None:
+    """Raise DistillError when the step's loss is NaN or infinite."""
+    if not math.isfinite(step_loss):
+        last = latest_checkpoint(folder) if folder else None
+        raise DistillError(
+            f"the distillation loss became {step_loss} at step {step}; "
+            + (f"the last good checkpoint is {last}; " if last else "")
+            + "lower the learning rate (--distill-lr) or check the data"
+        )
+
+
+def _validate(record: dict[str, Any], evaluate: Evaluation, trained: nn.Module, sharded_root: nn.Module | None) -> float:
+    """Put the validation figures into the step's ``record``; the seconds that took."""
+    started = time.perf_counter()
+    measured = _evaluate(evaluate, trained, sharded_root)
+    record["val_perplexity"] = next(iter(measured.values()))
+    if len(measured) > 1:
+        record["val_perplexities"] = measured
+    return time.perf_counter() - started
+
+
+def _baseline(given: float | None, evaluate: Evaluation, trained: nn.Module, sharded_root: nn.Module | None,
+              device: torch.device) -> float:
+    """The validation perplexity before training: ``given`` (the first process's), or measured."""
+    if dist.is_initialized():
+        value = torch.tensor([math.nan if given is None else given], device=device)
+        dist.broadcast(value, 0)
+        given = None if math.isnan(value.item()) else value.item()
+    return given if given is not None else next(iter(_evaluate(evaluate, trained, sharded_root).values()))
 
 
 def _resumed(folder: Path | None, loss_module: nn.Module, optimizers: list[torch.optim.Optimizer],

@@ -193,7 +193,9 @@ def test_distill_stage_end_to_end_on_a_tiny_model(inputs, tmp_path, capsys):
     assert "distill" in capsys.readouterr().out
     metrics = json.loads((out / "distill.metrics.json").read_text())
     assert metrics["tokens"] == 2048 and metrics["steps"] == 32
-    assert [r["step"] for r in metrics["history"] if "val_perplexity" in r] == [8, 16, 24, 32]
+    # Every 8 steps, and once right after the 8 warmup steps: the learning-rate guard's check, passed here.
+    assert [r["step"] for r in metrics["history"] if "val_perplexity" in r] == [8, 9, 16, 24, 32]
+    assert metrics["lr_backoffs"] == [] and metrics["peak_lr"] == 3e-3
     student, info = AutoModelForCausalLM.from_pretrained(out / "student", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
@@ -419,11 +421,16 @@ def test_a_changed_recipe_default_or_stage_code_reruns_that_stage_and_the_ones_a
 def test_a_student_that_training_makes_worse_keeps_its_initial_weights(inputs, tmp_path):
     teacher, corpus = inputs
     out = tmp_path / "run"
-    # A learning rate of 1 wrecks any student within a few steps: the stage must ship the pruned weights instead.
-    assert _run("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL,
-                "--distill-tokens", "256", "--distill-seq-len", "16", "--distill-batch-size", "4", "--distill-lr", "1",
-                "--seq-len", "16", "--quant-calib-samples", "2", "--quant", "none",
-                "--stop-after", "report") == 0
+    flags = ("--teacher", teacher, "--data", corpus, "--target-size", "0.7x", *SMALL, "--distill-tokens", "256",
+             "--distill-seq-len", "16", "--distill-batch-size", "4", "--distill-lr", "1", "--seq-len", "16",
+             "--quant-calib-samples", "2", "--quant", "none", "--stop-after", "report")
+    # A learning rate of 1 wrecks any student within a few steps: the guard backs it off (to 0.1 at least), and
+    # with the guard off the stage must ship the pruned weights instead.
+    assert _run(*flags, "--out", tmp_path / "guarded") == 0
+    guarded = json.loads((tmp_path / "guarded" / "distill.metrics.json").read_text())
+    assert guarded["lr_backoffs"][0]["to"] == pytest.approx(0.1) and guarded["peak_lr"] <= 0.1 + 1e-12
+    assert "went back to its initial weights" in (tmp_path / "guarded" / "report.md").read_text()
+    assert _run(*flags, "--out", out, "--distill-lr-backoffs", "0") == 0
     metrics = json.loads((out / "distill.metrics.json").read_text())
     assert metrics["kept_initial"]["trained"]["validation"] > metrics["student_perplexity_before"]
     assert metrics["student_perplexity"] == metrics["student_perplexity_before"]

@@ -1,3 +1,6 @@
+import copy
+import dataclasses
+
 import pytest
 import torch
 from factories import tiny_llama
@@ -217,3 +220,66 @@ def test_compile_auto_only_for_long_runs_of_real_sized_students_and_on_trains_th
         histories.append([r["loss"] for r in result.history])
         assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in student.model.layers)
     assert histories[1] == pytest.approx(histories[0], rel=1e-4)
+
+
+def _kl_from(teacher, ids):
+    """An evaluation for the trainer: exp of the student's mean KL from ``teacher`` on ``ids`` (1.0 when equal)."""
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(input_ids=ids).logits, -1)  # before training casts the teacher to bf16
+
+    def evaluate(student):
+        with torch.no_grad():
+            mine = torch.log_softmax(student(input_ids=ids).logits, -1)
+            return float(torch.exp((target.exp() * (target - mine)).sum(-1).mean()))
+    return evaluate
+
+
+def test_learning_rate_guard_puts_the_weights_back_and_lowers_the_peak():
+    from distill.backoff import LearningRateGuard
+
+    params = [torch.randn(4, 3), torch.randn(5)]
+    start = [p.clone() for p in params]
+    guard = LearningRateGuard(DistillConfig(steps=20, lr=1e-3, warmup_steps=4, lr_backoffs=2), 20, [], params, True)
+    guard.baseline = 10.0
+    assert [s for s in range(1, 21) if guard.due(s)] == [5]  # right after the 4 warmup steps
+    for p in params:
+        p.add_(1.0)
+    record = guard.check(5, 12.0, params)
+    assert record == {"from": 1e-3, "to": pytest.approx(1e-4), "validation": 12.0, "baseline": 10.0}
+    assert all(torch.equal(p, s) for p, s in zip(params, start, strict=True))
+    # The schedule restarts over the 15 steps left: warmup over a quarter of them (3), then the next check.
+    assert guard.lr(5) == pytest.approx(1e-4 / 3) and guard.lr(7) == pytest.approx(1e-4)
+    assert [s for s in range(1, 21) if guard.due(s)] == [9]
+    assert guard.check(9, 9.0, params) is None and not any(guard.due(s) for s in range(1, 21))
+    assert guard.peak == pytest.approx(1e-4)
+
+
+def test_a_student_that_starts_at_its_teacher_is_not_wrecked_by_a_high_learning_rate():
+    teacher, _ = _pair()
+    student = copy.deepcopy(teacher)
+    ids, held_out = torch.randint(3, 250, (64, 16)), torch.randint(3, 250, (8, 16))
+    config = DistillConfig(steps=24, batch_size=8, lr=3e-2, warmup_steps=2, kl_weight=0.5, ce_weight=0.5,
+                           eval_every=0, lr_backoffs=2)
+    result = distill(student, teacher, ids, config, evaluate=_kl_from(teacher, held_out), progress=False)
+    backoffs = [r for r in result.history if "lr_backoff" in r]
+    # Each check right after warmup finds the student further from its teacher than at the start (1.0): two
+    # backoffs, 3e-2 -> 3e-3 -> 3e-4, each a restart from the initial weights over the steps left.
+    assert [r["step"] for r in backoffs] == [3, 6]
+    assert [r["lr_backoff"]["to"] for r in backoffs] == [pytest.approx(3e-3), pytest.approx(3e-4)]
+    assert all(r["lr_backoff"]["baseline"] == pytest.approx(1.0) for r in backoffs)
+    assert result.peak_lr == pytest.approx(3e-4) and max(r["lr"] for r in result.history[6:]) == pytest.approx(3e-4)
+
+    unguarded = copy.deepcopy(teacher).requires_grad_(True)  # distill() froze the teacher
+    plain = distill(unguarded, teacher, ids, dataclasses.replace(config, lr_backoffs=0),
+                    evaluate=_kl_from(teacher, held_out), progress=False)
+    assert result.history[-1]["val_perplexity"] < plain.history[-1]["val_perplexity"]
+    assert plain.peak_lr == 3e-2 and not any("lr_backoff" in r for r in plain.history)
+
+
+def test_the_guard_leaves_a_learning_rate_that_helps_alone():
+    teacher, student = _pair()
+    ids, held_out = torch.randint(3, 250, (64, 16)), torch.randint(3, 250, (8, 16))
+    config = DistillConfig(steps=12, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=0, lr_backoffs=2)
+    result = distill(student, teacher, ids, config, evaluate=_kl_from(teacher, held_out), progress=False)
+    assert "val_perplexity" in result.history[2]  # the check, after step 3
+    assert result.peak_lr == 3e-3 and not any("lr_backoff" in r for r in result.history)

@@ -115,6 +115,29 @@ def _keep_initial(student_dir: Path, metrics: dict[str, Any], before: dict[str, 
     return load_model(student_dir, dtype=torch.float32), dict(before)
 
 
+def _run_metrics(result: Any, train_sequences: int, seq_len: int | None, before: dict[str, float],
+                 agreement_before: dict[str, float | None], validation_tokens: int) -> dict[str, Any]:
+    """The stage's metrics of the training run ``result`` (a DistillResult), before the final evaluation."""
+    return {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "train_sequences": train_sequences,
+        "seq_len": seq_len,
+        "tokens_per_second": result.tokens_per_second,
+        "seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "resumed_from_step": result.resumed_from_step,
+        "parallel": result.parallel,
+        "processes": result.processes,
+        "history": list(result.history),
+        "peak_lr": result.peak_lr,
+        "lr_backoffs": [dict(r["lr_backoff"], step=r["step"]) for r in result.history if "lr_backoff" in r],
+        "student_perplexity_before": before.get("validation", float("nan")),
+        "student_agreement_before": agreement_before.get("validation"),
+        "validation_tokens": validation_tokens,
+    }
+
+
 def distill_student(
     student_dir: Path,
     teacher: Any,
@@ -162,25 +185,11 @@ def distill_student(
         # Every process evaluates: under FSDP the forward pass gathers shards from all of them.
         result = distill(student, teacher, train, settings, evaluate=evaluate, checkpoint_dir=checkpoint_dir,
                          progress=progress, teacher_logits=teacher_logits_path(config, train),
-                         student_io=family.student_io)
+                         student_io=family.student_io, baseline=before.get("validation"))
     except DistillError as error:
         raise CompressError(str(error)) from error
-    metrics: dict[str, Any] = {
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "train_sequences": int(train.shape[0]),
-        "seq_len": config.distill.seq_len,
-        "tokens_per_second": result.tokens_per_second,
-        "seconds": result.seconds,
-        "final_loss": result.final_loss,
-        "resumed_from_step": result.resumed_from_step,
-        "parallel": result.parallel,
-        "processes": result.processes,
-        "history": list(result.history),
-        "student_perplexity_before": before.get("validation", float("nan")),
-        "student_agreement_before": agreement_before.get("validation"),
-        "validation_tokens": validation_tokens,
-    }
+    metrics = _run_metrics(result, int(train.shape[0]), config.distill.seq_len, before, agreement_before,
+                           validation_tokens)
     if _rank() == 0:
         last = result.history[-1]  # the trainer evaluates at the final step, so this is normally measured already
         after = last.get("val_perplexities") or ({"validation": last["val_perplexity"]} if "val_perplexity" in last

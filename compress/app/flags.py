@@ -60,6 +60,8 @@ _HELP = {
     "distill_batch_size": "sequences per distillation micro-batch (per process under torchrun)",
     "distill_grad_accum": "micro-batches per optimizer step",
     "distill_lr": "peak learning rate",
+    "distill_lr_backoffs": "times the peak may drop 10x when the validation perplexity right after warmup is above "
+    "the start's (the student restarts from its initial weights; 0: use --distill-lr as given)",
     "distill_optimizer": "adamw, or muon (2-D hidden matrices; the rest stays on AdamW)",
     "distill_schedule": "wsd (warmup-stable-decay), cosine or constant",
     "distill_temperature": "softmax temperature of the KL (Minitron found 1 best)",

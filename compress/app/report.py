@@ -130,6 +130,28 @@ def _fmt(value: Any, spec: str, missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _distillation_lines(d: dict[str, Any] | None) -> list[str]:
+    """The report's distillation section."""
+    if not d:
+        return []
+    lines = ["## Distillation", "",
+             f"{d['tokens']:,} training tokens in {d['steps']} steps ({d['tokens_per_second']:,.0f} tokens/s); "
+             f"validation perplexity {d['perplexity_before']:,.2f} → {d['perplexity_after']:,.2f}"
+             + "".join(f", {k} {v['before']:,.2f} → {v['after']:,.2f}" for k, v in d.get("others", {}).items())
+             + ".", ""]
+    for b in d.get("lr_backoffs", []):
+        lines += [f"After step {b['step']} at peak learning rate {b['from']:.0e} the validation perplexity was "
+                  f"{b['validation']:,.2f}, above the start's {b['baseline']:,.2f}: the student went back to its "
+                  f"initial weights and trained the remaining {d['steps'] - b['step']} steps at peak {b['to']:.0e} "
+                  "(`--distill-lr-backoffs`).", ""]
+    if d.get("kept_initial"):
+        trained = d["kept_initial"]["trained"]
+        lines += ["Training raised the validation perplexity (to " + ", ".join(f"{k} {v:,.2f}" for k, v in trained.items())
+                  + "), so the student keeps its initial weights: it started close to the teacher, and "
+                  "a lower `--distill-lr` or more `--distill-tokens` may still help.", ""]
+    return lines
+
+
 def _markdown(report: dict[str, Any]) -> str:
     c, rows, data = report["config"], report["rows"], report["data"]
     lines = [f"# pdq-compress report: {c['teacher']} → {c['target_size']}", "",
@@ -170,18 +192,7 @@ def _markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['name']} (`{path}`) | {r['decode_perplexity']:,.2f} | {_fmt(r.get('decode_agreement'), '.3f')} | "
                          f"{_fmt(r.get('decode_agreement_with_float'), '.3f')} |")
         lines.append("")
-    d = report.get("distillation")
-    if d:
-        lines += ["## Distillation", "",
-                  f"{d['tokens']:,} training tokens in {d['steps']} steps ({d['tokens_per_second']:,.0f} tokens/s); "
-                  f"validation perplexity {d['perplexity_before']:,.2f} → {d['perplexity_after']:,.2f}"
-                  + "".join(f", {k} {v['before']:,.2f} → {v['after']:,.2f}" for k, v in d.get("others", {}).items())
-                  + ".", ""]
-        if d.get("kept_initial"):
-            trained = d["kept_initial"]["trained"]
-            lines += ["Training raised the validation perplexity (to " + ", ".join(f"{k} {v:,.2f}" for k, v in trained.items())
-                      + "), so the student keeps its initial weights: it started close to the teacher, and "
-                      "a lower `--distill-lr` or more `--distill-tokens` may still help.", ""]
+    lines += _distillation_lines(report.get("distillation"))
     p = report.get("plan")
     if p and not p["candidates"]:
         lines += ["## Plan", "", f"{p['reason']}.", "",
@@ -283,7 +294,8 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
                                   "others": {k: {"before": d["evals_before"][k]["perplexity"], "after": v["perplexity"]}
                                              for k, v in d.get("evals", {}).items()
                                              if k != "validation" and k in d.get("evals_before", {})},
-                                  "kept_initial": d.get("kept_initial")}
+                                  "kept_initial": d.get("kept_initial"), "lr_backoffs": d.get("lr_backoffs", []),
+                                  "peak_lr": d.get("peak_lr")}
     report["verdict"] = _verdict(rows, m, config["student"])
     report["files"] = {"json": "report.json", "markdown": "report.md", "plots": plots(run_dir, report)}
     write_json(run_dir / "report.json", report)

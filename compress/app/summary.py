@@ -29,7 +29,8 @@ def summary(result: Any) -> str:  # noqa: C901 - one branch per stage
         elif stage.stage == "distill" and "skipped" not in m:
             text = (
                 f"{result.student_dir}  perplexity {m['student_perplexity_before']:.2f} -> {m['student_perplexity']:.2f} "
-                f"after {m['tokens']:,} tokens ({m['tokens_per_second']:,.0f} tokens/s)"
+                f"after {m['tokens']:,} tokens ({m['tokens_per_second']:,.0f} tokens/s"
+                + (f", peak learning rate backed off to {m['peak_lr']:.0e}" if m.get("lr_backoffs") else "") + ")"
                 + _others(m.get("evals"), m.get("evals_before"))
             )
         elif stage.stage == "export":

@@ -142,8 +142,10 @@ class EvalConfig:
 
 
 # KD and cross-entropy half and half: best on general English of the recipes measured at the default budget
-# (benchmarks/results/distill_recovery_2.md, 2026-12-01).
-DISTILL_DEFAULTS = DistillConfig(tokens=200_000, seq_len=256, kl_weight=0.5, ce_weight=0.5)
+# (benchmarks/results/distill_recovery_2.md, 2026-12-01). The peak 3e-4 recovers a heavily pruned student; one that
+# starts near its teacher wants 3e-5 or less (distill_recovery_gemma3-270m-vocab.md), which the learning-rate
+# guard finds by backing off (distill.backoff).
+DISTILL_DEFAULTS = DistillConfig(tokens=200_000, seq_len=256, kl_weight=0.5, ce_weight=0.5, lr_backoffs=2)
 
 # Section name -> (type, flag prefix, fields whose flag differs from prefix + field, fields without a flag).
 # The distillation section's bf16 and seed are the run's own (--bf16, --seed); hidden_pairs lives in config files.
