@@ -46,11 +46,18 @@ class LearningRateGuard:
         """The learning rate of optimizer step ``step`` (0-based)."""
         return self.config.lr_at(step - self.restart, self.total - self.restart, self.peak)
 
+    def _check_step(self) -> int:
+        return self.restart + self.config.warmup(self.total - self.restart) + 1
+
     def due(self, step: int) -> bool:
         """Whether the check falls after step ``step`` (1-based: steps done): the first step past the warmup of
         the current schedule, when steps remain after it."""
-        check = self.restart + self.config.warmup(self.total - self.restart) + 1
-        return self.left > 0 and step == check and step < self.total
+        return self.left > 0 and step == self._check_step() < self.total
+
+    def pending(self, step: int) -> bool:
+        """Whether a check is still ahead of step ``step``. No checkpoint is written then: a run resumed from it
+        would lack the initial weights the check may need to go back to, and so would skip the check."""
+        return self.left > 0 and step < self._check_step() < self.total
 
     def check(self, step: int, validation: float, params: list[torch.Tensor]) -> dict[str, Any] | None:
         """After step ``step``, with the validation perplexity ``validation``: None when it is at most the

@@ -337,7 +337,7 @@ def _loop(
         elapsed = time.perf_counter() - started - evaluating
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{(tokens - started_tokens) / max(elapsed, 1e-9):,.0f}")
         bar.update(1)
-        if folder is not None and _due(step, total, config.checkpoint_every):
+        if folder is not None and _due(step, total, config.checkpoint_every) and not guard.pending(step):
             save_checkpoint(folder, step, loss_module, optimizers,
                             {"tokens": tokens, "history": history, "config": config.to_dict()},
                             keep=config.keep_checkpoints)

@@ -1,4 +1,5 @@
 import copy
+import shutil
 import dataclasses
 
 import pytest
@@ -274,6 +275,29 @@ def test_a_student_that_starts_at_its_teacher_is_not_wrecked_by_a_high_learning_
                     evaluate=_kl_from(teacher, held_out), progress=False)
     assert result.history[-1]["val_perplexity"] < plain.history[-1]["val_perplexity"]
     assert plain.peak_lr == 3e-2 and not any("lr_backoff" in r for r in plain.history)
+
+
+def test_no_checkpoint_before_a_pending_check_so_a_resumed_run_takes_the_same_path(tmp_path):
+    teacher, _ = _pair()
+    ids, held_out = torch.randint(3, 250, (64, 16)), torch.randint(3, 250, (8, 16))
+    config = DistillConfig(steps=12, batch_size=8, lr=3e-2, warmup_steps=2, eval_every=0, lr_backoffs=2,
+                           checkpoint_every=1, keep_checkpoints=100, bf16=False)
+    straight = copy.deepcopy(teacher).requires_grad_(True)
+    result = distill(straight, teacher, ids, config, evaluate=_kl_from(teacher, held_out),
+                     checkpoint_dir=tmp_path / "straight", progress=False)
+    assert [r["step"] for r in result.history if "lr_backoff" in r] == [3, 6]
+    # Checkpoints only from the last check on: the steps before it could not be resumed with their check.
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "straight").glob("step-*"))
+    assert saved == list(range(6, 13))
+    for late in (tmp_path / "straight").glob("step-*"):
+        if int(late.name.split("-")[1]) > 6:
+            shutil.rmtree(late)
+    resumed = copy.deepcopy(teacher).requires_grad_(True)
+    again = distill(resumed, teacher, ids, config, evaluate=_kl_from(teacher, held_out),
+                    checkpoint_dir=tmp_path / "straight", resume=True, progress=False)
+    assert again.resumed_from_step == 6 and again.peak_lr == pytest.approx(3e-4)
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_the_guard_leaves_a_learning_rate_that_helps_alone():
