@@ -1,6 +1,6 @@
 import copy
-import shutil
 import dataclasses
+import shutil
 
 import pytest
 import torch
