@@ -170,8 +170,8 @@ def distill(
     ``evaluate(student)`` returns a validation perplexity, or {evaluation set: perplexity} (the first is the
     history's ``val_perplexity``, all are in ``val_perplexities``), called every ``config.eval_every`` steps and
     at the end. ``baseline`` is the validation perplexity before training, for ``config.lr_backoffs`` (measured
-    here when None). With ``checkpoint_dir``, training state is saved every ``config.checkpoint_every`` steps and,
-    with ``resume``, a rerun continues from the latest checkpoint exactly.
+    here when None). With ``checkpoint_dir``, training state is saved every ``config.checkpoint_every`` steps (none while
+    the learning-rate guard's check is ahead) and, with ``resume``, a rerun continues from the latest checkpoint exactly.
     Raises DistillError when the loss becomes NaN or infinite (the last good checkpoint is kept).
     """
     world, _ = _distributed()

@@ -96,6 +96,8 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         b = _weights(tmp_path / name)
         assert a.keys() == b.keys()
         assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4, name
+    moved = max(float((a[k] - load_file(str(tmp_path / "student" / "model.safetensors"))[k]).abs().max()) for k in a)
+    assert moved > 1e-3  # training actually changed the weights
 
     # FSDP resumes exactly from a checkpoint it wrote (gathered from both shards), and from one written by DDP.
     for source in ("fsdp", "ddp"):
@@ -107,8 +109,6 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         assert json.loads(result.stdout)["resumed_from_step"] == 8
         b = _weights(resumed)
         assert max(float((_weights(tmp_path / "fsdp")[k] - b[k]).abs().max()) for k in a) <= 1e-6, source
-    moved = max(float((a[k] - load_file(str(tmp_path / "student" / "model.safetensors"))[k]).abs().max()) for k in a)
-    assert moved > 1e-3  # training actually changed the weights
 
 
 def test_torchrun_processes_take_the_guards_backoff_together(tmp_path):
