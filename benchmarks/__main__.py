@@ -100,6 +100,11 @@ TARGETS = (
     Target("quant_accuracy", ("quant_accuracy_gemma3-270m.json", "quant_accuracy_gemma3-270m.md"),
            args=("--model", "gemma3-270m", "--rows", "3,4,final"),
            title="Quantization accuracy: the gemma3-270m teacher (per-row embedding scales, final graphs)"),
+    # The distilled student the calib32 main-command target above leaves in runs/ (run that target first).
+    Target("quant_sensitivity", ("quant_sensitivity_gemma3-270m-student.json", "quant_sensitivity_gemma3-270m-student.md"),
+           args=("--model", str(ROOT / "runs" / "main_command_gemma3-270m-calib32" / "student"),
+                 "--name", "gemma3-270m-student", "--eval-seqs", "16"),
+           title="Where A16W8 loses accuracy: the distilled gemma3-270m student, one tensor group at a time"),
     Target("weight_ranges", ("weight_ranges_smollm2-135m.json", "weight_ranges_smollm2-135m.md"),
            title="Int8 weight rounding: the teacher"),
     Target("weight_ranges", ("weight_ranges_smollm2-135m-0.67x-pruned.json", "weight_ranges_smollm2-135m-0.67x-pruned.md"),

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from factories import int8_weights, tiny_llama, tiny_qwen2
+from factories import int8_weights, tiny_gemma3, tiny_llama, tiny_qwen2
 from onnx import TensorProto, helper
 
 from compress.deploy.export import StaticLM
-from compress.deploy.groups import find_groups
+from compress.deploy.groups import find_groups, find_weight_groups
 from compress.deploy.outliers import fold_norms, rotate, smooth
 from compress.deploy.quantization import DecodeFeeds, export_graphs, prepare, quantize_graphs
 from quant import runtime
@@ -250,6 +250,29 @@ def test_a8w8_keeps_the_named_groups_in_16_bits(tmp_path):
     feeds = [{"input_ids": _ids(model, 1).numpy()}]
     with pytest.raises(ValueError, match="residual.*groups="):
         quantize(tmp_path / "model.onnx", tmp_path / "none.onnx", feeds, recipe, get_profile("generic-a8w8"))
+
+
+@pytest.mark.parametrize(("make", "conv"), [(tiny_llama, False), (tiny_gemma3, True)])
+def test_weight_groups_split_the_block_linears_and_store_as_int16(tmp_path, make, conv):
+    model = make()
+    lm = prepare(model, CAPACITY, ("embed-rows",), conv=conv)
+    export_graphs(lm, tmp_path, decode=False)
+    graph = onnx.load(tmp_path / "model.onnx")
+    groups = find_weight_groups(graph)
+    layers = model.config.num_hidden_layers
+    assert len(groups["mlp-weights"]) == 3 * layers  # gate, up, down
+    assert len(groups["attention-weights"]) == 4 * layers  # q, k, v, o
+    assert len(groups["embedding"]) == (1 if model.config.tie_word_embeddings else 2)
+    assert all(".down." in w or ".gate." in w or ".up." in w for w in groups["mlp-weights"])
+    assert not set(groups["mlp-weights"]) & set(groups["attention-weights"])
+    recipe = QuantRecipe("a16w8", 16, sixteen_bit_weights=("mlp-weights",))
+    graphs = quantize_graphs(lm, tmp_path, recipe, get_profile("qnn-htp"), _ids(model, 2).numpy(), decode=False)
+    quantized = onnx.load(graphs.prefill)
+    types = {t.name: t.data_type for t in quantized.graph.initializer}
+    stored = {n.input[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"
+              and types.get(n.input[0]) == TensorProto.INT16}
+    assert graphs.reports["prefill"].sixteen_bit_weights == sorted(groups["mlp-weights"])
+    assert len(stored) == 3 * layers
 
 
 def _graph(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:

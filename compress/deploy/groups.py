@@ -18,6 +18,12 @@ Weight groups (:func:`find_weight_groups`, a recipe's ``sixteen_bit_weights``), 
   (Qᵀ·diag(g)·Q, the final norm's weights seen in the rotated basis, see :func:`compress.deploy.outliers.rotate`).
   Every column mixes all channels, so neither per-tensor nor per-channel int8 fits it: int8 costs about
   2% perplexity on SmolLM2, int16 nothing measurable, and it is d×d (0.66 MB at 16 bits for d=576).
+- ``embedding``: the token-embedding table(s) read by a Gather, and the head's weight (one tensor when tied);
+- ``mlp-weights``: the gate, up and down projections (the linears around the ``swiglu`` activations);
+- ``attention-weights``: every other block linear (queries, keys, values, output).
+
+The last three exist to find where an integer graph loses accuracy (``benchmarks/quant_sensitivity.py``):
+int16 everywhere would double a graph's size.
 
 :func:`quantize_graph` is :func:`quant.quantize.quantize` with both finders.
 """
@@ -32,7 +38,7 @@ import onnx
 from quant.quantize import QuantRecipe, QuantReport, quantize
 
 GROUPS = ("residual", "softmax", "swiglu", "attention")
-WEIGHT_GROUPS = ("head-mix",)
+WEIGHT_GROUPS = ("head-mix", "embedding", "mlp-weights", "attention-weights")
 _GATES = ("Sigmoid", "Gelu", "Tanh", "Erf")  # SiLU's and GELU's ops, as the exporter writes them
 _NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
 
@@ -92,13 +98,44 @@ def find_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
 def find_weight_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
     """The initializers of each group in WEIGHT_GROUPS (see the module docstring)."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    initializers = {t.name for t in model.graph.initializer}
+    initializers = {t.name: t for t in model.graph.initializer}
     mixes = []
     for node in model.graph.node:
         source = producers.get(node.input[0]) if node.op_type == "Gemm" and node.input[1] in initializers else None
         if source is not None and source.op_type == "MatMul" and source.input[1] in initializers:
             mixes.append(source.input[1])
-    return {"head-mix": sorted(set(mixes))}
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in initializers
+              and len(initializers[n.input[0]].dims) == 2 and initializers[n.input[0]].dims[1] > 1}
+    heads = {n.input[1] for n in model.graph.node if n.op_type == "Gemm" and n.input[1] in initializers}
+    embedding = tables | heads
+    gating = set(find_groups(model)["swiglu"])
+    layout = ("Transpose", "Unsqueeze", "Reshape", "Squeeze")
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def reaches_gating(name: str) -> bool:  # through layout changes, as find_groups walks them
+        stack, seen = [name], set()
+        while stack:
+            name = stack.pop()
+            if name in gating:
+                return True
+            if name not in seen:
+                seen.add(name)
+                stack += [o for n in consumers.get(name, []) if n.op_type in layout for o in n.output]
+        return False
+
+    mlp, attention = [], []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Conv") or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        weight = node.input[1]
+        if weight in embedding or weight in mixes:
+            continue
+        (mlp if node.input[0] in gating or reaches_gating(node.output[0]) else attention).append(weight)
+    return {"head-mix": sorted(set(mixes)), "embedding": sorted(embedding), "mlp-weights": sorted(set(mlp)),
+            "attention-weights": sorted(set(attention))}
 
 
 def quantize_graph(float_path: str | Path, out_path: str | Path, feeds: Any, recipe: QuantRecipe, profile: Any,

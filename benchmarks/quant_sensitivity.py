@@ -1,0 +1,171 @@
+"""Where does an integer graph lose its accuracy? One shipped recipe, then one group of tensors at a time made wider.
+
+For one model (a teacher alias, or a student's checkpoint directory such as a run's ``student/``), the prefill
+graph the ``compress`` quantize stage writes for ``--quant a16w8 --npu-profile qnn-htp`` (the same float rewrites,
+GPTQ rounding and calibration), then variants that each keep one weight group in int16 (``embedding``,
+``attention-weights``, ``mlp-weights``; see :mod:`compress.deploy.groups`), round weights to nearest instead of
+GPTQ, or calibrate activations differently. Every row is scored on the same in-domain validation sequences and
+general-English sequences as the fp32 graph, so the rows' gaps compare within one run.
+
+A row with every weight in int16 leaves only the activations' error; the difference between it and the shipped
+recipe is the weights' share.
+
+    python -m benchmarks.quant_sensitivity --model runs/main_command_gemma3-270m-calib32/student --name gemma3-student
+
+Writes ``benchmarks/results/quant_sensitivity_<name>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.plots import provenance
+from compress.core.config import DEFAULT_TRANSFORMS
+from compress.deploy.gptq import block_op, gptq_
+from compress.deploy.groups import quantize_graph
+from compress.deploy.quantization import export_graphs, prepare
+from compress.io import write_text
+from compress.sources.corpora import GENERAL_EVAL
+from compress.sources.data import load_corpus, token_batches
+from compress.sources.teachers import load_teacher
+from quant import runtime
+from quant.profiles import get_profile
+from quant.quantize import PRESETS
+
+RESULTS = Path(__file__).parent / "results"
+PRESET = PRESETS["a16w8"]
+NEAREST = dataclasses.replace(PRESET, weight_rounding="nearest")
+ALL_WEIGHTS = ("head-mix", "embedding", "attention-weights", "mlp-weights")
+# (label, recipe): a recipe with weight_rounding "gptq" is quantized from the GPTQ-rounded graph, else from the
+# float one (int16 weights then hold the float weights, not an 8-bit grid).
+ROWS = [
+    ("the a16w8 preset (what compress ships): int8 GPTQ weights, int16 activations", PRESET),
+    ("+ embedding / head table in int16", dataclasses.replace(PRESET, sixteen_bit_weights=("head-mix", "embedding"))),
+    ("nearest rounding instead of GPTQ", NEAREST),
+    ("nearest; attention weights (q k v o) in int16",
+     dataclasses.replace(NEAREST, sixteen_bit_weights=("head-mix", "attention-weights"))),
+    ("nearest; MLP weights (gate up down) in int16",
+     dataclasses.replace(NEAREST, sixteen_bit_weights=("head-mix", "mlp-weights"))),
+    ("every weight in int16: the activations' error alone", dataclasses.replace(NEAREST, sixteen_bit_weights=ALL_WEIGHTS)),
+    ("every weight in int16, percentile (99.999) activation ranges",
+     dataclasses.replace(NEAREST, sixteen_bit_weights=ALL_WEIGHTS, calibration="percentile")),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="teacher alias or Hugging Face checkpoint directory")
+    parser.add_argument("--name", required=True, help="results suffix: quant_sensitivity_<name>.{md,json}")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-seqs", type=int, default=32, help="sequences of each evaluation set")
+    parser.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences (compress's default: 8)")
+    parser.add_argument("--rows", default="all", help="'all' or comma-separated row numbers")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not Path(args.model).exists() and "/" in args.model:
+        parser.error(f"--model {args.model}: no such directory; make the student first (e.g. the README's main "
+                     "command with --stop-after distill writes RUN/student) or pass a teacher alias")
+    started = time.perf_counter()
+    model, tokenizer = load_teacher(args.model)
+    model.eval()
+    sets = {"validation": token_batches(load_corpus(None), tokenizer, "validation", args.seq_len, args.eval_seqs),
+            GENERAL_EVAL: token_batches(load_corpus(GENERAL_EVAL, evaluation=True), tokenizer, "all", args.seq_len,
+                                        args.eval_seqs)}
+    sets = {name: ids.numpy() for name, ids in sets.items()}
+    calib = token_batches(load_corpus(None), tokenizer, "calibration", args.seq_len, args.calib_seqs)
+    report: dict = {
+        "model": args.model, "seq_len": args.seq_len, "calibration_sequences": int(calib.shape[0]),
+        "tokens": {name: int(ids.shape[0] * (ids.shape[1] - 1)) for name, ids in sets.items()},
+        **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "profile": "qnn-htp",
+    }
+    wanted = range(len(ROWS)) if args.rows == "all" else [int(r) for r in args.rows.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="pdq-sensitivity-"))
+    try:
+        report.update(_measure(model, args.seq_len, calib, sets, work, list(wanted)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"quant_sensitivity_{args.name}"
+    write_text(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    write_text(args.out / f"{stem}.md", markdown(report))
+    print(markdown(report))
+
+
+def _measure(model, seq_len: int, calib: torch.Tensor, sets: dict[str, np.ndarray], work: Path,  # noqa: ANN001
+             rows: list[int]) -> dict:
+    """The fp32 graph's and every wanted row's perplexity and agreement on each evaluation set."""
+    profile = get_profile("qnn-htp")
+    lm = prepare(model, seq_len, DEFAULT_TRANSFORMS["a16w8"], calib, conv=profile.linear_as_conv)
+    sources = {"nearest": export_graphs(lm, work / "float", decode=False)[0]}
+    if any(ROWS[r][1].weight_rounding == "gptq" for r in rows):
+        rounded = gptq_(copy.deepcopy(lm), calib, per_channel=block_op(lm) in profile.per_channel_ops)
+        sources["gptq"] = export_graphs(rounded, work / "gptq", decode=False)[0]
+        del rounded
+    fp32_sess = runtime.session(sources["nearest"])
+    fp32, references = {}, {}
+    for name, ids in sets.items():
+        quality, references[name] = runtime.quality(fp32_sess, ids)
+        fp32[name] = {"perplexity": quality.perplexity, "tokens": quality.tokens}
+    del fp32_sess
+    print(f"fp32 graph: {json.dumps(fp32)}", flush=True)
+    feeds = [{"input_ids": row[None].numpy().astype(np.int64)} for row in calib]
+    measured = []
+    for index in rows:
+        label, recipe = ROWS[index]
+        out = work / f"row{index}.onnx"
+        quantized = quantize_graph(sources[recipe.weight_rounding], out, feeds, recipe, profile)
+        sess = runtime.session(out)
+        row = {"row": index, "method": label, "recipe": recipe.to_dict(), "mb": out.stat().st_size / 1e6,
+               "int16_weights": len(quantized.sixteen_bit_weights)}
+        for name, ids in sets.items():
+            quality, _ = runtime.quality(sess, ids, references[name])
+            row[name] = {"perplexity": quality.perplexity, "agreement": quality.agreement,
+                         "vs_fp32": quality.perplexity / fp32[name]["perplexity"] - 1}
+        del sess
+        out.unlink()
+        measured.append(row)
+        print(f"[{index}] {label}: " + ", ".join(f"{n} {row[n]['perplexity']:.2f} ({row[n]['vs_fp32']:+.2%})"
+                                                 for n in sets), flush=True)
+    return {"transforms": list(lm.transforms), "fp32": fp32, "rows": measured}
+
+
+def markdown(report: dict) -> str:
+    sets = list(report["fp32"])
+    head = "| # | variant | " + " | ".join(f"{n} perplexity | vs fp32 | agreement" for n in sets) + " | MB |"
+    lines = [
+        f"# Quantization sensitivity: {report['model']}", "",
+        f"Prefill graphs of {report['seq_len']} tokens for the {report['profile']} profile (rewrites: "
+        f"{', '.join(report['transforms']) or 'none'}), calibrated on {report['calibration_sequences']} sequences "
+        "of the calibration split; scored on "
+        + ", ".join(f"{report['tokens'][n]:,} tokens of {n}" for n in sets)
+        + ". fp32 graph: " + ", ".join(f"{n} {report['fp32'][n]['perplexity']:.2f}" for n in sets)
+        + ". Agreement = top-1 next-token agreement with the fp32 graph. "
+        f"Measured {report['date']} on {report['machine']}, commit `{report['commit']}`, `{report['command']}`, "
+        f"{report['seconds'] / 60:.0f} min.", "",
+        head, "|" + "---|" * (head.count("|") - 1),
+    ]
+    for row in report["rows"]:
+        cells = [f"{row[n]['perplexity']:.2f} | {row[n]['vs_fp32']:+.2%} | {row[n]['agreement']:.3f}" for n in sets]
+        lines.append(f"| {row['row']} | {row['method']} | " + " | ".join(cells) + f" | {row['mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
