@@ -18,7 +18,6 @@ Writes ``benchmarks/results/quant_sensitivity_<name>.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
@@ -43,22 +42,25 @@ from compress.sources.data import load_corpus, token_batches
 from compress.sources.teachers import load_teacher
 from quant import runtime
 from quant.profiles import get_profile
-from quant.quantize import PRESETS
+from quant.quantize import MIXES, PRESETS
 
 RESULTS = Path(__file__).parent / "results"
 PRESET = PRESETS["a16w8"]
 NEAREST = dataclasses.replace(PRESET, weight_rounding="nearest")
-ALL_WEIGHTS = ("head-mix", "embedding", "attention-weights", "mlp-weights")
-# (label, recipe): a recipe with weight_rounding "gptq" is quantized from the GPTQ-rounded graph, else from the
-# float one (int16 weights then hold the float weights, not an 8-bit grid).
+ALL_WEIGHTS = (*MIXES, "embedding", "attention-weights", "mlp-weights")
+NO_ROTATION = ("embed-rows",)
+# (label, recipe[, float rewrites]): a recipe with weight_rounding "gptq" is quantized from the GPTQ-rounded graph,
+# else from the float one (int16 weights then hold the float weights, not an 8-bit grid). Rewrites default to the
+# a16w8 ones compress applies (rotation and per-row embedding scales).
 ROWS = [
+    ("the a16w8 preset without rotation (what compress shipped for Gemma3 before)", PRESET, NO_ROTATION),
     ("the a16w8 preset (what compress ships): int8 GPTQ weights, int16 activations", PRESET),
-    ("+ embedding / head table in int16", dataclasses.replace(PRESET, sixteen_bit_weights=("head-mix", "embedding"))),
+    ("+ embedding / head table in int16", dataclasses.replace(PRESET, sixteen_bit_weights=(*MIXES, "embedding"))),
     ("nearest rounding instead of GPTQ", NEAREST),
     ("nearest; attention weights (q k v o) in int16",
-     dataclasses.replace(NEAREST, sixteen_bit_weights=("head-mix", "attention-weights"))),
+     dataclasses.replace(NEAREST, sixteen_bit_weights=(*MIXES, "attention-weights"))),
     ("nearest; MLP weights (gate up down) in int16",
-     dataclasses.replace(NEAREST, sixteen_bit_weights=("head-mix", "mlp-weights"))),
+     dataclasses.replace(NEAREST, sixteen_bit_weights=(*MIXES, "mlp-weights"))),
     ("every weight in int16: the activations' error alone", dataclasses.replace(NEAREST, sixteen_bit_weights=ALL_WEIGHTS)),
     ("every weight in int16, percentile (99.999) activation ranges",
      dataclasses.replace(NEAREST, sixteen_bit_weights=ALL_WEIGHTS, calibration="percentile")),
@@ -112,13 +114,21 @@ def _measure(model, seq_len: int, calib: torch.Tensor, sets: dict[str, np.ndarra
              rows: list[int]) -> dict:
     """The fp32 graph's and every wanted row's perplexity and agreement on each evaluation set."""
     profile = get_profile("qnn-htp")
-    lm = prepare(model, seq_len, DEFAULT_TRANSFORMS["a16w8"], calib, conv=profile.linear_as_conv)
-    sources = {"nearest": export_graphs(lm, work / "float", decode=False)[0]}
-    if any(ROWS[r][1].weight_rounding == "gptq" for r in rows):
-        rounded = gptq_(copy.deepcopy(lm), calib, per_channel=block_op(lm) in profile.per_channel_ops)
-        sources["gptq"] = export_graphs(rounded, work / "gptq", decode=False)[0]
-        del rounded
-    fp32_sess = runtime.session(sources["nearest"])
+    sources: dict[tuple, Path] = {}
+    applied: dict[tuple, list[str]] = {}
+
+    def source(transforms: tuple[str, ...], rounding: str) -> Path:
+        """The float graph (or its GPTQ-rounded twin) with ``transforms``, exported once."""
+        if (transforms, rounding) not in sources:
+            lm = prepare(model, seq_len, transforms, calib, conv=profile.linear_as_conv)
+            applied[transforms] = list(lm.transforms)
+            if rounding == "gptq":
+                lm = gptq_(lm, calib, per_channel=block_op(lm) in profile.per_channel_ops)
+            folder = work / f"{'-'.join(transforms) or 'none'}-{rounding}"
+            sources[transforms, rounding] = export_graphs(lm, folder, decode=False)[0]
+        return sources[transforms, rounding]
+
+    fp32_sess = runtime.session(source(DEFAULT_TRANSFORMS["a16w8"], "nearest"))
     fp32, references = {}, {}
     for name, ids in sets.items():
         quality, references[name] = runtime.quality(fp32_sess, ids)
@@ -128,11 +138,13 @@ def _measure(model, seq_len: int, calib: torch.Tensor, sets: dict[str, np.ndarra
     feeds = [{"input_ids": row[None].numpy().astype(np.int64)} for row in calib]
     measured = []
     for index in rows:
-        label, recipe = ROWS[index]
+        label, recipe, *rest = ROWS[index]
+        transforms = rest[0] if rest else DEFAULT_TRANSFORMS["a16w8"]
         out = work / f"row{index}.onnx"
-        quantized = quantize_graph(sources[recipe.weight_rounding], out, feeds, recipe, profile)
+        quantized = quantize_graph(source(transforms, recipe.weight_rounding), out, feeds, recipe, profile)
         sess = runtime.session(out)
-        row = {"row": index, "method": label, "recipe": recipe.to_dict(), "mb": out.stat().st_size / 1e6,
+        row = {"row": index, "method": label, "recipe": recipe.to_dict(), "transforms": applied[transforms],
+               "mb": out.stat().st_size / 1e6,
                "int16_weights": len(quantized.sixteen_bit_weights)}
         for name, ids in sets.items():
             quality, _ = runtime.quality(sess, ids, references[name])
@@ -143,19 +155,18 @@ def _measure(model, seq_len: int, calib: torch.Tensor, sets: dict[str, np.ndarra
         measured.append(row)
         print(f"[{index}] {label}: " + ", ".join(f"{n} {row[n]['perplexity']:.2f} ({row[n]['vs_fp32']:+.2%})"
                                                  for n in sets), flush=True)
-    return {"transforms": list(lm.transforms), "fp32": fp32, "rows": measured}
+    return {"transforms": applied[DEFAULT_TRANSFORMS["a16w8"]], "fp32": fp32, "rows": measured}
 
 
 def markdown(report: dict) -> str:
     sets = list(report["fp32"])
-    head = "| # | variant | " + " | ".join(f"{n} perplexity | vs fp32 | agreement" for n in sets) + " | MB |"
+    head = "| # | variant | rewrites | " + " | ".join(f"{n} perplexity | vs fp32 | agreement" for n in sets) + " | MB |"
     lines = [
         f"# Quantization sensitivity: {report['model']}", "",
-        f"Prefill graphs of {report['seq_len']} tokens for the {report['profile']} profile (rewrites: "
-        f"{', '.join(report['transforms']) or 'none'}), calibrated on {report['calibration_sequences']} sequences "
+        f"Prefill graphs of {report['seq_len']} tokens for the {report['profile']} profile, calibrated on {report['calibration_sequences']} sequences "
         "of the calibration split; scored on "
         + ", ".join(f"{report['tokens'][n]:,} tokens of {n}" for n in sets)
-        + ". fp32 graph: " + ", ".join(f"{n} {report['fp32'][n]['perplexity']:.2f}" for n in sets)
+        + ". fp32 graph (rewrites: " + (", ".join(report["transforms"]) or "none") + "): " + ", ".join(f"{n} {report['fp32'][n]['perplexity']:.2f}" for n in sets)
         + ". Agreement = top-1 next-token agreement with the fp32 graph. "
         f"Measured {report['date']} on {report['machine']}, commit `{report['commit']}`, `{report['command']}`, "
         f"{report['seconds'] / 60:.0f} min.", "",
@@ -163,7 +174,8 @@ def markdown(report: dict) -> str:
     ]
     for row in report["rows"]:
         cells = [f"{row[n]['perplexity']:.2f} | {row[n]['vs_fp32']:+.2%} | {row[n]['agreement']:.3f}" for n in sets]
-        lines.append(f"| {row['row']} | {row['method']} | " + " | ".join(cells) + f" | {row['mb']:.0f} |")
+        lines.append(f"| {row['row']} | {row['method']} | {', '.join(row['transforms']) or 'none'} | " + " | ".join(cells)
+                     + f" | {row['mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -70,12 +70,13 @@ class QuantRecipe:
         return dataclasses.asdict(self)
 
 
+MIXES = ("head-mix", "norm-mixes")  # a rotation's hidden x hidden matrices, where a norm's weight cannot fold
 PRESETS = {
-    "a16w8": QuantRecipe("a16w8", activation_bits=16, sixteen_bit_weights=("head-mix",), weight_rounding="gptq"),
+    "a16w8": QuantRecipe("a16w8", activation_bits=16, sixteen_bit_weights=MIXES, weight_rounding="gptq"),
     # 16 bits where 8 measurably break the model: the residual stream (one outlier token sets its range),
     # the attention scores and probabilities, and the MLP's gating; every matmul input stays 8-bit.
     "a8w8": QuantRecipe("a8w8", activation_bits=8, sixteen_bit=("residual", "softmax", "swiglu"),
-                        sixteen_bit_weights=("head-mix",), weight_rounding="gptq"),
+                        sixteen_bit_weights=MIXES, weight_rounding="gptq"),
 }
 
 

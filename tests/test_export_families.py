@@ -62,9 +62,11 @@ def test_export_forward_and_its_rewrites_match_transformers(family):
                 continue
             rewritten = rewrite(StaticLM(model, CAPACITY).eval())
             assert (rewritten.prefill(ids[:1])[0] - expected).abs().max() <= FLOAT_TOLERANCE, name
-    # Only Gemma3's sandwich norms (on the sub-layers' outputs) forbid rotating the residual stream.
-    assert ("rotate" in allowed) == (family != "gemma3")
-    assert check_exportable(model.config, TRANSFORMS) == [t for t in TRANSFORMS if t not in allowed]
+    # Every family rotates; norms on the sub-layers' outputs (Gemma3's sandwich) keep their weights as mixes.
+    assert check_exportable(model.config, TRANSFORMS) == [] and allowed == TRANSFORMS
+    rotated = rotate(StaticLM(model, CAPACITY).eval())
+    mixes = [m for b in rotated.unique_blocks for m in (b.attn_out_mix, b.mlp_out_mix) if m is not None]
+    assert len(mixes) == (2 * model.config.num_hidden_layers if family == "gemma3" else 0)
 
 
 @pytest.mark.parametrize("family", sorted(DECODER_FAMILIES))

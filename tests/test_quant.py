@@ -252,10 +252,11 @@ def test_a8w8_keeps_the_named_groups_in_16_bits(tmp_path):
         quantize(tmp_path / "model.onnx", tmp_path / "none.onnx", feeds, recipe, get_profile("generic-a8w8"))
 
 
-@pytest.mark.parametrize(("make", "conv"), [(tiny_llama, False), (tiny_gemma3, True)])
-def test_weight_groups_split_the_block_linears_and_store_as_int16(tmp_path, make, conv):
+@pytest.mark.parametrize(("make", "conv", "transforms"), [(tiny_llama, False, ("embed-rows",)),
+                                                          (tiny_gemma3, True, ("rotate", "embed-rows"))])
+def test_weight_groups_split_the_block_linears_and_store_as_int16(tmp_path, make, conv, transforms):
     model = make()
-    lm = prepare(model, CAPACITY, ("embed-rows",), conv=conv)
+    lm = prepare(model, CAPACITY, transforms, conv=conv)
     export_graphs(lm, tmp_path, decode=False)
     graph = onnx.load(tmp_path / "model.onnx")
     groups = find_weight_groups(graph)
@@ -265,14 +266,17 @@ def test_weight_groups_split_the_block_linears_and_store_as_int16(tmp_path, make
     assert len(groups["embedding"]) == (1 if model.config.tie_word_embeddings else 2)
     assert all(".down." in w or ".gate." in w or ".up." in w for w in groups["mlp-weights"])
     assert not set(groups["mlp-weights"]) & set(groups["attention-weights"])
-    recipe = QuantRecipe("a16w8", 16, sixteen_bit_weights=("mlp-weights",))
+    # A rotated Gemma3 keeps each sub-layer output norm's weights as a hidden x hidden matrix after it.
+    assert len(groups["norm-mixes"]) == (2 * layers if "rotate" in transforms else 0)
+    assert not set(groups["norm-mixes"]) & {*groups["attention-weights"], *groups["head-mix"]}
+    recipe = QuantRecipe("a16w8", 16, sixteen_bit_weights=("mlp-weights", "norm-mixes"))
     graphs = quantize_graphs(lm, tmp_path, recipe, get_profile("qnn-htp"), _ids(model, 2).numpy(), decode=False)
     quantized = onnx.load(graphs.prefill)
     types = {t.name: t.data_type for t in quantized.graph.initializer}
     stored = {n.input[0] for n in quantized.graph.node if n.op_type == "DequantizeLinear"
               and types.get(n.input[0]) == TensorProto.INT16}
-    assert graphs.reports["prefill"].sixteen_bit_weights == sorted(groups["mlp-weights"])
-    assert len(stored) == 3 * layers
+    assert graphs.reports["prefill"].sixteen_bit_weights == sorted({*groups["mlp-weights"], *groups["norm-mixes"]})
+    assert len(stored) == 3 * layers + len(groups["norm-mixes"])
 
 
 def _graph(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:

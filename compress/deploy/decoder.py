@@ -26,9 +26,6 @@ from compress.pruning.families import FAMILIES, FamilySpec, head_dim_of
 REQUIRED_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
 OPTIONAL_ROLES = ("q_norm", "k_norm", "attn_out_norm", "mlp_out_norm")
 TRANSFORMS = ("rotate", "smooth", "embed-rows")  # compress.deploy.outliers' rewrites, in the order they apply
-# The rewrites of compress.deploy.outliers that need every write into the residual stream to be a linear layer:
-# a norm on a sub-layer's output (Gemma's sandwich) does not commute with a rotation of the stream.
-NEEDS_LINEAR_WRITES = ("rotate",)
 
 
 def export_family(config: Any) -> FamilySpec:
@@ -63,9 +60,10 @@ def check_exportable(config: Any, transforms: tuple[str, ...] = ()) -> list[str]
 
 
 def allowed_transforms(spec: FamilySpec) -> tuple[str, ...]:
-    """The outlier rewrites (TRANSFORMS) a family's blocks allow."""
-    sandwich = any(r in spec.export_roles for r in ("attn_out_norm", "mlp_out_norm"))
-    return tuple(t for t in TRANSFORMS if not (sandwich and t in NEEDS_LINEAR_WRITES))
+    """The outlier rewrites (TRANSFORMS) a family's blocks allow: every one, for every family registered so far
+    (Gemma's norms on the sub-layers' outputs keep their weights as matrices after the rotation)."""
+    del spec
+    return TRANSFORMS
 
 
 @dataclass

@@ -85,6 +85,9 @@ class _Block(nn.Module):
         self.ln1, self.ln2 = norms["attn_norm"], norms["mlp_norm"]
         self.q_norm, self.k_norm = norms["q_norm"], norms["k_norm"]
         self.attn_out_norm, self.mlp_out_norm = norms["attn_out_norm"], norms["mlp_out_norm"]
+        # hidden x hidden matrices after those norms once the residual stream is rotated (compress.deploy.outliers)
+        self.attn_out_mix: nn.Parameter | None = None
+        self.mlp_out_mix: nn.Parameter | None = None
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -122,10 +125,17 @@ class _Block(nn.Module):
         attn = torch.matmul(torch.softmax(scores + bias, dim=-1), v)
         t = x.shape[1]
         out = self.o(attn.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
-        x = x + (out if self.attn_out_norm is None else self._norm(out, self.attn_out_norm))
+        x = x + self._out_norm(out, self.attn_out_norm, self.attn_out_mix)
         h = self._norm(x, self.ln2)
         out = self.down(self.act(self.gate(h)) * self.up(h))
-        return x + (out if self.mlp_out_norm is None else self._norm(out, self.mlp_out_norm))
+        return x + self._out_norm(out, self.mlp_out_norm, self.mlp_out_mix)
+
+    def _out_norm(self, out: torch.Tensor, weight: torch.Tensor | None, mix: torch.Tensor | None) -> torch.Tensor:
+        """A sub-layer's output as it enters the residual stream: through its own norm where the family has one."""
+        if weight is None:
+            return out
+        out = self._norm(out, weight)
+        return out if mix is None else out @ mix
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ activations easier to quantize.
   side, readers (``q k v gate up``) by Qᵀ on their input side. An outlier channel of the stream is spread
   over all channels, so per-tensor 8-bit scales fit ordinary tokens. With tied embeddings, E·Q serves
   both the lookup and the head, and one hidden × hidden matrix (Qᵀ·diag(final norm)·Q) before the head
-  restores the final norm's weight: the embedding is still stored once.
+  restores the final norm's weight: the embedding is still stored once. A norm on a sub-layer's output
+  (Gemma's sandwich) reads ``o``/``down``'s rotated output; its weight cannot fold into a linear after it, so
+  it becomes the same kind of matrix after the weightless norm (``attn_out_mix``, ``mlp_out_mix``).
 - ``normalize_embedding``: each embedding row divided by its max |value|, the scales kept as a vector
   the lookup (and a tied head) multiplies back in: an int8 per-tensor table then fits rare tokens' rows
   and common ones alike, and the table is still stored once.
@@ -68,6 +70,11 @@ def rotate(lm: StaticLM, seed: int = 0) -> StaticLM:
             right(linear.weight)
         left(block.o)
         left(block.down)
+        for norm in ("attn_out_norm", "mlp_out_norm"):
+            weight = getattr(block, norm)
+            if weight is not None:  # RMSNorm(y·Q)·Qᵀ·diag(g)·Q = (RMSNorm(y)·g)·Q
+                setattr(block, norm.replace("_norm", "_mix"), nn.Parameter((q.T @ torch.diag(weight.double()) @ q).float()))
+                weight.fill_(1.0)
     if tied:
         mix = q.T @ torch.diag(final) @ q
         lm.head_mix = nn.Parameter(mix.float())
