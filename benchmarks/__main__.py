@@ -103,7 +103,7 @@ TARGETS = (
     # The distilled student the calib32 main-command target above leaves in runs/ (run that target first).
     Target("quant_sensitivity", ("quant_sensitivity_gemma3-270m-student.json", "quant_sensitivity_gemma3-270m-student.md"),
            args=("--model", str(ROOT / "runs" / "main_command_gemma3-270m-calib32" / "student"),
-                 "--name", "gemma3-270m-student", "--eval-seqs", "16"),
+                 "--name", "gemma3-270m-student", "--eval-seqs", "16", "--rows", "0,1,6"),
            title="Where A16W8 loses accuracy: the distilled gemma3-270m student, one tensor group at a time"),
     Target("weight_ranges", ("weight_ranges_smollm2-135m.json", "weight_ranges_smollm2-135m.md"),
            title="Int8 weight rounding: the teacher"),
