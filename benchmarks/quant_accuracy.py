@@ -72,7 +72,7 @@ METHOD_ROWS = [
      dataclasses.replace(PRESETS["a8w8"], weight_rounding="nearest", weight_range="mse")),
     ("row 10 + GPTQ rounding of the block weights (the a16w8 and a8w8 defaults)", ("rotate", "embed-rows"),
      True, True, PRESETS["a16w8"], PRESETS["a8w8"]),
-    ("SmoothQuant instead of rotation, the a8w8 preset (for blocks that refuse rotation, Gemma3's)",
+    ("SmoothQuant instead of rotation, the a8w8 preset (Gemma3's blocks refused rotation until commit a3817e1)",
      ("smooth", "embed-rows"), True, True, None, PRESETS["a8w8"]),
 ]
 
@@ -116,7 +116,7 @@ def main() -> None:
                 if recipe is None:
                     continue
                 lm = prepare(model, args.seq_len, transforms, calib, fused_norm=fused, conv=as_conv)
-                row["applied"] = list(lm.transforms)  # a family's blocks may refuse one (Gemma3: rotate)
+                row["applied"] = list(lm.transforms)  # what the family's blocks allowed
                 folder = work / f"row{index}-{recipe.name}"
                 export_graphs(lm, folder, decode=False)
                 graphs = quantize_graphs(lm, folder, recipe, get_profile(profile), calib.numpy(), decode=False)
