@@ -44,6 +44,7 @@ GROUPS = ("residual", "softmax", "swiglu", "attention")
 WEIGHT_GROUPS = ("head-mix", "norm-mixes", "embedding", "mlp-weights", "attention-weights")
 _GATES = ("Sigmoid", "Gelu", "Tanh", "Erf")  # SiLU's and GELU's ops, as the exporter writes them
 _NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
+_LAYOUT = ("Transpose", "Unsqueeze", "Reshape", "Squeeze")  # ops that only move an activation's elements
 
 
 def find_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
@@ -74,7 +75,7 @@ def find_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
             softmax += activations
             source = producers.get(activations[0]) if len(activations) == 1 else None
     swiglu: list[str] = []
-    layout = ("Transpose", "Unsqueeze", "Reshape", "Squeeze")
+    layout = _LAYOUT
     for n in model.graph.node:
         if n.op_type not in ("MatMul", "Conv") or n.input[1] not in initializers:
             continue
@@ -119,8 +120,6 @@ def find_weight_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
     heads = {n.input[1] for n in model.graph.node if n.op_type == "Gemm" and n.input[1] in initializers}
     embedding = tables | heads
     gating = set(find_groups(model)["swiglu"])
-    layout = ("Transpose", "Unsqueeze", "Reshape", "Squeeze")
-    consumers = readers
 
     def reaches_gating(name: str) -> bool:  # through layout changes, as find_groups walks them
         stack, seen = [name], set()
@@ -130,7 +129,7 @@ def find_weight_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
                 return True
             if name not in seen:
                 seen.add(name)
-                stack += [o for n in consumers.get(name, []) if n.op_type in layout for o in n.output]
+                stack += [o for n in readers.get(name, []) if n.op_type in _LAYOUT for o in n.output]
         return False
 
     mlp, attention = [], []
