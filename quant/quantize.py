@@ -247,17 +247,36 @@ def _chosen(model: onnx.ModelProto, names: Sequence[str], finder: GroupFinder | 
     return {g: sorted(set(found[g])) for g in names}
 
 
-def _overrides(model: onnx.ModelProto, chosen: dict[str, list[str]], wide: list[str]) -> dict[str, list[dict]]:
+def _overrides(model: onnx.ModelProto, chosen: dict[str, list[str]], wide: list[str],
+               profile: NpuProfile) -> dict[str, list[dict]]:
     """ORT's per-tensor overrides: 16-bit activations of the chosen groups, one symmetric int8 tensor for a tied
-    embedding (the lookup and the head read it), int16 for the wide weights."""
+    embedding (the lookup and the head read it), int16 for the wide weights; on QNN, uint8 LayerNorm scales."""
     from onnxruntime.quantization import QuantType
 
-    overrides = {name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names}
+    overrides = {}
+    if profile.qnn_toolchain:
+        scales, biases = _layer_norm_parameters(model)
+        overrides = {name: [{"quant_type": QuantType.QUInt8, "symmetric": False}] for name in scales}
+        overrides.update({name: [{"quant_type": QuantType.QUInt16, "symmetric": False}] for name in biases})
+    overrides.update({name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names})
     for name in shared_weights(model):
         overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
     for name in wide:
         overrides[name] = [{"quant_type": QuantType.QInt16, "symmetric": True}]
     return overrides
+
+
+def _layer_norm_parameters(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """The stored scales (gamma) and biases (beta) of every LayerNormalization.
+
+    QNN's HTP refuses a LayerNorm whose scale is symmetric int8, ORT's default for weights, and one whose int32
+    bias (ORT's default, on the input's scale times the weight's) follows an 8-bit input ("Failed to add node":
+    the NPU would hand every norm to the CPU). It takes the scale as uint8 with a zero point (the same 256
+    levels, spent on the scale's own range) and the bias as uint16 on its own range."""
+    initializers = {t.name for t in model.graph.initializer}
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    return (sorted({n.input[1] for n in norms if len(n.input) > 1 and n.input[1] in initializers}),
+            sorted({n.input[2] for n in norms if len(n.input) > 2 and n.input[2] in initializers}))
 
 
 def _ort_config(source: Path, tmp: Path, model: onnx.ModelProto, reader: Any, recipe: QuantRecipe, profile: NpuProfile,
@@ -333,7 +352,14 @@ def quantize(
         chosen = _chosen(model, recipe.sixteen_bit, groups, "groups") if recipe.activation_bits == 8 else {}
         wide = sorted({n for names in _chosen(model, recipe.sixteen_bit_weights, weight_groups, "weight_groups").values()
                        for n in names})
-        overrides = _overrides(model, chosen, wide)
+        if recipe.activation_bits == 8 and profile.qnn_toolchain and wide:
+            # QNN's HTP has no matmul of 8-bit activations by 16-bit weights: it refuses the node ("Failed to add
+            # fused Matmul node") and the NPU would hand it to the CPU. The activations around an int16 weight
+            # stay 16-bit.
+            chosen["int16-weight-io"] = sorted({t for n in model.graph.node if n.op_type in _WEIGHT_AXIS
+                                                and len(n.input) > 1 and n.input[1] in wide
+                                                for t in (n.input[0], n.output[0])})
+        overrides = _overrides(model, chosen, wide, profile)
         sixteen_bit_activations = sum(1 for o in overrides.values() if o[0]["quant_type"] == QuantType.QUInt16)
         source, config = _ort_config(source, Path(tmp), model, _Reader(feeds, bar), recipe, profile, overrides)
         del model
