@@ -28,7 +28,7 @@ fi
 stamp=.venv/.pdq-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  quiet_pip install -e ".[dev,eval]"
+  quiet_pip install -e ".[dev,eval,npu]"  # npu: Qualcomm's HTP compiler, where its wheel exists
   echo "$want" > "$stamp"
 fi
 

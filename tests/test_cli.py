@@ -252,6 +252,25 @@ def test_quantize_stage_writes_checked_graphs_and_inspect_judges_them(inputs, tm
     metrics = json.loads((out / "quantize.metrics.json").read_text())
     # The tiny student was pruned with --align 16: QNN's multiples of 32 are reported, nothing else.
     assert metrics["violations"] and all(v.startswith("alignment") for v in metrics["violations"])
+    from quant import qnn
+
+    if qnn.unavailable() is not None:
+        assert metrics["htp"] == {"skipped": qnn.unavailable()}
+        return
+    # Qualcomm's HTP compiler took both graphs whole: the compiled models, their op traces, and the emulator's
+    # perplexity on the same sequences as ONNX Runtime's CPU.
+    htp = metrics["htp"]
+    assert htp["soc_model"] == "60" and set(htp["graphs"]) == {"prefill", "decode"}
+    for stem in ("model.a16w8", "decode.a16w8"):
+        for suffix in (".qnn.onnx", ".qnn_qnn.bin", ".qnn_op_trace.json"):
+            assert (out / "onnx" / f"{stem}{suffix}").exists(), stem + suffix
+    assert all(g["whole"] and not g["unsupported"] for g in htp["graphs"].values())
+    emulated = htp["emulated"]
+    assert emulated["sequences"] == 4 and emulated["perplexity"] == pytest.approx(emulated["cpu_perplexity"], rel=0.05)
+    assert not [p for p in out.rglob(".*")], "temporary files left behind"
+    assert _run("report", out, "--quiet") == 0
+    markdown = (out / "report.md").read_text()
+    assert "## On the NPU: Qualcomm's HTP compiler" in markdown and "`onnx/model.a16w8.qnn.onnx`" in markdown
 
 
 def test_target_1x_exports_the_teacher_without_distilling(inputs, tmp_path, capsys):

@@ -178,6 +178,7 @@ def test_mu_like_model_round_trips_through_the_auto_classes(tmp_path):
 
 def test_mu_like_graphs_match_torch_and_pass_inspection(tmp_path):
     from compress.deploy.mu_export import generate, write_mu_graphs
+    from quant import qnn
     from quant.profiles import check, get_profile
 
     model = _tiny_mu()
@@ -211,6 +212,9 @@ def test_mu_like_graphs_match_torch_and_pass_inspection(tmp_path):
     quantize_graph(decoder_path, tmp_path / "decoder.a16w8.onnx", decoder_feeds, PRESETS["a16w8"], profile)
     for name in ("encoder.a16w8.onnx", "decoder.a16w8.onnx"):
         assert check(onnx.load(tmp_path / name), profile) == [], name
+        if qnn.unavailable() is None:  # Qualcomm's HTP compiler takes them whole, LayerNorms included
+            result = qnn.compile_graph(tmp_path / name)
+            assert result.whole and result.qnn_ops.get("LayerNorm", 0) > 0, [str(u) for u in result.unsupported]
     quantized, _ = generate(runtime.session(tmp_path / "encoder.a16w8.onnx"), runtime.session(tmp_path / "decoder.a16w8.onnx"),
                             prompt, 6, model.config.decoder_start_token_id)
     assert quantized == tokens

@@ -10,6 +10,7 @@ from compress.app.flags import add_config_flags, config_from, flag_names
 from compress.core.config import CompressConfig
 from compress.errors import ConfigError
 from quant.profiles import PROFILES
+from quant.qnn import DEFAULT_SOC_MODEL
 
 
 def fetch(argv: list[str]) -> int:
@@ -175,6 +176,12 @@ def inspect(argv: list[str]) -> int:
     parser.add_argument("model", help="an .onnx file")
     parser.add_argument("--npu-profile", default="qnn-htp", help=f"one of {', '.join(PROFILES)} (default qnn-htp)")
     parser.add_argument("--float", action="store_true", help="the graph is a float graph: check shapes and operators only")
+    parser.add_argument("--compile", choices=("qnn-htp",), help="also compile the graph with Qualcomm's HTP compiler "
+                        "(onnxruntime-qnn), CPU fallback disabled, and list every node it refuses; exits 1 on any")
+    parser.add_argument("--soc-model", default=DEFAULT_SOC_MODEL, help=f"with --compile: the Qualcomm SoC to compile for "
+                        f"(default {DEFAULT_SOC_MODEL}, the Snapdragon X Elite)")
+    parser.add_argument("--trace", help="with --compile: keep the compiler's op trace (every node's QNN mapping) in this "
+                        "JSON file")
     args = parser.parse_args(argv)
     if args.npu_profile not in PROFILES:
         raise ConfigError(f"--npu-profile {args.npu_profile!r}: known profiles are {', '.join(PROFILES)}")
@@ -191,7 +198,26 @@ def inspect(argv: list[str]) -> int:
     nodes = len(model.graph.node)
     verdict = "passes" if not violations else f"has {len(violations)} violation(s) of"
     print(f"{path}: {nodes} nodes, {verdict} the {args.npu_profile} profile")
-    return 1 if violations else 0
+    if not args.compile:
+        return 1 if violations else 0
+    from quant import qnn
+
+    if not args.soc_model.isdigit():
+        raise ConfigError(f"--soc-model {args.soc_model!r}: a Qualcomm SoC model number, e.g. {DEFAULT_SOC_MODEL}")
+    reason = qnn.unavailable()
+    if reason:
+        raise ConfigError(f"--compile qnn-htp: {reason}")
+    result = qnn.compile_graph(path, args.soc_model, trace=args.trace)
+    for node in result.unsupported:
+        print(f"refused: {node}")
+    if result.whole:
+        print(f"{path}: Qualcomm's HTP compiler (SoC {args.soc_model}) takes all {result.nodes} nodes as one QNN graph "
+              f"({sum(result.qnn_ops.values())} QNN ops, {result.seconds:.1f} s)")
+    else:
+        print(f"{path}: Qualcomm's HTP compiler (SoC {args.soc_model}) refuses {len(result.unsupported)} of {result.nodes} "
+              f"nodes and splits the rest into {result.qnn_graphs} QNN graphs"
+              + (f" ({result.error})" if result.error and not result.unsupported else ""))
+    return 1 if violations or not result.whole else 0
 
 
 def report(argv: list[str]) -> int:

@@ -105,6 +105,10 @@ _HELP = {
     "quant_decode_calib_tokens": "decode steps the decode graph's ranges are calibrated on, spread over the positions "
     "of the calibration sequences (one token per run, so it needs many: 16x fewer cost the A16W8 decode graph "
     "+0.3%% perplexity on SmolLM2)",
+    "soc_model": "Qualcomm SoC the qnn-htp graphs are compiled for by Qualcomm's HTP compiler (onnxruntime-qnn), "
+    "which writes onnx/*.qnn.onnx and each graph's op trace: 60 is the Snapdragon X Elite",
+    "htp_eval_samples": "validation sequences the compiled prefill graph runs on the HTP emulator, next to ONNX "
+    "Runtime's CPU on the same sequences (about 30 s each for a 100M-parameter graph; 0: none)",
     "student": "student family: minitron (the teacher pruned by importance, then distilled), mobilellm (the same, "
     "deep and thin, each block applied twice in a row: MobileLLM's block-wise weight sharing, parameters counted once) "
     "or mu (a Mu-like encoder-decoder initialized from the pruned teacher, distilled across architectures)",

@@ -39,7 +39,8 @@ _STAGE_FIELDS = {
     "prune": ("eval.samples", "eval.seq_len", "eval.data"),
     "distill": ("distill",),  # the whole section, every default resolved: it is what the trainer takes
     "export": ("quant.seq_len", "quant.transforms", "quant.calib_samples", "quant.npu_profile"),
-    "quantize": ("quant.recipe", "quant.npu_profile", "quant.decode_calib_tokens"),
+    "quantize": ("quant.recipe", "quant.npu_profile", "quant.decode_calib_tokens", "quant.soc_model",
+                 "quant.htp_eval_samples"),
     "report": (),
 }
 # The source each stage's output depends on (folders or files under the project root), hashed into its
@@ -251,6 +252,7 @@ def _resolved(config: CompressConfig, stage: str) -> str:
     profile, as JSON (so a changed default reruns the stage)."""
     from dataclasses import asdict
 
+    from quant import qnn
     from quant.profiles import get_profile
     from quant.quantize import PRESETS
 
@@ -261,7 +263,9 @@ def _resolved(config: CompressConfig, stage: str) -> str:
     if stage == "export":
         return json.dumps(asdict(get_profile(config.quant.npu_profile)), sort_keys=True, default=str)
     if stage == "quantize" and config.quant.recipe != "none":
-        return json.dumps(PRESETS[config.quant.recipe].to_dict(), sort_keys=True, default=str)
+        # The HTP compiler's version too: installing or upgrading onnxruntime-qnn compiles the graphs again.
+        return json.dumps({**PRESETS[config.quant.recipe].to_dict(), "htp_compiler": qnn.version()}, sort_keys=True,
+                          default=str)
     return ""
 
 

@@ -88,10 +88,16 @@ def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]], student: 
         increase = graph["perplexity"] / float_graph["perplexity"] - 1
         bar = BARS.get(name, 0.10)
         size = graph["mb"] / float_graph["mb"]
-        if increase <= bar and not graph["violations"]:
+        refused = _refused(quant.get("htp", {}))
+        if increase <= bar and not graph["violations"] and not refused:
             parts.append(f"Ship `{graph['path']}` (with `{graph['decode_path']}`): {graph['mb']:.0f} MB, {size:.0%} of the "
                          f"float graph, perplexity {increase:+.1%} over it (bar {bar:.0%}), no {quant['npu_profile']} "
-                         "violations.")
+                         "violations" + _compiled_clause(quant.get("htp", {})) + ".")
+        elif refused:
+            parts.append(f"Do not ship `{graph['path']}` to a Qualcomm NPU yet: Qualcomm's HTP compiler refuses "
+                         + ", ".join(f"{n} nodes of the {part} graph" for part, n in refused.items())
+                         + " (the CPU would run them between NPU graphs); the op traces next to the graphs say which "
+                         "and why.")
         elif graph["violations"]:
             parts.append(f"Do not ship `{graph['path']}` yet: it has {graph['violations']} {quant['npu_profile']} violations "
                          f"(`compress inspect {graph['path']} --npu-profile {quant['npu_profile']}` lists them).")
@@ -124,6 +130,48 @@ def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]], student: 
             tokens = m["distill"]["tokens"]
             parts.append(f"Distillation ran {tokens:,} tokens; more (`--distill-tokens`) usually closes more of the gap.")
     return " ".join(parts) if parts else "Nothing measured yet: run more stages."
+
+
+def _refused(htp: dict[str, Any]) -> dict[str, int]:
+    """Part -> how many nodes Qualcomm's HTP compiler refused, for the graphs it did not take whole."""
+    return {part: max(len(g["unsupported"]), 1) for part, g in htp.get("graphs", {}).items() if not g["whole"]}
+
+
+def _compiled_clause(htp: dict[str, Any]) -> str:
+    if not htp.get("graphs"):
+        return ""
+    contexts = [Path(g["context_model"]).name for g in htp["graphs"].values() if g.get("context_model")]
+    return (f"; Qualcomm's HTP compiler takes every graph whole for SoC {htp['soc_model']} (compiled: "
+            + ", ".join(f"`onnx/{c}`" for c in contexts) + ")")
+
+
+def _htp_lines(htp: dict[str, Any] | None) -> list[str]:
+    """The report's section on Qualcomm's HTP compiler and emulator."""
+    if not htp:
+        return []
+    lines = ["## On the NPU: Qualcomm's HTP compiler", ""]
+    if "skipped" in htp:
+        return lines + [f"Not compiled: {htp['skipped']}.", ""]
+    lines += [f"Each integer graph compiled by Qualcomm's HTP compiler (onnxruntime-qnn) for SoC {htp['soc_model']} "
+              "with CPU fallback disabled: a graph the NPU runs whole is one QNN graph with no refused node.", "",
+              "| graph | nodes | on the NPU | refused | QNN graphs | compile (s) | compiled model |", "|---|---|---|---|---|---|---|"]
+    for g in htp["graphs"].values():
+        context = f"`onnx/{Path(g['context_model']).name}`" if g.get("context_model") else "–"
+        lines.append(f"| `onnx/{Path(g['graph']).name}` | {g['nodes']:,} | {g['supported_nodes']:,} | {len(g['unsupported'])} | "
+                     f"{g['qnn_graphs']} | {g['seconds']:.1f} | {context} |")
+    refused = [u for g in htp["graphs"].values() for u in g["unsupported"]]
+    if refused:
+        lines += ["", "Refused (first 10): " + "; ".join(f"{u['op_type']} `{u['name']}` ({u['reason']})" for u in refused[:10])
+                  + ". Every node's mapping is in the op traces (`onnx/*.qnn_op_trace.json`)."]
+    e = htp.get("emulated")
+    if e:
+        lines += ["", f"On the HTP emulator (the compiled graph in the NPU's own arithmetic, run on this CPU) the prefill "
+                  f"graph's perplexity on the first {e['sequences']} validation sequences ({e['tokens']:,} tokens) was "
+                  f"{e['perplexity']:,.2f}, against {e['cpu_perplexity']:,.2f} from ONNX Runtime's CPU on the same graph "
+                  f"and sequences ({e['perplexity'] / e['cpu_perplexity'] - 1:+.2%}); their top-1 predictions agree on "
+                  f"{e['agreement_with_cpu']:.1%} of tokens. The emulator took {e['seconds_per_sequence']:.0f} s per "
+                  "sequence, so the sample is small: compare it with the CPU figure beside it, not with the table above."]
+    return lines + [""]
 
 
 def _fmt(value: Any, spec: str, missing: str = "–") -> str:
@@ -192,6 +240,7 @@ def _markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['name']} (`{path}`) | {r['decode_perplexity']:,.2f} | {_fmt(r.get('decode_agreement'), '.3f')} | "
                          f"{_fmt(r.get('decode_agreement_with_float'), '.3f')} |")
         lines.append("")
+    lines += _htp_lines(report["stages"].get("quantize", {}).get("htp"))
     lines += _distillation_lines(report.get("distillation"))
     p = report.get("plan")
     if p and not p["candidates"]:

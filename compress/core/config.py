@@ -27,6 +27,7 @@ from compress.errors import ConfigError
 from compress.pruning.planner import TargetSize
 from distill import DistillConfig, DistillError
 from quant.profiles import PROFILES
+from quant.qnn import DEFAULT_SOC_MODEL
 from quant.quantize import PRESETS
 
 # The rewrites each recipe was measured best with (benchmarks/results/quant_accuracy_*.md): both need the
@@ -114,8 +115,16 @@ class QuantConfig:
     calib_samples: int = 8
     decode_calib_tokens: int = 512
     seq_len: int = 256
+    soc_model: str = DEFAULT_SOC_MODEL  # the Snapdragon the qnn-htp graphs are compiled for
+    htp_eval_samples: int = 4  # validation sequences run on the HTP emulator (about 30 s each); 0: none
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "soc_model", str(self.soc_model))
+        if not self.soc_model.isdigit():
+            raise ConfigError(f"--soc-model {self.soc_model!r}: a Qualcomm SoC model number, e.g. {DEFAULT_SOC_MODEL} "
+                              "(Snapdragon X Elite)")
+        if self.htp_eval_samples < 0:
+            raise ConfigError(f"--htp-eval-samples {self.htp_eval_samples}: 0 or more sequences")
         _choice("quant", self.recipe, QUANT_CHOICES)
         _choice("npu-profile", self.npu_profile, tuple(PROFILES))
         transforms = DEFAULT_TRANSFORMS[self.recipe] if self.transforms is None else self.transforms
@@ -153,7 +162,8 @@ SECTIONS: dict[str, tuple[type, str, dict[str, str], tuple[str, ...]]] = {
     "prune": (PruneConfig, "", {}, ()),
     "correction": (CorrectionConfig, "teacher_correction_", {}, ()),
     "distill": (DistillConfig, "distill_", {}, ("bf16", "seed", "hidden_pairs")),
-    "quant": (QuantConfig, "quant_", {"recipe": "quant", "npu_profile": "npu_profile", "seq_len": "seq_len"}, ()),
+    "quant": (QuantConfig, "quant_", {"recipe": "quant", "npu_profile": "npu_profile", "seq_len": "seq_len",
+                                      "soc_model": "soc_model", "htp_eval_samples": "htp_eval_samples"}, ()),
     "eval": (EvalConfig, "eval_", {}, ()),
 }
 

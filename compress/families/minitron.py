@@ -226,6 +226,7 @@ class Minitron(StudentFamily):
     def quantize(self, state: RunState) -> dict[str, Any]:
         from safetensors.numpy import load_file
 
+        from compress.deploy.htp import compile_graphs, emulate
         from compress.deploy.quantization import measure, quantize_graphs
         from quant.profiles import get_profile
         from quant.quantize import PRESETS
@@ -251,8 +252,12 @@ class Minitron(StudentFamily):
         if violations:
             log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",
                         len(violations), c.quant.npu_profile, graphs.prefill, c.quant.npu_profile)
+        profile = get_profile(c.quant.npu_profile)
+        htp = compile_graphs({"prefill": graphs.prefill, "decode": graphs.decode}, profile, c.quant.soc_model)
+        if htp.get("graphs", {}).get("prefill", {}).get("whole"):
+            htp["emulated"] = emulate(graphs.prefill, reference.ids.numpy(), c.quant.soc_model, c.quant.htp_eval_samples)
         return {"quant": c.quant.recipe, "npu_profile": c.quant.npu_profile, c.quant.recipe: metrics, "violations": violations,
-                "reports": {k: v.to_dict() for k, v in graphs.reports.items()}}
+                "reports": {k: v.to_dict() for k, v in graphs.reports.items()}, "htp": htp}
 
 
 class MobileLLM(Minitron):

@@ -273,6 +273,7 @@ def quantize_stage(state: Any) -> dict[str, Any]:
     from safetensors.numpy import load_file
 
     from compress.deploy.groups import quantize_graph
+    from compress.deploy.htp import compile_graphs
     from quant import runtime
     from quant.profiles import check, get_profile
     from quant.quantize import PRESETS
@@ -301,8 +302,10 @@ def quantize_stage(state: Any) -> dict[str, Any]:
     if violations:
         log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",
                     len(violations), c.quant.npu_profile, folder / names["encoder"], c.quant.npu_profile)
+    # Compiled, not emulated: the emulator's accuracy check runs a decoder-only prefill graph.
+    htp = compile_graphs({part: folder / name for part, name in names.items()}, profile, c.quant.soc_model)
     return {"quant": c.quant.recipe, "npu_profile": c.quant.npu_profile, c.quant.recipe: metrics, "violations": violations,
-            "reports": {k: v.to_dict() for k, v in reports.items()}, "student": "mu"}
+            "reports": {k: v.to_dict() for k, v in reports.items()}, "student": "mu", "htp": htp}
 
 
 class Mu(StudentFamily):
