@@ -5,13 +5,14 @@ For one model (default: the smollm2-135m teacher; ``--model DIR`` for a pruned o
 1. **Methods table** (prefill graphs): each row one combination of float rewrite and recipe, quantized
    whole-graph for A16W8 (qnn-htp profile) and A8W8 (generic-a8w8 profile), validation perplexity and
    top-1 agreement with the fp32 graph.
-2. **Final graphs** (the recipe ``compress`` ships): fp32, A16W8 and A8W8 prefill and decode graphs:
-   perplexity, agreement, size on disk, median prefill latency, decode tokens/s, ``compress inspect``
-   violations.
+2. **Final graphs** (the recipe ``compress`` ships): fp32, A16W8 (qnn-htp) and A8W8 (generic-a8w8 and
+   qnn-htp) prefill and decode graphs: perplexity, agreement, size on disk, median prefill latency, decode
+   tokens/s, ``compress inspect`` violations; the qnn-htp graphs compiled by Qualcomm's HTP compiler (refused
+   nodes) and ``--htp-seqs`` validation sequences run on its emulator next to ONNX Runtime's CPU.
 
 Writes ``benchmarks/results/quant_accuracy{,_<name>}.{md,json}``.
 
-    python -m benchmarks.quant_accuracy [--model DIR] [--rows all|final|3,10,final] [--eval-seqs 16]
+    python -m benchmarks.quant_accuracy [--model DIR] [--rows all|final|3,10,final] [--eval-seqs 16] [--htp-seqs 2]
 """
 
 from __future__ import annotations
@@ -32,14 +33,19 @@ import torch
 
 from benchmarks.plots import provenance
 from compress.core.config import DEFAULT_TRANSFORMS, CompressConfig
+from compress.deploy.htp import compile_graphs, emulate
 from compress.deploy.quantization import export_graphs, measure, prepare, quantize_graphs
 from compress.sources.data import load_corpus, token_batches
 from compress.sources.teachers import load_teacher
 from quant import runtime
 from quant.profiles import get_profile
+from quant.qnn import DEFAULT_SOC_MODEL
 from quant.quantize import PRESETS, QuantRecipe
 
 RESULTS = Path(__file__).parent / "results"
+# The final graphs: (key, recipe, NPU profile). A8W8 is measured for both profiles: per-channel MatMul weights on
+# generic-a8w8, 1x1 Convs on qnn-htp.
+FINAL_GRAPHS = (("a16w8", "a16w8", "qnn-htp"), ("a8w8", "a8w8", "generic-a8w8"), ("a8w8 (qnn-htp)", "a8w8", "qnn-htp"))
 DECODE_SAMPLES = 8  # validation sequences whose second halves score the decode graphs (1,024 tokens at 256)
 
 A16 = QuantRecipe("a16w8", 16)
@@ -85,6 +91,8 @@ def main() -> None:
     parser.add_argument("--eval-seqs", type=int, default=16)
     parser.add_argument("--calib-seqs", type=int, default=8)
     parser.add_argument("--rows", default="all", help="'all', or comma-separated method row numbers and/or 'final'")
+    parser.add_argument("--htp-seqs", type=int, default=2, help="validation sequences each final qnn-htp prefill graph "
+                        "runs on the HTP emulator (about 30 s each for a 100M-parameter graph)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -130,7 +138,8 @@ def main() -> None:
                 shutil.rmtree(folder, ignore_errors=True)
             report["methods"].append(row)
         if "all" in wanted or "final" in wanted:
-            report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1)
+            report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1,
+                                            args.htp_seqs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = time.perf_counter() - started
@@ -173,8 +182,10 @@ def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple
 
 
 def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid: np.ndarray,  # noqa: ANN001
-                  reference_top1: np.ndarray) -> dict:
-    """The graphs ``compress --stop-after quantize`` writes, for each shipped recipe and its profile."""
+                  reference_top1: np.ndarray, htp_seqs: int) -> dict:
+    """The graphs ``compress --stop-after quantize`` writes, for each shipped recipe and profile (FINAL_GRAPHS);
+    those of a Qualcomm profile compiled by the HTP compiler, and ``htp_seqs`` validation sequences run on its
+    emulator."""
     out = {}
     float_dir = folder / "fp32"
     export_graphs(prepare(model, seq_len, ()), float_dir)
@@ -182,19 +193,23 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
                              decode_samples=DECODE_SAMPLES)
     out["fp32"].update(violations=[], transforms=[], profile="-")
     print(f"fp32: {json.dumps(out['fp32'])}", flush=True)
-    for name, profile_name in (("a16w8", "qnn-htp"), ("a8w8", "generic-a8w8")):
+    for key, name, profile_name in FINAL_GRAPHS:
         profile = get_profile(profile_name)
         transforms = DEFAULT_TRANSFORMS[name]
         lm = prepare(model, seq_len, transforms, calib, conv=profile.linear_as_conv)
-        export_graphs(lm, folder / name)
-        graphs = quantize_graphs(lm, folder / name, PRESETS[name], profile, calib.numpy())
-        out[name], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1, decode_samples=DECODE_SAMPLES)
-        out[name].update(violations=graphs.violations["prefill"] + graphs.violations["decode"],
-                         transforms=list(lm.transforms), profile=profile_name,
-                         sixteen_bit_tensors=graphs.reports["prefill"].sixteen_bit_tensors,
-                         sixteen_bit_groups=graphs.reports["prefill"].sixteen_bit_groups,
-                         sixteen_bit_weights=graphs.reports["prefill"].sixteen_bit_weights)
-        print(f"{name}: {json.dumps(out[name])}", flush=True)
+        export_graphs(lm, folder / key)
+        graphs = quantize_graphs(lm, folder / key, PRESETS[name], profile, calib.numpy())
+        out[key], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1, decode_samples=DECODE_SAMPLES)
+        out[key].update(violations=graphs.violations["prefill"] + graphs.violations["decode"],
+                        transforms=list(lm.transforms), profile=profile_name,
+                        sixteen_bit_tensors=graphs.reports["prefill"].sixteen_bit_tensors,
+                        sixteen_bit_groups=graphs.reports["prefill"].sixteen_bit_groups,
+                        sixteen_bit_weights=graphs.reports["prefill"].sixteen_bit_weights)
+        htp = compile_graphs({"prefill": graphs.prefill, "decode": graphs.decode}, profile, DEFAULT_SOC_MODEL)
+        if htp.get("graphs", {}).get("prefill", {}).get("whole"):
+            htp["emulated"] = emulate(graphs.prefill, valid, DEFAULT_SOC_MODEL, htp_seqs)
+        out[key]["htp"] = htp
+        print(f"{key}: {json.dumps(out[key])}", flush=True)
     return out
 
 
@@ -225,8 +240,8 @@ def markdown(report: dict) -> str:
     if report.get("final"):
         lines += ["| graph | profile | rewrites | perplexity | vs fp32 | agreement | decode-graph perplexity | vs fp32 "
                   "| decode-graph agreement | prefill MB | decode MB | prefill latency (ms, median) | decode tokens/s "
-                  "| inspect violations |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| inspect violations | HTP compiler: refused nodes (prefill / decode) | HTP emulator vs CPU, same sequences |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base = report["final"]["fp32"]["perplexity"]
         decode_base = report["final"]["fp32"].get("decode_perplexity")
         for name, g in report["final"].items():
@@ -237,7 +252,8 @@ def markdown(report: dict) -> str:
                 + (f"{decode:.2f} | {decode / decode_base - 1:+.1%} | {g['decode_agreement']:.3f} | "
                    if decode is not None and decode_base else "– | – | – | ")
                 + f"{g['prefill_mb']:.0f} | {g['decode_mb']:.0f} | "
-                f"{g['prefill_latency_ms']:.0f} | {g['decode_tokens_per_second']:.1f} | {len(g['violations'])} |")
+                f"{g['prefill_latency_ms']:.0f} | {g['decode_tokens_per_second']:.1f} | {len(g['violations'])} | "
+                f"{_htp_cells(g.get('htp'))} |")
         if report.get("final_commit"):
             lines += ["", f"Final graphs measured at commit `{report['final_commit'][:7]}`."]
         tokens = report["final"]["fp32"].get("decode_validation_tokens")
@@ -258,6 +274,18 @@ def markdown(report: dict) -> str:
                      "plain-ops RMSNorm into `RMSNormalization`, so the decomposed case is not reproduced here (it is "
                      "what `quant.ops.rms_norm` guarantees on any exporter version).")
     return "\n".join(lines) + "\n"
+
+
+def _htp_cells(htp: dict | None) -> str:
+    """The final table's two HTP cells: refused nodes per graph, and the emulator's perplexity against the CPU's."""
+    if not htp or not htp.get("graphs"):
+        return f"{'not compiled: ' + htp['skipped'] if htp and 'skipped' in htp else '–'} | –"
+    refused = " / ".join(str(len(g["unsupported"])) + ("" if g["whole"] else f" ({g['qnn_graphs']} QNN graphs)")
+                         for g in htp["graphs"].values())
+    e = htp.get("emulated")
+    emulated = (f"{e['perplexity']:.2f} vs {e['cpu_perplexity']:.2f} ({e['perplexity'] / e['cpu_perplexity'] - 1:+.2%}), "
+                f"agreement {e['agreement_with_cpu']:.3f}, {e['tokens']:,} tokens" if e else "–")
+    return f"{refused} | {emulated}"
 
 
 def _ppl(cell: dict | None) -> str:
