@@ -29,6 +29,7 @@ _EPILOG = """examples:
   compress --teacher smollm2-135m --target-size 0.67x --out runs/demo --stop-after quantize --quant a16w8 --npu-profile qnn-htp
   compress --teacher smollm2-135m --target-size 1x --out runs/teacher --stop-after quantize --quant a8w8 --npu-profile generic-a8w8
   compress inspect runs/demo/onnx/model.a16w8.onnx --npu-profile qnn-htp
+  compress inspect runs/demo/onnx/model.a16w8.onnx --compile qnn-htp   # Qualcomm's HTP compiler: refused nodes
   compress finetune --student runs/demo/student --data task.jsonl --out runs/demo/task   # LoRA on (input, output) pairs
   compress report runs/demo                                  # rebuild report.md / .json / plots
 

@@ -171,7 +171,8 @@ def inspect(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="compress inspect",
         description="Check an ONNX graph against an NPU profile: dynamic dimensions, control flow, operators "
-        "outside the profile's set, float islands, weight types and channel alignment. Exits 1 on any violation.",
+        "outside the profile's set, float islands, weight types and channel alignment; with --compile, also compile "
+        "it with the NPU's own compiler. Exits 1 on any violation or refused node.",
     )
     parser.add_argument("model", help="an .onnx file")
     parser.add_argument("--npu-profile", default="qnn-htp", help=f"one of {', '.join(PROFILES)} (default qnn-htp)")
