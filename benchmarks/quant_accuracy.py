@@ -8,7 +8,9 @@ For one model (default: the smollm2-135m teacher; ``--model DIR`` for a pruned o
 2. **Final graphs** (the recipe ``compress`` ships): fp32, A16W8 (qnn-htp) and A8W8 (generic-a8w8 and
    qnn-htp) prefill and decode graphs: perplexity, agreement, size on disk, median prefill latency, decode
    tokens/s, ``compress inspect`` violations; the qnn-htp graphs compiled by Qualcomm's HTP compiler (refused
-   nodes) and ``--htp-seqs`` validation sequences run on its emulator next to ONNX Runtime's CPU.
+   nodes) and ``--htp-seqs`` validation sequences run on its emulator next to ONNX Runtime's CPU; and the
+   weight-only CPU graphs (ort-cpu: int8 and int4 MatMulNBits blocks), whose decode speed is the point.
+   ``--final`` picks some of them.
 
 Writes ``benchmarks/results/quant_accuracy{,_<name>}.{md,json}``.
 
@@ -43,9 +45,10 @@ from quant.qnn import DEFAULT_SOC_MODEL
 from quant.quantize import PRESETS, QuantRecipe
 
 RESULTS = Path(__file__).parent / "results"
-# The final graphs: (key, recipe, NPU profile). A8W8 is measured for both profiles: per-channel MatMul weights on
-# generic-a8w8, 1x1 Convs on qnn-htp.
-FINAL_GRAPHS = (("a16w8", "a16w8", "qnn-htp"), ("a8w8", "a8w8", "generic-a8w8"), ("a8w8 (qnn-htp)", "a8w8", "qnn-htp"))
+# The final graphs: (key, recipe, profile). A8W8 is measured for both NPU profiles: per-channel MatMul weights on
+# generic-a8w8, 1x1 Convs on qnn-htp; w8 and w4 are the weight-only graphs for a CPU (ort-cpu).
+FINAL_GRAPHS = (("a16w8", "a16w8", "qnn-htp"), ("a8w8", "a8w8", "generic-a8w8"), ("a8w8 (qnn-htp)", "a8w8", "qnn-htp"),
+                ("w8", "w8", "ort-cpu"), ("w4", "w4", "ort-cpu"))
 DECODE_SAMPLES = 8  # validation sequences whose second halves score the decode graphs (1,024 tokens at 256)
 
 A16 = QuantRecipe("a16w8", 16)
@@ -91,6 +94,8 @@ def main() -> None:
     parser.add_argument("--eval-seqs", type=int, default=16)
     parser.add_argument("--calib-seqs", type=int, default=8)
     parser.add_argument("--rows", default="all", help="'all', or comma-separated method row numbers and/or 'final'")
+    parser.add_argument("--final", default=",".join(g[0] for g in FINAL_GRAPHS),
+                        help=f"comma-separated final graphs, of {', '.join(g[0] for g in FINAL_GRAPHS)} (default all)")
     parser.add_argument("--htp-seqs", type=int, default=2, help="validation sequences each final qnn-htp prefill graph "
                         "runs on the HTP emulator (about 30 s each for a 100M-parameter graph)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -139,7 +144,7 @@ def main() -> None:
             report["methods"].append(row)
         if "all" in wanted or "final" in wanted:
             report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1,
-                                            args.htp_seqs)
+                                            args.htp_seqs, args.final.split(","))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = time.perf_counter() - started
@@ -182,7 +187,7 @@ def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple
 
 
 def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid: np.ndarray,  # noqa: ANN001
-                  reference_top1: np.ndarray, htp_seqs: int) -> dict:
+                  reference_top1: np.ndarray, htp_seqs: int, keys: list[str]) -> dict:
     """The graphs ``compress --stop-after quantize`` writes, for each shipped recipe and profile (FINAL_GRAPHS);
     those of a Qualcomm profile compiled by the HTP compiler, and ``htp_seqs`` validation sequences run on its
     emulator."""
@@ -193,10 +198,10 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
                              decode_samples=DECODE_SAMPLES)
     out["fp32"].update(violations=[], transforms=[], profile="-")
     print(f"fp32: {json.dumps(out['fp32'])}", flush=True)
-    for key, name, profile_name in FINAL_GRAPHS:
+    for key, name, profile_name in (g for g in FINAL_GRAPHS if g[0] in keys):
         profile = get_profile(profile_name)
         transforms = DEFAULT_TRANSFORMS[name]
-        lm = prepare(model, seq_len, transforms, calib, conv=profile.linear_as_conv)
+        lm = prepare(model, seq_len, transforms, calib, conv=profile.linear_as_conv, separate_head=profile.weight_only)
         export_graphs(lm, folder / key)
         graphs = quantize_graphs(lm, folder / key, PRESETS[name], profile, calib.numpy())
         out[key], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1, decode_samples=DECODE_SAMPLES)

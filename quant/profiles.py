@@ -48,6 +48,9 @@ class NpuProfile:
     # The toolchain is Qualcomm's QNN: run ORT's QNN graph preprocessing before quantizing, and leave per-channel
     # weights to ORT's QNN config (it sets them where QNN takes them) instead of this profile's per_channel_ops.
     qnn_toolchain: bool = False
+    # Float activations and integer weights inside the matmul operators (no Q/DQ pairs): float tensors are
+    # expected, a float matmul weight is not. The head is exported as its own MatMul so it is quantized too.
+    weight_only: bool = False
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -87,6 +90,22 @@ register(NpuProfile(
     ops=_COMMON_OPS,
     per_channel_ops=("MatMul", "Gemm", "Conv"),
     channel_multiple=1,
+))
+
+
+register(NpuProfile(
+    name="ort-cpu",
+    description="ONNX Runtime on a CPU, for machines without an NPU: float activations, every matmul weight stored "
+                "as int8 or int4 blocks (com.microsoft MatMulNBits), the format ORT's CPU kernels decode fastest.",
+    activation_type="float",
+    weight_type="int8",
+    ops=_COMMON_OPS | {"MatMulNBits"},
+    per_channel_ops=(),
+    channel_multiple=1,
+    activation_types=(),
+    weight_types=("int8", "int4"),
+    default_quant="w8",
+    weight_only=True,
 ))
 
 
@@ -151,7 +170,7 @@ def check(model: onnx.ModelProto, profile: NpuProfile, quantized: bool = True) -
             found.append(Violation("shape-arithmetic", where, "shape computation left in the graph"))
         elif node.op_type not in profile.ops:
             found.append(Violation("op", where, f"{node.op_type} is not in {profile.name}'s operator set"))
-        if not quantized or node.op_type in QDQ_OPS or node.op_type == "Cast":
+        if not quantized or profile.weight_only or node.op_type in QDQ_OPS or node.op_type == "Cast":
             continue
         for name in node.input:
             if not name or elem_type(name) in _INT_TYPES or elem_type(name) is None and name not in producers:
@@ -170,7 +189,11 @@ def check(model: onnx.ModelProto, profile: NpuProfile, quantized: bool = True) -
             users = consumers.get(name, [])
             if name in outputs or not users or any(u.op_type != "QuantizeLinear" for u in users):
                 found.append(Violation("float-island", where, f"writes float tensor {name} not quantized by QuantizeLinear"))
-    if quantized:
+    if quantized and profile.weight_only:
+        found += [Violation("weight-type", f"{n.op_type} {n.name or n.output[0]}", f"float weight {n.input[1]}: "
+                            f"{profile.name} stores every matmul weight as integers (MatMulNBits)")
+                  for n in graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and n.input[1] in initializers]
+    elif quantized:
         found += _check_weights(graph, profile, initializers, producers, consumers)
     return found
 

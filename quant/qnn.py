@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 # Snapdragon X Elite (the laptop NPU of Windows on Snapdragon PCs); any SoC number QNN knows is accepted.
 DEFAULT_SOC_MODEL = "60"
@@ -176,6 +177,20 @@ def emulated_quality(graph: str | Path, ids: np.ndarray, soc_model: str = DEFAUL
                                     "--ids", str(Path(tmp) / "ids.npy"), "--work", tmp], timeout))
 
 
+def layer_norm_parameters(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """The stored scales (gamma) and biases (beta) of every LayerNormalization, which a QNN recipe quantizes
+    its own way (:mod:`quant.quantize`).
+
+    QNN's HTP refuses a LayerNorm whose scale is symmetric int8, ORT's default for weights, and one whose int32
+    bias (ORT's default, on the input's scale times the weight's) follows an 8-bit input ("Failed to add node":
+    the NPU would hand every norm to the CPU). It takes the scale as uint8 with a zero point (the same 256
+    levels, spent on the scale's own range) and the bias as uint16 on its own range."""
+    initializers = {t.name for t in model.graph.initializer}
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    return (sorted({n.input[1] for n in norms if len(n.input) > 1 and n.input[1] in initializers}),
+            sorted({n.input[2] for n in norms if len(n.input) > 2 and n.input[2] in initializers}))
+
+
 # The child process: everything below runs inside ``python -m quant.qnn``.
 
 def _session(graph: Path, soc_model: str, work: Path, context: Path | None = None):  # noqa: ANN202 - ort session
@@ -200,7 +215,7 @@ def _session(graph: Path, soc_model: str, work: Path, context: Path | None = Non
 
 
 def _read_trace(graph: Path, soc_model: str, work: Path, seconds: float, error: str | None) -> HtpCompilation:
-    import onnx
+
 
     nodes = len(onnx.load(graph, load_external_data=False).graph.node)
     path = work / TRACE_FILE

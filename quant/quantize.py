@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from quant.profiles import NpuProfile
+from quant.qnn import layer_norm_parameters
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,17 @@ class QuantRecipe:
     weight_rounding: str = "nearest"
     sixteen_bit: tuple[str, ...] = ()  # activation groups (quantize's ``groups``) kept at 16 bits in an 8-bit graph
     sixteen_bit_weights: tuple[str, ...] = ()  # weight groups (quantize's ``weight_groups``) stored as int16
+    # Weight-only: float activations, every MatMul weight stored as ``weight_bits`` integers in blocks of
+    # ``block_size`` along its input, each block with its own scale (ONNX Runtime's MatMulNBits, for CPUs).
+    weight_only: bool = False
+    block_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.activation_bits not in (8, 16) or self.weight_bits != 8:
+        if self.weight_only:
+            if self.activation_bits != 32 or self.weight_bits not in (4, 8) or self.block_size < 16:
+                raise ValueError("a weight-only recipe keeps float activations (activation_bits 32) and stores "
+                                 "weight_bits 4 or 8 in blocks of at least 16")
+        elif self.activation_bits not in (8, 16) or self.weight_bits != 8:
             raise ValueError("activation_bits must be 8 or 16 and weight_bits 8")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
@@ -77,6 +86,10 @@ PRESETS = {
     # the attention scores and probabilities, and the MLP's gating; every matmul input stays 8-bit.
     "a8w8": QuantRecipe("a8w8", activation_bits=8, sixteen_bit=("residual", "softmax", "swiglu"),
                         sixteen_bit_weights=MIXES, weight_rounding="gptq"),
+    # For CPUs (the ort-cpu profile): decoding one token reads every weight once, so it runs at the speed
+    # weights stream from memory; int8 blocks of 32 read a quarter of fp32's bytes, int4 an eighth.
+    "w8": QuantRecipe("w8", activation_bits=32, weight_bits=8, per_channel=False, weight_only=True, block_size=32),
+    "w4": QuantRecipe("w4", activation_bits=32, weight_bits=4, per_channel=False, weight_only=True, block_size=32),
 }
 
 
@@ -255,7 +268,7 @@ def _overrides(model: onnx.ModelProto, chosen: dict[str, list[str]], wide: list[
 
     overrides = {}
     if profile.qnn_toolchain:
-        scales, biases = _layer_norm_parameters(model)
+        scales, biases = layer_norm_parameters(model)
         overrides = {name: [{"quant_type": QuantType.QUInt8, "symmetric": False}] for name in scales}
         overrides.update({name: [{"quant_type": QuantType.QUInt16, "symmetric": False}] for name in biases})
     overrides.update({name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names})
@@ -264,19 +277,6 @@ def _overrides(model: onnx.ModelProto, chosen: dict[str, list[str]], wide: list[
     for name in wide:
         overrides[name] = [{"quant_type": QuantType.QInt16, "symmetric": True}]
     return overrides
-
-
-def _layer_norm_parameters(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """The stored scales (gamma) and biases (beta) of every LayerNormalization.
-
-    QNN's HTP refuses a LayerNorm whose scale is symmetric int8, ORT's default for weights, and one whose int32
-    bias (ORT's default, on the input's scale times the weight's) follows an 8-bit input ("Failed to add node":
-    the NPU would hand every norm to the CPU). It takes the scale as uint8 with a zero point (the same 256
-    levels, spent on the scale's own range) and the bias as uint16 on its own range."""
-    initializers = {t.name for t in model.graph.initializer}
-    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
-    return (sorted({n.input[1] for n in norms if len(n.input) > 1 and n.input[1] in initializers}),
-            sorted({n.input[2] for n in norms if len(n.input) > 2 and n.input[2] in initializers}))
 
 
 def _ort_config(source: Path, tmp: Path, model: onnx.ModelProto, reader: Any, recipe: QuantRecipe, profile: NpuProfile,
@@ -335,6 +335,14 @@ def quantize(
     from onnxruntime.quantization import quantize as ort_quantize
 
     started = time.perf_counter()
+    if recipe.weight_only:
+        from quant.weight_only import quantize_weights
+
+        quantize_weights(Path(float_path), Path(out_path), recipe.weight_bits, recipe.block_size)
+        report = QuantReport(recipe=recipe.to_dict(), profile=profile.name, calibration_samples=0, sixteen_bit_tensors=0,
+                             seconds=time.perf_counter() - started)
+        log.info("quantized %s → %s: %s", Path(float_path).name, Path(out_path).name, json.dumps(report.to_dict()))
+        return report
     if not isinstance(feeds, Sequence):
         feeds = list(feeds)  # a sequence stays as it is: its items may be built on demand
     if not feeds:

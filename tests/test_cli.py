@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -271,6 +272,36 @@ def test_quantize_stage_writes_checked_graphs_and_inspect_judges_them(inputs, tm
     assert _run("report", out, "--quiet") == 0
     markdown = (out / "report.md").read_text()
     assert "## On the NPU: Qualcomm's HTP compiler" in markdown and "`onnx/model.a16w8.qnn.onnx`" in markdown
+
+
+def test_the_cpu_profile_writes_weight_only_graphs_that_track_the_float_ones(inputs, tmp_path, capsys):
+    from quant import runtime
+
+    teacher, corpus = inputs
+    out = tmp_path / "cpu"
+    args = ["--teacher", teacher, "--data", corpus, "--target-size", "0.7x", "--out", out, *SMALL, "--stop-after", "quantize",
+            "--distill-tokens", "256", "--distill-seq-len", "16", "--distill-batch-size", "4", "--seq-len", "16",
+            "--npu-profile", "ort-cpu"]
+    # A Q/DQ recipe on the CPU profile (or a weight-only one on an NPU's) is refused before anything runs.
+    assert _run(*args, "--quant", "a16w8") == 2 and "does not fit --npu-profile ort-cpu" in _error_of(capsys)
+    assert _run(*args[:-2], "--quant", "w8") == 2 and "does not fit --npu-profile qnn-htp" in _error_of(capsys)
+    assert not out.exists()
+    assert _run(*args, "--quant", "w8") == 0
+    metrics = json.loads((out / "quantize.metrics.json").read_text())
+    assert metrics["violations"] == [] and metrics["htp"] == {}
+    graph = onnx.load(out / "onnx" / "model.w8.onnx").graph
+    kinds = {n.op_type for n in graph.node}
+    assert "MatMulNBits" in kinds and "QuantizeLinear" not in kinds
+    # Every linear layer and the head (its own weights now, the table stays the lookup's) are int8 blocks.
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 7 * 3 + 1
+    assert not [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in
+                {t.name for t in graph.initializer}]
+    ids = np.random.default_rng(0).integers(3, 200, (2, 16))
+    float_logits = runtime.prefill_logits(runtime.session(out / "onnx" / "model.onnx"), ids)
+    int_logits = runtime.prefill_logits(runtime.session(out / "onnx" / "model.w8.onnx"), ids)
+    assert np.sqrt(((int_logits - float_logits) ** 2).mean()) / float_logits.std() < 0.05
+    assert metrics["w8"]["decode_tokens_per_second"] > 0 and metrics["w8"]["perplexity"] == pytest.approx(
+        json.loads((out / "export.metrics.json").read_text())["fp32"]["perplexity"], rel=0.05)
 
 
 def test_target_1x_exports_the_teacher_without_distilling(inputs, tmp_path, capsys):

@@ -95,11 +95,13 @@ _HELP = {
     "correction, for data unlike the teacher's own; 0: off)",
     "teacher_correction_lr": "learning rate of the teacher correction",
     "seq_len": "static sequence length of the exported prefill graph and capacity of the decode graph's KV cache",
-    "quant": f"integer recipe of the quantized graphs: {', '.join(QUANT_CHOICES)}",
-    "npu_profile": f"NPU rules the graphs are made for and checked against: {', '.join(PROFILES)}",
+    "quant": f"integer recipe of the quantized graphs: {', '.join(QUANT_CHOICES)} (a16w8 / a8w8: Q/DQ graphs for "
+    "an NPU profile; w8 / w4: weight-only int8 / int4 blocks for --npu-profile ort-cpu)",
+    "npu_profile": f"rules the graphs are made for and checked against: {', '.join(PROFILES)} (ort-cpu: ONNX Runtime "
+    "on a CPU without an NPU)",
     "quant_transforms": "comma-separated float rewrites before quantization: rotate (QuaRot-style), smooth "
-    "(SmoothQuant), embed-rows (per-row embedding scales); '' for none; default: rotate,embed-rows for both "
-    "recipes",
+    "(SmoothQuant), embed-rows (per-row embedding scales); '' for none; default: rotate,embed-rows for a16w8 and "
+    "a8w8, none for w8 and w4",
     "quant_calib_samples": "calibration sequences (of --seq-len tokens) for quantization ranges, smoothing and "
     "GPTQ's weight rounding",
     "quant_decode_calib_tokens": "decode steps the decode graph's ranges are calibrated on, spread over the positions "

@@ -32,7 +32,9 @@ from quant.quantize import PRESETS
 
 # The rewrites each recipe was measured best with (benchmarks/results/quant_accuracy_*.md): both need the
 # rotation (the first position's massive activation sets every residual range) and per-row embedding scales.
-DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("rotate", "embed-rows"), "a8w8": ("rotate", "embed-rows")}
+DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("rotate", "embed-rows"), "a8w8": ("rotate", "embed-rows"),
+                      # weight-only: activations stay float, so no outlier rewrite; the head gets its own weights
+                      "w8": (), "w4": ()}
 
 STAGES = ("correct", "score", "plan", "prune", "distill", "export", "quantize", "report")
 """The stages in order; ``--stop-after`` takes one of them. ``correct`` does nothing unless
@@ -135,6 +137,14 @@ class QuantConfig:
                               "(comma-separated, or empty for none)")
         _positive(quant_calib_samples=self.calib_samples, quant_decode_calib_tokens=self.decode_calib_tokens,
                   seq_len=self.seq_len)
+        profile = PROFILES[self.npu_profile]
+        if self.recipe != "none" and PRESETS[self.recipe].weight_only != profile.weight_only:
+            fitting = [name for name, r in PRESETS.items() if r.weight_only == profile.weight_only]
+            raise ConfigError(f"--quant {self.recipe} does not fit --npu-profile {self.npu_profile}: it takes "
+                              f"{', '.join(fitting)} (weight-only recipes are for ort-cpu, Q/DQ recipes for NPUs)")
+        if profile.weight_only and "embed-rows" in self.transforms:
+            raise ConfigError(f"--quant-transforms embed-rows does not fit --npu-profile {self.npu_profile}: its head "
+                              "has weights of its own, so the table needs no row scales; leave embed-rows out")
 
 
 @dataclass(frozen=True)
@@ -290,6 +300,8 @@ def _section(kind: type, name: str, default: Any, values: dict[str, Any]) -> Any
         raise ConfigError(f"unknown field(s) {', '.join(unknown)} in config section {name!r}; known: {', '.join(sorted(known))}")
     if kind is DistillConfig and "hidden_pairs" in values:
         values = {**values, "hidden_pairs": tuple(tuple(p) for p in values["hidden_pairs"])}
+    if kind is QuantConfig and "transforms" not in values:
+        values = {**values, "transforms": None}  # the given recipe's default, not the default recipe's
     try:
         return dataclasses.replace(default, **values)
     except DistillError as error:  # the trainer's own checks, named by the flags a user gives

@@ -300,9 +300,16 @@ class StaticLM(nn.Module):
         """Every linear layer of the blocks as a 1x1 Conv (in place; apply after the float rewrites)."""
         return self._relayout(Conv1x1)
 
-    def matmul_layout(self) -> StaticLM:
+    def matmul_layout(self, separate_head: bool = False) -> StaticLM:
         """Every linear layer of the blocks as a MatMul on a stored (in, out) weight (in place; apply after the
-        float rewrites): the layout for profiles that take per-channel weights on MatMul."""
+        float rewrites): the layout for profiles that take per-channel weights on MatMul. ``separate_head``: a
+        tied head too gets its own MatMul on a transposed copy of the table (for weight-only profiles, whose
+        matmul operators hold their weights packed, so the lookup cannot share them)."""
+        if separate_head and self.tied:
+            if self.embed_scale is not None:
+                raise ValueError("separate_head: apply it without the embed-rows rewrite (the head would need the "
+                                 "table's row scales)")
+            self.head = nn.Parameter(self.embed.detach().clone())
         return self._relayout(MatMulLinear)
 
     def _relayout(self, layer_type: type[nn.Module]) -> StaticLM:

@@ -34,11 +34,12 @@ log = logging.getLogger(__name__)
 
 def prepare(model: nn.Module, seq_len: int, transforms: tuple[str, ...] = TRANSFORMS,
             calibration_ids: torch.Tensor | None = None, fused_norm: bool = True, seed: int = 0,
-            conv: bool = False) -> StaticLM:
+            conv: bool = False, separate_head: bool = False) -> StaticLM:
     """The export-ready float copy of ``model`` with ``transforms`` applied in TRANSFORMS order; with
     ``conv``, linear layers become 1x1 Convs (for profiles that take per-channel weights only on Conv), else
-    MatMuls on stored (in, out) weights. Transforms the model's family does not allow are skipped with a warning;
-    ``lm.transforms`` holds those applied."""
+    MatMuls on stored (in, out) weights, and with ``separate_head`` a tied head its own MatMul (weight-only
+    profiles). Transforms the model's family does not allow are skipped with a warning; ``lm.transforms`` holds
+    those applied."""
     unknown = set(transforms) - set(TRANSFORMS)
     if unknown:
         raise ValueError(f"unknown transforms {sorted(unknown)}; known: {', '.join(TRANSFORMS)}")
@@ -57,7 +58,7 @@ def prepare(model: nn.Module, seq_len: int, transforms: tuple[str, ...] = TRANSF
         smooth(lm, calibration_ids)
     if "embed-rows" in transforms:
         normalize_embedding(lm)
-    return lm.convolutional() if conv else lm.matmul_layout()
+    return lm.convolutional() if conv else lm.matmul_layout(separate_head)
 
 
 def export_graphs(lm: StaticLM, out_dir: str | Path, decode: bool = True,

@@ -50,8 +50,9 @@ def _prepared(state: RunState) -> tuple[Path, Any, torch.Tensor]:
     calib = state.ids("calibration", c.quant.seq_len, c.quant.calib_samples)
     if state.vocab_map is not None:
         calib = state.vocab_map.student_ids(calib)  # the plan kept every calibration token
-    conv = get_profile(c.quant.npu_profile).linear_as_conv
-    return source, prepare(model, c.quant.seq_len, c.quant.transforms, calib, seed=c.seed, conv=conv), calib
+    profile = get_profile(c.quant.npu_profile)
+    return source, prepare(model, c.quant.seq_len, c.quant.transforms, calib, seed=c.seed, conv=profile.linear_as_conv,
+                           separate_head=profile.weight_only), calib
 
 
 def _per_teacher_token(metrics: dict[str, Any], references: dict[str, Reference], agreement: bool = True,
@@ -186,7 +187,7 @@ class Minitron(StudentFamily):
 
         # The cache holds the prompt and every generated token; the prefill graph reads the prompt only.
         lm = prepare(model, prompt_tokens + new_tokens, DEFAULT_TRANSFORMS[recipe.name], torch.as_tensor(calib),
-                     conv=profile.linear_as_conv)
+                     conv=profile.linear_as_conv, separate_head=profile.weight_only)
         export_graphs(lm, folder, prefill_length=prompt_tokens)
         quantize_graphs(lm, folder, recipe, profile, calib, decode_calib_tokens=decode_calib_tokens)
         return {kind: {"float": folder / f"{name}.onnx", "quantized": folder / f"{name}.{recipe.name}.onnx"}
