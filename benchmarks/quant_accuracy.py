@@ -47,7 +47,7 @@ from quant.quantize import PRESETS, QuantRecipe
 RESULTS = Path(__file__).parent / "results"
 # The final graphs: (key, recipe, profile). A8W8 is measured for both NPU profiles: per-channel MatMul weights on
 # generic-a8w8, 1x1 Convs on qnn-htp; w8 and w4 are the weight-only graphs for a CPU (ort-cpu).
-FINAL_GRAPHS = (("a16w8", "a16w8", "qnn-htp"), ("a8w8", "a8w8", "generic-a8w8"), ("a8w8 (qnn-htp)", "a8w8", "qnn-htp"),
+FINAL_GRAPHS = (("a16w8", "a16w8", "qnn-htp"), ("a8w8", "a8w8", "generic-a8w8"), ("a8w8-qnn-htp", "a8w8", "qnn-htp"),
                 ("w8", "w8", "ort-cpu"), ("w4", "w4", "ort-cpu"))
 DECODE_SAMPLES = 8  # validation sequences whose second halves score the decode graphs (1,024 tokens at 256)
 
