@@ -238,7 +238,8 @@ class Minitron(StudentFamily):
         references = state.student_references(c.quant.seq_len)
         reference = references["validation"]
         float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
-        graphs = quantize_graphs(lm, folder, PRESETS[c.quant.recipe], get_profile(c.quant.npu_profile), calib.numpy(),
+        profile = get_profile(c.quant.npu_profile)
+        graphs = quantize_graphs(lm, folder, PRESETS[c.quant.recipe], profile, calib.numpy(),
                                  decode_calib_tokens=c.quant.decode_calib_tokens,
                                  progress=state.progress)
         metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress,
@@ -253,7 +254,6 @@ class Minitron(StudentFamily):
         if violations:
             log.warning("%d violations of the %s profile; see `compress inspect %s --npu-profile %s`",
                         len(violations), c.quant.npu_profile, graphs.prefill, c.quant.npu_profile)
-        profile = get_profile(c.quant.npu_profile)
         htp = compile_graphs({"prefill": graphs.prefill, "decode": graphs.decode}, profile, c.quant.soc_model)
         if htp.get("graphs", {}).get("prefill", {}).get("whole"):
             htp["emulated"] = emulate(graphs.prefill, reference.ids.numpy(), c.quant.soc_model, c.quant.htp_eval_samples)
