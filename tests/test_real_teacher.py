@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compress.app.cli import main
+from quant import qnn
 
 pytestmark = pytest.mark.real_teacher
 
@@ -53,7 +54,7 @@ def test_prune_smollm2_to_two_thirds(tmp_path, capsys):
                  "--calib-samples", "64", "--search-candidates", "2", "--eval-samples", "8", "--eval-seq-len", "64", "--quiet",
                  "--distill-tokens", "1024", "--distill-seq-len", "64", "--distill-eval-every", "1", "--seq-len", "64",
                  "--quant", "a16w8", "--npu-profile", "qnn-htp", "--quant-calib-samples", "2",
-                 "--quant-decode-calib-tokens", "64"])
+                 "--quant-decode-calib-tokens", "64", "--htp-eval-samples", "2"])
     assert code == 0
     exported = json.loads((out / "export.metrics.json").read_text())
     assert exported["source"].endswith("student") and exported["max_abs_diff_vs_torch"] <= 1e-3
@@ -61,6 +62,12 @@ def test_prune_smollm2_to_two_thirds(tmp_path, capsys):
     assert quantized["violations"] == []  # every dimension of the 0.67x student is a multiple of 32
     graph = quantized["a16w8"]
     assert graph["agreement_with_float"] > 0.7
+    if qnn.unavailable() is None:  # Qualcomm's HTP compiler takes the real student's graphs whole
+        htp = quantized["htp"]
+        assert all(g["whole"] for g in htp["graphs"].values()) and set(htp["graphs"]) == {"prefill", "decode"}
+        assert (out / "onnx" / "model.a16w8.qnn.onnx").exists() and (out / "onnx" / "decode.a16w8.qnn.onnx").exists()
+        emulated = htp["emulated"]
+        assert emulated["sequences"] == 2 and abs(emulated["perplexity"] / emulated["cpu_perplexity"] - 1) < 0.02
     assert graph["perplexity"] < 1.2 * exported["fp32"]["perplexity"]
     report = json.loads((out / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["teacher", "pruned", "distilled", "fp32 graph", "a16w8 graph (qnn-htp)"]
