@@ -112,7 +112,7 @@ def main() -> None:
         "model": args.model, "seq_len": args.seq_len, "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
         "calibration_sequences": int(calib.shape[0]), **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "data": "Debian documentation corpus (validation / calibration splits)", "seed": defaults.seed,
+        "data": f"the {dataset.name} corpus (validation / calibration splits)", "seed": defaults.seed,
     }
     wanted = args.rows.split(",")
     rows = list(range(len(METHOD_ROWS))) if "all" in wanted else [int(r) for r in wanted if r != "final"]
