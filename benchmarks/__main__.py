@@ -110,6 +110,10 @@ TARGETS = (
     Target("weight_ranges", ("weight_ranges_smollm2-135m-0.67x-pruned.json", "weight_ranges_smollm2-135m-0.67x-pruned.md"),
            args=("--model", str(PRUNED_RUN / "pruned"), "--name", "smollm2-135m-0.67x-pruned"), needs_pruned_run=True,
            title="Int8 weight rounding: the 0.67x pruned student"),
+    # The runs it compiles are made by the commands in its docstring (the first by the main_command target).
+    Target("htp_compile", ("htp_compile.json", "htp_compile.md"),
+           args=(str(ROOT / "runs" / "smollm2-135m-0.67x"), str(ROOT / "runs" / "mu-htp"), str(ROOT / "runs" / "mobilellm-htp")),
+           title="Qualcomm's HTP compiler on every student family's graphs"),
     Target("mu_init", ("mu_init.json", "mu_init.md"), title="Mu-like student: random vs teacher initialization"),
     Target("student_shapes", ("student_shapes.json", "student_shapes.md"),
            title="Student families at one budget: Minitron-like, MobileLLM-like, Mu-like"),
