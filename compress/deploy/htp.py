@@ -43,7 +43,11 @@ def compile_graphs(graphs: dict[str, Path], profile: NpuProfile, soc_model: str)
         context, trace = compiled_paths(graph)
         for stale in (context, context.with_name(context.stem + "_qnn.bin")):
             stale.unlink(missing_ok=True)
-        result = qnn.compile_graph(graph, soc_model, context_model=context, trace=trace)
+        try:
+            result = qnn.compile_graph(graph, soc_model, context_model=context, trace=trace)
+        except RuntimeError as error:  # the compiler's process itself failed: the run goes on, the report says so
+            log.warning("%s: Qualcomm's HTP compiler failed: %s", graph.name, error)
+            return {"skipped": f"the HTP compiler failed on {graph.name}: {str(error).splitlines()[0]}"}
         out["graphs"][part] = {**result.to_dict(), "trace": str(trace) if trace.exists() else None}
         if result.whole:
             log.info("compiled %s for the HTP of SoC %s: all %d nodes in one QNN graph (%.0f s) -> %s", graph.name,
