@@ -242,13 +242,10 @@ def _compile(graph: Path, soc_model: str, work: Path, context: Path | None) -> d
     return _read_trace(graph, soc_model, work, time.perf_counter() - start, error).to_dict()
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
 def _evaluate(graph: Path, soc_model: str, work: Path, ids: np.ndarray) -> dict:
     import onnxruntime as ort
+
+    from quant.runtime import _log_softmax
 
     start = time.perf_counter()
     htp = _session(graph, soc_model, work)
