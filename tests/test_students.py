@@ -331,13 +331,22 @@ def test_mu_student_runs_from_the_cli_to_a_report_scored_on_continuations(tmp_pa
     assert distilled["student_perplexity_before"] == pytest.approx(pruned["pruned_perplexity"], rel=1e-5)
     exported = json.loads((out / "export.metrics.json").read_text())
     assert exported["max_abs_diff_vs_torch"] <= 1e-3
-    assert {p.name for p in (out / "onnx").glob("*.onnx")} == {"encoder.onnx", "decoder.onnx", "encoder.a16w8.onnx",
-                                                               "decoder.a16w8.onnx"}
+    from quant import qnn
+
+    graphs = {"encoder.onnx", "decoder.onnx", "encoder.a16w8.onnx", "decoder.a16w8.onnx"}
+    if qnn.unavailable() is None:  # Qualcomm's HTP compiler took both quantized graphs whole
+        graphs |= {"encoder.a16w8.qnn.onnx", "decoder.a16w8.qnn.onnx"}
+    assert {p.name for p in (out / "onnx").glob("*.onnx")} == graphs
     # The float graphs score the continuations as the distilled torch model does (same tokens, same cut).
     assert exported["fp32"]["perplexity"] == pytest.approx(distilled["student_perplexity"], rel=1e-3)
     quantized = json.loads((out / "quantize.metrics.json").read_text())
     assert quantized["violations"] == []
     assert 0 <= quantized["a16w8"]["agreement_with_float"] <= 1
+    if qnn.unavailable() is None:
+        assert set(quantized["htp"]["graphs"]) == {"encoder", "decoder"}
+        assert all(g["whole"] and not g["unsupported"] for g in quantized["htp"]["graphs"].values())
+    else:
+        assert quantized["htp"] == {"skipped": qnn.unavailable()}
     # The graphs score the held-out general set too, on continuations of its sequences like the torch models
     # (all 4 of them here: fewer than the graphs' 16), so the float graph matches the distilled model there.
     general = distilled["evals"]["general-english"]
