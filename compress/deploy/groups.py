@@ -5,7 +5,8 @@ from the graph's structure rather than from names (the graphs of :mod:`compress.
 Activation groups (:func:`find_groups`, a recipe's ``sixteen_bit``):
 
 - ``residual``: the residual stream, i.e. the inputs of every normalization and the Add chains that
-  produce them (one outlier token sets their range; 8 bits then round ordinary tokens to zero);
+  produce them, back through layout changes to the linear layers that write each addend (one outlier token
+  sets their range; 8 bits then round ordinary tokens to zero);
 - ``softmax``: inputs and outputs of every Softmax, and the scores' scaling and masking before it (the
   masked scores span [-100, +30]);
 - ``swiglu``: the MLP's gating (SwiGLU, or GeGLU for Gemma), from the gate and up projections' outputs through act(gate)·up to the
@@ -63,6 +64,10 @@ def find_groups(model: onnx.ModelProto) -> dict[str, list[str]]:
         node = producers.get(name)
         if node is not None and node.op_type == "Add":
             stack += [i for i in node.input if i]
+        elif node is not None and node.op_type in _LAYOUT:
+            # A 1x1 Conv's output reaches the Add through a layout change; it carries the same values (the MLP's
+            # massive activations among them), so it is as wide as the stream it is added to.
+            stack.append(node.input[0])
     softmax: list[str] = []
     for node in model.graph.node:
         if node.op_type != "Softmax":
