@@ -58,6 +58,7 @@ def export(
     os.close(fd)
     try:
         onnx.save(model, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a run's graphs are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

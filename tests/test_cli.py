@@ -285,7 +285,8 @@ def test_the_cpu_profile_writes_weight_only_graphs_that_track_the_float_ones(inp
     # A Q/DQ recipe on the CPU profile (or a weight-only one on an NPU's) is refused before anything runs.
     assert _run(*args, "--quant", "a16w8") == 2 and "does not fit --npu-profile ort-cpu" in _error_of(capsys)
     assert _run(*args[:-2], "--quant", "w8") == 2 and "does not fit --npu-profile qnn-htp" in _error_of(capsys)
-    assert not out.exists()
+    assert _run(*args, "--quant", "w8", "--student", "mu") == 2 and "--student mu has no graphs" in _error_of(capsys)
+    assert not out.exists()  # refused before any stage wrote anything
     assert _run(*args, "--quant", "w8") == 0
     metrics = json.loads((out / "quantize.metrics.json").read_text())
     assert metrics["violations"] == [] and metrics["htp"] == {}

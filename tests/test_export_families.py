@@ -76,6 +76,7 @@ def test_every_decoder_family_exports_and_quantizes_for_the_npu_profile(family, 
     profile = get_profile("qnn-htp")
     lm = prepare(model, CAPACITY, TRANSFORMS, calib, conv=profile.linear_as_conv)
     prefill, decode = export_graphs(lm, tmp_path)
+    assert {p.stat().st_mode & 0o777 for p in (prefill, decode)} == {0o644}  # written by rename, readable as usual
     with torch.no_grad():
         expected = model(input_ids=ids).logits.numpy()
     got = runtime.prefill_logits(runtime.session(prefill), ids.numpy())
