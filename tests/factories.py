@@ -177,3 +177,34 @@ def int8_weights(quantized: onnx.ModelProto, floats: dict[str, np.ndarray]):  # 
         if axis is not None:
             shape[axis] = -1
         yield source, weight, scale, axis, values[source].astype(np.float32) * scale.reshape(shape)
+
+
+HAND_PAIRS = [  # written by hand, not by the task generator: compress eval --pairs takes any file of this shape
+    {"input": "turn on night light", "output": '{"setting": "display.night_light", "value": true}'},
+    {"input": "volume to 30", "output": '{"setting": "sound.volume", "value": 30}'},
+    {"input": "lock my pc", "output": '{"setting": "security.lock_now"}'},
+]
+
+
+def check_pairs_eval(run_dir: Path, tmp: Path, max_input_tokens: int = 6, new_tokens: int = 4) -> None:
+    """``compress eval RUN --pairs`` on hand-written pairs answers every request through the run's float graphs with
+    the student checkpoint's own tokens, and through its integer graphs too."""
+    import json
+
+    from compress.app.cli import main
+
+    pairs = tmp / "hand.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in HAND_PAIRS))
+    common = ["--pairs", str(pairs), "--max-new-tokens", str(new_tokens), "--max-input-tokens", str(max_input_tokens)]
+    results = {}
+    for name, extra in (("checkpoint", []), ("float", ["--graph", "float"]), ("quantized", ["--graph"])):
+        out = tmp / f"answers-{name}.json"
+        assert main(["eval", str(run_dir), *common, *extra, "--out", str(out)]) == 0
+        results[name] = json.loads(out.read_text())
+    for result in results.values():
+        assert result["pairs"] == len(HAND_PAIRS) and len(result["answers"]) == len(HAND_PAIRS)
+        assert 0 <= result["exact_match"] <= result["setting_accuracy"] <= 1
+        assert 0 < result["first_token_ms_p50"] <= result["call_ms_p50"]
+    # The float graphs and their host loop answer exactly as the checkpoint does.
+    assert [a["output"] for a in results["float"]["answers"]] == [a["output"] for a in results["checkpoint"]["answers"]]
+    assert results["quantized"]["answered_by"] != results["float"]["answered_by"]

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from factories import tiny_llama, write_corpus, write_teacher
+from factories import check_pairs_eval, tiny_llama, write_corpus, write_teacher
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -133,6 +133,7 @@ def test_mobilellm_student_runs_from_the_cli_deep_and_thin(tmp_path, capsys):
     assert quantized["violations"] == []
     graph = onnx.load(out / "onnx" / "model.onnx")
     assert sum(n.op_type == "RMSNormalization" for n in graph.graph.node) == 2 * 2 * depth + 1
+    check_pairs_eval(out, tmp_path, max_input_tokens=8)
     # FSDP cannot shard a block-shared student: refused in one line, before any training.
     capsys.readouterr()
     assert main([str(a) for a in [*args, "--distill-parallel", "fsdp", "--distill-tokens", "512"]]) == 2
@@ -356,6 +357,7 @@ def test_mu_student_runs_from_the_cli_to_a_report_scored_on_continuations(tmp_pa
     assert [r["name"] for r in report["rows"]] == ["teacher", "pruned", "distilled", "fp32 graph", "a16w8 graph (qnn-htp)"]
     assert report["rows"][3]["path"] == "onnx/encoder.onnx" and report["rows"][4]["decode_path"] == "onnx/decoder.a16w8.onnx"
     assert "continuations" in (out / "report.md").read_text()
+    check_pairs_eval(out, tmp_path, max_input_tokens=6)
 
 
 def test_a_new_student_family_is_one_class_and_one_registry_line(tmp_path):

@@ -30,7 +30,9 @@ _EPILOG = """examples:
   compress --teacher smollm2-135m --target-size 1x --out runs/teacher --stop-after quantize --quant a8w8 --npu-profile generic-a8w8
   compress inspect runs/demo/onnx/model.a16w8.onnx --npu-profile qnn-htp
   compress inspect runs/demo/onnx/model.a16w8.onnx --compile qnn-htp   # Qualcomm's HTP compiler: refused nodes
-  compress finetune --student runs/demo/student --data task.jsonl --out runs/demo/task   # LoRA on (input, output) pairs
+  compress task settings-agent --out data/settings          # requests to a desktop's settings -> one-line calls
+  compress finetune --student runs/demo/student --data data/settings/train.jsonl --out runs/demo/settings
+  compress eval runs/demo --pairs data/settings/test.jsonl --graph   # exact match and response time of the graphs
   compress report runs/demo                                  # rebuild report.md / .json / plots
 
 exit codes: 0 done, 1 a failure (or inspect found violations), 2 a usage error (bad flag, missing file,
@@ -44,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Prune a teacher language model to a target size with activation-based importance, distill it, "
         "and export static-shape float and integer (QDQ) ONNX graphs for an NPU.",
         epilog=_EPILOG + "\nsubcommands: compress fetch --help, compress eval --help, compress distill --help, "
-        "compress finetune --help, compress inspect --help, compress report --help",
+        "compress task --help, compress finetune --help, compress inspect --help, compress report --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_flags(parser, flag_names())
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS = {"fetch": commands.fetch, "eval": commands.evaluate, "distill": commands.distill,
+_SUBCOMMANDS = {"fetch": commands.fetch, "eval": commands.evaluate, "task": commands.task, "distill": commands.distill,
                 "finetune": commands.finetune, "inspect": commands.inspect, "report": commands.report}
 
 

@@ -1,4 +1,4 @@
-"""The ``compress`` subcommands: fetch, eval, distill, finetune, inspect, report."""
+"""The ``compress`` subcommands: fetch, eval, task, distill, finetune, inspect, report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compress.app.flags import add_config_flags, config_from, flag_names
 from compress.core.config import CompressConfig
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 from quant.profiles import PROFILES
 from quant.qnn import DEFAULT_SOC_MODEL
 
@@ -42,7 +42,8 @@ def evaluate(argv: list[str]) -> int:
         prog="compress eval",
         description="Perplexity of a model on the in-domain validation split of --data and on general-english (general "
         "English held out of every training corpus), or on a text file; or lm-eval tasks with --lm-eval.")
-    parser.add_argument("model", help="a checkpoint folder, .gguf file or built-in teacher alias")
+    parser.add_argument("model", help="a checkpoint folder, .gguf file or built-in teacher alias; with --pairs also a "
+                        "run folder (its student, or its graphs with --graph)")
     parser.add_argument("--text", help="a UTF-8 text file to measure instead of the evaluation sets")
     parser.add_argument("--data", help="corpus whose validation split is the in-domain set (default: default-mix)")
     parser.add_argument("--eval-data", help="comma-separated extra evaluation sets (files, folders or corpus names), "
@@ -50,10 +51,26 @@ def evaluate(argv: list[str]) -> int:
     parser.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval task names (or task YAML files) to run "
                         "through lm-eval's Hugging Face model wrapper instead of perplexity")
     parser.add_argument("--lm-eval-limit", type=int, help="at most this many examples per lm-eval task")
+    parser.add_argument("--pairs", help="a .jsonl file of {\"input\": request, \"output\": call as JSON} rows: decode "
+                        "each request greedily and report exact-match accuracy, invalid outputs and response time")
+    parser.add_argument("--graph", nargs="?", const="quantized", choices=("quantized", "float"),
+                        help="with --pairs and a run folder: answer through the run's integer graphs (or its float "
+                        "ones) and its host loop, as an app would, instead of the torch checkpoint")
+    parser.add_argument("--catalog", help="with --pairs: the catalog.json of known settings (default: the settings "
+                        "the pairs name)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="with --pairs: the longest answer (default 48)")
+    parser.add_argument("--max-input-tokens", type=int, default=256, help="with --pairs: requests keep their last N "
+                        "tokens, as compress finetune reads them (default 256; a graph takes at most its length)")
+    parser.add_argument("--limit", type=int, help="with --pairs: only the first N pairs")
+    parser.add_argument("--out", help="with --pairs: write the report and every answer to this JSON file")
     parser.add_argument("--samples", type=int, default=64, help="sequences per evaluation set (default 64)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
+    if args.pairs:
+        return _evaluate_pairs(args)
+    if args.graph:
+        parser.error("--graph answers requests through a run's graphs: it needs --pairs FILE")
     if args.lm_eval:
         from compress.evaluation.harness import run_lm_eval
 
@@ -76,6 +93,84 @@ def evaluate(argv: list[str]) -> int:
         ids = token_batches(source, tokenizer, split, args.seq_len, args.samples)
         out[name] = {"data": label, **perplexity(model, ids, args.batch_size, progress=True).to_dict()}
     print(json.dumps({"model": args.model, "evals": out}, indent=2))
+    return 0
+
+
+def _evaluate_pairs(args: argparse.Namespace) -> int:
+    """``compress eval MODEL_OR_RUN --pairs FILE``: see :mod:`compress.evaluation.calls`."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from compress.core.family import family_of, get_family, load_model
+    from compress.evaluation.calls import (
+        CheckpointDecoder,
+        GraphDecoder,
+        evaluate_calls,
+        known_settings,
+        read_pairs,
+    )
+    from compress.io import read_json, write_json
+    from compress.models import register as register_models
+    from compress.sources.teachers import load_teacher
+
+    if args.max_new_tokens < 1 or args.max_input_tokens < 1 or (args.limit is not None and args.limit < 1):
+        raise ConfigError("--max-new-tokens, --max-input-tokens and --limit must be at least 1")
+    pairs = read_pairs(args.pairs)[: args.limit]
+    known = known_settings(args.catalog, pairs)
+    target = Path(args.model)
+    run = (target / "student" / "config.json").exists() and (target / "config.json").exists()
+    if args.graph and not run:
+        raise CompressError(f"--graph: {args.model} is not a run folder (no student/ beside a config.json); pass the "
+                            "--out folder of a compress run, or leave --graph out to answer with the checkpoint")
+    checkpoint = target / "student" if run else target
+    if args.graph:
+        register_models()
+        settings = read_json(target / "config.json")
+        recipe = "none" if args.graph == "float" else settings["quant"]["recipe"]
+        family = get_family(settings["student"])
+        first, step = family.run_graphs(target, recipe)
+        if not first.exists() or not step.exists():
+            raise CompressError(f"--graph {args.graph}: {first.name} and {step.name} are not both in {target / 'onnx'}; "
+                                "run the export and quantize stages first (compress ... --out " f"{target})")
+        model_config = AutoConfig.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        eos = {t for t in (tokenizer.eos_token_id, getattr(model_config, "eos_token_id", None)) if isinstance(t, int)}
+        decoder = GraphDecoder(family, first, step, model_config, eos)
+        what = f"{first.relative_to(target)} + {step.name}"
+    else:
+        if run or (target / "config.json").exists():
+            model = load_model(checkpoint, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        else:
+            model, tokenizer = load_teacher(args.model)
+        family_of(model.config)  # a model type no family loads fails here, by name
+        eos = {t for t in (tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)) if isinstance(t, int)}
+        decoder = CheckpointDecoder(model, eos)
+        what = str(checkpoint)
+    report = evaluate_calls(decoder, tokenizer, pairs, known, max_new_tokens=args.max_new_tokens,
+                            max_input_tokens=args.max_input_tokens, progress=True)
+    summary = {"model": args.model, "answered_by": what, "pairs_file": args.pairs, **report.to_dict()}
+    if args.out:
+        write_json(args.out, {**summary, "answers": report.answers})
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def task(argv: list[str]) -> int:
+    from compress.sources.settings_agent import write_task
+
+    parser = argparse.ArgumentParser(
+        prog="compress task",
+        description="Write a task's data. settings-agent: requests to a desktop's settings paired with the call each "
+        "means (one line of JSON); train.jsonl (train and validation rows, for compress finetune --data), test.jsonl "
+        "(phrasings and values never seen in training, for compress eval --pairs) and catalog.json.")
+    parser.add_argument("name", choices=("settings-agent",), help="the task")
+    parser.add_argument("--out", required=True, help="folder for the files")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default 0)")
+    args = parser.parse_args(argv)
+    counts = write_task(args.out, args.seed)
+    print(f"{args.out}: {counts['settings']} settings; {counts['train']} train, {counts['validation']} validation, "
+          f"{counts['test']} test pairs")
     return 0
 
 

@@ -58,6 +58,12 @@ class StudentFamily:
         for ``profile``: ``{"first": {"float": path, "quantized": path}, "step": {...}}``."""
         raise NotImplementedError
 
+    def run_graphs(self, run_dir: Path, recipe: str) -> tuple[Path, Path]:
+        """The (first, step) graphs a run of this family writes for ``recipe`` (``none``: the float ones):
+        prefill and decode by default."""
+        suffix = "" if recipe == "none" else f".{recipe}"
+        return run_dir / "onnx" / f"model{suffix}.onnx", run_dir / "onnx" / f"decode{suffix}.onnx"
+
     def begin_generation(self, first: Any, step: Any, prompt: list[int], model_config: Any) -> tuple[Any, Any]:
         """(cache, logits of the first new token) after ``prompt`` through the ``first`` and ``step`` graphs'
         sessions; ``cache.step(token)`` gives the logits of the next."""

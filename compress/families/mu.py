@@ -359,6 +359,10 @@ class Mu(StudentFamily):
             graphs[kind] = {"float": folder / name, "quantized": quantized}
         return graphs
 
+    def run_graphs(self, run_dir: Path, recipe: str) -> tuple[Path, Path]:
+        suffix = "" if recipe == "none" else f".{recipe}"
+        return run_dir / "onnx" / ENCODER.replace(".onnx", f"{suffix}.onnx"), run_dir / "onnx" / DECODER.replace(".onnx", f"{suffix}.onnx")
+
     def begin_generation(self, first: Any, step: Any, prompt: list[int], model_config: Any) -> tuple[Any, Any]:
         from compress.deploy.mu_export import decoder_cache, encoder_feed
 

@@ -309,16 +309,22 @@ def pair_batches(dataset: Any, tokenizer: Any, split: str, max_input_tokens: int
     if not pairs:
         raise DataError(f"the {split} split of the pairs is empty ({len(dataset)} pairs in all; without a 'split' "
                         "column a tenth is held out for validation by a hash of each pair); add pairs")
-    bos = [tokenizer.bos_token_id] if wants_bos(tokenizer) else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    sources = tokenizer([s for s, _ in pairs], add_special_tokens=False).input_ids
+    inputs = pair_inputs(tokenizer, [s for s, _ in pairs], max_input_tokens)
     targets = tokenizer([t for _, t in pairs], add_special_tokens=False).input_ids
-    # Long inputs keep their end (nearest the output); BOS stays first, as models that want it need it there.
-    keep = max(0, max_input_tokens - len(bos))
-    inputs = [bos + ids[len(ids) - min(keep, len(ids)):] for ids in sources]
     outputs = [(ids + eos)[:max_output_tokens] for ids in targets]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     return Pairs.from_lists(inputs, outputs, pad_id=pad)
+
+
+def pair_inputs(tokenizer: Any, texts: list[str], max_input_tokens: int) -> list[list[int]]:
+    """The token ids a pair's input is read as, in training and in evaluation alike: BOS when the tokenizer wants
+    it, then the input's last tokens, ``max_input_tokens`` in all."""
+    bos = [tokenizer.bos_token_id] if wants_bos(tokenizer) else []
+    sources = tokenizer(list(texts), add_special_tokens=False).input_ids
+    # Long inputs keep their end (nearest the output); BOS stays first, as models that want it need it there.
+    keep = max(0, max_input_tokens - len(bos))
+    return [bos + ids[len(ids) - min(keep, len(ids)):] for ids in sources]
 
 
 def eval_set_name(data: str) -> str:
