@@ -119,6 +119,9 @@ TARGETS = (
            title="Student families at one budget: Minitron-like, MobileLLM-like, Mu-like"),
     # After student_shapes: it fine-tunes that benchmark's students.
     Target("task_finetune", ("task_finetune.json", "task_finetune.md"), title="Task fine-tuning with LoRA"),
+    # Last: it distills and fine-tunes three students and the teacher (hours on 2 cores).
+    Target("settings_agent", ("settings_agent.json", "settings_agent.md"),
+           title="Settings agent: exact match and response time of every student family"),
 )
 
 
