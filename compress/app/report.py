@@ -89,10 +89,18 @@ def _verdict(rows: list[dict[str, Any]], m: dict[str, dict[str, Any]], student: 
         bar = BARS.get(name, 0.10)
         size = graph["mb"] / float_graph["mb"]
         refused = _refused(quant.get("htp", {}))
+        decode = None  # the decode graph against the float decode graph, where both were scored
+        if graph.get("decode_perplexity") and float_graph.get("decode_perplexity"):
+            decode = graph["decode_perplexity"] / float_graph["decode_perplexity"] - 1
         if increase <= bar and not graph["violations"] and not refused:
             parts.append(f"Ship `{graph['path']}` (with `{graph['decode_path']}`): {graph['mb']:.0f} MB, {size:.0%} of the "
-                         f"float graph, perplexity {increase:+.1%} over it (bar {bar:.0%}), no {quant['npu_profile']} "
-                         "violations" + _compiled_clause(quant.get("htp", {})) + ".")
+                         f"float graph, perplexity {increase:+.1%} over it (bar {bar:.0%})"
+                         + (f", decode graph {decode:+.1%}" if decode is not None else "")
+                         + f", no {quant['npu_profile']} violations" + _compiled_clause(quant.get("htp", {})) + ".")
+            if decode is not None and decode > bar:
+                parts.append(f"Its decode graph, which generates every token after the first, is above the bar "
+                             f"({decode:+.1%} on {graph.get('decode_validation_tokens') or 0:,} tokens): more "
+                             "`--quant-decode-calib-tokens` may close it.")
         elif refused:
             parts.append(f"Do not ship `{graph['path']}` to a Qualcomm NPU yet: Qualcomm's HTP compiler refuses "
                          + ", ".join(f"{n} nodes of the {part} graph" for part, n in refused.items())
