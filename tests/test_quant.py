@@ -111,12 +111,11 @@ def test_decode_calibration_feeds_are_what_the_host_loop_feeds(llama_graphs):
     model, lm, folder = llama_graphs
     ids = _ids(model, 2).numpy()
     feeds = DecodeFeeds(lm, ids, tokens=14)
-    assert len(feeds) == 14 and len(feeds.positions) == 7 and feeds.positions[:2] == [0, 1]
-    assert feeds.positions[-1] == CAPACITY - 1
+    positions = [cut for row, cut in feeds.steps if row == 0]
+    assert len(feeds) == 14 and len(positions) == 7 and positions[:2] == [0, 1] and positions[-1] == CAPACITY - 1
     prefill, step = runtime.session(folder / "model.onnx"), runtime.session(folder / "decode.onnx")
     for index in range(len(feeds)):
-        row, cut = divmod(index, len(feeds.positions))
-        cut = feeds.positions[cut]
+        row, cut = feeds.steps[index]
         feed = feeds[index]
         cache = runtime.DecodeCache(step)
         if cut:
@@ -127,6 +126,23 @@ def test_decode_calibration_feeds_are_what_the_host_loop_feeds(llama_graphs):
             assert np.abs(feed[name] - value).max() <= 1e-5, (index, name)
     with pytest.raises(IndexError):
         feeds[len(feeds)]
+
+
+def test_decode_calibration_steps_include_every_token_with_a_massive_activation():
+    # A token whose residual stream is tens of times the others' (Gemma3's apostrophe after "I", like its first
+    # token) must be among the decode graph's calibration steps, wherever it falls.
+    model = tiny_llama()
+    ids = _ids(model, 2).numpy()
+    spread = {cut for row, cut in DecodeFeeds(prepare(model, CAPACITY, ()), ids, tokens=8).steps if row == 1}
+    position = next(p for p in range(2, CAPACITY) if p not in spread)
+    token = int(ids[1, position])
+    ids[0, :] = np.where(ids[0] == token, (token + 1) % model.config.vocab_size, ids[0])  # the token only in row 1
+    ids[1, :position] = np.where(ids[1, :position] == token, (token + 1) % model.config.vocab_size, ids[1, :position])
+    with torch.no_grad():
+        model.model.embed_tokens.weight[token] *= 200.0
+    feeds = DecodeFeeds(prepare(model, CAPACITY, ()), ids, tokens=8)
+    assert (1, position) in feeds.steps and (0, 0) in feeds.steps
+    assert len(feeds.steps) <= 8 + 2 * DecodeFeeds.MAX_MASSIVE
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2], ids=["llama-tied", "qwen2-biases-untied"])

@@ -263,9 +263,10 @@ class StaticLM(nn.Module):
         return tables
 
     def prefill(self, input_ids: torch.Tensor, tables: dict[str, torch.Tensor] | None = None,
-                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+                norms: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Logits and every layer's keys and values for ``input_ids`` [1, t]; ``tables`` (from
-        :meth:`prefill_tables`) spare the slicing, which an exported graph would otherwise keep as float ops."""
+        :meth:`prefill_tables`) spare the slicing, which an exported graph would otherwise keep as float ops.
+        ``norms``, when given, collects each block's residual stream RMS per position ([t] tensors)."""
         x = self.embedding(input_ids)
         tables = tables if tables is not None else self.prefill_tables(input_ids.shape[1])
         keys, values = [], []
@@ -275,6 +276,8 @@ class StaticLM(nn.Module):
             keys.append(k)
             values.append(v)
             x = block.attend(x, q, k, v, tables[f"bias{block.mask_index}"])
+            if norms is not None:
+                norms.append(x[0].float().pow(2).mean(-1).sqrt())
         return self.logits(x), keys, values
 
     def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
