@@ -101,12 +101,12 @@ def _measure(model_dir: Path, task: Path, args: argparse.Namespace) -> dict[str,
     eos = {t for t in (tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)) if isinstance(t, int)}
     common = {"max_new_tokens": args.new_tokens, "max_input_tokens": args.prompt_tokens}
     out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
-    fp32 = evaluate_calls(CheckpointDecoder(model, eos), tokenizer, pairs[: args.test_pairs], known, **common)
+    fp32 = evaluate_calls(CheckpointDecoder(family, model, eos), tokenizer, pairs[: args.test_pairs], known, **common)
     out["fp32"] = fp32.to_dict()
     print(f"  fp32: exact {fp32.exact_match:.3f}, call {fp32.call_ms_p50:.0f} ms", flush=True)
     calib = _calibration(tokenizer, task, args.prompt_tokens + args.new_tokens, args.calib_samples)
     precisions = [("a16w8", "qnn-htp")]
-    if not getattr(model.config, "is_encoder_decoder", False):
+    if family.weight_only_graphs:
         precisions.append(("w8", "ort-cpu"))
     for recipe, profile in precisions:
         folder = model_dir / "graphs" / recipe

@@ -143,9 +143,8 @@ def _evaluate_pairs(args: argparse.Namespace) -> int:
             tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         else:
             model, tokenizer = load_teacher(args.model)
-        family_of(model.config)  # a model type no family loads fails here, by name
         eos = {t for t in (tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)) if isinstance(t, int)}
-        decoder = CheckpointDecoder(model, eos)
+        decoder = CheckpointDecoder(family_of(model.config), model, eos)
         what = str(checkpoint)
     report = evaluate_calls(decoder, tokenizer, pairs, known, max_new_tokens=args.max_new_tokens,
                             max_input_tokens=args.max_input_tokens, progress=True)

@@ -38,6 +38,8 @@ class StudentFamily:
     model_types: ClassVar[tuple[str, ...]] = ()
     # How its checkpoints load (an ``AutoModelFor...`` class name of transformers).
     auto_class: ClassVar[str] = "AutoModelForCausalLM"
+    # It has graphs for weight-only CPU profiles (ort-cpu: float activations, MatMulNBits weights).
+    weight_only_graphs: ClassVar[bool] = True
     # How the distillation trainer feeds it, and how evaluation reads its predictions.
     student_io: ClassVar[StudentIO] = CausalStudent()
     reader: ClassVar[Reader] = CAUSAL
@@ -63,6 +65,21 @@ class StudentFamily:
         prefill and decode by default."""
         suffix = "" if recipe == "none" else f".{recipe}"
         return run_dir / "onnx" / f"model{suffix}.onnx", run_dir / "onnx" / f"decode{suffix}.onnx"
+
+    @torch.no_grad()
+    def begin_checkpoint_generation(self, model: Any, prompt: list[int]) -> tuple[Any, Any]:
+        """(logits of the first new token, ``step(token) -> logits of the next``) for greedy decoding of a torch
+        checkpoint of this family after ``prompt``; a causal model keeps its KV cache between steps."""
+        result = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        state = {"cache": result.cache}
+
+        @torch.no_grad()
+        def step(token: int) -> Any:
+            result = model(input_ids=torch.tensor([[token]]), cache=state["cache"], use_cache=True)
+            state["cache"] = result.cache
+            return result.logits[0, -1].float().numpy()
+
+        return result.logits[0, -1].float().numpy(), step
 
     def begin_generation(self, first: Any, step: Any, prompt: list[int], model_config: Any) -> tuple[Any, Any]:
         """(cache, logits of the first new token) after ``prompt`` through the ``first`` and ``step`` graphs'

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from compress.errors import DataError
 
@@ -124,37 +123,13 @@ class Decoder:
 
 
 class CheckpointDecoder(Decoder):
-    """A torch checkpoint (causal with its KV cache; encoder-decoder encoding once)."""
+    """A torch checkpoint, decoded as its family decodes one (:meth:`StudentFamily.begin_checkpoint_generation`)."""
 
-    def __init__(self, model: Any, eos: set[int]) -> None:
-        self.model = model.eval()
-        self.eos = eos
+    def __init__(self, family: Any, model: Any, eos: set[int]) -> None:
+        self.family, self.model, self.eos = family, model.eval(), eos
 
-    @torch.no_grad()
     def begin(self, prompt: list[int]) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
-        ids = torch.tensor([prompt])
-        if getattr(self.model.config, "is_encoder_decoder", False):
-            encoded = self.model.model.encode(ids, None)
-            out = [self.model.config.decoder_start_token_id]
-
-            def decode(token: int | None = None) -> np.ndarray:
-                if token is not None:
-                    out.append(token)
-                with torch.no_grad():
-                    result = self.model(decoder_input_ids=torch.tensor([out]), encoder_outputs=encoded)
-                return result.logits[0, -1].float().numpy()
-
-            return decode(), decode
-        result = self.model(input_ids=ids, use_cache=True)
-        state = {"cache": result.cache}
-
-        def step(token: int) -> np.ndarray:
-            with torch.no_grad():
-                result = self.model(input_ids=torch.tensor([[token]]), cache=state["cache"], use_cache=True)
-            state["cache"] = result.cache
-            return result.logits[0, -1].float().numpy()
-
-        return result.logits[0, -1].float().numpy(), step
+        return self.family.begin_checkpoint_generation(self.model, prompt)
 
 
 class GraphDecoder(Decoder):

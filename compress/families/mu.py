@@ -319,15 +319,15 @@ class Mu(StudentFamily):
     auto_class = "AutoModelForSeq2SeqLM"
     student_io = EncoderDecoderStudent()
     reader = ENCODER_DECODER
+    weight_only_graphs = False  # its encoder and decoder graphs have no weight-only (ort-cpu) form yet
 
     def check_teacher(self, teacher_config: Any, config: Any) -> None:
         from compress.core.config import STAGES
         from quant.profiles import get_profile
 
-        # Mu's graphs are written for integer NPUs (Q/DQ on every operator); its encoder and decoder have no
-        # weight-only CPU form yet, so ort-cpu would quantize nothing and report every weight as a violation.
+        # Without a weight-only form, ort-cpu would quantize nothing and report every weight as a violation.
         quantizes = config.quant.recipe != "none" and STAGES.index(config.stop_after) >= STAGES.index("quantize")
-        if quantizes and get_profile(config.quant.npu_profile).weight_only:
+        if quantizes and get_profile(config.quant.npu_profile).weight_only and not self.weight_only_graphs:
             raise ConfigError(f"--student mu has no graphs for --npu-profile {config.quant.npu_profile} yet: use "
                               "--npu-profile qnn-htp (or generic-a8w8) with --quant a16w8 or a8w8, or --quant none")
 
@@ -358,6 +358,21 @@ class Mu(StudentFamily):
             quantize_graph(folder / name, quantized, part_feeds, recipe, profile)
             graphs[kind] = {"float": folder / name, "quantized": quantized}
         return graphs
+
+    @torch.no_grad()
+    def begin_checkpoint_generation(self, model: Any, prompt: list[int]) -> tuple[Any, Any]:
+        """Encode once; each step decodes the whole answer so far (Mu's torch model keeps no cache)."""
+        encoded = model.model.encode(torch.tensor([prompt]), None)
+        answer = [model.config.decoder_start_token_id]
+
+        @torch.no_grad()
+        def step(token: int | None = None) -> Any:
+            if token is not None:
+                answer.append(token)
+            result = model(decoder_input_ids=torch.tensor([answer]), encoder_outputs=encoded)
+            return result.logits[0, -1].float().numpy()
+
+        return step(), step
 
     def run_graphs(self, run_dir: Path, recipe: str) -> tuple[Path, Path]:
         suffix = "" if recipe == "none" else f".{recipe}"
