@@ -43,6 +43,7 @@ from compress.evaluation.calls import (
     evaluate_calls,
     known_settings,
     read_pairs,
+    stop_tokens,
 )
 from compress.io import read_json, write_text
 from compress.sources.data import pair_inputs
@@ -98,7 +99,7 @@ def _measure(model_dir: Path, task: Path, args: argparse.Namespace) -> dict[str,
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_model(model_dir, dtype=torch.float32).eval()
     family = family_of(model.config)
-    eos = {t for t in (tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)) if isinstance(t, int)}
+    eos = stop_tokens(tokenizer, model.config)
     common = {"max_new_tokens": args.new_tokens, "max_input_tokens": args.prompt_tokens}
     out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
     fp32 = evaluate_calls(CheckpointDecoder(family, model, eos), tokenizer, pairs[: args.test_pairs], known, **common)

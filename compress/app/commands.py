@@ -108,6 +108,7 @@ def _evaluate_pairs(args: argparse.Namespace) -> int:
         evaluate_calls,
         known_settings,
         read_pairs,
+        stop_tokens,
     )
     from compress.io import read_json, write_json
     from compress.models import register as register_models
@@ -134,8 +135,7 @@ def _evaluate_pairs(args: argparse.Namespace) -> int:
                                 "run the export and quantize stages first (compress ... --out " f"{target})")
         model_config = AutoConfig.from_pretrained(checkpoint)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-        eos = {t for t in (tokenizer.eos_token_id, getattr(model_config, "eos_token_id", None)) if isinstance(t, int)}
-        decoder = GraphDecoder(family, first, step, model_config, eos)
+        decoder = GraphDecoder(family, first, step, model_config, stop_tokens(tokenizer, model_config))
         what = f"{first.relative_to(target)} + {step.name}"
     else:
         if run or (target / "config.json").exists():
@@ -143,8 +143,7 @@ def _evaluate_pairs(args: argparse.Namespace) -> int:
             tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         else:
             model, tokenizer = load_teacher(args.model)
-        eos = {t for t in (tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)) if isinstance(t, int)}
-        decoder = CheckpointDecoder(family_of(model.config), model, eos)
+        decoder = CheckpointDecoder(family_of(model.config), model, stop_tokens(tokenizer, model.config))
         what = str(checkpoint)
     report = evaluate_calls(decoder, tokenizer, pairs, known, max_new_tokens=args.max_new_tokens,
                             max_input_tokens=args.max_input_tokens, progress=True)

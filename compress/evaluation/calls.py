@@ -99,6 +99,11 @@ class Answer:
     call_s: float
 
 
+def stop_tokens(tokenizer: Any, model_config: Any) -> set[int]:
+    """The token ids that end an answer: the tokenizer's EOS and the model config's."""
+    return {t for t in (tokenizer.eos_token_id, getattr(model_config, "eos_token_id", None)) if isinstance(t, int)}
+
+
 class Decoder:
     """Greedy decoding of one request: ``begin(prompt ids)`` gives the first output token's logits and a step function
     for the next ones."""
