@@ -91,10 +91,9 @@ class DecodeFeeds(Sequence):
     step meets when it starts a sequence), every later token that carries one too (its residual stream RMS, at
     some block, over MASSIVE times the sequence's median there: Gemma3's commas and apostrophes; a decode graph
     calibrated without such a token clips the MLP outputs that build it and loses that step's prediction
-    entirely), then the rest spread evenly. A decode
-    graph's activations are one token's, so its ranges need many tokens. Fake-quantizing every activation of
-    SmolLM2's decode graph at 16 bits: 24 steps +1.45% perplexity (the distilled student), 144 steps +0.63% and
-    528 steps +0.32% (the teacher).
+    entirely), then the rest spread evenly. A decode graph's activations are one token's, so its ranges need many
+    tokens. Fake-quantizing every activation of SmolLM2's decode graph at 16 bits: 24 steps +1.45% perplexity (the
+    distilled student), 144 steps +0.63% and 528 steps +0.32% (the teacher).
     """
 
     MASSIVE = 8.0  # a massive activation is tens of times a token's usual RMS; ordinary tokens vary within ~3x

@@ -29,7 +29,7 @@ import torch
 
 from compress.core.family import StudentFamily, register
 from compress.core.state import GRAPH_HELD_OUT_SEQUENCES, final_model, folder_mb
-from compress.errors import ConfigError, PlanInfeasibleError
+from compress.errors import PlanInfeasibleError
 from compress.evaluation.quality import ENCODER_DECODER, continuation_quality
 from compress.io import read_json, write_json
 from distill.students import EncoderDecoderStudent
@@ -320,16 +320,6 @@ class Mu(StudentFamily):
     student_io = EncoderDecoderStudent()
     reader = ENCODER_DECODER
     weight_only_graphs = False  # its encoder and decoder graphs have no weight-only (ort-cpu) form yet
-
-    def check_teacher(self, teacher_config: Any, config: Any) -> None:
-        from compress.core.config import STAGES
-        from quant.profiles import get_profile
-
-        # Without a weight-only form, ort-cpu would quantize nothing and report every weight as a violation.
-        quantizes = config.quant.recipe != "none" and STAGES.index(config.stop_after) >= STAGES.index("quantize")
-        if quantizes and get_profile(config.quant.npu_profile).weight_only and not self.weight_only_graphs:
-            raise ConfigError(f"--student mu has no graphs for --npu-profile {config.quant.npu_profile} yet: use "
-                              "--npu-profile qnn-htp (or generic-a8w8) with --quant a16w8 or a8w8, or --quant none")
 
     def score_set(self, model: Any, ids: torch.Tensor, top1: torch.Tensor | None, batch_size: int) -> tuple[float | None, float]:
         """Scored on continuations after :func:`cut_of`, like every row of a Mu-like run."""
