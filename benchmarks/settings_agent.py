@@ -148,29 +148,30 @@ def main() -> None:
     started = time.perf_counter()
     task = args.runs / "task"
     counts = write_task(task)
-    models: dict[str, Path] = {}
-    if args.teacher_row:
-        models["teacher"] = Path(resolve_teacher(args.teacher))
-    for family in (f for f in args.families.split(",") if f):
-        models[family] = _student(family, args)
-    rows = []
-    for name, source in models.items():
-        for mode in (m for m in args.modes.split(",") if m):
+    names = [f for f in args.families.split(",") if f] + (["teacher"] if args.teacher_row else [])
+    modes = [m for m in args.modes.split(",") if m]
+    rows: list[dict[str, Any]] = []
+    # Students first, the teacher (the reference) last; results are written after every row, so a run stopped
+    # early leaves the rows it finished, and ``planned`` says which are missing.
+    for name in names:
+        source = Path(resolve_teacher(args.teacher)) if name == "teacher" else _student(name, args)
+        for mode in modes:
             print(f"{name} ({mode})", flush=True)
             tuned = _finetuned(name, source, mode, task, args)
             tuning = read_json(tuned / "finetune.json")
             rows.append({"model": name, "mode": mode, "finetune_seconds": tuning["seconds"],
                          "trainable_params": tuning["trainable_params"], **_measure(tuned, task, args)})
-    report = {"teacher": args.teacher, "target_size": args.target_size, "distill_tokens": args.distill_tokens,
-              "task": counts, "test_pairs": min(args.test_pairs, counts["test"]), "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens, "rows": rows, **provenance(),
-              "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-              "seconds": time.perf_counter() - started}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "settings_agent.json", json.dumps(report, indent=2) + "\n")
-    write_text(args.out / "settings_agent.md", markdown(report))
-    _plot(report, args.out / "settings_agent.png")
+            report = {"teacher": args.teacher, "target_size": args.target_size, "distill_tokens": args.distill_tokens,
+                      "task": counts, "test_pairs": min(args.test_pairs, counts["test"]),
+                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "epochs": args.epochs,
+                      "planned": [f"{n} ({m})" for n in names for m in modes], "rows": rows, **provenance(),
+                      "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+                      "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                      "seconds": time.perf_counter() - started}
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_text(args.out / "settings_agent.json", json.dumps(report, indent=2) + "\n")
+            write_text(args.out / "settings_agent.md", markdown(report))
+            _plot(report, args.out / "settings_agent.png")
     print(markdown(report))
 
 
@@ -181,11 +182,12 @@ def markdown(report: dict) -> str:
     lines = [
         "# Settings agent: requests to settings calls", "",
         f"Teacher {report['teacher']}; students at {report['target_size']} after {report['distill_tokens']:,} "
-        f"distillation tokens; fine-tuned on {report['task']['train']:,} training pairs of the settings-agent task "
-        f"({report['task']['settings']} settings) and scored on the first {report['test_pairs']} test pairs (phrasings, "
+        f"distillation tokens; fine-tuned ({report.get('epochs', 3):g} epochs) on {report['task']['train']:,} training "
+        f"pairs of the settings-agent task ({report['task']['settings']} settings) and scored on the first {report['test_pairs']} test pairs (phrasings, "
         "words and values never seen in training). Times: one request at a time on this CPU, request to first token "
         f"and to the whole call (greedy, at most {report['new_tokens']} tokens). Measured {report['date']} on "
         f"{report['machine']}, commit `{report['commit']}`, `{report['command']}`, {report['seconds'] / 60:.0f} min.", "",
+        *_missing(report),
         "| model | fine-tuning | params | answered by | exact match | setting right | invalid | first token (ms, p50) "
         "| call (ms, p50 / p90) | MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -200,6 +202,12 @@ def markdown(report: dict) -> str:
                          f"{r['setting_accuracy']:.1%} | {r['invalid_rate']:.1%} | {r['first_token_ms_p50']:.0f} | "
                          f"{r['call_ms_p50']:.0f} / {r['call_ms_p90']:.0f} | {mb} |")
     return "\n".join(lines) + "\n"
+
+
+def _missing(report: dict) -> list[str]:
+    done = {f"{row['model']} ({row['mode']})" for row in report["rows"]}
+    missing = [p for p in report.get("planned", []) if p not in done]
+    return [f"Not measured (the run stopped before them): {', '.join(missing)}.", ""] if missing else []
 
 
 def _plot(report: dict, path: Path) -> None:
