@@ -88,7 +88,7 @@ PRESETS = {
                         sixteen_bit_weights=MIXES, weight_rounding="gptq"),
     # For CPUs (the ort-cpu profile): decoding one token reads every weight once, so it runs at the speed
     # weights stream from memory; int8 blocks of 32 read a quarter of fp32's bytes, int4 an eighth.
-    "w8": QuantRecipe("w8", activation_bits=32, weight_bits=8, per_channel=False, weight_only=True, block_size=32),
+    "w8": QuantRecipe("w8", activation_bits=32, weight_bits=8, per_channel=False, weight_only=True, block_size=128),
     "w4": QuantRecipe("w4", activation_bits=32, weight_bits=4, per_channel=False, weight_only=True, block_size=32),
 }
 

@@ -4,8 +4,11 @@ Graph contract (what ``compress.deploy.export`` emits):
 
 - prefill: ``input_ids`` int64 [1, L] → ``logits`` [1, L, V] (+ ``present.<i>.key|value`` [1, KV, L, D]);
 - decode step: ``input_ids`` [1, 1], ``position_ids`` [1, 1], ``attention_mask`` float [1, C] (1 = slot
-  holds a token), ``past.<i>.key|value`` [1, KV, C, D] → ``logits`` [1, 1, V] and ``present.*``, the
-  cache shifted left by one slot with the new token's key/value last.
+  holds a token), for each sliding window W shorter than the cache ``window_mask.<W>`` [1, C] (1 = slot holds
+  one of the last W - 1 positions), ``past.<i>.key`` [1, KV, D, C] (transposed, as the score matmul reads it)
+  and ``past.<i>.value`` [1, KV, C, D] → ``logits`` [1, 1, V] and
+  ``present.<i>.key|value`` [1, KV, 1, D], the token's own key and value, which the host writes into slot
+  ``position mod C`` (:class:`DecodeCache`). Slot order does not matter to attention.
 """
 
 from __future__ import annotations
@@ -90,25 +93,30 @@ def prefill_latency(sess, length: int, repeats: int = 10, warmup: int = 2) -> fl
 
 
 def empty_cache(sess) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """Zero cache inputs and an all-zero mask for a decode graph, from its declared input shapes."""
+    """Zero cache inputs and all-zero masks for a decode graph, from its declared input shapes."""
     feeds = {}
     for arg in sess.get_inputs():
-        if arg.name.startswith("past.") or arg.name == "attention_mask":
+        if arg.name.startswith(("past.", "window_mask.")) or arg.name == "attention_mask":
             feeds[arg.name] = np.zeros(arg.shape, dtype=np.float32)
     return feeds
 
 
 class DecodeCache:
-    """A decode graph's host loop: the static cache and mask kept in step, optionally seeded by a prefill run.
+    """A decode graph's host loop: the static cache as a ring of slots (position mod capacity) and its masks,
+    optionally seeded by a prefill run. Each step writes the token's key and value into its slot, in place; the
+    oldest token is overwritten once the cache is full (a sliding window of capacity + 1 tokens).
 
     ``constants`` are inputs fed unchanged at every step (an encoder-decoder's cross-attention keys and
-    values and its encoder mask); ``record``, when given, collects every step's feeds (calibration data)."""
+    values and its encoder mask); ``record``, when given, collects a copy of every step's feeds (calibration
+    data)."""
 
     def __init__(self, sess, constants: dict[str, np.ndarray] | None = None,  # noqa: ANN001
                  record: list[dict[str, np.ndarray]] | None = None) -> None:
         self.sess = sess
         self.state = empty_cache(sess)
         self.capacity = self.state["attention_mask"].shape[1]
+        self.windows = {name: int(name.split(".", 1)[1]) for name in self.state if name.startswith("window_mask.")}
+        self.slot_positions = np.full(self.capacity, -1, dtype=np.int64)
         self.outputs = [o.name for o in sess.get_outputs()]
         self.presents = [name for name in self.outputs if name.startswith("present.")]
         self.position = 0
@@ -117,30 +125,41 @@ class DecodeCache:
 
     def step(self, token: int) -> np.ndarray:
         """Feed one token; the logits of the next."""
+        for name, window in self.windows.items():
+            self.state[name][0] = self.state["attention_mask"][0] * (self.position - self.slot_positions < window)
         feeds = {"input_ids": np.array([[token]], dtype=np.int64),
                  "position_ids": np.array([[self.position]], dtype=np.int64), **self.constants, **self.state}
         if self.record is not None:
-            self.record.append(feeds)
+            self.record.append({k: v.copy() for k, v in feeds.items()})  # the state changes in place
         result = dict(zip(self.outputs, self.sess.run(self.outputs, feeds), strict=True))
-        mask = np.concatenate([self.state["attention_mask"][:, 1:], np.ones((1, 1), np.float32)], axis=1)
-        self.state = {"attention_mask": mask, **{p.replace("present.", "past."): result[p] for p in self.presents}}
-        self.position += 1
+        self._write(result, 1)
         return result["logits"][0, -1]
+
+    def _write(self, presents: dict[str, np.ndarray], tokens: int) -> None:
+        """Store the first ``tokens`` keys/values of ``presents`` (positions from :attr:`position` on) in their
+        slots and advance."""
+        for t in range(tokens):
+            slot = (self.position + t) % self.capacity
+            for name in self.presents:
+                past = self.state[name.replace("present.", "past.")]
+                if name.endswith(".key"):  # keys are cached transposed
+                    past[:, :, :, slot] = presents[name][:, :, t]
+                else:
+                    past[:, :, slot] = presents[name][:, :, t]
+            self.state["attention_mask"][0, slot] = 1.0
+            self.slot_positions[slot] = self.position + t
+        self.position += tokens
 
     def prefill(self, prefill_sess, prompt: Sequence[int]) -> np.ndarray:  # noqa: ANN001
         """Seed the cache with a prefill run over ``prompt``; the logits after its last token."""
         length = prefill_sess.get_inputs()[0].shape[1]
+        if not 0 < len(prompt) <= min(length, self.capacity):
+            raise ValueError(f"prefill takes 1 to {min(length, self.capacity)} tokens, got {len(prompt)}")
         padded = np.zeros((1, length), dtype=np.int64)
         padded[0, : len(prompt)] = prompt
         result = dict(zip([o.name for o in prefill_sess.get_outputs()], prefill_sess.run(None, {"input_ids": padded}),
                           strict=True))
-        for name in self.presents:  # prefill slots [0, len) hold the prompt; place them at the cache's end
-            past = result[name][:, :, : len(prompt)]
-            cache = np.zeros(self.state[name.replace("present.", "past.")].shape, np.float32)
-            cache[:, :, self.capacity - len(prompt):] = past
-            self.state[name.replace("present.", "past.")] = cache
-        self.state["attention_mask"][0, self.capacity - len(prompt):] = 1.0
-        self.position = len(prompt)
+        self._write(result, len(prompt))
         return result["logits"][0, len(prompt) - 1]
 
 

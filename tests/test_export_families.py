@@ -28,19 +28,21 @@ def _ids(n: int, seed: int) -> torch.Tensor:
 
 
 def _decoded(lm: StaticLM, ids: torch.Tensor, prompt: int) -> torch.Tensor:
-    """Logits of the tokens after ``prompt`` through the export's decode step, the cache seeded by a prefill."""
+    """Logits of the tokens after ``prompt`` through the export's decode step, the cache seeded by a prefill and
+    kept as the host keeps it (slot = position here: the sequence is no longer than the cache)."""
     _, keys, values = lm.prefill(ids[:, :prompt])
+    key_shape, value_shape = lm.cache_shapes()
     cache = []
-    for tensor in (t for pair in zip(keys, values, strict=True) for t in pair):
-        padded = torch.zeros(*tensor.shape[:2], CAPACITY, tensor.shape[3])
-        padded[:, :, CAPACITY - prompt:] = tensor
-        cache.append(padded)
-    mask = torch.zeros(1, CAPACITY)
-    mask[:, CAPACITY - prompt:] = 1.0
-    out = []
+    for k, v in zip(keys, values, strict=True):
+        cache += [torch.zeros(key_shape), torch.zeros(value_shape)]
+        cache[-2][..., :prompt], cache[-1][:, :, :prompt] = k.transpose(-1, -2), v
+    slots, out = torch.arange(CAPACITY), []
     for position in range(prompt, ids.shape[1]):
-        logits, cache = lm.decode(ids[:, position: position + 1], torch.tensor([[position]]), mask, cache)
-        mask = torch.cat((mask[:, 1:], torch.ones(1, 1)), dim=1)
+        mask = (slots < position).float()[None]
+        windows = [(mask[0].bool() & (position - slots < w)).float()[None] for w in lm.windows[1:]]
+        logits, new = lm.decode(ids[:, position: position + 1], torch.tensor([[position]]), mask, cache, windows)
+        for i in range(0, len(cache), 2):
+            cache[i][..., position], cache[i + 1][:, :, position] = new[i][:, :, 0], new[i + 1][:, :, 0]
         out.append(logits[:, 0])
     return torch.stack(out, dim=1)
 

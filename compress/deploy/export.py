@@ -10,10 +10,12 @@ stores it once. Two entry points:
 
 - :class:`Prefill`: ``input_ids`` [1, L] → ``logits`` [1, L, V] and every layer's keys and values
   [1, kv_heads, L, head_dim] (to seed the decode cache);
-- :class:`DecodeStep`: one token, its position, a 0/1 ``attention_mask`` [1, C] over the cache slots and
-  the cache [1, kv_heads, C, head_dim] per layer → ``logits`` [1, 1, V] and the cache shifted left by
-  one slot with the new key/value in the last slot. The host keeps the mask in step (shift it left and
-  append 1), so capacity, shapes and the graph never change.
+- :class:`DecodeStep`: one token, its position, a 0/1 ``attention_mask`` [1, C] over the cache slots (and,
+  for each sliding window shorter than the cache, ``window_mask.<W>`` [1, C]: the slots among the last W - 1
+  positions) and the cache per layer (keys transposed, [1, kv_heads, head_dim, C], as the score matmul reads
+  them; values [1, kv_heads, C, head_dim]) → ``logits`` [1, 1, V] and the token's own key and value
+  [1, kv_heads, 1, head_dim] per layer, which the host writes into slot position mod C
+  (:class:`quant.runtime.DecodeCache`): the graph never copies its cache, and no shape ever changes.
 
 The float rewrites that prepare a model for integer arithmetic (norm folding, rotation, smoothing) are
 in :mod:`compress.deploy.outliers`; they act on a ``StaticLM`` and leave its float outputs unchanged.
@@ -124,7 +126,26 @@ class _Block(nn.Module):
             scores = torch.tanh(scores / self.softcap) * self.softcap
         attn = torch.matmul(torch.softmax(scores + bias, dim=-1), v)
         t = x.shape[1]
-        out = self.o(attn.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
+        return self._rest(x, attn.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
+
+    def attend_cached(self, x: torch.Tensor, q: torch.Tensor, k_past: torch.Tensor, v_past: torch.Tensor,
+                      k_new: torch.Tensor, v_new: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """One token's attention over the cache's slots (keys transposed; ``bias`` [1, 1, 1, C] hides empty ones)
+        and its own key/value, then the MLP. The cache is never copied: not concatenated, not expanded per head."""
+        groups = self.heads // self.kv_heads
+        q = q.reshape(1, self.kv_heads, groups, self.head_dim)  # [1, H, 1, d], heads grouped by their KV head
+        past = torch.matmul(q, k_past) * self.scaling  # [1, KV, groups, C]
+        own = torch.matmul(q, k_new.transpose(-1, -2)) * self.scaling  # [1, KV, groups, 1]
+        if self.softcap:
+            past = torch.tanh(past / self.softcap) * self.softcap
+            own = torch.tanh(own / self.softcap) * self.softcap
+        weights = torch.softmax(torch.cat((past + bias, own), dim=-1), dim=-1)
+        attn = torch.matmul(weights[..., :-1], v_past) + torch.matmul(weights[..., -1:], v_new)
+        return self._rest(x, attn.reshape(1, 1, self.heads * self.head_dim))
+
+    def _rest(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The output projection of ``attn`` [1, t, H * d] into the residual, then the MLP."""
+        out = self.o(attn)
         x = x + self._out_norm(out, self.attn_out_norm, self.attn_out_mix)
         h = self._norm(x, self.ln2)
         out = self.down(self.act(self.gate(h)) * self.up(h))
@@ -215,11 +236,6 @@ class StaticLM(nn.Module):
             if window is not None:
                 hidden |= torch.arange(capacity)[None, :] <= rows - window
             self.register_buffer(f"causal_bias{j}", (hidden.float() * MASK_VALUE)[None, None], persistent=False)
-            # decode: of the cache's slots and the new token's, a window keeps the last ``window``
-            keep = torch.ones(1, capacity + 1)
-            if window is not None:
-                keep[:, : capacity + 1 - window] = 0.0
-            self.register_buffer(f"decode_keep{j}", keep, persistent=False)
 
     @property
     def unique_blocks(self) -> list[nn.Module]:
@@ -281,22 +297,20 @@ class StaticLM(nn.Module):
         return self.logits(x), keys, values
 
     def decode(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-               cache: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               cache: list[torch.Tensor], window_masks: list[torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits of one token and every layer's key and value for it ([1, KV, 1, d]); ``attention_mask`` and
+        ``window_masks`` (one per window in ``windows[1:]``) mark the slots of ``cache`` each layer reads."""
         x = self.embedding(input_ids)
         rope = [(F.embedding(position_ids, getattr(self, f"cos{i}"))[:, None],  # (1, 1, 1, rotary_dim)
                  F.embedding(position_ids, getattr(self, f"sin{i}"))[:, None]) for i in range(self.rope_kinds)]
-        slots = torch.cat((attention_mask, torch.ones_like(attention_mask[:, :1])), dim=1)
-        biases = []
-        for j, window in enumerate(self.windows):
-            seen = slots if window is None else slots * getattr(self, f"decode_keep{j}")
-            biases.append(((seen - 1.0) * -MASK_VALUE)[:, None, None])  # (1, 1, 1, C + 1)
+        masks = [attention_mask, *(window_masks or [])]
+        biases = [((m - 1.0) * -MASK_VALUE)[:, None, None] for m in masks]  # (1, 1, 1, C)
         presents = []
         for i, block in enumerate(self.blocks):
             q, k, v = block.attention_inputs(x, *rope[block.rope_index])
-            k = torch.cat((cache[2 * i], k), dim=2)
-            v = torch.cat((cache[2 * i + 1], v), dim=2)
-            presents += [k[:, :, 1:], v[:, :, 1:]]
-            x = block.attend(x, q, k, v, biases[block.mask_index])
+            presents += [k, v]
+            x = block.attend_cached(x, q, cache[2 * i], cache[2 * i + 1], k, v, biases[block.mask_index])
         return self.logits(x), presents
 
     def convolutional(self) -> StaticLM:
@@ -327,9 +341,10 @@ class StaticLM(nn.Module):
             self.head_layer = layer_type(head)
         return self
 
-    def cache_shape(self) -> tuple[int, int, int, int]:
+    def cache_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The decode graph's per-layer key cache (transposed) and value cache shapes."""
         b = self.blocks[0]
-        return (1, b.kv_heads, self.capacity, b.head_dim)
+        return (1, b.kv_heads, b.head_dim, self.capacity), (1, b.kv_heads, self.capacity, b.head_dim)
 
 
 class Prefill(nn.Module):
@@ -364,20 +379,21 @@ class DecodeStep(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, presents = self.lm.decode(input_ids, position_ids, attention_mask, list(cache))
+                *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w = len(self.lm.windows) - 1  # the window masks come before the cache
+        logits, presents = self.lm.decode(input_ids, position_ids, attention_mask, list(rest[w:]), list(rest[:w]))
         return (logits, *presents)
 
     def names(self) -> tuple[list[str], list[str]]:
         layers = len(self.lm.blocks)
-        return (["input_ids", "position_ids", "attention_mask", *_cache_names(layers, "past")],
+        windows = [f"window_mask.{w}" for w in self.lm.windows[1:]]
+        return (["input_ids", "position_ids", "attention_mask", *windows, *_cache_names(layers, "past")],
                 ["logits", *_cache_names(layers, "present")])
 
     def example(self) -> tuple[torch.Tensor, ...]:
-        shape = self.lm.cache_shape()
-        cache = [torch.zeros(shape) for _ in range(2 * len(self.lm.blocks))]
-        mask = torch.zeros(1, self.lm.capacity)
-        return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), mask, *cache)
+        cache = [torch.zeros(shape) for _ in self.lm.blocks for shape in self.lm.cache_shapes()]
+        masks = [torch.zeros(1, self.lm.capacity) for _ in self.lm.windows]
+        return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), *masks, *cache)
 
 
 def _cache_names(layers: int, prefix: str) -> list[str]:

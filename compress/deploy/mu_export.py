@@ -4,9 +4,11 @@
   every decoder layer's cross-attention keys ``cross.<i>.key`` [1, KV, d, L] (transposed, as the score
   matmul reads them) and values ``cross.<i>.value`` [1, KV, L, d], computed once per input.
 - :class:`MuDecoderStep`: one token, its position, a 0/1 ``attention_mask`` [1, C] over the self-attention
-  cache slots, the ``encoder_mask`` [1, L], the cache ``past.<i>.key|value`` [1, KV, C, d] and the cross
-  keys/values → ``logits`` [1, 1, V] and the cache shifted left by one slot with the new key/value last
-  (the same contract as the decoder-only graphs of :mod:`compress.deploy.export`; the host shifts the mask).
+  cache slots, the ``encoder_mask`` [1, L], the cache ``past.<i>.key`` [1, KV, d, C] (transposed) and
+  ``past.<i>.value`` [1, KV, C, d] and the cross
+  keys/values → ``logits`` [1, 1, V] and the token's own key/value ``present.<i>.key|value`` [1, KV, 1, d],
+  which the host writes into a slot (the same contract as the decoder-only graphs of
+  :mod:`compress.deploy.export`; :class:`quant.runtime.DecodeCache` keeps the ring and the mask).
 
 RoPE tables and masks are constants or plain arithmetic on inputs: no shape computation in the graphs.
 ``write_mu_graphs`` exports both; ``generate`` is the reference host loop with ONNX Runtime.
@@ -65,7 +67,7 @@ class MuDecoderStep(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         c = model.config
-        self.cache_shape = (1, c.num_key_value_heads, capacity, c.head_dim)
+        self.cache_shapes = ((1, c.num_key_value_heads, c.head_dim, capacity), (1, c.num_key_value_heads, capacity, c.head_dim))
         self.cross_shapes = ((1, c.num_key_value_heads, c.head_dim, length), (1, c.num_key_value_heads, length, c.head_dim))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -81,10 +83,10 @@ class MuDecoderStep(nn.Module):
         presents = []
         for i, layer in enumerate(self.model.decoder_layers):
             k, v = layer.self_keys_values(x, cos, sin)
-            k = torch.cat((past[2 * i], k), dim=2)
+            presents += [k, v]  # the host writes them into a slot (quant.runtime.DecodeCache)
+            k = torch.cat((past[2 * i], k.transpose(-1, -2)), dim=3)
             v = torch.cat((past[2 * i + 1], v), dim=2)
-            presents += [k[:, :, 1:], v[:, :, 1:]]
-            x = layer(x, cos, sin, k, v, self_bias, cross[2 * i], cross[2 * i + 1], cross_bias)
+            x = layer(x, cos, sin, k, v, self_bias, cross[2 * i], cross[2 * i + 1], cross_bias, keys_transposed=True)
         return (self.head(self.model.decoder_norm(x)), *presents)
 
     def names(self) -> tuple[list[str], list[str]]:
@@ -96,7 +98,7 @@ class MuDecoderStep(nn.Module):
         layers = len(self.model.decoder_layers)
         return (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
                 torch.zeros(1, self.capacity), torch.ones(1, self.length),
-                *[torch.zeros(self.cache_shape) for _ in range(2 * layers)],
+                *[torch.zeros(shape) for _ in range(layers) for shape in self.cache_shapes],
                 *[torch.zeros(shape) for _ in range(layers) for shape in self.cross_shapes])
 
 

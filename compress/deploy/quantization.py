@@ -82,7 +82,7 @@ def export_graphs(lm: StaticLM, out_dir: str | Path, decode: bool = True,
 class DecodeFeeds(Sequence):
     """Calibration inputs for the decode graph, about ``tokens`` decode steps over the sequences of ``ids``,
     laid out as :class:`quant.runtime.DecodeCache` lays them out after a prefill: the keys and values of the
-    tokens before the position at the cache's end, zeros and a 0 mask before them.
+    tokens before the position in the slots of their positions, zeros and a 0 mask after them.
 
     One prefill of ``lm`` per sequence gives the keys and values of every position (causal attention: a
     prefix's cache does not depend on what follows), so many positions cost no more than one, and each
@@ -101,7 +101,7 @@ class DecodeFeeds(Sequence):
 
     def __init__(self, lm: StaticLM, ids: np.ndarray, tokens: int = 512) -> None:
         self.names = DecodeStep(lm).names()[0]
-        self.capacity = lm.capacity
+        self.capacity, self.windows = lm.capacity, lm.windows[1:]
         self.ids = np.asarray(ids)
         last = min(self.ids.shape[1], lm.capacity) - 1
         per_sequence = max(2, -(-tokens // max(1, len(self.ids))))
@@ -131,15 +131,17 @@ class DecodeFeeds(Sequence):
         if not -len(self) <= index < len(self):
             raise IndexError(index)
         row, cut = self.steps[index % len(self)]
-        mask = np.zeros((1, self.capacity), np.float32)
-        mask[0, self.capacity - cut:] = 1.0
+        slots = np.arange(self.capacity)
+        masks = [(slots < cut).astype(np.float32)[None]]
+        masks += [((slots < cut) & (cut - slots < window)).astype(np.float32)[None] for window in self.windows]
         cache = []
-        for full in self.caches[row]:
-            past = np.zeros_like(full)
-            if cut:
-                past[:, :, self.capacity - cut:] = full[:, :, :cut]
-            cache.append(past)
-        inputs = (np.array([[self.ids[row, cut]]], np.int64), np.array([[cut]], np.int64), mask, *cache)
+        for keys, values in zip(self.caches[row][::2], self.caches[row][1::2], strict=True):
+            past_keys = np.zeros((*keys.shape[:2], keys.shape[3], self.capacity), np.float32)  # transposed
+            past_keys[:, :, :, :cut] = keys[:, :, :cut].transpose(0, 1, 3, 2)
+            past_values = np.zeros((*values.shape[:2], self.capacity, values.shape[3]), np.float32)
+            past_values[:, :, :cut] = values[:, :, :cut]
+            cache += [past_keys, past_values]
+        inputs = (np.array([[self.ids[row, cut]]], np.int64), np.array([[cut]], np.int64), *masks, *cache)
         return dict(zip(self.names, inputs, strict=True))
 
 

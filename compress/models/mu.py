@@ -179,11 +179,13 @@ class MuDecoderLayer(nn.Module):
         return apply_rope(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, self_k: torch.Tensor, self_v: torch.Tensor,
-                self_bias: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, cross_bias: torch.Tensor) -> torch.Tensor:
-        """One decoder layer over ``x``; the self-attention reads ``self_k``/``self_v`` (which include x's own
-        keys/values), the cross-attention the encoder's ``cross_k`` (transposed) and ``cross_v``."""
+                self_bias: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, cross_bias: torch.Tensor,
+                keys_transposed: bool = False) -> torch.Tensor:
+        """One decoder layer over ``x``; the self-attention reads ``self_k`` (transposed with ``keys_transposed``)
+        and ``self_v``, which include x's own keys/values, the cross-attention the encoder's ``cross_k``
+        (transposed) and ``cross_v``."""
         q = apply_rope(self.self_attn.queries(self.attn_pre_norm(x)), cos, sin)
-        x = x + self.attn_post_norm(self.self_attn.o_proj(attend(q, self_k, self_v, self_bias)))
+        x = x + self.attn_post_norm(self.self_attn.o_proj(attend(q, self_k, self_v, self_bias, keys_transposed)))
         q = self.cross_attn.queries(self.cross_pre_norm(x))
         x = x + self.cross_post_norm(self.cross_attn.o_proj(attend(q, cross_k, cross_v, cross_bias, keys_transposed=True)))
         return x + self.mlp_post_norm(self.mlp(self.mlp_pre_norm(x)))
