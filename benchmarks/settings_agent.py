@@ -45,10 +45,12 @@ from compress.evaluation.calls import (
     read_pairs,
     stop_tokens,
 )
+from compress.evaluation.htp_calls import emulated_calls
 from compress.io import read_json, write_text
 from compress.sources.data import pair_inputs
 from compress.sources.settings_agent import write_task
 from compress.sources.teachers import resolve_teacher
+from quant import qnn
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parent.parent
@@ -66,8 +68,12 @@ def _student(family: str, args: argparse.Namespace) -> Path:
 
 
 def _finetuned(name: str, source: Path, mode: str, task: Path, args: argparse.Namespace) -> Path:
+    """``source`` fine-tuned in ``mode``; an earlier fine-tuning is reused only if it is of the same folder and newer
+    than every file in it (a student distilled again since is fine-tuned again)."""
     out = args.runs / f"{name}-{mode}"
-    if (out / "finetune.json").exists() and read_json(out / "finetune.json")["config"]["student"] == str(source):
+    done = out / "finetune.json"
+    if (done.exists() and read_json(done)["config"]["student"] == str(source)
+            and done.stat().st_mtime > max(f.stat().st_mtime for f in source.iterdir())):
         return out
     finetune(FinetuneConfig(student=str(source), data=str(task / "train.jsonl"), out=str(out), lora_rank=MODES[mode],
                             epochs=args.epochs, max_input_tokens=args.prompt_tokens, max_output_tokens=args.new_tokens,
@@ -116,12 +122,29 @@ def _measure(model_dir: Path, task: Path, args: argparse.Namespace) -> dict[str,
         graphs = family.generation_graphs(model, folder, args.prompt_tokens, args.new_tokens, calib, PRESETS[recipe],
                                           get_profile(profile), args.decode_calib_tokens)
         seconds = time.perf_counter() - started
-        decoder = GraphDecoder(family, graphs["first"]["quantized"], graphs["step"]["quantized"], model.config, eos)
+        first, step = graphs["first"]["quantized"], graphs["step"]["quantized"]
+        decoder = GraphDecoder(family, first, step, model.config, eos)
         result = evaluate_calls(decoder, tokenizer, pairs[: args.test_pairs], known, **common)
         size = sum(graphs[k]["quantized"].stat().st_size for k in graphs) / 1e6
         out[f"{recipe}-{profile}"] = {**result.to_dict(), "mb": size, "graph_seconds": seconds}
         print(f"  {recipe} ({profile}): exact {result.exact_match:.3f}, call {result.call_ms_p50:.0f} ms", flush=True)
+        if profile == "qnn-htp" and args.htp_pairs and qnn.unavailable() is None:
+            out[f"{recipe}-{profile}"]["htp_emulated"] = _emulated(first, step, model_dir, task, result, args)
     return out
+
+
+def _emulated(first: Path, step: Path, model_dir: Path, task: Path, cpu: Any, args: argparse.Namespace) -> dict:
+    """The first ``--htp-pairs`` test pairs answered by the graphs on the HTP emulator, next to ONNX Runtime CPU's
+    answers from the same graphs."""
+    started = time.perf_counter()
+    emulated = emulated_calls(first, step, model_dir, task / "test.jsonl", args.htp_pairs, args.new_tokens,
+                              args.prompt_tokens)
+    n = emulated["pairs"]
+    same = sum(a["output"] == b["output"] for a, b in zip(emulated["answers"], cpu.answers[:n], strict=True))
+    print(f"  HTP emulator, {n} pairs: exact {emulated['exact_match']:.3f}", flush=True)
+    return {"pairs": n, "exact_match": emulated["exact_match"], "setting_accuracy": emulated["setting_accuracy"],
+            "cpu_exact_match": sum(a["exact"] for a in cpu.answers[:n]) / n, "same_output_as_cpu": same / n,
+            "seconds": time.perf_counter() - started}
 
 
 def main() -> None:
@@ -136,6 +159,8 @@ def main() -> None:
     parser.add_argument("--test-pairs", type=int, default=200, help="test pairs each model and graph answers")
     parser.add_argument("--prompt-tokens", type=int, default=48, help="the graphs' request length (requests are short)")
     parser.add_argument("--new-tokens", type=int, default=32, help="the longest answer (a call is about 20 tokens)")
+    parser.add_argument("--htp-pairs", type=int, default=20, help="test pairs the qnn-htp graphs also answer on the "
+                        "HTP emulator (seconds per decode step; 0: none)")
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--decode-calib-tokens", type=int, default=256)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
@@ -201,6 +226,15 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['model']} | {row['mode']} | {row['params'] / 1e6:.0f}M | {label} | {r['exact_match']:.1%} | "
                          f"{r['setting_accuracy']:.1%} | {r['invalid_rate']:.1%} | {r['first_token_ms_p50']:.0f} | "
                          f"{r['call_ms_p50']:.0f} / {r['call_ms_p90']:.0f} | {mb} |")
+    emulated = [(row, row[k]["htp_emulated"]) for row in report["rows"] for k, _ in _PRECISIONS
+                if "htp_emulated" in row.get(k, {})]
+    if emulated:
+        lines += ["", "The A16W8 graphs compiled for Qualcomm's HTP and run on its emulator (the NPU's integer arithmetic), "
+                  "on the first test pairs, next to ONNX Runtime CPU's answers from the same graphs:", "",
+                  "| model | fine-tuning | pairs | exact match, emulator | exact match, CPU (same pairs) "
+                  "| same output as CPU |", "|---|---|---|---|---|---|"]
+        lines += [f"| {row['model']} | {row['mode']} | {e['pairs']} | {e['exact_match']:.1%} | {e['cpu_exact_match']:.1%} "
+                  f"| {e['same_output_as_cpu']:.1%} |" for row, e in emulated]
     return "\n".join(lines) + "\n"
 
 

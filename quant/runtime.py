@@ -119,6 +119,11 @@ class DecodeCache:
         self.slot_positions = np.full(self.capacity, -1, dtype=np.int64)
         self.outputs = [o.name for o in sess.get_outputs()]
         self.presents = [name for name in self.outputs if name.startswith("present.")]
+        old = [o for o in sess.get_outputs() if o.name in self.presents and o.shape[2] != 1]
+        if old:
+            raise ValueError(f"{old[0].name} holds {old[0].shape[2]} slots: this decode graph returns its whole "
+                             "cache (exported before 2026-12-05), which this host loop no longer keeps; export it again "
+                             "(rerun the run's command: its export and quantize stages run again)")
         self.position = 0
         self.constants = constants or {}
         self.record = record

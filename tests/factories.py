@@ -208,3 +208,16 @@ def check_pairs_eval(run_dir: Path, tmp: Path, max_input_tokens: int = 6, new_to
     # The float graphs and their host loop answer exactly as the checkpoint does.
     assert [a["output"] for a in results["float"]["answers"]] == [a["output"] for a in results["checkpoint"]["answers"]]
     assert results["quantized"]["answered_by"] != results["float"]["answered_by"]
+    # On Qualcomm's HTP emulator, the qnn-htp integer graphs answer the same requests through the same host loop.
+    from quant import qnn
+
+    config = json.loads((run_dir / "config.json").read_text())["quant"]
+    if config["npu_profile"] == "qnn-htp" and qnn.unavailable() is None:
+        from compress.evaluation.htp_calls import emulated_calls
+        from compress.families import get_family
+
+        first, step = get_family(json.loads((run_dir / "config.json").read_text())["student"]).run_graphs(
+            run_dir, config["recipe"])
+        emulated = emulated_calls(first, step, run_dir / "student", pairs, len(HAND_PAIRS), new_tokens, max_input_tokens)
+        assert emulated["pairs"] == len(HAND_PAIRS)
+        assert [a["output"] for a in emulated["answers"]] == [a["output"] for a in results["quantized"]["answers"]]

@@ -107,6 +107,50 @@ def test_decode_graph_scores_continuations_like_the_prefill_graph(llama_graphs):
         runtime.decode_quality(step, prefill, ids, CAPACITY)
 
 
+def test_a_full_cache_keeps_the_last_tokens_in_its_ring_of_slots(llama_graphs):
+    model, lm, folder = llama_graphs
+    ids = _ids(model, 1, length=CAPACITY + 12)[0]
+    step = runtime.session(folder / "decode.onnx")
+    cache = runtime.DecodeCache(step)
+    got = [cache.step(int(t)) for t in ids]
+    assert sorted(cache.slot_positions) == list(range(12, CAPACITY + 12)) and cache.state["attention_mask"].all()
+    # The same steps in torch with the cache kept in age order, the oldest token dropped once it is full: slot
+    # order does not matter to attention, so the logits agree.
+    layers = 2 * len(lm.blocks)
+    seen: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+    with torch.no_grad():
+        for position, token in enumerate(ids):
+            cache_in, count = [], min(position, CAPACITY)
+            for i, shape in enumerate(lm.cache_shapes() * len(lm.blocks)):
+                tensor = torch.zeros(shape)
+                recent = seen[i][position - count:]
+                if recent and i % 2 == 0:
+                    tensor[..., :count] = torch.cat(recent, dim=2).transpose(-1, -2)
+                elif recent:
+                    tensor[:, :, :count] = torch.cat(recent, dim=2)
+                cache_in.append(tensor)
+            mask = (torch.arange(CAPACITY) < count).float()[None]
+            logits, new = lm.decode(token.reshape(1, 1), torch.tensor([[position]]), mask, cache_in)
+            for i in range(layers):
+                seen[i].append(new[i])
+            assert np.abs(got[position] - logits[0, -1].numpy()).max() <= 1e-4, position
+
+
+def test_a_decode_graph_that_returns_its_whole_cache_is_refused_with_what_to_do(tmp_path):
+    from onnx import TensorProto, helper
+
+    past = helper.make_tensor_value_info("past.0.key", TensorProto.FLOAT, [1, 2, 8, 4])
+    present = helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, [1, 2, 8, 4])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, [1, 8])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["past.0.key"], ["present.0.key"]),
+                               helper.make_node("Identity", ["attention_mask"], ["logits"])],
+                              "old", [mask, past], [logits, present])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "old.onnx")
+    with pytest.raises(ValueError, match="returns its whole cache.*export it again"):
+        runtime.DecodeCache(runtime.session(tmp_path / "old.onnx"))
+
+
 def test_decode_calibration_feeds_are_what_the_host_loop_feeds(llama_graphs):
     model, lm, folder = llama_graphs
     ids = _ids(model, 2).numpy()

@@ -48,7 +48,7 @@ _STAGE_FIELDS = {
 # fingerprint: after a code change the stages it touches run again, and every stage after them.
 _STAGE_CODE = {
     "correct": ("compress/sources", "distill"),
-    "score": ("importance", "compress/pruning/scoring.py", "compress/pruning/archspec.py", "compress/evaluation"),
+    "score": ("importance", "compress/pruning/scoring.py", "compress/pruning/archspec.py", "compress/evaluation/quality.py"),
     "plan": ("compress/pruning/planner.py", "compress/pruning/vocab.py", "compress/models", "compress/families"),
     "prune": ("compress/pruning/surgery.py", "compress/core"),
     "distill": ("compress/app/distillation.py",),

@@ -140,11 +140,15 @@ class CheckpointDecoder(Decoder):
 class GraphDecoder(Decoder):
     """A run's ONNX graphs through its family's host loop (prefill + decode, or encoder + decoder)."""
 
-    def __init__(self, family: Any, first: Path, step: Path, model_config: Any, eos: set[int]) -> None:
+    def __init__(self, family: Any, first: Path, step: Path, model_config: Any, eos: set[int],
+                 open_session: Callable[[Path], Any] | None = None) -> None:
+        """``open_session`` opens each graph (default: ONNX Runtime on this CPU; the HTP emulator's session in
+        :mod:`compress.evaluation.htp_calls`)."""
         from quant import runtime
 
         self.family, self.model_config, self.eos = family, model_config, eos
-        self.first, self.step = runtime.session(first), runtime.session(step)
+        opened = open_session or runtime.session
+        self.first, self.step = opened(first), opened(step)
         self.prompt_limit = int(self.first.get_inputs()[0].shape[1])
 
     def begin(self, prompt: list[int]) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
