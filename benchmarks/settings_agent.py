@@ -35,6 +35,7 @@ import torch
 
 from benchmarks.plots import provenance
 from compress.app.finetune import FinetuneConfig, finetune
+from compress.app.htp_calls import emulated_calls
 from compress.app.pipeline import run
 from compress.core.family import family_of, load_model
 from compress.evaluation.calls import (
@@ -45,7 +46,6 @@ from compress.evaluation.calls import (
     read_pairs,
     stop_tokens,
 )
-from compress.evaluation.htp_calls import emulated_calls
 from compress.io import read_json, write_text
 from compress.sources.data import pair_inputs
 from compress.sources.settings_agent import write_task

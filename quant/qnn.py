@@ -196,7 +196,7 @@ def layer_norm_parameters(model: onnx.ModelProto) -> tuple[list[str], list[str]]
 def emulator_session(graph: str | Path, soc_model: str = DEFAULT_SOC_MODEL, work: str | Path | None = None):  # noqa: ANN201
     """An ONNX Runtime session that runs ``graph`` on the HTP emulator (CPU fallback disabled; op trace into
     ``work``). It loads the QNN libraries into this process: call it in a child process of its own, as
-    :func:`compile_graph` does (:mod:`compress.evaluation.htp_calls` is one)."""
+    :func:`compile_graph` does (:mod:`compress.app.htp_calls` is one)."""
     work = Path(work) if work is not None else Path(tempfile.mkdtemp(prefix=".qnn."))
     return _session(Path(graph), soc_model, work)
 

@@ -213,7 +213,7 @@ def check_pairs_eval(run_dir: Path, tmp: Path, max_input_tokens: int = 6, new_to
 
     config = json.loads((run_dir / "config.json").read_text())["quant"]
     if config["npu_profile"] == "qnn-htp" and qnn.unavailable() is None:
-        from compress.evaluation.htp_calls import emulated_calls
+        from compress.app.htp_calls import emulated_calls
         from compress.families import get_family
 
         first, step = get_family(json.loads((run_dir / "config.json").read_text())["student"]).run_graphs(

@@ -143,7 +143,7 @@ class GraphDecoder(Decoder):
     def __init__(self, family: Any, first: Path, step: Path, model_config: Any, eos: set[int],
                  open_session: Callable[[Path], Any] | None = None) -> None:
         """``open_session`` opens each graph (default: ONNX Runtime on this CPU; the HTP emulator's session in
-        :mod:`compress.evaluation.htp_calls`)."""
+        :mod:`compress.app.htp_calls`)."""
         from quant import runtime
 
         self.family, self.model_config, self.eos = family, model_config, eos

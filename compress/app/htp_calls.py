@@ -3,7 +3,7 @@ pairs through its family's host loop, as :func:`compress.evaluation.calls.evalua
 
 The emulator runs the compiled graph in the NPU's own integer arithmetic, so its answers can differ from ONNX
 Runtime CPU's on the same QDQ graphs. It is slow (seconds per decode step for a 60M-parameter model), so callers
-size the sample. The QNN libraries load into a child process (``python -m compress.evaluation.htp_calls``), as
+size the sample. The QNN libraries load into a child process (``python -m compress.app.htp_calls``), as
 every other use of the emulator here (:mod:`quant.qnn`).
 """
 
@@ -29,7 +29,7 @@ def emulated_calls(first: Path, step: Path, model_dir: Path, pairs: Path, limit:
     :class:`~compress.evaluation.calls.CallReport`'s dictionary with every answer."""
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    args = [sys.executable, "-m", "compress.evaluation.htp_calls", str(first), str(step), str(model_dir), str(pairs),
+    args = [sys.executable, "-m", "compress.app.htp_calls", str(first), str(step), str(model_dir), str(pairs),
             "--limit", str(limit), "--max-new-tokens", str(max_new_tokens), "--max-input-tokens", str(max_input_tokens),
             "--soc-model", str(soc_model)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
@@ -41,7 +41,7 @@ def emulated_calls(first: Path, step: Path, model_dir: Path, pairs: Path, limit:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compress.evaluation.htp_calls",
+    parser = argparse.ArgumentParser(prog="python -m compress.app.htp_calls",
                                      description="Answer (request, call) pairs with compiled graphs on the HTP "
                                      "emulator; prints the report as JSON.")
     parser.add_argument("first", type=Path, help="prefill (or encoder) graph")
@@ -56,9 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from transformers import AutoConfig, AutoTokenizer
 
-    import compress  # noqa: F401 - registers the student families
-    from compress.core.family import family_of
     from compress.evaluation.calls import GraphDecoder, evaluate_calls, read_pairs, stop_tokens
+    from compress.families import family_of  # registers the built-in families
     from compress.models import register as register_models
     from quant.qnn import emulator_session, unavailable
 
