@@ -213,6 +213,7 @@ def markdown(report: dict) -> str:
         f"and to the whole call (greedy, at most {report['new_tokens']} tokens). Measured {report['date']} on "
         f"{report['machine']}, commit `{report['commit']}`, `{report['command']}`, {report['seconds'] / 60:.0f} min.", "",
         *_missing(report),
+        *([f"Note: {report['provenance_note']}", ""] if report.get("provenance_note") else []),
         "| model | fine-tuning | params | answered by | exact match | setting right | invalid | first token (ms, p50) "
         "| call (ms, p50 / p90) | MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
