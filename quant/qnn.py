@@ -104,14 +104,20 @@ class HtpCompilation:
 
 def _child(args: list[str], timeout: float) -> dict:
     """Run ``python -m quant.qnn ARGS`` and return the JSON it prints last; raise with its output on failure."""
+    return run_child("quant.qnn", args, timeout)
+
+
+def run_child(module: str, args: list[str], timeout: float) -> dict:
+    """Run ``python -m MODULE ARGS`` (a module of this project that loads the QNN libraries) in a child process and
+    return the JSON it prints last; raise with its output on failure."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
                                                                      os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "quant.qnn", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"the QNN HTP child process failed (exit {done.returncode}):\n{tail}")
+        raise RuntimeError(f"the QNN HTP child process ({module}) failed (exit {done.returncode}):\n{tail}")
     return json.loads(lines[-1])
 
 

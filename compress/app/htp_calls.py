@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from quant.qnn import DEFAULT_SOC_MODEL
+from quant.qnn import DEFAULT_SOC_MODEL, run_child
 
 
 def emulated_calls(first: Path, step: Path, model_dir: Path, pairs: Path, limit: int, max_new_tokens: int = 48,
@@ -27,17 +25,9 @@ def emulated_calls(first: Path, step: Path, model_dir: Path, pairs: Path, limit:
     """The first ``limit`` pairs of ``pairs`` answered by the ``first`` and ``step`` graphs (prefill and decode, or
     encoder and decoder) on the HTP emulator; ``model_dir`` gives the tokenizer and the family. Returns
     :class:`~compress.evaluation.calls.CallReport`'s dictionary with every answer."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    args = [sys.executable, "-m", "compress.app.htp_calls", str(first), str(step), str(model_dir), str(pairs),
-            "--limit", str(limit), "--max-new-tokens", str(max_new_tokens), "--max-input-tokens", str(max_input_tokens),
-            "--soc-model", str(soc_model)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"the HTP emulator's call evaluation failed (exit {done.returncode}):\n{tail}")
-    return json.loads(lines[-1])
+    return run_child("compress.app.htp_calls", [str(first), str(step), str(model_dir), str(pairs), "--limit", str(limit),
+                     "--max-new-tokens", str(max_new_tokens), "--max-input-tokens", str(max_input_tokens),
+                     "--soc-model", str(soc_model)], timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
