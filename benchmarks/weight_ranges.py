@@ -1,8 +1,8 @@
-"""How far does int8 weight rounding move the model, how much does that vary, and what do MSE ranges and GPTQ buy?
+"""How far does int8 (int4) weight rounding move the model, how much does that vary, and what do MSE ranges and GPTQ buy?
 
 Weight-only fake quantization in PyTorch of the model the integer graphs are made from (rotated with each
-``--seeds`` rotation, per-row embedding scales): every block linear's weight rounded to symmetric int8 per
-output channel, as both profiles quantize them:
+``--seeds`` rotation, per-row embedding scales): every block linear's weight rounded to symmetric int8 (with
+``--bits 4``, int4) per output channel, as the profiles quantize them:
 
   minmax         nearest step, range r = max|w| (ORT's MinMax)
   mse            nearest step, r from :func:`quant.quantize.mse_range`
@@ -12,15 +12,17 @@ output channel, as both profiles quantize them:
   gptq           :func:`compress.deploy.gptq.gptq_` on MinMax ranges (the recipes' default), Hessians from
                  ``--calib-seqs`` calibration sequences
   gptq mse       the same on MSE ranges
+  + int8 table   gptq, and the (tied) embedding table rounded per row to int8 (what the graphs store)
+  + int4 table   gptq, and the table rounded per row to int4 (w4a16's table)
 
-Embedding, head and activations stay float, so the numbers isolate weight rounding. Measured against the
+Activations stay float, and the table too except in the last two arms, so the numbers isolate weight rounding. Measured against the
 float model on the validation split: perplexity, mean per-token KL(float ‖ rounded) and top-1 agreement.
 The controls tell an effect of a method from the effect of any small change of the rounding grid: the
 perplexity of a weak model moves by about a percent either way under such changes, so its sign is
 rounding luck; the KL is not.
-Writes ``benchmarks/results/weight_ranges_<name>.{md,json}``.
+Writes ``benchmarks/results/weight_ranges_<name>[_int4].{md,json}``.
 
-    python -m benchmarks.weight_ranges [--model smollm2-135m] [--seeds 0,1,2,3]
+    python -m benchmarks.weight_ranges [--model smollm2-135m] [--seeds 0,1,2,3] [--bits 8|4]
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ from compress.deploy.outliers import normalize_embedding, rotate
 from compress.io import write_json, write_text
 from compress.sources.data import load_corpus, token_batches
 from compress.sources.teachers import load_teacher
+from quant.gptq import levels
 from quant.quantize import mse_range
 
 RESULTS = Path(__file__).parent / "results"
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
-ARMS = ("minmax", "mse", "uniform shrink", "random shrink", "gptq", "gptq mse")
+ARMS = ("minmax", "mse", "uniform shrink", "random shrink", "gptq", "gptq mse", "+ int8 table", "+ int4 table")
 GPTQ_ARMS = {"gptq": "minmax", "gptq mse": "mse"}
+TABLE_ARMS = {"+ int8 table": 8, "+ int4 table": 4}  # on top of the gptq arm
 
 
 def log_probs(lm: StaticLM, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -68,13 +72,15 @@ def compare(lm: StaticLM, ids: torch.Tensor, reference: list[torch.Tensor]) -> d
     return {"perplexity": math.exp(nll / count), "kl": kl / count, "agreement": agree / count}
 
 
-def rounded(weight: np.ndarray, limit: np.ndarray) -> np.ndarray:
-    """``weight`` [out, in] rounded to int8 steps of limit / 127 per output channel, back in float."""
-    step = (limit / 127)[:, None]
-    return (np.clip(np.round(weight / step), -127, 127) * step).astype(np.float32)
+def rounded(weight: np.ndarray, limit: np.ndarray, top: int = 127) -> np.ndarray:
+    """``weight`` [out, in] rounded to steps of limit / ``top`` per output channel (127: int8), back in float."""
+    step = (limit / top)[:, None]
+    return (np.clip(np.round(weight / step), -top, top) * step).astype(np.float32)
 
 
-def measure_seed(model, ids: torch.Tensor, calib: torch.Tensor, seq_len: int, seed: int) -> dict:  # noqa: ANN001
+def measure_seed(model, ids: torch.Tensor, calib: torch.Tensor, seq_len: int, seed: int,  # noqa: ANN001
+                 bits: int = 8) -> dict:
+    top = levels(bits)
     lm = StaticLM(model, seq_len).eval()
     rotate(lm, seed)
     normalize_embedding(lm)
@@ -86,11 +92,11 @@ def measure_seed(model, ids: torch.Tensor, calib: torch.Tensor, seq_len: int, se
             for linear, weight in zip(linears, originals, strict=True):
                 linear.weight.copy_(torch.from_numpy(weight))
         started = time.perf_counter()
-        gptq_(lm, calib, weight_range=weight_range)
+        gptq_(lm, calib, weight_range=weight_range, bits=bits)
         gptq_seconds = time.perf_counter() - started
         rounded_by_gptq[arm] = [weight_matrix(linear).detach().numpy().copy() for linear in linears]
     peaks = [np.abs(w).max(1) for w in originals]
-    searched = [mse_range(w, 0) for w in originals]
+    searched = [mse_range(w, 0, top) for w in originals]
     ratio = float(np.concatenate([s / np.where(p > 0, p, 1) for s, p in zip(searched, peaks, strict=True)]).mean())
     rng = np.random.default_rng(seed)
     limits = {
@@ -106,13 +112,22 @@ def measure_seed(model, ids: torch.Tensor, calib: torch.Tensor, seq_len: int, se
     result = {"seed": seed, "float": compare(lm, ids, reference)["perplexity"], "mean_range_ratio": ratio,
               "gptq_seconds": gptq_seconds}
     errors = {}
+    table = lm.embed.detach().clone()  # rows of max |value| 1 (normalize_embedding)
     for arm in ARMS:
         total = 0.0
         with torch.no_grad():
             for i, (linear, weight) in enumerate(zip(linears, originals, strict=True)):
-                q = rounded_by_gptq[arm][i] if arm in GPTQ_ARMS else rounded(weight, limits[arm][i])
+                if arm in GPTQ_ARMS or arm in TABLE_ARMS:
+                    q = rounded_by_gptq.get(arm, rounded_by_gptq["gptq"])[i]
+                else:
+                    q = rounded(weight, limits[arm][i], top)
                 total += float(np.square(q - weight).sum())
                 linear.weight.copy_(torch.from_numpy(q))
+            if arm in TABLE_ARMS:  # per row: the rows already have max |value| 1
+                table_top = levels(TABLE_ARMS[arm])
+                lm.embed.copy_(torch.clamp(torch.round(table * table_top), -table_top, table_top) / table_top)
+            else:
+                lm.embed.copy_(table)
         result[arm] = compare(lm, ids, reference)
         errors[arm] = total
         r = result[arm]
@@ -130,6 +145,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-seqs", type=int, default=16)
     parser.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences for GPTQ's Hessians")
+    parser.add_argument("--bits", type=int, choices=(8, 4), default=8, help="block weights' integer width")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -138,14 +154,14 @@ def main() -> None:
     dataset = load_corpus(None)
     ids = token_batches(dataset, tokenizer, "validation", args.seq_len, args.eval_seqs)
     calib = token_batches(dataset, tokenizer, "calibration", args.seq_len, args.calib_seqs)
-    seeds = [measure_seed(model, ids, calib, args.seq_len, int(s)) for s in args.seeds.split(",")]
+    seeds = [measure_seed(model, ids, calib, args.seq_len, int(s), args.bits) for s in args.seeds.split(",")]
     costs = {arm: [r[arm]["perplexity"] / r["float"] - 1 for r in seeds] for arm in ARMS}
     report = {
         "model": args.model, "seq_len": args.seq_len, "validation_tokens": int(ids.shape[0] * (ids.shape[1] - 1)),
         **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "data": "Debian documentation corpus (validation split)", "seeds": seeds,
-        "calibration_sequences": int(calib.shape[0]),
+        "calibration_sequences": int(calib.shape[0]), "bits": args.bits,
         "summary": {arm: {"mean_cost": statistics.mean(c), "sd_cost": statistics.stdev(c) if len(c) > 1 else 0.0,
                           "mean_abs_cost": statistics.mean(abs(x) for x in c),
                           "mean_kl": statistics.mean(r[arm]["kl"] for r in seeds),
@@ -156,19 +172,21 @@ def main() -> None:
     }
     name = args.name or (args.model if not Path(args.model).exists() else "student")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"weight_ranges_{name}"
+    stem = f"weight_ranges_{name}" + ("_int4" if args.bits == 4 else "")
     write_json(args.out / f"{stem}.json", report)
     write_text(args.out / f"{stem}.md", markdown(report))
     print(markdown(report))
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Int8 weight rounding: {report['model']}", "",
-             f"Weight-only fake quantization (block linears, int8 symmetric per output channel; embedding, head and "
-             f"activations float) of the rotated model, for {len(report['seeds'])} rotation seeds; perplexity, mean "
+    bits = report.get("bits", 8)
+    lines = [f"# Int{bits} weight rounding: {report['model']}", "",
+             f"Weight-only fake quantization (block linears, int{bits} symmetric per output channel; activations float, "
+             f"the embedding table too except in the '+ table' arms, which round it per row) of the rotated model, for {len(report['seeds'])} rotation seeds; perplexity, mean "
              f"per-token KL(float ‖ rounded) and top-1 agreement with the float model on {report['validation_tokens']:,} "
              f"validation tokens of {report['data']}; GPTQ's Hessians from {report['calibration_sequences']} "
-             f"calibration sequences. Measured {report['date']} on {report['machine']}.", "",
+             f"calibration sequences. Measured {report['date']} on {report['machine']}, commit "
+             f"`{report['commit'][:7]}`, `{report['command']}`.", "",
              "| seed | float perplexity | " + " | ".join(ARMS) + " |", "|---|---|" + "---|" * len(ARMS)]
     for r in report["seeds"]:
         cells = " | ".join(f"{r[arm]['perplexity']:.2f} ({r[arm]['perplexity'] / r['float'] - 1:+.2%}), "

@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al., 2022): rounding a weight matrix onto its int8 grid with error feedback.
+"""GPTQ (Frantar et al., 2022): rounding a weight matrix onto its int8 (or int4) grid with error feedback.
 
 Rounding each weight to its nearest step treats every input channel as equally important and every
 rounding error as independent. GPTQ rounds one input column at a time and moves the error it just made onto
@@ -6,10 +6,11 @@ the columns not yet rounded, weighted by the inverse Hessian H = Σ x·xᵀ of t
 text, so the layer's *outputs* on such inputs move as little as possible. Columns go in order of decreasing
 H diagonal (the paper's act-order), in blocks of 128 with lazy updates.
 
-The grid is the one an integer graph will use: symmetric int8, one step per output channel (or one per
-tensor), step = range / 127, the range from :func:`quant.quantize.mse_range` or max|w|. The largest |w| of
-each channel (of the tensor) is pinned at ±127 steps, so a MinMax quantizer reading the rounded weight finds
-the very same step and keeps every value exactly.
+The grid is the one an integer graph will use: symmetric, ``levels`` steps each side of zero (127 for int8,
+7 for int4), one step per output channel (or one per tensor), step = range / levels, the range from
+:func:`quant.quantize.mse_range` or max|w|. The largest |w| of each channel (of the tensor) is pinned at
+±levels steps, so a MinMax quantizer reading the rounded weight finds the very same step and keeps every
+value exactly.
 """
 
 from __future__ import annotations
@@ -19,27 +20,31 @@ import torch
 
 from quant.quantize import mse_range
 
-LEVELS = 127
+
+def levels(bits: int) -> int:
+    """Steps each side of zero of a symmetric signed ``bits``-bit grid (127 for 8, 7 for 4)."""
+    return 2 ** (bits - 1) - 1
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax",
-               damping: float = 0.01, block: int = 128) -> torch.Tensor:
-    """``weight`` (out, in) rounded onto symmetric int8 grids (per output channel, or one for the tensor; each
-    grid's range by ``weight_range``, "mse" or "minmax") with GPTQ's error feedback under ``hessian`` (in, in);
-    returns the rounded float weight, on its grid with each channel's (the tensor's) largest |value| at
-    exactly 127 steps."""
+               damping: float = 0.01, block: int = 128, bits: int = 8) -> torch.Tensor:
+    """``weight`` (out, in) rounded onto symmetric ``bits``-bit grids (per output channel, or one for the tensor;
+    each grid's range by ``weight_range``, "mse" or "minmax") with GPTQ's error feedback under ``hessian``
+    (in, in); returns the rounded float weight, on its grid with each channel's (the tensor's) largest |value|
+    at exactly the last step."""
+    top = levels(bits)
     w = weight.detach().double().clone()
     rows, cols = w.shape
     axis = 0 if per_channel else None
     if weight_range == "mse":
-        limit = torch.from_numpy(mse_range(w.numpy().astype(np.float32), axis)).double()
+        limit = torch.from_numpy(mse_range(w.numpy().astype(np.float32), axis, top)).double()
     elif weight_range == "minmax":
         limit = w.abs().amax(1) if per_channel else w.abs().max().reshape(1)
     else:
         raise ValueError(f"weight_range must be mse or minmax, got {weight_range!r}")
-    step = (limit / LEVELS).clamp(min=1e-12)
+    step = (limit / top).clamp(min=1e-12)
     step = step[:, None] if per_channel else step.reshape(1, 1).expand(rows, 1)
-    # Pins: the largest |w| of each channel (of the tensor) rounds to ±127 steps, whatever the error feedback
+    # Pins: the largest |w| of each channel (of the tensor) rounds to ±top steps, whatever the error feedback
     # made of it, so a MinMax quantizer recovers the step from the rounded weight.
     if per_channel:
         pin_cols = w.abs().argmax(1)
@@ -67,11 +72,11 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = 
         errors = torch.zeros_like(chunk)
         for i in range(end - start):
             column = chunk[:, i]
-            rounded = torch.clamp(torch.round(column / step[:, 0]), -LEVELS, LEVELS) * step[:, 0]
+            rounded = torch.clamp(torch.round(column / step[:, 0]), -top, top) * step[:, 0]
             pinned = position == start + i
             if pinned.any():
                 r = pin_rows[pinned]
-                rounded[r] = pin_signs[pinned] * LEVELS * step[r, 0]
+                rounded[r] = pin_signs[pinned] * top * step[r, 0]
             q[:, start + i] = rounded
             d = upper[start + i, start + i]
             error = (column - rounded) / d

@@ -27,7 +27,7 @@ _COMMON_OPS = frozenset({
 }) | QDQ_OPS
 _INT_TYPES = {TensorProto.INT64, TensorProto.INT32, TensorProto.BOOL}
 _TYPE_NAMES = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8, "uint16": TensorProto.UINT16,
-               "int16": TensorProto.INT16}
+               "int16": TensorProto.INT16, "int4": TensorProto.INT4}
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,11 @@ def register(profile: NpuProfile) -> NpuProfile:
 register(NpuProfile(
     name="qnn-htp",
     description="Qualcomm Hexagon NPU through ONNX Runtime's QNN EP: 16-bit activations by default, 8-bit "
-                "weights, per-channel weights on Conv only (ORT's QNN config keeps MatMul per-tensor), "
-                "channel counts in multiples of 32.",
+                "weights (4-bit for w4a16), per-channel weights on Conv only (ORT's QNN config keeps MatMul "
+                "per-tensor), channel counts in multiples of 32.",
     activation_type="uint16",
     weight_type="int8",
+    weight_types=("int8", "int16", "int4"),
     ops=_COMMON_OPS,
     per_channel_ops=("Conv",),
     channel_multiple=32,

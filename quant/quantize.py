@@ -43,7 +43,10 @@ class QuantRecipe:
 
     name: str
     activation_bits: int = 8  # 8 → uint8, 16 → uint16
-    weight_bits: int = 8  # symmetric int8
+    weight_bits: int = 8  # symmetric int8, or int4 (per channel on the profile's per-channel operators)
+    # The tied embedding table (the lookup's and the head's): int8, or int4 (per row with the embed-rows rewrite,
+    # which scales each row to max |value| 1 and multiplies its scale back in).
+    embedding_bits: int = 8
     per_channel: bool = True  # on the operators the profile allows
     calibration: str = "minmax"
     percentile: float = 99.999
@@ -64,8 +67,8 @@ class QuantRecipe:
             if self.activation_bits != 32 or self.weight_bits not in (4, 8) or self.block_size < 16:
                 raise ValueError("a weight-only recipe keeps float activations (activation_bits 32) and stores "
                                  "weight_bits 4 or 8 in blocks of at least 16")
-        elif self.activation_bits not in (8, 16) or self.weight_bits != 8:
-            raise ValueError("activation_bits must be 8 or 16 and weight_bits 8")
+        elif self.activation_bits not in (8, 16) or self.weight_bits not in (4, 8) or self.embedding_bits not in (4, 8):
+            raise ValueError("activation_bits must be 8 or 16, weight_bits and embedding_bits 4 or 8")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
         if self.weight_range not in WEIGHT_RANGES:
@@ -88,6 +91,11 @@ PRESETS = {
                         sixteen_bit_weights=MIXES, weight_rounding="gptq"),
     # For CPUs (the ort-cpu profile): decoding one token reads every weight once, so it runs at the speed
     # weights stream from memory; int8 blocks of 32 read a quarter of fp32's bytes, int4 an eighth.
+    # The format NPU LLM toolchains ship (Qualcomm AI Hub, Olive's QNN recipes): int4 weights per output channel,
+    # GPTQ-rounded onto their int4 grids, 16-bit activations; the tied table int4 per row (an int8 table alone
+    # would be most of a small model's graph).
+    "w4a16": QuantRecipe("w4a16", activation_bits=16, weight_bits=4, embedding_bits=4, sixteen_bit_weights=MIXES,
+                         weight_rounding="gptq"),
     "w8": QuantRecipe("w8", activation_bits=32, weight_bits=8, per_channel=False, weight_only=True, block_size=128),
     "w4": QuantRecipe("w4", activation_bits=32, weight_bits=4, per_channel=False, weight_only=True, block_size=32),
 }
@@ -172,11 +180,11 @@ def mse_range(weight: np.ndarray, axis: int | None, levels: int = 127) -> np.nda
     return (best * peak).astype(np.float32)
 
 
-_8_BIT = ("QInt8", "QUInt8")
+_LEVELS = {"QInt8": 127, "QUInt8": 127, "QInt4": 7, "QUInt4": 7}  # steps each side of zero, symmetric types
 
 
 def _clip_weights(model: onnx.ModelProto, config) -> int:  # noqa: ANN001 - ORT's StaticQuantConfig
-    """Clip every symmetric 8-bit MatMul/Gemm/Conv weight of ``model`` (in place) to its :func:`mse_range`, along
+    """Clip every symmetric 8- or 4-bit MatMul/Gemm/Conv weight of ``model`` (in place) to its :func:`mse_range`, along
     the axis ORT will quantize it on (``config``: per-tensor overrides, per-channel overrides, else the global
     per-channel switch); ORT's MinMax on the clipped weight then takes that range. Returns how many changed."""
     from onnx import numpy_helper
@@ -196,7 +204,7 @@ def _clip_weights(model: onnx.ModelProto, config) -> int:  # noqa: ANN001 - ORT'
     for name, axes in readers.items():
         entry = overrides.get(name, [{}])[0]
         quant_type = getattr(entry.get("quant_type", config.weight_type), "name", str(entry.get("quant_type")))
-        if quant_type not in _8_BIT or not entry.get("symmetric", symmetric_default):
+        if quant_type not in _LEVELS or not entry.get("symmetric", symmetric_default):
             continue
         if "axis" in entry:
             axis = entry["axis"]
@@ -209,7 +217,7 @@ def _clip_weights(model: onnx.ModelProto, config) -> int:  # noqa: ANN001 - ORT'
             continue
         if axis is not None:
             axis %= weight.ndim
-        limit = mse_range(weight, axis)
+        limit = mse_range(weight, axis, _LEVELS[quant_type])
         if axis is not None:
             shape = [1] * weight.ndim
             shape[axis] = -1
@@ -261,9 +269,9 @@ def _chosen(model: onnx.ModelProto, names: Sequence[str], finder: GroupFinder | 
 
 
 def _overrides(model: onnx.ModelProto, chosen: dict[str, list[str]], wide: list[str],
-               profile: NpuProfile) -> dict[str, list[dict]]:
-    """ORT's per-tensor overrides: 16-bit activations of the chosen groups, one symmetric int8 tensor for a tied
-    embedding (the lookup and the head read it), int16 for the wide weights; on QNN, uint8 LayerNorm scales."""
+               profile: NpuProfile, embedding_bits: int = 8) -> dict[str, list[dict]]:
+    """ORT's per-tensor overrides: 16-bit activations of the chosen groups, one symmetric int8 (int4) tensor for a
+    tied embedding (the lookup and the head read it), int16 for the wide weights; on QNN, uint8 LayerNorm scales."""
     from onnxruntime.quantization import QuantType
 
     overrides = {}
@@ -273,7 +281,7 @@ def _overrides(model: onnx.ModelProto, chosen: dict[str, list[str]], wide: list[
         overrides.update({name: [{"quant_type": QuantType.QUInt16, "symmetric": False}] for name in biases})
     overrides.update({name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names})
     for name in shared_weights(model):
-        overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
+        overrides[name] = [{"quant_type": QuantType.QInt4 if embedding_bits == 4 else QuantType.QInt8, "symmetric": True}]
     for name in wide:
         overrides[name] = [{"quant_type": QuantType.QInt16, "symmetric": True}]
     return overrides
@@ -297,7 +305,7 @@ def _ort_config(source: Path, tmp: Path, model: onnx.ModelProto, reader: Any, re
     # for the operators they take them on.
     config = get_qnn_qdq_config(
         str(source), reader, calibrate_method=method, activation_type=activation,
-        weight_type=QuantType.QInt8, per_channel=recipe.per_channel and "Conv" in profile.per_channel_ops,
+        weight_type=QuantType.QInt4 if recipe.weight_bits == 4 else QuantType.QInt8, per_channel=recipe.per_channel and "Conv" in profile.per_channel_ops,
         init_overrides=overrides or None, activation_symmetric=False, weight_symmetric=True,
     )
     # ORT's calibrators keep every intermediate tensor of the runs of one collection pass (about
@@ -367,7 +375,7 @@ def quantize(
             chosen["int16-weight-io"] = sorted({t for n in model.graph.node if n.op_type in _WEIGHT_AXIS
                                                 and len(n.input) > 1 and n.input[1] in wide
                                                 for t in (n.input[0], n.output[0])})
-        overrides = _overrides(model, chosen, wide, profile)
+        overrides = _overrides(model, chosen, wide, profile, recipe.embedding_bits)
         sixteen_bit_activations = sum(1 for o in overrides.values() if o[0]["quant_type"] == QuantType.QUInt16)
         source, config = _ort_config(source, Path(tmp), model, _Reader(feeds, bar), recipe, profile, overrides)
         del model

@@ -27,28 +27,29 @@ def _ids(model, n: int, seed: int) -> torch.Tensor:
     return torch.randint(3, model.config.vocab_size, (n, CAPACITY), generator=torch.Generator().manual_seed(seed))
 
 
-def _nearest(weight: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(weight / step), -127, 127) * step
+def _nearest(weight: torch.Tensor, step: torch.Tensor, top: int = 127) -> torch.Tensor:
+    return torch.clamp(torch.round(weight / step), -top, top) * step
 
 
-@pytest.mark.parametrize("per_channel", [True, False])
-def test_gptq_rounds_onto_the_grid_with_less_output_error_than_nearest(per_channel):
+@pytest.mark.parametrize(("per_channel", "bits"), [(True, 8), (False, 8), (True, 4)])
+def test_gptq_rounds_onto_the_grid_with_less_output_error_than_nearest(per_channel, bits):
+    top = 2 ** (bits - 1) - 1
     g = torch.Generator().manual_seed(0)
     # Correlated inputs with a few large channels, as a norm's outputs are: where error feedback pays.
     mix = torch.randn(96, 96, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3.0, 96, dtype=torch.float64)
     x = torch.randn(2048, 96, generator=g, dtype=torch.float64) @ mix
     calib, held_out = x[:1024], x[1024:]
     weight = torch.randn(48, 96, generator=g)
-    q = gptq_round(weight, calib.T @ calib / len(calib), per_channel=per_channel, weight_range="minmax")
+    q = gptq_round(weight, calib.T @ calib / len(calib), per_channel=per_channel, weight_range="minmax", bits=bits)
     peak = weight.abs().amax(1, keepdim=True) if per_channel else weight.abs().max()
-    step = (peak / 127).double()
+    step = (peak / top).double()
     on_grid = q.double() / step
-    assert torch.allclose(on_grid, on_grid.round(), atol=1e-3), "GPTQ output must lie on the int8 grid"
-    assert on_grid.abs().max() <= 127 + 1e-3
-    # ORT's MinMax reads the step back from the largest |value| of each channel (of the tensor): pinned at 127.
+    assert torch.allclose(on_grid, on_grid.round(), atol=1e-3), f"GPTQ output must lie on the int{bits} grid"
+    assert on_grid.abs().max() <= top + 1e-3
+    # ORT's MinMax reads the step back from the largest |value| of each channel (of the tensor): pinned at the top.
     assert torch.allclose(q.abs().amax(1) if per_channel else q.abs().max(), peak.squeeze(), rtol=1e-6)
     error = lambda w: ((held_out @ (w.double() - weight.double()).T) ** 2).sum().item()  # noqa: E731
-    assert error(q) < 0.7 * error(_nearest(weight.double(), step))
+    assert error(q) < 0.7 * error(_nearest(weight.double(), step, top))
 
 
 def test_input_hessians_are_one_per_input_symmetric_and_positive():

@@ -33,6 +33,7 @@ from quant.quantize import PRESETS
 # The rewrites each recipe was measured best with (benchmarks/results/quant_accuracy_*.md): both need the
 # rotation (the first position's massive activation sets every residual range) and per-row embedding scales.
 DEFAULT_TRANSFORMS = {"none": ("embed-rows",), "a16w8": ("rotate", "embed-rows"), "a8w8": ("rotate", "embed-rows"),
+                      "w4a16": ("rotate", "embed-rows"),
                       # weight-only: activations stay float, so no outlier rewrite; the head gets its own weights
                       "w8": (), "w4": ()}
 
@@ -142,6 +143,12 @@ class QuantConfig:
             fitting = [name for name, r in PRESETS.items() if r.weight_only == profile.weight_only]
             raise ConfigError(f"--quant {self.recipe} does not fit --npu-profile {self.npu_profile}: it takes "
                               f"{', '.join(fitting)} (weight-only recipes are for ort-cpu, Q/DQ recipes for NPUs)")
+        recipe = PRESETS.get(self.recipe)
+        if recipe is not None and not recipe.weight_only and 4 in (recipe.weight_bits, recipe.embedding_bits) \
+                and "int4" not in profile.weight_types:
+            takes = [p.name for p in PROFILES.values() if "int4" in p.weight_types and not p.weight_only]
+            raise ConfigError(f"--quant {self.recipe} stores int4 weights, which --npu-profile {self.npu_profile} does "
+                              f"not take; use --npu-profile {' or '.join(takes)}")
         if profile.weight_only and "embed-rows" in self.transforms:
             raise ConfigError(f"--quant-transforms embed-rows does not fit --npu-profile {self.npu_profile}: its head "
                               "has weights of its own, so the table needs no row scales; leave embed-rows out")

@@ -1,10 +1,11 @@
-"""GPTQ rounding (:mod:`quant.gptq`) of a :class:`~compress.deploy.export.StaticLM`'s block weights onto their int8 grids.
+"""GPTQ rounding (:mod:`quant.gptq`) of a :class:`~compress.deploy.export.StaticLM`'s block weights onto their int8 or int4 grids.
 
 Every block linear (q k v o gate up down), in any export layout, rounded under the Hessian of its inputs on
 calibration text. The result is a float model whose block weights already lie on their grids, each channel's
 largest |weight| at the last step, so the quantizer (whose MSE range search keeps such a channel's range)
 stores exactly those values. Hessians come from one pass of the float model, not layer by layer through
-already rounded ones: at 8 bits the inputs barely change.
+already rounded ones: at 8 bits the inputs barely change (at 4 bits they do; that costs some accuracy, see
+``benchmarks/quant_accuracy.py``).
 """
 
 from __future__ import annotations
@@ -54,14 +55,16 @@ def input_hessians(lm: StaticLM, ids: torch.Tensor) -> dict[nn.Module, torch.Ten
 
 
 @torch.no_grad()
-def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax") -> StaticLM:
-    """Round every block linear of ``lm`` with :func:`gptq_round` (in place), Hessians from prefills of ``ids``."""
+def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax",
+          bits: int = 8) -> StaticLM:
+    """Round every block linear of ``lm`` onto its ``bits``-bit grid with :func:`gptq_round` (in place), Hessians
+    from prefills of ``ids``."""
     hessians = input_hessians(lm, ids)
     for block in lm.unique_blocks:
         for name in LINEARS:
             layer = getattr(block, name)
             matrix = weight_matrix(layer)
-            matrix.copy_(gptq_round(matrix, hessians[layer], per_channel, weight_range))
+            matrix.copy_(gptq_round(matrix, hessians[layer], per_channel, weight_range, bits=bits))
     return lm
 
 

@@ -202,7 +202,7 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
     graph is calibrated on about ``decode_calib_tokens`` decode steps over the same sequences (:class:`DecodeFeeds`).
 
     With ``recipe.weight_rounding == "gptq"`` the graphs quantized are those of a copy of ``lm`` whose block weights
-    :func:`compress.deploy.gptq.gptq_` rounded onto their int8 grids (Hessians from ``calibration_ids``), exported next to
+    :func:`compress.deploy.gptq.gptq_` rounded onto their integer grids (Hessians from ``calibration_ids``), exported next to
     the float ones and removed after; the float graphs in ``float_dir`` stay the reference."""
     float_dir = Path(float_dir)
     calibration_ids = np.asarray(calibration_ids)
@@ -221,7 +221,7 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
 
             source_lm = gptq_(copy.deepcopy(lm), torch.as_tensor(calibration_ids),
                               per_channel=recipe.per_channel and block_op(lm) in profile.per_channel_ops,
-                              weight_range=recipe.weight_range)
+                              weight_range=recipe.weight_range, bits=recipe.weight_bits)
             source_dir = Path(tmp)
             export_graphs(source_lm, source_dir, decode=decode, prefill_length=length)
         reports["prefill"] = quantize_graph(source_dir / "model.onnx", out, prefill_feeds, recipe, profile, progress)
