@@ -5,8 +5,8 @@ For one model (default: the smollm2-135m teacher; ``--model DIR`` for a pruned o
 1. **Methods table** (prefill graphs): each row one combination of float rewrite and recipe, quantized
    whole-graph for A16W8 (qnn-htp profile) and A8W8 (generic-a8w8 profile), validation perplexity and
    top-1 agreement with the fp32 graph.
-2. **Final graphs** (the recipe ``compress`` ships): fp32, A16W8 (qnn-htp) and A8W8 (generic-a8w8 and
-   qnn-htp) prefill and decode graphs: perplexity, agreement, size on disk, median prefill latency, decode
+2. **Final graphs** (the recipes ``compress`` ships): fp32, A16W8 (qnn-htp), A8W8 (generic-a8w8 and
+   qnn-htp) and W4A16 (qnn-htp) prefill and decode graphs: perplexity, agreement, size on disk, median prefill latency, decode
    tokens/s, ``compress inspect`` violations; the qnn-htp graphs compiled by Qualcomm's HTP compiler (refused
    nodes) and ``--htp-seqs`` validation sequences run on its emulator next to ONNX Runtime's CPU; and the
    weight-only CPU graphs (ort-cpu: int8 and int4 MatMulNBits blocks), whose decode speed is the point.
@@ -46,9 +46,10 @@ from quant.quantize import PRESETS, QuantRecipe
 
 RESULTS = Path(__file__).parent / "results"
 # The final graphs: (key, recipe, profile). A8W8 is measured for both NPU profiles: per-channel MatMul weights on
-# generic-a8w8, 1x1 Convs on qnn-htp; w8 and w4 are the weight-only graphs for a CPU (ort-cpu).
+# generic-a8w8, 1x1 Convs on qnn-htp; W4A16 is the NPU LLM toolchains' format (qnn-htp); w8 and w4 are the
+# weight-only graphs for a CPU (ort-cpu).
 FINAL_GRAPHS = (("a16w8", "a16w8", "qnn-htp"), ("a8w8", "a8w8", "generic-a8w8"), ("a8w8-qnn-htp", "a8w8", "qnn-htp"),
-                ("w8", "w8", "ort-cpu"), ("w4", "w4", "ort-cpu"))
+                ("w4a16", "w4a16", "qnn-htp"), ("w8", "w8", "ort-cpu"), ("w4", "w4", "ort-cpu"))
 DECODE_SAMPLES = 8  # validation sequences whose second halves score the decode graphs (1,024 tokens at 256)
 
 A16 = QuantRecipe("a16w8", 16)

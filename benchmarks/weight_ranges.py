@@ -40,7 +40,7 @@ import torch
 
 from benchmarks.plots import provenance
 from compress.deploy.export import StaticLM
-from compress.deploy.gptq import gptq_, weight_matrix
+from compress.deploy.gptq import gptq_, gptq_table_, weight_matrix
 from compress.deploy.outliers import normalize_embedding, rotate
 from compress.io import write_json, write_text
 from compress.sources.data import load_corpus, token_batches
@@ -51,8 +51,17 @@ from quant.quantize import mse_range
 RESULTS = Path(__file__).parent / "results"
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 ARMS = ("minmax", "mse", "uniform shrink", "random shrink", "gptq", "gptq mse", "+ int8 table", "+ int4 table")
-GPTQ_ARMS = {"gptq": "minmax", "gptq mse": "mse"}
-TABLE_ARMS = {"+ int8 table": 8, "+ int4 table": 4}  # on top of the gptq arm
+# At 4 bits: no shrink controls; LPBQ blocks (compress.deploy.gptq, block_scales); the table also GPTQ-rounded as the head.
+ARMS_4 = ("minmax", "mse", "gptq", "gptq mse", "gptq blocks of 64", "gptq blocks of 32", "+ int8 table", "+ int4 table",
+          "+ int4 table, gptq as head")
+GPTQ_ARMS = {"gptq": {"weight_range": "minmax"}, "gptq mse": {"weight_range": "mse"},
+             "gptq blocks of 64": {"block_size": 64}, "gptq blocks of 32": {"block_size": 32}}
+# On top of the gptq arm (int8), of blocks of 64 (int4): the table's width (the last arm's table GPTQ-rounded).
+TABLE_ARMS = {"+ int8 table": 8, "+ int4 table": 4, "+ int4 table, gptq as head": 4}
+
+
+def arms(bits: int) -> tuple[str, ...]:
+    return ARMS_4 if bits == 4 else ARMS
 
 
 def log_probs(lm: StaticLM, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -87,12 +96,14 @@ def measure_seed(model, ids: torch.Tensor, calib: torch.Tensor, seq_len: int, se
     linears = [getattr(block, name) for block in lm.unique_blocks for name in LINEARS]
     originals = [linear.weight.detach().numpy().copy() for linear in linears]
     rounded_by_gptq, gptq_seconds = {}, 0.0
-    for arm, weight_range in GPTQ_ARMS.items():
+    for arm, options in GPTQ_ARMS.items():
+        if arm not in arms(bits):
+            continue
         with torch.no_grad():
             for linear, weight in zip(linears, originals, strict=True):
                 linear.weight.copy_(torch.from_numpy(weight))
         started = time.perf_counter()
-        gptq_(lm, calib, weight_range=weight_range, bits=bits)
+        gptq_(lm, calib, bits=bits, **options)
         gptq_seconds = time.perf_counter() - started
         rounded_by_gptq[arm] = [weight_matrix(linear).detach().numpy().copy() for linear in linears]
     peaks = [np.abs(w).max(1) for w in originals]
@@ -108,22 +119,30 @@ def measure_seed(model, ids: torch.Tensor, calib: torch.Tensor, seq_len: int, se
     with torch.no_grad():
         for linear, weight in zip(linears, originals, strict=True):
             linear.weight.copy_(torch.from_numpy(weight))
+    table = lm.embed.detach().clone()  # rows of max |value| 1 (normalize_embedding)
+    tables = {}
+    if "+ int4 table, gptq as head" in arms(bits):
+        tables["+ int4 table, gptq as head"] = gptq_table_(lm, calib, 4).embed.detach().clone()
+        with torch.no_grad():
+            lm.embed.copy_(table)
     reference = log_probs(lm, ids)
     result = {"seed": seed, "float": compare(lm, ids, reference)["perplexity"], "mean_range_ratio": ratio,
               "gptq_seconds": gptq_seconds}
     errors = {}
-    table = lm.embed.detach().clone()  # rows of max |value| 1 (normalize_embedding)
-    for arm in ARMS:
+    table_base = "gptq blocks of 64" if bits == 4 else "gptq"
+    for arm in arms(bits):
         total = 0.0
         with torch.no_grad():
             for i, (linear, weight) in enumerate(zip(linears, originals, strict=True)):
                 if arm in GPTQ_ARMS or arm in TABLE_ARMS:
-                    q = rounded_by_gptq.get(arm, rounded_by_gptq["gptq"])[i]
+                    q = rounded_by_gptq.get(arm, rounded_by_gptq[table_base])[i]
                 else:
                     q = rounded(weight, limits[arm][i], top)
                 total += float(np.square(q - weight).sum())
                 linear.weight.copy_(torch.from_numpy(q))
-            if arm in TABLE_ARMS:  # per row: the rows already have max |value| 1
+            if arm in tables:
+                lm.embed.copy_(tables[arm])
+            elif arm in TABLE_ARMS:  # per row: the rows already have max |value| 1
                 table_top = levels(TABLE_ARMS[arm])
                 lm.embed.copy_(torch.clamp(torch.round(table * table_top), -table_top, table_top) / table_top)
             else:
@@ -133,7 +152,7 @@ def measure_seed(model, ids: torch.Tensor, calib: torch.Tensor, seq_len: int, se
         r = result[arm]
         print(f"seed {seed} {arm}: perplexity {r['perplexity']:.2f} ({r['perplexity'] / result['float'] - 1:+.2%} vs "
               f"float {result['float']:.2f}), KL {r['kl']:.5f}, agreement {r['agreement']:.4f}", flush=True)
-    result["rounding_error_vs_minmax"] = {arm: errors[arm] / errors["minmax"] for arm in ARMS}
+    result["rounding_error_vs_minmax"] = {arm: errors[arm] / errors["minmax"] for arm in arms(bits)}
     return result
 
 
@@ -155,12 +174,12 @@ def main() -> None:
     ids = token_batches(dataset, tokenizer, "validation", args.seq_len, args.eval_seqs)
     calib = token_batches(dataset, tokenizer, "calibration", args.seq_len, args.calib_seqs)
     seeds = [measure_seed(model, ids, calib, args.seq_len, int(s), args.bits) for s in args.seeds.split(",")]
-    costs = {arm: [r[arm]["perplexity"] / r["float"] - 1 for r in seeds] for arm in ARMS}
+    costs = {arm: [r[arm]["perplexity"] / r["float"] - 1 for r in seeds] for arm in arms(args.bits)}
     report = {
         "model": args.model, "seq_len": args.seq_len, "validation_tokens": int(ids.shape[0] * (ids.shape[1] - 1)),
         **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "data": "Debian documentation corpus (validation split)", "seeds": seeds,
+        "data": f"the {dataset.name} corpus (validation split)", "seeds": seeds,
         "calibration_sequences": int(calib.shape[0]), "bits": args.bits,
         "summary": {arm: {"mean_cost": statistics.mean(c), "sd_cost": statistics.stdev(c) if len(c) > 1 else 0.0,
                           "mean_abs_cost": statistics.mean(abs(x) for x in c),
@@ -180,6 +199,7 @@ def main() -> None:
 
 def markdown(report: dict) -> str:
     bits = report.get("bits", 8)
+    columns = arms(bits)
     lines = [f"# Int{bits} weight rounding: {report['model']}", "",
              f"Weight-only fake quantization (block linears, int{bits} symmetric per output channel; activations float, "
              f"the embedding table too except in the '+ table' arms, which round it per row) of the rotated model, for {len(report['seeds'])} rotation seeds; perplexity, mean "
@@ -187,20 +207,20 @@ def markdown(report: dict) -> str:
              f"validation tokens of {report['data']}; GPTQ's Hessians from {report['calibration_sequences']} "
              f"calibration sequences. Measured {report['date']} on {report['machine']}, commit "
              f"`{report['commit'][:7]}`, `{report['command']}`.", "",
-             "| seed | float perplexity | " + " | ".join(ARMS) + " |", "|---|---|" + "---|" * len(ARMS)]
+             "| seed | float perplexity | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for r in report["seeds"]:
         cells = " | ".join(f"{r[arm]['perplexity']:.2f} ({r[arm]['perplexity'] / r['float'] - 1:+.2%}), "
-                           f"KL {r[arm]['kl']:.4f}" for arm in ARMS)
+                           f"KL {r[arm]['kl']:.4f}" for arm in columns)
         lines.append(f"| {r['seed']} | {r['float']:.2f} | {cells} |")
     s = report["summary"]
-    lines += ["", "| over the seeds | " + " | ".join(ARMS) + " |", "|---|" + "---|" * len(ARMS),
+    lines += ["", "| over the seeds | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
               "| perplexity cost, mean ± sd | " + " | ".join(
-                  f"{s[a]['mean_cost']:+.2%} ± {s[a]['sd_cost']:.2%}" for a in ARMS) + " |",
-              "| mean \\|cost\\| | " + " | ".join(f"{s[a]['mean_abs_cost']:.2%}" for a in ARMS) + " |",
-              "| mean KL(float ‖ rounded) | " + " | ".join(f"{s[a]['mean_kl']:.5f}" for a in ARMS) + " |",
-              "| mean top-1 agreement | " + " | ".join(f"{s[a]['mean_agreement']:.4f}" for a in ARMS) + " |",
+                  f"{s[a]['mean_cost']:+.2%} ± {s[a]['sd_cost']:.2%}" for a in columns) + " |",
+              "| mean \\|cost\\| | " + " | ".join(f"{s[a]['mean_abs_cost']:.2%}" for a in columns) + " |",
+              "| mean KL(float ‖ rounded) | " + " | ".join(f"{s[a]['mean_kl']:.5f}" for a in columns) + " |",
+              "| mean top-1 agreement | " + " | ".join(f"{s[a]['mean_agreement']:.4f}" for a in columns) + " |",
               "| weight rounding error (sum of squares) vs minmax | " + " | ".join(
-                  f"{s[a]['mean_rounding_error_vs_minmax']:.3f}" for a in ARMS) + " |",
+                  f"{s[a]['mean_rounding_error_vs_minmax']:.3f}" for a in columns) + " |",
               "", "Mean range / max|w| chosen by the MSE search: "
               + ", ".join(f"{r['mean_range_ratio']:.4f}" for r in report["seeds"])
               + f". GPTQ took {statistics.mean(r['gptq_seconds'] for r in report['seeds']):.0f} s per model.", ""]

@@ -15,6 +15,8 @@ value exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -26,15 +28,47 @@ def levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+@dataclass(frozen=True)
+class BlockScales:
+    """Low-power block quantization (LPBQ, the per-block format Qualcomm's HTP takes) of an (out, in) weight: the
+    inputs of each row go in blocks of ``size``, each block's step is ``channel[row] * ints[row, block]``, a float
+    per output channel times a small integer per block (1 .. 2**scale_bits - 1)."""
+
+    channel: torch.Tensor  # [out] float
+    ints: torch.Tensor  # [out, in // size] integers
+    size: int
+
+    def steps(self) -> torch.Tensor:
+        """Every weight's step, [out, in]."""
+        return (self.channel[:, None].double() * self.ints.double()).repeat_interleave(self.size, 1)
+
+
+def block_scales(weight: torch.Tensor, size: int, bits: int = 4, scale_bits: int = 4) -> BlockScales:
+    """The LPBQ scales of ``weight`` (out, in) for blocks of ``size`` inputs: each block's step the smallest
+    multiple of its channel's unit that keeps the block's largest |w| on the ``bits``-bit grid (no clipping),
+    the unit the channel's largest block step / (2**scale_bits - 1)."""
+    rows, cols = weight.shape
+    if cols % size:
+        raise ValueError(f"blocks of {size} do not tile {cols} inputs")
+    ideal = weight.detach().double().abs().reshape(rows, cols // size, size).amax(2) / levels(bits)
+    most = 2 ** scale_bits - 1
+    channel = (ideal.amax(1) / most).clamp(min=1e-12)
+    ints = torch.ceil(ideal / channel[:, None] - 1e-9).clamp(1, most)
+    return BlockScales(channel.float(), ints.to(torch.uint8), size)
+
+
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax",
-               damping: float = 0.01, block: int = 128, bits: int = 8) -> torch.Tensor:
+               damping: float = 0.01, block: int = 128, bits: int = 8, scales: BlockScales | None = None,
+               ) -> torch.Tensor:
     """``weight`` (out, in) rounded onto symmetric ``bits``-bit grids (per output channel, or one for the tensor;
-    each grid's range by ``weight_range``, "mse" or "minmax") with GPTQ's error feedback under ``hessian``
-    (in, in); returns the rounded float weight, on its grid with each channel's (the tensor's) largest |value|
-    at exactly the last step."""
+    each grid's range by ``weight_range``, "mse" or "minmax"; or per block, on the steps of ``scales``) with GPTQ's
+    error feedback under ``hessian`` (in, in); returns the rounded float weight, on its grid. Per channel (tensor),
+    each channel's (the tensor's) largest |value| lands at exactly the last step."""
     top = levels(bits)
     w = weight.detach().double().clone()
     rows, cols = w.shape
+    if scales is not None:
+        return _gptq_loop(w, hessian, scales.steps(), top, damping, block).to(weight.dtype)
     axis = 0 if per_channel else None
     if weight_range == "mse":
         limit = torch.from_numpy(mse_range(w.numpy().astype(np.float32), axis, top)).double()
@@ -52,16 +86,23 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = 
     else:
         flat = int(w.abs().argmax())
         pin_rows, pin_cols = torch.tensor([flat // cols]), torch.tensor([flat % cols])
-    pin_signs = torch.sign(w[pin_rows, pin_cols])
+    pins = (pin_rows, pin_cols, torch.sign(w[pin_rows, pin_cols]))
+    return _gptq_loop(w, hessian, step.expand(rows, cols), top, damping, block, pins).to(weight.dtype)
 
+
+def _gptq_loop(w: torch.Tensor, hessian: torch.Tensor, steps: torch.Tensor, top: int, damping: float, block: int,
+               pins: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """GPTQ on ``w`` (out, in, float64, modified) with every weight's step in ``steps`` (out, in); ``pins`` (rows,
+    columns, signs) are weights set to ±top steps whatever the error feedback made of them."""
+    rows, cols = w.shape
     h = hessian.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     order = torch.argsort(torch.diagonal(h), descending=True)  # GPTQ's act-order: large inputs first
     inverse_order = torch.argsort(order)
-    w, h = w[:, order], h[order][:, order]
-    position = inverse_order[pin_cols]  # where each pin's column went
+    w, h, steps = w[:, order], h[order][:, order], steps[:, order]
+    position = inverse_order[pins[1]] if pins is not None else None  # where each pin's column went
     h += damping * torch.diagonal(h).mean() * torch.eye(cols, dtype=h.dtype)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
@@ -72,15 +113,15 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = 
         errors = torch.zeros_like(chunk)
         for i in range(end - start):
             column = chunk[:, i]
-            rounded = torch.clamp(torch.round(column / step[:, 0]), -top, top) * step[:, 0]
-            pinned = position == start + i
-            if pinned.any():
-                r = pin_rows[pinned]
-                rounded[r] = pin_signs[pinned] * top * step[r, 0]
+            step = steps[:, start + i]
+            rounded = torch.clamp(torch.round(column / step), -top, top) * step
+            if position is not None and (pinned := position == start + i).any():
+                r = pins[0][pinned]
+                rounded[r] = pins[2][pinned] * top * step[r]
             q[:, start + i] = rounded
             d = upper[start + i, start + i]
             error = (column - rounded) / d
             chunk[:, i:] -= error[:, None] * upper[start + i, start + i:end][None, :]
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
-    return q[:, inverse_order].to(weight.dtype)
+    return q[:, inverse_order]

@@ -1,5 +1,5 @@
-"""Qualcomm's HTP compiler (onnxruntime-qnn) on the graphs the project makes: every decoder family's A16W8 and
-A8W8 qnn-htp graphs and the Mu-like encoder and decoder compile whole, the profile's operator set is confirmed
+"""Qualcomm's HTP compiler (onnxruntime-qnn) on the graphs the project makes: every decoder family's A16W8, A8W8
+and W4A16 qnn-htp graphs and the Mu-like encoder and decoder compile whole, the profile's operator set is confirmed
 against what the compiler takes, a refused node is reported, and the compiled model runs on the emulator."""
 
 import numpy as np
@@ -25,7 +25,7 @@ def _ids(model, n: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def family_graphs(tmp_path_factory):
-    """{(family, recipe): (prefill, decode)}: qnn-htp graphs in both recipes of the families whose rotated graphs
+    """{(family, recipe): (prefill, decode)}: qnn-htp graphs in every Q/DQ recipe of the families whose rotated graphs
     hold int16 mixes: Llama's tied head and Gemma3's sandwich norms (tests/test_export_families.py compiles every
     family's A16W8 graphs)."""
     profile = get_profile("qnn-htp")
@@ -37,13 +37,13 @@ def family_graphs(tmp_path_factory):
         lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=profile.linear_as_conv)
         folder = tmp_path_factory.mktemp(family)
         export_graphs(lm, folder)
-        for recipe in ("a16w8", "a8w8"):
+        for recipe in ("a16w8", "a8w8", "w4a16"):
             made = quantize_graphs(lm, folder, PRESETS[recipe], profile, calib.numpy(), decode_calib_tokens=32)
             graphs[family, recipe] = (made.prefill, made.decode)
     return graphs
 
 
-def test_graphs_with_int16_mixes_compile_whole_in_both_recipes(family_graphs):
+def test_graphs_with_int16_mixes_compile_whole_in_every_recipe(family_graphs):
     # A8W8 used to lose the tied head's int16 mix to the CPU (8-bit activations x int16 weights); not any more.
     for (family, recipe), paths in family_graphs.items():
         for path in paths:
@@ -51,6 +51,24 @@ def test_graphs_with_int16_mixes_compile_whole_in_both_recipes(family_graphs):
             assert result.whole, f"{family} {recipe} {path.name}: {[str(u) for u in result.unsupported]} {result.error}"
             assert result.supported_nodes == result.nodes and result.qnn_graphs == 1
             assert result.qnn_ops.get("RmsNorm", 0) > 0 and result.qnn_ops.get("Softmax", 0) > 0
+
+
+def test_w4a16_stores_every_block_weight_and_the_table_as_int4(family_graphs):
+    for family in ("gemma3", "llama"):
+        for path in family_graphs[family, "w4a16"]:
+            model = onnx.load(path)
+            initializers = {t.name: t for t in model.graph.initializer}
+            producers = {o: n for n in model.graph.node for o in n.output}
+            weights = {producers[n.input[1]].input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+            (table,) = {producers[n.input[1]].input[0] for n in model.graph.node if n.op_type == "Gemm"}
+            looked_up = {producers[n.input[0]].input[0] for n in model.graph.node if n.op_type == "Gather"
+                         and n.input[0] in producers and producers[n.input[0]].op_type == "DequantizeLinear"}
+            assert table in looked_up  # tied: the head's table is the lookup's, stored once
+            kinds = {name: initializers[name].data_type for name in weights}
+            # Every block linear (1x1 Conv) and the tied table: int4.
+            assert set(kinds.values()) == {TensorProto.INT4}, f"{family} {path.name}: {kinds}"
+            assert sum(1 for n in model.graph.node if n.op_type == "Conv") == 7 * len(
+                [n for n in model.graph.node if n.op_type == "Softmax"])
 
 
 def _refused_graph(path) -> None:

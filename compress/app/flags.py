@@ -96,7 +96,7 @@ _HELP = {
     "teacher_correction_lr": "learning rate of the teacher correction",
     "seq_len": "static sequence length of the exported prefill graph and capacity of the decode graph's KV cache",
     "quant": f"integer recipe of the quantized graphs: {', '.join(QUANT_CHOICES)} (a16w8 / a8w8: Q/DQ graphs for "
-    "an NPU profile; w8 / w4: weight-only int8 / int4 blocks for --npu-profile ort-cpu)",
+    "an NPU profile; w4a16: int4 weights, 16-bit activations, for qnn-htp; w8 / w4: weight-only int8 / int4 blocks for --npu-profile ort-cpu)",
     "npu_profile": f"rules the graphs are made for and checked against: {', '.join(PROFILES)} (ort-cpu: ONNX Runtime "
     "on a CPU without an NPU)",
     "quant_transforms": "comma-separated float rewrites before quantization: rotate (QuaRot-style), smooth "

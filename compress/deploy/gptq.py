@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from compress.deploy.export import Conv1x1, MatMulLinear, StaticLM
-from quant.gptq import gptq_round
+from quant.gptq import block_scales, gptq_round
+from quant.ops import rms_norm
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -56,15 +57,47 @@ def input_hessians(lm: StaticLM, ids: torch.Tensor) -> dict[nn.Module, torch.Ten
 
 @torch.no_grad()
 def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax",
-          bits: int = 8) -> StaticLM:
+          bits: int = 8, block_size: int = 0) -> StaticLM:
     """Round every block linear of ``lm`` onto its ``bits``-bit grid with :func:`gptq_round` (in place), Hessians
-    from prefills of ``ids``."""
+    from prefills of ``ids``; with ``block_size``, onto LPBQ blocks of that many inputs (:func:`block_scales`),
+    whose scales ``lm.weight_blocks`` then holds by the weights' graph names."""
     hessians = input_hessians(lm, ids)
+    names = {id(p): f"lm.{n}" for n, p in lm.named_parameters()}
+    lm.weight_blocks = {}
     for block in lm.unique_blocks:
         for name in LINEARS:
             layer = getattr(block, name)
             matrix = weight_matrix(layer)
-            matrix.copy_(gptq_round(matrix, hessians[layer], per_channel, weight_range, bits=bits))
+            scales = block_scales(matrix, block_size, bits) if block_size else None
+            matrix.copy_(gptq_round(matrix, hessians[layer], per_channel, weight_range, bits=bits, scales=scales))
+            if scales is not None:
+                lm.weight_blocks[names[id(layer.weight)]] = scales
+    return lm
+
+
+@torch.no_grad()
+def gptq_table_(lm: StaticLM, ids: torch.Tensor, bits: int) -> StaticLM:
+    """Round the tied embedding table of ``lm`` (rows of max |value| 1: the embed-rows rewrite) onto the per-row
+    ``bits``-bit grid the graph stores it on, with GPTQ as the output head: the head's logits move as little as
+    possible, where nearest rounding of a 4-bit table costs far more than the block weights do."""
+    if not lm.tied or lm.embed_scale is None:
+        raise ValueError("gptq_table_ rounds a tied table with per-row scales (the embed-rows rewrite)")
+    total, count = 0, 0
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        nonlocal total, count
+        h = rms_norm(x, lm.norm, lm.eps).reshape(-1, x.shape[-1]).double()  # the head's input, as logits() makes it
+        h = h @ lm.head_mix.double() if lm.head_mix is not None else h
+        total, count = total + h.T @ h, count + h.shape[0]
+        return logits(x)
+
+    logits, lm.logits = lm.logits, record
+    try:
+        for row in ids:
+            lm.prefill(torch.as_tensor(row)[None])
+    finally:
+        del lm.logits
+    lm.embed.copy_(gptq_round(lm.embed, total / count, per_channel=True, bits=bits))
     return lm
 
 
