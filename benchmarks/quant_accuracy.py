@@ -202,7 +202,8 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
     for key, name, profile_name in (g for g in FINAL_GRAPHS if g[0] in keys):
         profile = get_profile(profile_name)
         transforms = DEFAULT_TRANSFORMS[name]
-        lm = prepare(model, seq_len, transforms, calib, conv=profile.linear_as_conv, separate_head=profile.weight_only)
+        lm = prepare(model, seq_len, transforms, calib, conv=PRESETS[name].linears_as_conv(profile),
+                     separate_head=profile.weight_only)
         export_graphs(lm, folder / key)
         graphs = quantize_graphs(lm, folder / key, PRESETS[name], profile, calib.numpy())
         out[key], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1, decode_samples=DECODE_SAMPLES)

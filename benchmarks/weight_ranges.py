@@ -5,7 +5,7 @@ Weight-only fake quantization in PyTorch of the model the integer graphs are mad
 ``--bits 4``, int4) per output channel, as the profiles quantize them:
 
   minmax         nearest step, range r = max|w| (ORT's MinMax)
-  mse            nearest step, r from :func:`quant.quantize.mse_range`
+  mse            nearest step, r from :func:`quant.weight_ranges.mse_range`
   uniform shrink nearest step, r = max|w| times the mean ratio the MSE search chose (a control: the same
                  narrowing, not searched)
   random shrink  nearest step, r = max|w| times a random factor per channel with the same mean (a control)
@@ -46,7 +46,7 @@ from compress.io import write_json, write_text
 from compress.sources.data import load_corpus, token_batches
 from compress.sources.teachers import load_teacher
 from quant.gptq import levels
-from quant.quantize import mse_range
+from quant.weight_ranges import mse_range
 
 RESULTS = Path(__file__).parent / "results"
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")

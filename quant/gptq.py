@@ -8,7 +8,7 @@ H diagonal (the paper's act-order), in blocks of 128 with lazy updates.
 
 The grid is the one an integer graph will use: symmetric, ``levels`` steps each side of zero (127 for int8,
 7 for int4), one step per output channel (or one per tensor), step = range / levels, the range from
-:func:`quant.quantize.mse_range` or max|w|. The largest |w| of each channel (of the tensor) is pinned at
+:func:`quant.weight_ranges.mse_range` or max|w|. The largest |w| of each channel (of the tensor) is pinned at
 ±levels steps, so a MinMax quantizer reading the rounded weight finds the very same step and keeps every
 value exactly.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from quant.quantize import mse_range
+from quant.weight_ranges import mse_range
 
 
 def levels(bits: int) -> int:

@@ -27,6 +27,7 @@ import onnx
 
 from quant.profiles import NpuProfile
 from quant.qnn import layer_norm_parameters
+from quant.weight_ranges import clip_weights
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class QuantRecipe:
     # ``block_size`` along its input, each block with its own scale (ONNX Runtime's MatMulNBits, for CPUs).
     weight_only: bool = False
     block_size: int = 32
+    # Q/DQ int4: MatMul weights in blocks of this many inputs, Qualcomm's low-power block format (quant.lpbq; the
+    # linears export as MatMul, not 1x1 Conv), GPTQ-rounded onto them. 0: one step per output channel.
+    weight_block: int = 0
 
     def __post_init__(self) -> None:
         if self.weight_only:
@@ -69,6 +73,12 @@ class QuantRecipe:
                                  "weight_bits 4 or 8 in blocks of at least 16")
         elif self.activation_bits not in (8, 16) or self.weight_bits not in (4, 8) or self.embedding_bits not in (4, 8):
             raise ValueError("activation_bits must be 8 or 16, weight_bits and embedding_bits 4 or 8")
+        if not self.weight_only and self.weight_bits == 4 and not self.weight_block:
+            # ONNX Runtime's quantizer puts int4 weights on -8..7 steps of max|w| / 7.5, which is not the symmetric grid
+            # GPTQ rounds onto; and per channel int4 costs far more than blocks (benchmarks/weight_ranges.py --bits 4).
+            raise ValueError("int4 Q/DQ weights go in LPBQ blocks: set weight_block (e.g. 64)")
+        if self.weight_block and (self.weight_bits != 4 or self.weight_rounding != "gptq" or self.weight_block % 16):
+            raise ValueError("weight_block (LPBQ blocks) takes weight_bits 4, weight_rounding gptq and a multiple of 16")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
         if self.weight_range not in WEIGHT_RANGES:
@@ -80,6 +90,11 @@ class QuantRecipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def linears_as_conv(self, profile: NpuProfile) -> bool:
+        """Whether the model's linears export as 1x1 Convs for ``profile`` (per-channel weights where it takes them
+        only on Conv), or as MatMuls (the other profiles, and LPBQ blocks, which the HTP takes on MatMul)."""
+        return profile.linear_as_conv and not self.weight_block
 
 
 MIXES = ("head-mix", "norm-mixes")  # a rotation's hidden x hidden matrices, where a norm's weight cannot fold
@@ -95,7 +110,7 @@ PRESETS = {
     # GPTQ-rounded onto their int4 grids, 16-bit activations; the tied table int4 per row (an int8 table alone
     # would be most of a small model's graph).
     "w4a16": QuantRecipe("w4a16", activation_bits=16, weight_bits=4, embedding_bits=4, sixteen_bit_weights=MIXES,
-                         weight_rounding="gptq"),
+                         weight_rounding="gptq", weight_block=64),
     "w8": QuantRecipe("w8", activation_bits=32, weight_bits=8, per_channel=False, weight_only=True, block_size=128),
     "w4": QuantRecipe("w4", activation_bits=32, weight_bits=4, per_channel=False, weight_only=True, block_size=32),
 }
@@ -110,6 +125,7 @@ class QuantReport:
     sixteen_bit_groups: dict[str, int] = field(default_factory=dict)
     sixteen_bit_weights: list[str] = field(default_factory=list)  # initializers stored as int16
     clipped_weights: int = 0  # int8 weights whose range the "mse" weight range narrowed (any channel)
+    block_weights: int = 0  # MatMul weights stored as LPBQ int4 blocks (quant.lpbq)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -140,93 +156,6 @@ def _per_channel(config, model: onnx.ModelProto, profile: NpuProfile, keep_per_t
             name = node.input[1]
             if name not in keep_per_tensor and "axis" not in overrides[name][0]:
                 overrides[name] = [{**overrides[name][0], "axis": axes[node.op_type]}]
-
-
-def mse_range(weight: np.ndarray, axis: int | None, levels: int = 127) -> np.ndarray:
-    """The symmetric range r <= max|w| of each channel along ``axis`` (``None``: one for the whole tensor) that
-    minimizes the squared error of rounding ``weight`` to ``levels`` steps each side of zero.
-
-    A coarse-then-fine search of r / max|w| in [0.5, 1] (steps of 0.05, then 0.01 around the best). MinMax's
-    r = max|w| spends the 8-bit grid on a channel's few largest weights; a narrower range rounds the bulk finer
-    and clips those few. A channel already on a grid of ``levels`` steps with its largest |w| at the last step
-    (a GPTQ-rounded one) keeps r = max|w|: it rounds without error there."""
-    if axis is None:
-        rows = weight.reshape(1, -1)
-    else:
-        rows = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
-    rows = rows.astype(np.float32, copy=False)
-    peak = np.abs(rows).max(1)
-    safe = np.where(peak > 0, peak, 1.0).astype(np.float32)
-
-    def error(ratio: np.ndarray) -> np.ndarray:
-        step = (ratio * safe / levels)[:, None]
-        return np.square(np.clip(np.round(rows / step), -levels, levels) * step - rows).sum(1)
-
-    best = np.ones_like(safe)
-    best_error = error(best)
-
-    def consider(ratio: np.ndarray) -> None:
-        nonlocal best, best_error
-        candidate = error(ratio)
-        better = candidate < best_error
-        best, best_error = np.where(better, ratio, best), np.where(better, candidate, best_error)
-
-    for ratio in np.arange(0.95, 0.49, -0.05, dtype=np.float32):
-        consider(np.full_like(safe, ratio))
-    coarse = best
-    for delta in np.arange(-0.04, 0.045, 0.01, dtype=np.float32):
-        if abs(delta) > 1e-6:
-            consider(np.clip(coarse + delta, 0.5, 1.0).astype(np.float32))
-    return (best * peak).astype(np.float32)
-
-
-_LEVELS = {"QInt8": 127, "QUInt8": 127, "QInt4": 7, "QUInt4": 7}  # steps each side of zero, symmetric types
-
-
-def _clip_weights(model: onnx.ModelProto, config) -> int:  # noqa: ANN001 - ORT's StaticQuantConfig
-    """Clip every symmetric 8- or 4-bit MatMul/Gemm/Conv weight of ``model`` (in place) to its :func:`mse_range`, along
-    the axis ORT will quantize it on (``config``: per-tensor overrides, per-channel overrides, else the global
-    per-channel switch); ORT's MinMax on the clipped weight then takes that range. Returns how many changed."""
-    from onnx import numpy_helper
-
-    overrides = config.extra_options.get("TensorQuantOverrides", {})
-    op_axes = config.extra_options.get("QDQOpTypePerChannelSupportToAxis", {})
-    symmetric_default = config.extra_options.get("WeightSymmetric", True)
-    initializers = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm", "Conv") and len(node.input) > 1 and node.input[1] in initializers:
-            default = {"MatMul": 1, "Conv": 0}.get(node.op_type)
-            if node.op_type == "Gemm":
-                default = 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
-            readers.setdefault(node.input[1], set()).add(op_axes.get(node.op_type, default))
-    clipped = 0
-    for name, axes in readers.items():
-        entry = overrides.get(name, [{}])[0]
-        quant_type = getattr(entry.get("quant_type", config.weight_type), "name", str(entry.get("quant_type")))
-        if quant_type not in _LEVELS or not entry.get("symmetric", symmetric_default):
-            continue
-        if "axis" in entry:
-            axis = entry["axis"]
-        elif name in overrides or not config.per_channel or len(axes) != 1:
-            axis = None
-        else:
-            axis = next(iter(axes))
-        weight = numpy_helper.to_array(initializers[name])
-        if weight.dtype != np.float32:
-            continue
-        if axis is not None:
-            axis %= weight.ndim
-        limit = mse_range(weight, axis, _LEVELS[quant_type])
-        if axis is not None:
-            shape = [1] * weight.ndim
-            shape[axis] = -1
-            limit = limit.reshape(shape)
-        if np.all(limit >= np.abs(weight).max(axis=axis, keepdims=axis is not None)):
-            continue
-        initializers[name].CopyFrom(numpy_helper.from_array(np.clip(weight, -limit, limit), name))
-        clipped += 1
-    return clipped
 
 
 class _Reader:
@@ -280,8 +209,15 @@ def _overrides(model: onnx.ModelProto, chosen: dict[str, list[str]], wide: list[
         overrides = {name: [{"quant_type": QuantType.QUInt8, "symmetric": False}] for name in scales}
         overrides.update({name: [{"quant_type": QuantType.QUInt16, "symmetric": False}] for name in biases})
     overrides.update({name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names})
+    initializers = {t.name: t for t in model.graph.initializer}
     for name in shared_weights(model):
-        overrides[name] = [{"quant_type": QuantType.QInt4 if embedding_bits == 4 else QuantType.QInt8, "symmetric": True}]
+        if embedding_bits == 4:
+            # Symmetric on ±7 steps (ORT's own int4 grid is -8..7 steps of max|w| / 7.5): the rows the embed-rows
+            # rewrite scaled to max |value| 1, and a GPTQ-rounded table, then keep their values exactly.
+            peak = float(np.abs(onnx.numpy_helper.to_array(initializers[name])).max())
+            overrides[name] = [{"quant_type": QuantType.QInt4, "scale": np.float32(max(peak, 1e-12) / 7), "zero_point": 0}]
+        else:
+            overrides[name] = [{"quant_type": QuantType.QInt8, "symmetric": True}]
     for name in wide:
         overrides[name] = [{"quant_type": QuantType.QInt16, "symmetric": True}]
     return overrides
@@ -382,7 +318,7 @@ def quantize(
         clipped = 0
         if recipe.weight_range == "mse":
             model = onnx.load(source)
-            clipped = _clip_weights(model, config)
+            clipped = clip_weights(model, config)
             source = Path(tmp) / "clipped.onnx"
             onnx.save(model, source)
             del model

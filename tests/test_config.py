@@ -100,3 +100,13 @@ def test_quant_settings_resolve_their_defaults_and_refuse_unknown_values():
     for bad in ({"quant": "int4"}, {"npu_profile": "hexagon"}, {"quant_transforms": ("hadamard",)}, {"seq_len": 0}):
         with pytest.raises(ConfigError):
             CompressConfig.from_dict(bad)
+
+
+def test_int4_npu_recipe_needs_a_profile_that_takes_int4_and_lpbq_blocks():
+    from quant.quantize import QuantRecipe
+
+    assert CompressConfig.from_dict({"quant": "w4a16"}).quant.transforms == ("rotate", "embed-rows")
+    with pytest.raises(ConfigError, match="--npu-profile qnn-htp"):
+        CompressConfig.from_dict({"quant": "w4a16", "npu_profile": "generic-a8w8"})
+    with pytest.raises(ValueError, match="weight_block"):
+        QuantRecipe("w4-per-channel", activation_bits=16, weight_bits=4, weight_rounding="gptq")

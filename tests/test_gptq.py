@@ -12,7 +12,7 @@ import torch
 from factories import int8_weights, tiny_llama
 from onnx import numpy_helper
 
-from compress.deploy.gptq import block_op, gptq_, input_hessians
+from compress.deploy.gptq import block_op, gptq_, gptq_table_, input_hessians
 from compress.deploy.groups import quantize_graph
 from compress.deploy.quantization import export_graphs, prepare, quantize_graphs
 from quant import runtime
@@ -104,3 +104,30 @@ def test_gptq_recipe_tracks_the_float_model_closer_than_nearest_rounding(tmp_pat
         kl[rounding] = (expected.exp() * (expected - got)).sum(-1).mean().item()
     assert not list(tmp_path.glob(".rounded.*")), "the rounded float graphs are removed"
     assert kl["gptq"] < kl["nearest"]
+
+
+def test_w4a16_graph_holds_the_gptq_lpbq_blocks_and_table_exactly_and_runs_on_cpu(tmp_path):
+    model = tiny_llama()
+    npu = get_profile("qnn-htp")
+    recipe = PRESETS["w4a16"]
+    calib = _ids(model, 4, 2)
+    lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=recipe.linears_as_conv(npu))
+    export_graphs(lm, tmp_path, decode=False)
+    graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False)
+    assert graphs.reports["prefill"].block_weights == 7 * model.config.num_hidden_layers
+    assert graphs.violations["prefill"] == []
+    # The same rounding, in torch: the graph must hold exactly these values.
+    rounded = gptq_table_(gptq_(copy.deepcopy(lm), calib, bits=4, block_size=recipe.weight_block), calib, 4)
+    graph = onnx.load(graphs.prefill).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    for name, (weight, scales) in rounded.weight_blocks.items():
+        steps = values[f"{name}_block_ints"].astype(np.float64) * values[f"{name}_channel_scale"][None, :]
+        restored = values[f"{name}_int4"] * np.repeat(steps, scales.size, axis=0)  # (in, out)
+        assert np.abs(restored - weight.numpy().T).max() <= 1e-6 * np.abs(weight.numpy()).max(), name
+    (gemm,) = [n for n in graph.node if n.op_type == "Gemm"]
+    table_dq = producers[gemm.input[1]]
+    table = values[table_dq.input[0]] * values[table_dq.input[1]]
+    assert np.abs(table - rounded.embed.detach().numpy()).max() <= 1e-6  # rows of max |value| 1: steps of 1/7
+    quality, _ = runtime.quality(runtime.session(graphs.prefill), _ids(model, 2, 3).numpy())
+    assert np.isfinite(quality.perplexity)

@@ -34,10 +34,10 @@ def family_graphs(tmp_path_factory):
         make = DECODER_FAMILIES[family]
         model = make()
         calib = _ids(model, 4, seed=2)
-        lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=profile.linear_as_conv)
-        folder = tmp_path_factory.mktemp(family)
-        export_graphs(lm, folder)
         for recipe in ("a16w8", "a8w8", "w4a16"):
+            lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=PRESETS[recipe].linears_as_conv(profile))
+            folder = tmp_path_factory.mktemp(f"{family}-{recipe}")
+            export_graphs(lm, folder)
             made = quantize_graphs(lm, folder, PRESETS[recipe], profile, calib.numpy(), decode_calib_tokens=32)
             graphs[family, recipe] = (made.prefill, made.decode)
     return graphs
@@ -53,22 +53,31 @@ def test_graphs_with_int16_mixes_compile_whole_in_every_recipe(family_graphs):
             assert result.qnn_ops.get("RmsNorm", 0) > 0 and result.qnn_ops.get("Softmax", 0) > 0
 
 
-def test_w4a16_stores_every_block_weight_and_the_table_as_int4(family_graphs):
+def test_w4a16_stores_block_weights_as_lpbq_int4_and_the_table_as_int4_and_the_htp_runs_them(family_graphs):
     for family in ("gemma3", "llama"):
         for path in family_graphs[family, "w4a16"]:
             model = onnx.load(path)
             initializers = {t.name: t for t in model.graph.initializer}
             producers = {o: n for n in model.graph.node for o in n.output}
-            weights = {producers[n.input[1]].input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+            weights = [producers[n.input[1]] for n in model.graph.node if n.op_type == "MatMul"
+                       and n.input[1] in producers and producers[n.input[1]].input[0] in initializers]
+            blocked = [dq for dq in weights if any(a.name == "block_size" for a in dq.attribute)]
+            layers = sum(1 for n in model.graph.node if n.op_type == "Softmax")
+            assert len(blocked) == 7 * layers, f"{family} {path.name}: every block linear in LPBQ blocks"
+            for dq in blocked:
+                assert initializers[dq.input[0]].data_type == TensorProto.INT4
+                steps = producers[dq.input[1]]  # block steps: uint8 integers times a float per output channel
+                assert steps.op_type == "DequantizeLinear" and initializers[steps.input[0]].data_type == TensorProto.UINT8
             (table,) = {producers[n.input[1]].input[0] for n in model.graph.node if n.op_type == "Gemm"}
             looked_up = {producers[n.input[0]].input[0] for n in model.graph.node if n.op_type == "Gather"
                          and n.input[0] in producers and producers[n.input[0]].op_type == "DequantizeLinear"}
-            assert table in looked_up  # tied: the head's table is the lookup's, stored once
-            kinds = {name: initializers[name].data_type for name in weights}
-            # Every block linear (1x1 Conv) and the tied table: int4.
-            assert set(kinds.values()) == {TensorProto.INT4}, f"{family} {path.name}: {kinds}"
-            assert sum(1 for n in model.graph.node if n.op_type == "Conv") == 7 * len(
-                [n for n in model.graph.node if n.op_type == "Softmax"])
+            assert table in looked_up and initializers[table].data_type == TensorProto.INT4  # tied, stored once, int4
+    # The HTP runs the blocks' arithmetic as ONNX Runtime's CPU does.
+    prefill, _ = family_graphs["llama", "w4a16"]
+    ids = _ids(tiny_llama(), 2, seed=5).numpy()
+    emulated = qnn.emulated_quality(prefill, ids)
+    assert emulated.perplexity == pytest.approx(emulated.cpu_perplexity, rel=0.02)
+    assert emulated.agreement_with_cpu >= 0.9
 
 
 def _refused_graph(path) -> None:

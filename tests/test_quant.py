@@ -15,7 +15,8 @@ from compress.deploy.outliers import fold_norms, rotate, smooth
 from compress.deploy.quantization import DecodeFeeds, export_graphs, prepare, quantize_graphs
 from quant import runtime
 from quant.profiles import check, get_profile
-from quant.quantize import PRESETS, QuantRecipe, mse_range, quantize
+from quant.quantize import PRESETS, QuantRecipe, quantize
+from quant.weight_ranges import mse_range
 
 CAPACITY = 32
 

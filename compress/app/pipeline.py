@@ -207,6 +207,11 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
             # Without a weight-only form, ort-cpu would quantize nothing and report every weight as a violation.
             raise ConfigError(f"--student {config.student} has no graphs for --npu-profile {config.quant.npu_profile} "
                               "yet: use --npu-profile qnn-htp (or generic-a8w8) with --quant a16w8 or a8w8, or --quant none")
+        from quant.quantize import PRESETS
+
+        if quantizes and config.quant.recipe in PRESETS and PRESETS[config.quant.recipe].weight_block and not family.block_graphs:
+            raise ConfigError(f"--student {config.student} has no --quant {config.quant.recipe} graphs yet (their int4 blocks "
+                              "are GPTQ-rounded on the decoder-only export): use --quant a16w8")
         family.check_teacher(state.teacher.config, config)
     if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and get_family(config.student).prunes_teacher:
         # Refuse an infeasible target (or an untrimmable tokenizer) before the expensive scoring stage, not after it.

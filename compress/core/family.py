@@ -40,6 +40,8 @@ class StudentFamily:
     auto_class: ClassVar[str] = "AutoModelForCausalLM"
     # It has graphs for weight-only CPU profiles (ort-cpu: float activations, MatMulNBits weights).
     weight_only_graphs: ClassVar[bool] = True
+    # It has graphs whose int4 weights are LPBQ blocks (recipes with weight_block, e.g. w4a16).
+    block_graphs: ClassVar[bool] = True
     # How the distillation trainer feeds it, and how evaluation reads its predictions.
     student_io: ClassVar[StudentIO] = CausalStudent()
     reader: ClassVar[Reader] = CAUSAL

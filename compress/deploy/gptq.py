@@ -59,10 +59,12 @@ def input_hessians(lm: StaticLM, ids: torch.Tensor) -> dict[nn.Module, torch.Ten
 def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax",
           bits: int = 8, block_size: int = 0) -> StaticLM:
     """Round every block linear of ``lm`` onto its ``bits``-bit grid with :func:`gptq_round` (in place), Hessians
-    from prefills of ``ids``; with ``block_size``, onto LPBQ blocks of that many inputs (:func:`block_scales`),
-    whose scales ``lm.weight_blocks`` then holds by the weights' graph names."""
+    from prefills of ``ids``; with ``block_size``, onto LPBQ blocks of that many inputs (:func:`block_scales`):
+    ``lm.weight_blocks`` then holds each such weight's (out, in) matrix and scales by its graph names."""
     hessians = input_hessians(lm, ids)
-    names = {id(p): f"lm.{n}" for n, p in lm.named_parameters()}
+    names: dict[int, list[str]] = {}  # a shared block's weight has a name per depth; the exporter keeps one of them
+    for n, p in lm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(f"lm.{n}")
     lm.weight_blocks = {}
     for block in lm.unique_blocks:
         for name in LINEARS:
@@ -71,7 +73,7 @@ def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_rang
             scales = block_scales(matrix, block_size, bits) if block_size else None
             matrix.copy_(gptq_round(matrix, hessians[layer], per_channel, weight_range, bits=bits, scales=scales))
             if scales is not None:
-                lm.weight_blocks[names[id(layer.weight)]] = scales
+                lm.weight_blocks.update({name: (matrix.detach(), scales) for name in names[id(layer.weight)]})
     return lm
 
 

@@ -26,6 +26,7 @@ from compress.deploy.groups import quantize_graph
 from compress.deploy.outliers import TRANSFORMS, normalize_embedding, rotate, smooth
 from quant import runtime
 from quant.export import export
+from quant.lpbq import write_blocks
 from quant.profiles import NpuProfile, check
 from quant.quantize import QuantRecipe, QuantReport
 
@@ -187,6 +188,21 @@ def measure(prefill: Path, decode: Path | None, valid: np.ndarray, reference_top
     return metrics, top1
 
 
+def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.Tensor) -> StaticLM:
+    """A copy of ``lm`` whose block weights GPTQ rounded onto the recipe's grids (LPBQ blocks with
+    ``recipe.weight_block``), and, for an int4 table, whose tied table GPTQ rounded as the head."""
+    from compress.deploy.gptq import block_op, gptq_, gptq_table_
+
+    if recipe.weight_block and block_op(lm) != "MatMul":
+        raise ValueError(f"recipe {recipe.name} stores LPBQ blocks, which need MatMul linears: prepare the model with "
+                         "conv=recipe.linears_as_conv(profile)")
+    rounded = gptq_(copy.deepcopy(lm), ids, per_channel=recipe.per_channel and block_op(lm) in profile.per_channel_ops,
+                    weight_range=recipe.weight_range, bits=recipe.weight_bits, block_size=recipe.weight_block)
+    if recipe.embedding_bits == 4 and rounded.tied and rounded.embed_scale is not None:
+        gptq_table_(rounded, ids, recipe.embedding_bits)
+    return rounded
+
+
 @dataclass
 class QuantizedGraphs:
     prefill: Path
@@ -217,17 +233,20 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
     with tempfile.TemporaryDirectory(dir=float_dir, prefix=".rounded.") as tmp:
         source_dir, source_lm = float_dir, lm
         if recipe.weight_rounding == "gptq":
-            from compress.deploy.gptq import block_op, gptq_
-
-            source_lm = gptq_(copy.deepcopy(lm), torch.as_tensor(calibration_ids),
-                              per_channel=recipe.per_channel and block_op(lm) in profile.per_channel_ops,
-                              weight_range=recipe.weight_range, bits=recipe.weight_bits)
+            source_lm = _rounded(lm, recipe, profile, torch.as_tensor(calibration_ids))
             source_dir = Path(tmp)
             export_graphs(source_lm, source_dir, decode=decode, prefill_length=length)
-        reports["prefill"] = quantize_graph(source_dir / "model.onnx", out, prefill_feeds, recipe, profile, progress)
-        violations["prefill"] = [str(v) for v in check(onnx.load(out), profile)]
+        blocks = getattr(source_lm, "weight_blocks", {})
+
+        def made(kind: str, source: Path, target: Path, feeds: Sequence) -> None:
+            staged = Path(tmp) / target.name  # the LPBQ blocks go in before the graph takes its name
+            reports[kind] = quantize_graph(source, staged, feeds, recipe, profile, progress)
+            if blocks:
+                reports[kind].block_weights = write_blocks(staged, blocks, recipe.weight_bits)
+            staged.replace(target)
+            violations[kind] = [str(v) for v in check(onnx.load(target), profile)]
+
+        made("prefill", source_dir / "model.onnx", out, prefill_feeds)
         if decode_out is not None:
-            feeds = DecodeFeeds(source_lm, calibration_ids, decode_calib_tokens)
-            reports["decode"] = quantize_graph(source_dir / "decode.onnx", decode_out, feeds, recipe, profile, progress)
-            violations["decode"] = [str(v) for v in check(onnx.load(decode_out), profile)]
+            made("decode", source_dir / "decode.onnx", decode_out, DecodeFeeds(source_lm, calibration_ids, decode_calib_tokens))
     return QuantizedGraphs(out, decode_out, reports, violations)

@@ -44,6 +44,7 @@ _PROXY_SEQUENCES = 16
 def _prepared(state: RunState) -> tuple[Path, Any, torch.Tensor]:
     from compress.deploy.quantization import prepare
     from quant.profiles import get_profile
+    from quant.quantize import PRESETS
 
     c = state.config
     source, model = final_model(state)
@@ -51,7 +52,8 @@ def _prepared(state: RunState) -> tuple[Path, Any, torch.Tensor]:
     if state.vocab_map is not None:
         calib = state.vocab_map.student_ids(calib)  # the plan kept every calibration token
     profile = get_profile(c.quant.npu_profile)
-    return source, prepare(model, c.quant.seq_len, c.quant.transforms, calib, seed=c.seed, conv=profile.linear_as_conv,
+    conv = PRESETS[c.quant.recipe].linears_as_conv(profile) if c.quant.recipe in PRESETS else profile.linear_as_conv
+    return source, prepare(model, c.quant.seq_len, c.quant.transforms, calib, seed=c.seed, conv=conv,
                            separate_head=profile.weight_only), calib
 
 
@@ -187,7 +189,7 @@ class Minitron(StudentFamily):
 
         # The cache holds the prompt and every generated token; the prefill graph reads the prompt only.
         lm = prepare(model, prompt_tokens + new_tokens, DEFAULT_TRANSFORMS[recipe.name], torch.as_tensor(calib),
-                     conv=profile.linear_as_conv, separate_head=profile.weight_only)
+                     conv=recipe.linears_as_conv(profile), separate_head=profile.weight_only)
         export_graphs(lm, folder, prefill_length=prompt_tokens)
         quantize_graphs(lm, folder, recipe, profile, calib, decode_calib_tokens=decode_calib_tokens)
         return {kind: {"float": folder / f"{name}.onnx", "quantized": folder / f"{name}.{recipe.name}.onnx"}

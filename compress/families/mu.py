@@ -320,6 +320,7 @@ class Mu(StudentFamily):
     student_io = EncoderDecoderStudent()
     reader = ENCODER_DECODER
     weight_only_graphs = False  # its encoder and decoder graphs have no weight-only (ort-cpu) form yet
+    block_graphs = False  # nor LPBQ int4 blocks (w4a16): GPTQ rounds the decoder-only export's linears only
 
     def score_set(self, model: Any, ids: torch.Tensor, top1: torch.Tensor | None, batch_size: int) -> tuple[float | None, float]:
         """Scored on continuations after :func:`cut_of`, like every row of a Mu-like run."""
