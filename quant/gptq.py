@@ -43,14 +43,21 @@ class BlockScales:
         return (self.channel[:, None].double() * self.ints.double()).repeat_interleave(self.size, 1)
 
 
-def block_scales(weight: torch.Tensor, size: int, bits: int = 4, scale_bits: int = 4) -> BlockScales:
+def block_scales(weight: torch.Tensor, size: int, bits: int = 4, scale_bits: int = 4,
+                 weight_range: str = "minmax") -> BlockScales:
     """The LPBQ scales of ``weight`` (out, in) for blocks of ``size`` inputs: each block's step the smallest
-    multiple of its channel's unit that keeps the block's largest |w| on the ``bits``-bit grid (no clipping),
-    the unit the channel's largest block step / (2**scale_bits - 1)."""
+    multiple of its channel's unit that keeps the block's range on the ``bits``-bit grid, the range max|w|
+    ("minmax": no clipping) or :func:`quant.weight_ranges.mse_range`'s ("mse"), the unit the channel's largest
+    block step / (2**scale_bits - 1)."""
     rows, cols = weight.shape
     if cols % size:
         raise ValueError(f"blocks of {size} do not tile {cols} inputs")
-    ideal = weight.detach().double().abs().reshape(rows, cols // size, size).amax(2) / levels(bits)
+    blocks = weight.detach().reshape(rows * (cols // size), size)
+    if weight_range == "mse":
+        limit = torch.from_numpy(mse_range(blocks.float().numpy(), 0, levels(bits))).double()
+    else:
+        limit = blocks.double().abs().amax(1)
+    ideal = limit.reshape(rows, cols // size) / levels(bits)
     most = 2 ** scale_bits - 1
     channel = (ideal.amax(1) / most).clamp(min=1e-12)
     ints = torch.ceil(ideal / channel[:, None] - 1e-9).clamp(1, most)

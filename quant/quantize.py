@@ -106,11 +106,11 @@ PRESETS = {
                         sixteen_bit_weights=MIXES, weight_rounding="gptq"),
     # For CPUs (the ort-cpu profile): decoding one token reads every weight once, so it runs at the speed
     # weights stream from memory; int8 blocks of 32 read a quarter of fp32's bytes, int4 an eighth.
-    # The format NPU LLM toolchains ship (Qualcomm AI Hub, Olive's QNN recipes): int4 weights per output channel,
-    # GPTQ-rounded onto their int4 grids, 16-bit activations; the tied table int4 per row (an int8 table alone
-    # would be most of a small model's graph).
+    # The format NPU LLM toolchains ship (Qualcomm AI Hub, Olive's QNN recipes): int4 weights in LPBQ blocks of 32
+    # inputs (each block's range MSE-searched), GPTQ-rounded onto them block after block, 16-bit activations; the
+    # tied table int4 per row, GPTQ-rounded as the head (an int8 table alone would be most of a small model's graph).
     "w4a16": QuantRecipe("w4a16", activation_bits=16, weight_bits=4, embedding_bits=4, sixteen_bit_weights=MIXES,
-                         weight_rounding="gptq", weight_block=64),
+                         weight_rounding="gptq", weight_block=32, weight_range="mse"),
     "w8": QuantRecipe("w8", activation_bits=32, weight_bits=8, per_channel=False, weight_only=True, block_size=128),
     "w4": QuantRecipe("w4", activation_bits=32, weight_bits=4, per_channel=False, weight_only=True, block_size=32),
 }

@@ -117,7 +117,8 @@ def test_w4a16_graph_holds_the_gptq_lpbq_blocks_and_table_exactly_and_runs_on_cp
     assert graphs.reports["prefill"].block_weights == 7 * model.config.num_hidden_layers
     assert graphs.violations["prefill"] == []
     # The same rounding, in torch: the graph must hold exactly these values.
-    rounded = gptq_table_(gptq_(copy.deepcopy(lm), calib, bits=4, block_size=recipe.weight_block), calib, 4)
+    rounded = gptq_table_(gptq_(copy.deepcopy(lm), calib, bits=4, block_size=recipe.weight_block,
+                                weight_range=recipe.weight_range, sequential=True), calib, 4)
     graph = onnx.load(graphs.prefill).graph
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}

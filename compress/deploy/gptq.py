@@ -30,13 +30,14 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def input_hessians(lm: StaticLM, ids: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
-    """Σ x·xᵀ / n (float64) of every block linear's inputs over prefill runs on ``ids`` [n, L]; layers
-    reading the same input get the same matrix, a shared block's layers sum over all their depths."""
+def input_hessians(lm: StaticLM, ids: torch.Tensor, blocks: list[nn.Module] | None = None) -> dict[nn.Module, torch.Tensor]:
+    """Σ x·xᵀ / n (float64) of every block linear's inputs (of ``blocks``' only, if given) over prefill runs on
+    ``ids`` [n, L]; layers reading the same input get the same matrix, a shared block's layers sum over all their
+    depths."""
     sums: dict[nn.Module, torch.Tensor] = {}
     counts: dict[nn.Module, int] = {}
     hooks = []
-    for block in lm.unique_blocks:
+    for block in lm.unique_blocks if blocks is None else blocks:
         for name in LINEARS:
             layer = getattr(block, name)
 
@@ -57,20 +58,23 @@ def input_hessians(lm: StaticLM, ids: torch.Tensor) -> dict[nn.Module, torch.Ten
 
 @torch.no_grad()
 def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax",
-          bits: int = 8, block_size: int = 0) -> StaticLM:
+          bits: int = 8, block_size: int = 0, sequential: bool = False) -> StaticLM:
     """Round every block linear of ``lm`` onto its ``bits``-bit grid with :func:`gptq_round` (in place), Hessians
-    from prefills of ``ids``; with ``block_size``, onto LPBQ blocks of that many inputs (:func:`block_scales`):
+    from prefills of ``ids`` of the float model (``sequential``: each block's from the model whose earlier blocks are
+    already rounded, as the integer graph will feed it); with ``block_size``, onto LPBQ blocks of that many inputs (:func:`block_scales`):
     ``lm.weight_blocks`` then holds each such weight's (out, in) matrix and scales by its graph names."""
-    hessians = input_hessians(lm, ids)
+    hessians = {} if sequential else input_hessians(lm, ids)
     names: dict[int, list[str]] = {}  # a shared block's weight has a name per depth; the exporter keeps one of them
     for n, p in lm.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(f"lm.{n}")
     lm.weight_blocks = {}
     for block in lm.unique_blocks:
+        if sequential:  # this block's inputs as the blocks already rounded make them (one more pass per block)
+            hessians = input_hessians(lm, ids, [block])
         for name in LINEARS:
             layer = getattr(block, name)
             matrix = weight_matrix(layer)
-            scales = block_scales(matrix, block_size, bits) if block_size else None
+            scales = block_scales(matrix, block_size, bits, weight_range=weight_range) if block_size else None
             matrix.copy_(gptq_round(matrix, hessians[layer], per_channel, weight_range, bits=bits, scales=scales))
             if scales is not None:
                 lm.weight_blocks.update({name: (matrix.detach(), scales) for name in names[id(layer.weight)]})

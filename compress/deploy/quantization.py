@@ -196,8 +196,11 @@ def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.
     if recipe.weight_block and block_op(lm) != "MatMul":
         raise ValueError(f"recipe {recipe.name} stores LPBQ blocks, which need MatMul linears: prepare the model with "
                          "conv=recipe.linears_as_conv(profile)")
+    # At 4 bits a block's inputs move with the rounding of the blocks before it: GPTQ takes them as the rounded
+    # model makes them (one more calibration pass per block; at 8 bits the float model's inputs are as good).
     rounded = gptq_(copy.deepcopy(lm), ids, per_channel=recipe.per_channel and block_op(lm) in profile.per_channel_ops,
-                    weight_range=recipe.weight_range, bits=recipe.weight_bits, block_size=recipe.weight_block)
+                    weight_range=recipe.weight_range, bits=recipe.weight_bits, block_size=recipe.weight_block,
+                    sequential=recipe.weight_bits == 4)
     if recipe.embedding_bits == 4 and rounded.tied and rounded.embed_scale is not None:
         gptq_table_(rounded, ids, recipe.embedding_bits)
     return rounded
