@@ -274,6 +274,27 @@ def test_quantize_stage_writes_checked_graphs_and_inspect_judges_them(inputs, tm
     assert "## On the NPU: Qualcomm's HTP compiler" in markdown and "`onnx/model.a16w8.qnn.onnx`" in markdown
 
 
+def test_w4a16_writes_lpbq_int4_graphs_the_htp_compiler_takes_whole(inputs, tmp_path, capsys):
+    teacher, corpus = inputs
+    out = tmp_path / "w4"
+    args = ["--teacher", teacher, "--data", corpus, "--out", out, *SMALL, "--stop-after", "quantize", "--seq-len", "16",
+            "--quant", "w4a16", "--quant-calib-samples", "2", "--quant-decode-calib-tokens", "16"]
+    # Blocks of 32 inputs: a student pruned to multiples of 16 is refused before anything runs.
+    assert _run(*args, "--target-size", "0.7x") == 2 and "use --align 64" in _error_of(capsys)
+    assert _run(*args, "--target-size", "0.7x", "--student", "mu") == 2 and "--quant w4a16" in _error_of(capsys)
+    assert not out.exists()
+    assert _run(*args, "--target-size", "1x") == 0  # the teacher itself: widths 64 and 128
+    metrics = json.loads((out / "quantize.metrics.json").read_text())
+    assert metrics["violations"] == []
+    assert metrics["reports"]["prefill"]["block_weights"] == metrics["reports"]["decode"]["block_weights"] == 7 * 3
+    graph = onnx.load(out / "onnx" / "decode.w4a16.onnx").graph
+    assert sum(any(a.name == "block_size" for a in n.attribute) for n in graph.node) == 7 * 3
+    from quant import qnn
+
+    if qnn.unavailable() is None:
+        assert all(g["whole"] for g in metrics["htp"]["graphs"].values())
+
+
 def test_the_cpu_profile_writes_weight_only_graphs_that_track_the_float_ones(inputs, tmp_path, capsys):
     from quant import runtime
 

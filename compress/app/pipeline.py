@@ -212,6 +212,10 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
         if quantizes and config.quant.recipe in PRESETS and PRESETS[config.quant.recipe].weight_block and not family.block_graphs:
             raise ConfigError(f"--student {config.student} has no --quant {config.quant.recipe} graphs yet (their int4 blocks "
                               "are GPTQ-rounded on the decoder-only export): use --quant a16w8")
+        block = PRESETS[config.quant.recipe].weight_block if quantizes and config.quant.recipe in PRESETS else 0
+        if block and family.prunes_teacher and config.target.ratio != 1.0 and config.prune.align % block:
+            raise ConfigError(f"--quant {config.quant.recipe} stores weights in blocks of {block} inputs, which --align "
+                              f"{config.prune.align} widths need not fill: use --align {max(block, 64)}")
         family.check_teacher(state.teacher.config, config)
     if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and get_family(config.student).prunes_teacher:
         # Refuse an infeasible target (or an untrimmable tokenizer) before the expensive scoring stage, not after it.
