@@ -59,6 +59,10 @@ def test_input_hessians_are_one_per_input_symmetric_and_positive():
     hessians = input_hessians(lm, ids)
     block = lm.unique_blocks[0]
     assert torch.allclose(hessians[block.q], hessians[block.k]) and torch.allclose(hessians[block.gate], hessians[block.up])
+    # One block's, from prefills that stop after it: the same matrices.
+    first = input_hessians(lm, ids, [block])
+    assert set(first) == {getattr(block, n) for n in ("q", "k", "v", "o", "gate", "up", "down")}
+    assert all(torch.equal(first[m], hessians[m]) for m in first)
     n, d = hessians[block.q].shape
     assert n == d == model.config.hidden_size
     assert torch.allclose(hessians[block.q], hessians[block.q].T)

@@ -10,6 +10,8 @@ already rounded ones: at 8 bits the inputs barely change (at 4 bits they do; tha
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -29,27 +31,38 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return layer.weight
 
 
+class _Done(Exception):
+    """Ends a calibration prefill early: the blocks whose inputs are wanted have all run."""
+
+
 @torch.no_grad()
 def input_hessians(lm: StaticLM, ids: torch.Tensor, blocks: list[nn.Module] | None = None) -> dict[nn.Module, torch.Tensor]:
     """Σ x·xᵀ / n (float64) of every block linear's inputs (of ``blocks``' only, if given) over prefill runs on
     ``ids`` [n, L]; layers reading the same input get the same matrix, a shared block's layers sum over all their
-    depths."""
+    depths. A prefill stops once the last of ``blocks`` has run (nothing after it changes their inputs)."""
     sums: dict[nn.Module, torch.Tensor] = {}
     counts: dict[nn.Module, int] = {}
     hooks = []
-    for block in lm.unique_blocks if blocks is None else blocks:
-        for name in LINEARS:
-            layer = getattr(block, name)
+    chosen = lm.unique_blocks if blocks is None else blocks
+    last = max(i for i, b in enumerate(lm.blocks) if any(b is c for c in chosen))  # the last depth that reads them
+    seen = [0]  # the final depth's down projection is the last linear of a prefill that matters
 
-            def hook(module: nn.Module, args: tuple) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                sums[module] = sums.get(module, 0) + x.T @ x
-                counts[module] = counts.get(module, 0) + x.shape[0]
+    def record(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        sums[module] = sums.get(module, 0) + x.T @ x
+        counts[module] = counts.get(module, 0) + x.shape[0]
+        if module is lm.blocks[last].down:
+            seen[0] += 1
+            if seen[0] == sum(b is lm.blocks[last] for b in lm.blocks[: last + 1]):
+                raise _Done
 
-            hooks.append(layer.register_forward_pre_hook(hook))
+    for block in chosen:
+        hooks += [getattr(block, name).register_forward_pre_hook(record) for name in LINEARS]
     try:
         for row in ids:
-            lm.prefill(torch.as_tensor(row)[None])
+            seen[0] = 0
+            with contextlib.suppress(_Done):
+                lm.prefill(torch.as_tensor(row)[None])
     finally:
         for h in hooks:
             h.remove()
