@@ -316,7 +316,10 @@ def quantize(
         source, config = _ort_config(source, Path(tmp), model, _Reader(feeds, bar), recipe, profile, overrides)
         del model
         clipped = 0
-        if recipe.weight_range == "mse":
+        # Clipping changes the float graph calibration runs on. With weight_block, the MatMul weights are quantized
+        # here only to be replaced by their blocks (quant.lpbq), whose ranges GPTQ already searched: clipping them
+        # per tensor would calibrate every activation on a broken model.
+        if recipe.weight_range == "mse" and not recipe.weight_block:
             model = onnx.load(source)
             clipped = clip_weights(model, config)
             source = Path(tmp) / "clipped.onnx"
