@@ -258,6 +258,18 @@ def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Please consider")
 
 
+def _clipped(source: Path, tmp: Path, config) -> tuple[Path, int]:  # noqa: ANN001 - ORT's StaticQuantConfig
+    """The graph at ``source`` with its weights clipped to their MSE ranges (:func:`clip_weights`), and how many.
+
+    Calibration runs on this graph too. A recipe with ``weight_block`` skips it: its MatMul weights are quantized
+    by ORT only to be replaced by their blocks (quant.lpbq), whose ranges GPTQ already searched, and clipping them
+    per tensor would calibrate every activation on a broken model."""
+    model = onnx.load(source)
+    clipped = clip_weights(model, config)
+    onnx.save(model, tmp / "clipped.onnx")
+    return tmp / "clipped.onnx", clipped
+
+
 def quantize(
     float_path: str | Path,
     out_path: str | Path,
@@ -316,15 +328,8 @@ def quantize(
         source, config = _ort_config(source, Path(tmp), model, _Reader(feeds, bar), recipe, profile, overrides)
         del model
         clipped = 0
-        # Clipping changes the float graph calibration runs on. With weight_block, the MatMul weights are quantized
-        # here only to be replaced by their blocks (quant.lpbq), whose ranges GPTQ already searched: clipping them
-        # per tensor would calibrate every activation on a broken model.
-        if recipe.weight_range == "mse" and not recipe.weight_block:
-            model = onnx.load(source)
-            clipped = clip_weights(model, config)
-            source = Path(tmp) / "clipped.onnx"
-            onnx.save(model, source)
-            del model
+        if recipe.weight_range == "mse" and not recipe.weight_block:  # blocks: see _clipped
+            source, clipped = _clipped(source, Path(tmp), config)
         staged = Path(tmp) / "quantized.onnx"
         root = logging.getLogger()
         root.addFilter(_no_preprocessing_advice)

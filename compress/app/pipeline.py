@@ -26,7 +26,6 @@ from compress.io import project_records, read_json, write_json
 from compress.pruning.planner import PruningPlan, feasible_shapes
 from compress.pruning.scoring import score_importance
 from compress.pruning.surgery import save_checkpoint
-from quant.profiles import get_profile
 
 log = logging.getLogger(__name__)
 
@@ -203,19 +202,8 @@ def _run_stages(config: CompressConfig, progress: bool) -> CompressResult:
         if "vocab" in config.prune.axes and not family.trims_vocab:
             raise ConfigError(f"--student {config.student} does not trim the vocabulary; drop 'vocab' from --axes")
         quantizes = config.quant.recipe != "none" and STAGES.index(config.stop_after) >= STAGES.index("quantize")
-        if quantizes and get_profile(config.quant.npu_profile).weight_only and not family.weight_only_graphs:
-            # Without a weight-only form, ort-cpu would quantize nothing and report every weight as a violation.
-            raise ConfigError(f"--student {config.student} has no graphs for --npu-profile {config.quant.npu_profile} "
-                              "yet: use --npu-profile qnn-htp (or generic-a8w8) with --quant a16w8 or a8w8, or --quant none")
-        from quant.quantize import PRESETS
-
-        if quantizes and config.quant.recipe in PRESETS and PRESETS[config.quant.recipe].weight_block and not family.block_graphs:
-            raise ConfigError(f"--student {config.student} has no --quant {config.quant.recipe} graphs yet (their int4 blocks "
-                              "are GPTQ-rounded on the decoder-only export): use --quant a16w8")
-        block = PRESETS[config.quant.recipe].weight_block if quantizes and config.quant.recipe in PRESETS else 0
-        if block and family.prunes_teacher and config.target.ratio != 1.0 and config.prune.align % block:
-            raise ConfigError(f"--quant {config.quant.recipe} stores weights in blocks of {block} inputs, which --align "
-                              f"{config.prune.align} widths need not fill: use --align {max(block, 64)}")
+        if quantizes:
+            family.check_quant(config)
         family.check_teacher(state.teacher.config, config)
     if "plan" in fingerprints and done.get("plan") != fingerprints["plan"] and get_family(config.student).prunes_teacher:
         # Refuse an infeasible target (or an untrimmable tokenizer) before the expensive scoring stage, not after it.

@@ -56,6 +56,25 @@ class StudentFamily:
         """Refuse, before any stage runs, a teacher this family cannot make a student of with ``config``'s options
         (UnsupportedArchitectureError naming what is missing); by default every teacher is taken."""
 
+    def check_quant(self, config: Any) -> None:
+        """Refuse, before any stage runs, ``config``'s recipe and NPU profile when this family has no such graphs
+        (ConfigError saying what to use instead)."""
+        from compress.errors import ConfigError
+        from quant.profiles import get_profile
+        from quant.quantize import PRESETS
+
+        q, recipe = config.quant, PRESETS[config.quant.recipe]
+        if get_profile(q.npu_profile).weight_only and not self.weight_only_graphs:
+            # Without a weight-only form, ort-cpu would quantize nothing and report every weight as a violation.
+            raise ConfigError(f"--student {self.name} has no graphs for --npu-profile {q.npu_profile} yet: use "
+                              "--npu-profile qnn-htp (or generic-a8w8) with --quant a16w8 or a8w8, or --quant none")
+        if recipe.weight_block and not self.block_graphs:
+            raise ConfigError(f"--student {self.name} has no --quant {q.recipe} graphs yet (their int4 blocks are "
+                              "GPTQ-rounded on the decoder-only export): use --quant a16w8")
+        if recipe.weight_block and self.prunes_teacher and config.target.ratio != 1.0 and config.prune.align % recipe.weight_block:
+            raise ConfigError(f"--quant {q.recipe} stores weights in blocks of {recipe.weight_block} inputs, which --align "
+                              f"{config.prune.align} widths need not fill: use --align {max(recipe.weight_block, 64)}")
+
     def generation_graphs(self, model: Any, folder: Path, prompt_tokens: int, new_tokens: int, calib: Any,
                           recipe: Any, profile: Any, decode_calib_tokens: int) -> dict[str, dict[str, Path]]:
         """Graphs that generate ``new_tokens`` after a ``prompt_tokens`` prompt, float and quantized with ``recipe``
