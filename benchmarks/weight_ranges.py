@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks.plots import provenance
-from compress.deploy.export import StaticLM
+from compress.deploy.export import LINEARS, StaticLM
 from compress.deploy.gptq import gptq_, gptq_table_, weight_matrix
 from compress.deploy.outliers import normalize_embedding, rotate
 from compress.io import write_json, write_text
@@ -49,7 +49,6 @@ from quant.gptq import levels
 from quant.weight_ranges import mse_range
 
 RESULTS = Path(__file__).parent / "results"
-LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 ARMS = ("minmax", "mse", "uniform shrink", "random shrink", "gptq", "gptq mse", "+ int8 table", "+ int4 table")
 # At 4 bits: no shrink controls; LPBQ blocks (compress.deploy.gptq, block_scales); the table also GPTQ-rounded as the head.
 ARMS_4 = ("minmax", "mse", "gptq", "gptq mse", "gptq blocks of 64", "gptq blocks of 32", "+ int8 table", "+ int4 table",

@@ -38,6 +38,7 @@ from quant.ops import rms_norm
 
 MAX_TABLE_POSITIONS = 8192  # RoPE positions the decode graph holds (Gemma3's 32k x 256 tables would be 134 MB)
 MASK_VALUE = -100.0  # bounded so that integer graphs can represent it; exp(-100) is 0 in float32 terms
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")  # every block's linear layers
 
 
 def _plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -246,13 +247,14 @@ class StaticLM(nn.Module):
     def tied(self) -> bool:
         return self.head is self.embed
 
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the output head multiplies, [t, hidden], for the blocks' output ``x`` [1, t, hidden]."""
+        h = (rms_norm if self.fused_norm else _plain_rms_norm)(x, self.norm, self.eps).reshape(x.shape[1], -1)
+        return h @ self.head_mix if self.head_mix is not None else h
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.shape[1]
-        h = (rms_norm if self.fused_norm else _plain_rms_norm)(x, self.norm, self.eps).reshape(t, -1)
-        if self.head_mix is not None:
-            h = h @ self.head_mix
-        # A tied head is the 2-D F.linear, exported as Gemm(transB=1) so E is stored once; an untied one is in the
-        # blocks' layout (per-channel where the profile takes it).
+        t, h = x.shape[1], self.head_input(x)
+        # Tied: the 2-D F.linear, a Gemm(transB=1) storing E once; untied: the blocks' layout (per channel).
         logits = self.head_layer(h[None])[0] if self.head_layer is not None else F.linear(h, self.head)
         if self.embed_scale is not None and self.tied:
             logits = logits * self.embed_scale
@@ -331,10 +333,8 @@ class StaticLM(nn.Module):
 
     def _relayout(self, layer_type: type[nn.Module]) -> StaticLM:
         for block in self.unique_blocks:
-            for name in ("q", "k", "v", "o", "gate", "up", "down"):
-                layer = getattr(block, name)
-                if isinstance(layer, nn.Linear):
-                    setattr(block, name, layer_type(layer))
+            for name in (n for n in LINEARS if isinstance(getattr(block, n), nn.Linear)):
+                setattr(block, name, layer_type(getattr(block, name)))
         if not self.tied:
             head = nn.Linear(self.head.shape[1], self.head.shape[0], bias=False)
             head.weight = self.head

@@ -3,9 +3,10 @@
 Every block linear (q k v o gate up down), in any export layout, rounded under the Hessian of its inputs on
 calibration text. The result is a float model whose block weights already lie on their grids, each channel's
 largest |weight| at the last step, so the quantizer (whose MSE range search keeps such a channel's range)
-stores exactly those values. Hessians come from one pass of the float model, not layer by layer through
-already rounded ones: at 8 bits the inputs barely change (at 4 bits they do; that costs some accuracy, see
-``benchmarks/quant_accuracy.py``).
+stores exactly those values. Hessians come from one pass of the float model (at 8 bits the inputs barely change)
+or, with ``sequential`` (the int4 recipe), block after block from the model whose earlier blocks are already
+rounded. At 4 bits the weights may go in LPBQ blocks (:func:`quant.gptq.block_scales`), and the tied table is
+rounded as the output head (:func:`gptq_table_`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,8 @@ import contextlib
 import torch
 from torch import nn
 
-from compress.deploy.export import Conv1x1, MatMulLinear, StaticLM
+from compress.deploy.export import LINEARS, Conv1x1, MatMulLinear, StaticLM
 from quant.gptq import block_scales, gptq_round
-from quant.ops import rms_norm
-
-LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
@@ -45,7 +43,9 @@ def input_hessians(lm: StaticLM, ids: torch.Tensor, blocks: list[nn.Module] | No
     hooks = []
     chosen = lm.unique_blocks if blocks is None else blocks
     last = max(i for i, b in enumerate(lm.blocks) if any(b is c for c in chosen))  # the last depth that reads them
-    seen = [0]  # the final depth's down projection is the last linear of a prefill that matters
+    # A prefill is done after the last depth's down projection: the block's how-many-th run that is.
+    needed = sum(b is lm.blocks[last] for b in lm.blocks[: last + 1])
+    seen = [0]
 
     def record(module: nn.Module, args: tuple) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
@@ -53,7 +53,7 @@ def input_hessians(lm: StaticLM, ids: torch.Tensor, blocks: list[nn.Module] | No
         counts[module] = counts.get(module, 0) + x.shape[0]
         if module is lm.blocks[last].down:
             seen[0] += 1
-            if seen[0] == sum(b is lm.blocks[last] for b in lm.blocks[: last + 1]):
+            if seen[0] == needed:
                 raise _Done
 
     for block in chosen:
@@ -90,7 +90,7 @@ def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_rang
             scales = block_scales(matrix, block_size, bits, weight_range=weight_range) if block_size else None
             matrix.copy_(gptq_round(matrix, hessians[layer], per_channel, weight_range, bits=bits, scales=scales))
             if scales is not None:
-                lm.weight_blocks.update({name: (matrix.detach(), scales) for name in names[id(layer.weight)]})
+                lm.weight_blocks.update({alias: (matrix.detach(), scales) for alias in names[id(layer.weight)]})
     return lm
 
 
@@ -105,8 +105,7 @@ def gptq_table_(lm: StaticLM, ids: torch.Tensor, bits: int) -> StaticLM:
 
     def record(x: torch.Tensor) -> torch.Tensor:
         nonlocal total, count
-        h = rms_norm(x, lm.norm, lm.eps).reshape(-1, x.shape[-1]).double()  # the head's input, as logits() makes it
-        h = h @ lm.head_mix.double() if lm.head_mix is not None else h
+        h = lm.head_input(x).double()
         total, count = total + h.T @ h, count + h.shape[0]
         return logits(x)
 
