@@ -16,7 +16,7 @@ and response time on this CPU (request to first token and to the whole call, med
 
     python -m benchmarks.settings_agent [--families minitron,mobilellm,mu] [--modes lora,full] [--test-pairs 200]
 
-Writes ``benchmarks/results/settings_agent.{json,md,png}``.
+Writes ``benchmarks/results/<--name>.{json,md,png}`` (default ``settings_agent``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from compress.app.finetune import FinetuneConfig, finetune
 from compress.app.htp_calls import emulated_calls
 from compress.app.pipeline import run
 from compress.core.family import family_of, load_model
+from compress.evaluation.call_grammar import CallGrammar
 from compress.evaluation.calls import (
     CheckpointDecoder,
     GraphDecoder,
@@ -68,16 +69,17 @@ def _student(family: str, args: argparse.Namespace) -> Path:
 
 
 def _finetuned(name: str, source: Path, mode: str, task: Path, args: argparse.Namespace) -> Path:
-    """``source`` fine-tuned in ``mode``; an earlier fine-tuning is reused only if it is of the same folder and newer
-    than every file in it (a student distilled again since is fine-tuned again)."""
+    """``source`` fine-tuned in ``mode``; an earlier fine-tuning is reused only if it had the same settings and is
+    newer than every file of ``source`` (a student distilled again since is fine-tuned again)."""
     out = args.runs / f"{name}-{mode}"
     done = out / "finetune.json"
-    if (done.exists() and read_json(done)["config"]["student"] == str(source)
+    config = FinetuneConfig(student=str(source), data=str(task / "train.jsonl"), out=str(out), lora_rank=MODES[mode],
+                            epochs=args.epochs, lr=args.lr, max_input_tokens=args.prompt_tokens,
+                            max_output_tokens=args.new_tokens, bf16=args.bf16)
+    if (done.exists() and read_json(done)["config"] == config.to_dict()
             and done.stat().st_mtime > max(f.stat().st_mtime for f in source.iterdir())):
         return out
-    finetune(FinetuneConfig(student=str(source), data=str(task / "train.jsonl"), out=str(out), lora_rank=MODES[mode],
-                            epochs=args.epochs, max_input_tokens=args.prompt_tokens, max_output_tokens=args.new_tokens,
-                            bf16=args.bf16), progress=False)
+    finetune(config, progress=False)
     return out
 
 
@@ -106,11 +108,20 @@ def _measure(model_dir: Path, task: Path, args: argparse.Namespace) -> dict[str,
     model = load_model(model_dir, dtype=torch.float32).eval()
     family = family_of(model.config)
     eos = stop_tokens(tokenizer, model.config)
-    common = {"max_new_tokens": args.new_tokens, "max_input_tokens": args.prompt_tokens}
+    grammar = CallGrammar.from_catalog(task / "catalog.json", tokenizer, tokenizer.eos_token_id)
+
+    def answers(decoder: Any) -> tuple[dict[str, Any], Any]:
+        """Free greedy answers, and answers constrained to the catalog's calls (the shipped ones)."""
+        free = evaluate_calls(decoder, tokenizer, pairs[: args.test_pairs], known, max_new_tokens=args.new_tokens,
+                              max_input_tokens=args.prompt_tokens)
+        constrained = evaluate_calls(decoder, tokenizer, pairs[: args.test_pairs], known, max_new_tokens=args.new_tokens,
+                                     max_input_tokens=args.prompt_tokens, grammar=grammar)
+        print(f"  exact {free.exact_match:.3f}, constrained {constrained.exact_match:.3f}, "
+              f"call {constrained.call_ms_p50:.0f} ms", flush=True)
+        return {**free.to_dict(), "constrained": constrained.to_dict()}, constrained
+
     out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
-    fp32 = evaluate_calls(CheckpointDecoder(family, model, eos), tokenizer, pairs[: args.test_pairs], known, **common)
-    out["fp32"] = fp32.to_dict()
-    print(f"  fp32: exact {fp32.exact_match:.3f}, call {fp32.call_ms_p50:.0f} ms", flush=True)
+    out["fp32"], _ = answers(CheckpointDecoder(family, model, eos))
     calib = _calibration(tokenizer, task, args.prompt_tokens + args.new_tokens, args.calib_samples)
     precisions = [("a16w8", "qnn-htp")]
     if family.weight_only_graphs:
@@ -123,22 +134,21 @@ def _measure(model_dir: Path, task: Path, args: argparse.Namespace) -> dict[str,
                                           get_profile(profile), args.decode_calib_tokens)
         seconds = time.perf_counter() - started
         first, step = graphs["first"]["quantized"], graphs["step"]["quantized"]
-        decoder = GraphDecoder(family, first, step, model.config, eos)
-        result = evaluate_calls(decoder, tokenizer, pairs[: args.test_pairs], known, **common)
+        print(f"  {recipe} ({profile}) graphs:", flush=True)
+        result, constrained = answers(GraphDecoder(family, first, step, model.config, eos))
         size = sum(graphs[k]["quantized"].stat().st_size for k in graphs) / 1e6
-        out[f"{recipe}-{profile}"] = {**result.to_dict(), "mb": size, "graph_seconds": seconds}
-        print(f"  {recipe} ({profile}): exact {result.exact_match:.3f}, call {result.call_ms_p50:.0f} ms", flush=True)
+        out[f"{recipe}-{profile}"] = {**result, "mb": size, "graph_seconds": seconds}
         if profile == "qnn-htp" and args.htp_pairs and qnn.unavailable() is None:
-            out[f"{recipe}-{profile}"]["htp_emulated"] = _emulated(first, step, model_dir, task, result, args)
+            out[f"{recipe}-{profile}"]["htp_emulated"] = _emulated(first, step, model_dir, task, constrained, args)
     return out
 
 
 def _emulated(first: Path, step: Path, model_dir: Path, task: Path, cpu: Any, args: argparse.Namespace) -> dict:
     """The first ``--htp-pairs`` test pairs answered by the graphs on the HTP emulator, next to ONNX Runtime CPU's
-    answers from the same graphs."""
+    answers from the same graphs (both constrained to the catalog's calls)."""
     started = time.perf_counter()
     emulated = emulated_calls(first, step, model_dir, task / "test.jsonl", args.htp_pairs, args.new_tokens,
-                              args.prompt_tokens)
+                              args.prompt_tokens, catalog=task / "catalog.json")
     n = emulated["pairs"]
     same = sum(a["output"] == b["output"] for a, b in zip(emulated["answers"], cpu.answers[:n], strict=True))
     print(f"  HTP emulator, {n} pairs: exact {emulated['exact_match']:.3f}", flush=True)
@@ -156,6 +166,8 @@ def main() -> None:
     parser.add_argument("--no-teacher-row", dest="teacher_row", action="store_false")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--lr", type=float, help="fine-tuning learning rate (default: compress finetune's, 1e-3 for "
+                        "LoRA, 5e-5 for every weight)")
     parser.add_argument("--test-pairs", type=int, default=200, help="test pairs each model and graph answers")
     parser.add_argument("--prompt-tokens", type=int, default=48, help="the graphs' request length (requests are short)")
     parser.add_argument("--new-tokens", type=int, default=32, help="the longest answer (a call is about 20 tokens)")
@@ -168,6 +180,7 @@ def main() -> None:
                         "from (flat, as the flags are named); the flags above win")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "settings-agent")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="settings_agent", help="results file stem (default settings_agent)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     started = time.perf_counter()
@@ -194,9 +207,9 @@ def main() -> None:
                       "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                       "seconds": time.perf_counter() - started}
             args.out.mkdir(parents=True, exist_ok=True)
-            write_text(args.out / "settings_agent.json", json.dumps(report, indent=2) + "\n")
-            write_text(args.out / "settings_agent.md", markdown(report))
-            _plot(report, args.out / "settings_agent.png")
+            write_text(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
+            write_text(args.out / f"{args.name}.md", markdown(report))
+            _plot(report, args.out / f"{args.name}.png")
     print(markdown(report))
 
 
@@ -214,24 +227,31 @@ def markdown(report: dict) -> str:
         f"{report['machine']}, commit `{report['commit']}`, `{report['command']}`, {report['seconds'] / 60:.0f} min.", "",
         *_missing(report),
         *([f"Note: {report['provenance_note']}", ""] if report.get("provenance_note") else []),
-        "| model | fine-tuning | params | answered by | exact match | setting right | invalid | first token (ms, p50) "
-        "| call (ms, p50 / p90) | MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *(["Free: greedy decoding as is. Constrained: greedy decoding of only the calls the catalog allows (its "
+           "setting ids, each with a value of its type; `compress eval --constrain`), what an app that knows its "
+           "settings ships; times are the constrained answers'.", ""]
+          if any("constrained" in row.get("fp32", {}) for row in report["rows"]) else []),
+        "| model | fine-tuning | params | answered by | exact match, free | exact match, constrained | setting right, "
+        "constrained | invalid, free | first token (ms, p50) | call (ms, p50 / p90) | MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         for key, label in _PRECISIONS:
             if key not in row:
                 continue
-            r = row[key]
-            mb = f"{r['mb']:.0f}" if "mb" in r else "–"
-            lines.append(f"| {row['model']} | {row['mode']} | {row['params'] / 1e6:.0f}M | {label} | {r['exact_match']:.1%} | "
-                         f"{r['setting_accuracy']:.1%} | {r['invalid_rate']:.1%} | {r['first_token_ms_p50']:.0f} | "
-                         f"{r['call_ms_p50']:.0f} / {r['call_ms_p90']:.0f} | {mb} |")
+            free = row[key]
+            r = free.get("constrained", free)  # rows measured before constrained decoding existed: free only
+            constrained = f"{r['exact_match']:.1%}" if "constrained" in free else "–"
+            right = f"{r['setting_accuracy']:.1%}" if "constrained" in free else f"({free['setting_accuracy']:.1%} free)"
+            mb = f"{free['mb']:.0f}" if "mb" in free else "–"
+            lines.append(f"| {row['model']} | {row['mode']} | {row['params'] / 1e6:.0f}M | {label} | "
+                         f"{free['exact_match']:.1%} | {constrained} | {right} | {free['invalid_rate']:.1%} | "
+                         f"{r['first_token_ms_p50']:.0f} | {r['call_ms_p50']:.0f} / {r['call_ms_p90']:.0f} | {mb} |")
     emulated = [(row, row[k]["htp_emulated"]) for row in report["rows"] for k, _ in _PRECISIONS
                 if "htp_emulated" in row.get(k, {})]
     if emulated:
         lines += ["", "The A16W8 graphs compiled for Qualcomm's HTP and run on its emulator (the NPU's integer arithmetic), "
-                  "on the first test pairs, next to ONNX Runtime CPU's answers from the same graphs:", "",
+                  "on the first test pairs, next to ONNX Runtime CPU's answers from the same graphs (constrained):", "",
                   "| model | fine-tuning | pairs | exact match, emulator | exact match, CPU (same pairs) "
                   "| same output as CPU |", "|---|---|---|---|---|---|"]
         lines += [f"| {row['model']} | {row['mode']} | {e['pairs']} | {e['exact_match']:.1%} | {e['cpu_exact_match']:.1%} "
@@ -256,13 +276,14 @@ def _plot(report: dict, path: Path) -> None:
     for row in report["rows"]:
         for key in markers:
             if key in row:
-                ax.scatter(row[key]["call_ms_p50"], 100 * row[key]["exact_match"], marker=markers[key])
-                ax.annotate(f"{row['model']} {row['mode']} {key}", (row[key]["call_ms_p50"], 100 * row[key]["exact_match"]),
+                r = row[key].get("constrained", row[key])
+                ax.scatter(r["call_ms_p50"], 100 * r["exact_match"], marker=markers[key])
+                ax.annotate(f"{row['model']} {row['mode']} {key}", (r["call_ms_p50"], 100 * r["exact_match"]),
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axvline(500, color="grey", linestyle=":", label="500 ms")
     ax.set_xscale("log")
     ax.set_xlabel("time to the whole call, median (ms, this CPU)")
-    ax.set_ylabel("exact match on the test split (%)")
+    ax.set_ylabel("exact match on the test split (%, constrained where measured)")
     ax.set_title("Settings agent: accuracy against response time")
     ax.legend(loc="lower right")
     fig.tight_layout()

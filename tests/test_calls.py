@@ -113,3 +113,51 @@ def test_eval_pairs_on_a_run_of_the_default_family(tmp_path):
             "--stop-after", "quantize"]
     assert main([str(a) for a in args]) == 0
     check_pairs_eval(out, tmp_path, max_input_tokens=8, new_tokens=4)
+
+
+def test_constrained_decoding_answers_only_calls_of_the_catalog(tmp_path, capsys):
+    """An untrained model answers junk freely; constrained to the catalog, every answer is a call it allows, and each
+    step takes the likeliest token the catalog allows."""
+    import numpy as np
+    from factories import TEXT, tiny_tokenizer
+
+    from compress.evaluation.call_grammar import CallGrammar, catalog_calls
+
+    assert main(["task", "settings-agent", "--out", str(tmp_path / "task")]) == 0
+    catalog_file = tmp_path / "task" / "catalog.json"
+    calls = set(catalog_calls(catalog_file))
+    assert '{"setting": "display.night_light", "value": true}' in calls and '{"setting": "sound.volume", "value": 0}' in calls
+    tokenizer = tiny_tokenizer(text=TEXT + "\n".join(sorted(calls)))  # one that can spell every call
+    grammar = CallGrammar.from_catalog(catalog_file, tokenizer, eos=tokenizer.eos_token_id)
+    assert grammar.calls == len(calls)
+    node = grammar.root
+    (only,) = node  # every call starts with the same tokens: the step is forced whatever the logits say
+    assert grammar.choose(node, np.zeros(512)) == only
+    fork = next(n for n in _walk(grammar.root) if len(n) > 2)
+    favourite = sorted(fork)[-1]
+    logits = np.zeros(512)
+    logits[favourite] = 5.0
+    logits[511] = 9.0  # likelier still, but no call goes that way
+    assert grammar.choose(fork, logits) == favourite
+
+    teacher = write_teacher(tmp_path, tiny_llama(), tokenizer)
+    pairs = tmp_path / "hand.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in HAND_PAIRS))
+    args = ["eval", str(teacher), "--pairs", str(pairs), "--max-new-tokens", "64", "--catalog", str(catalog_file)]
+    assert main([*args, "--constrain", "--out", str(tmp_path / "c.json")]) == 0
+    constrained = json.loads((tmp_path / "c.json").read_text())
+    assert constrained["constrained"] and constrained["invalid_rate"] == 0 and constrained["unknown_setting_rate"] == 0
+    assert all(a["output"] in calls for a in constrained["answers"])
+    assert main([*args, "--out", str(tmp_path / "free.json")]) == 0
+    assert json.loads((tmp_path / "free.json").read_text())["invalid_rate"] > 0
+    assert main([*args[:-2], "--constrain"]) == 2
+    assert "pass --catalog" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"settings": [{"id": "x.y", "kind": "slider"}]}')
+    assert main([*args[:-1], str(tmp_path / "bad.json"), "--constrain"]) == 2
+    assert "cannot constrain answers to it" in capsys.readouterr().err
+
+
+def _walk(node: dict):
+    yield node
+    for child in node.values():
+        yield from _walk(child)

@@ -58,6 +58,9 @@ def evaluate(argv: list[str]) -> int:
                         "ones) and its host loop, as an app would, instead of the torch checkpoint")
     parser.add_argument("--catalog", help="with --pairs: the catalog.json of known settings (default: the settings "
                         "the pairs name)")
+    parser.add_argument("--constrain", action="store_true", help="with --pairs and --catalog: decode only calls the "
+                        "catalog allows (its setting ids, each with a value of its type), as an app that knows its "
+                        "settings would; every answer is then a valid call")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="with --pairs: the longest answer (default 48)")
     parser.add_argument("--max-input-tokens", type=int, default=256, help="with --pairs: requests keep their last N "
                         "tokens, as compress finetune reads them (default 256; a graph takes at most its length)")
@@ -69,8 +72,8 @@ def evaluate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.pairs:
         return _evaluate_pairs(args)
-    if args.graph:
-        parser.error("--graph answers requests through a run's graphs: it needs --pairs FILE")
+    if args.graph or args.constrain:
+        parser.error("--graph and --constrain are for answering requests: they need --pairs FILE")
     if args.lm_eval:
         from compress.evaluation.harness import run_lm_eval
 
@@ -102,6 +105,7 @@ def _evaluate_pairs(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from compress.core.family import family_of, get_family, load_model
+    from compress.evaluation.call_grammar import CallGrammar
     from compress.evaluation.calls import (
         CheckpointDecoder,
         GraphDecoder,
@@ -116,6 +120,9 @@ def _evaluate_pairs(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1 or args.max_input_tokens < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--max-new-tokens, --max-input-tokens and --limit must be at least 1")
+    if args.constrain and not args.catalog:
+        raise ConfigError("--constrain decodes only the calls of a catalog: pass --catalog catalog.json (compress task "
+                          "settings-agent writes one), or leave --constrain out")
     pairs = read_pairs(args.pairs)[: args.limit]
     known = known_settings(args.catalog, pairs)
     target = Path(args.model)
@@ -145,9 +152,15 @@ def _evaluate_pairs(args: argparse.Namespace) -> int:
             model, tokenizer = load_teacher(args.model)
         decoder = CheckpointDecoder(family_of(model.config), model, stop_tokens(tokenizer, model.config))
         what = str(checkpoint)
+    grammar = None
+    if args.constrain:
+        if tokenizer.eos_token_id is None:
+            raise CompressError(f"--constrain: the tokenizer of {checkpoint} has no EOS token to end a call with")
+        grammar = CallGrammar.from_catalog(args.catalog, tokenizer, tokenizer.eos_token_id)
     report = evaluate_calls(decoder, tokenizer, pairs, known, max_new_tokens=args.max_new_tokens,
-                            max_input_tokens=args.max_input_tokens, progress=True)
-    summary = {"model": args.model, "answered_by": what, "pairs_file": args.pairs, **report.to_dict()}
+                            max_input_tokens=args.max_input_tokens, progress=True, grammar=grammar)
+    summary = {"model": args.model, "answered_by": what, "pairs_file": args.pairs, "constrained": args.constrain,
+               **report.to_dict()}
     if args.out:
         write_json(args.out, {**summary, "answers": report.answers})
     print(json.dumps(summary, indent=2))

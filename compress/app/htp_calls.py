@@ -21,13 +21,15 @@ from quant.qnn import DEFAULT_SOC_MODEL, run_child
 
 
 def emulated_calls(first: Path, step: Path, model_dir: Path, pairs: Path, limit: int, max_new_tokens: int = 48,
-                   max_input_tokens: int = 256, soc_model: str = DEFAULT_SOC_MODEL, timeout: float = 7200) -> dict[str, Any]:
+                   max_input_tokens: int = 256, soc_model: str = DEFAULT_SOC_MODEL, timeout: float = 7200,
+                   catalog: Path | None = None) -> dict[str, Any]:
     """The first ``limit`` pairs of ``pairs`` answered by the ``first`` and ``step`` graphs (prefill and decode, or
-    encoder and decoder) on the HTP emulator; ``model_dir`` gives the tokenizer and the family. Returns
+    encoder and decoder) on the HTP emulator; ``model_dir`` gives the tokenizer and the family; with ``catalog``,
+    only the calls it allows (:mod:`compress.evaluation.call_grammar`). Returns
     :class:`~compress.evaluation.calls.CallReport`'s dictionary with every answer."""
     return run_child("compress.app.htp_calls", [str(first), str(step), str(model_dir), str(pairs), "--limit", str(limit),
                      "--max-new-tokens", str(max_new_tokens), "--max-input-tokens", str(max_input_tokens),
-                     "--soc-model", str(soc_model)], timeout)
+                     "--soc-model", str(soc_model), *(["--catalog", str(catalog)] if catalog else [])], timeout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,10 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--max-input-tokens", type=int, default=256)
     parser.add_argument("--soc-model", default=DEFAULT_SOC_MODEL)
+    parser.add_argument("--catalog", type=Path, help="answer only calls of this catalog.json")
     args = parser.parse_args(argv)
 
     from transformers import AutoConfig, AutoTokenizer
 
+    from compress.evaluation.call_grammar import CallGrammar
     from compress.evaluation.calls import GraphDecoder, evaluate_calls, read_pairs, stop_tokens
     from compress.families import family_of  # registers the built-in families
     from compress.models import register as register_models
@@ -59,11 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = AutoConfig.from_pretrained(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     pairs = read_pairs(args.pairs)[: args.limit]
+    grammar = CallGrammar.from_catalog(args.catalog, tokenizer, tokenizer.eos_token_id) if args.catalog else None
     with tempfile.TemporaryDirectory(prefix=".qnn.") as work:
         decoder = GraphDecoder(family_of(config), args.first, args.step, config, stop_tokens(tokenizer, config),
                                open_session=lambda graph: emulator_session(graph, args.soc_model, work))
         report = evaluate_calls(decoder, tokenizer, pairs, {p.call["setting"] for p in pairs},
-                                max_new_tokens=args.max_new_tokens, max_input_tokens=args.max_input_tokens)
+                                max_new_tokens=args.max_new_tokens, max_input_tokens=args.max_input_tokens,
+                                grammar=grammar)
     sys.stdout.write(json.dumps(report.to_dict(answers=True)) + "\n")
     return 0
 

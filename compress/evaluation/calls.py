@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from compress.errors import DataError
+from compress.evaluation.call_grammar import CallGrammar
 
 
 @dataclass(frozen=True)
@@ -113,18 +114,29 @@ class Decoder:
     def begin(self, prompt: list[int]) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
         raise NotImplementedError
 
-    def answer(self, request: str, prompt: list[int], max_new_tokens: int, tokenizer: Any) -> Answer:
+    def answer(self, request: str, prompt: list[int], max_new_tokens: int, tokenizer: Any,
+               grammar: CallGrammar | None = None) -> Answer:
+        """The greedy answer to ``prompt``; with ``grammar``, the likeliest call it allows."""
         started = time.perf_counter()
         logits, step = self.begin(prompt)
-        token = int(np.argmax(logits))
+        node = grammar.root if grammar else None
+        token, node = _pick(logits, grammar, node)
         first = time.perf_counter() - started
         tokens = [token]
         while token not in self.eos and len(tokens) < max_new_tokens:
-            token = int(np.argmax(step(token)))
+            token, node = _pick(step(token), grammar, node)
             tokens.append(token)
         total = time.perf_counter() - started
         text = tokenizer.decode([t for t in tokens if t not in self.eos], skip_special_tokens=True)
         return Answer(request, text, len(tokens), first, total)
+
+
+def _pick(logits: np.ndarray, grammar: CallGrammar | None, node: dict | None) -> tuple[int, dict | None]:
+    """The next token (greedy, or the likeliest the grammar allows at ``node``) and the grammar's node after it."""
+    if grammar is None or node is None:
+        return int(np.argmax(logits)), None
+    token = grammar.choose(node, logits)
+    return token, node[token]
 
 
 class CheckpointDecoder(Decoder):
@@ -207,17 +219,18 @@ def score(answers: Sequence[Answer], pairs: Sequence[CallPair], known: set[str])
 
 
 def evaluate_calls(decoder: Decoder, tokenizer: Any, pairs: Sequence[CallPair], known: set[str],
-                   max_new_tokens: int = 48, max_input_tokens: int = 256, progress: bool = False) -> CallReport:
-    """Decode every request of ``pairs`` greedily with ``decoder`` and score the calls (see the module docstring).
-    Requests are tokenized as ``compress finetune`` trained on them (BOS when the tokenizer wants it, the last
-    ``max_input_tokens``)."""
+                   max_new_tokens: int = 48, max_input_tokens: int = 256, progress: bool = False,
+                   grammar: CallGrammar | None = None) -> CallReport:
+    """Decode every request of ``pairs`` greedily with ``decoder`` (only the calls ``grammar`` allows, when given)
+    and score the calls (see the module docstring). Requests are tokenized as ``compress finetune`` trained on them
+    (BOS when the tokenizer wants it, the last ``max_input_tokens``)."""
     from tqdm.auto import tqdm
 
     from compress.sources.data import pair_inputs
 
     limit = min(max_input_tokens, getattr(decoder, "prompt_limit", max_input_tokens))
     prompts = pair_inputs(tokenizer, [p.request for p in pairs], limit)
-    answers = [decoder.answer(pair.request, prompt, max_new_tokens, tokenizer)
+    answers = [decoder.answer(pair.request, prompt, max_new_tokens, tokenizer, grammar)
                for pair, prompt in tqdm(list(zip(pairs, prompts, strict=True)), desc="answer requests", unit="request",
                                         disable=not progress)]
     return score(answers, pairs, known)
