@@ -108,5 +108,7 @@ def test_int4_npu_recipe_needs_a_profile_that_takes_int4_and_lpbq_blocks():
     assert CompressConfig.from_dict({"quant": "w4a16"}).quant.transforms == ("rotate", "embed-rows")
     with pytest.raises(ConfigError, match="--npu-profile qnn-htp"):
         CompressConfig.from_dict({"quant": "w4a16", "npu_profile": "generic-a8w8"})
+    with pytest.raises(ConfigError, match="keep embed-rows"):
+        CompressConfig.from_dict({"quant": "w4a16", "npu_profile": "qnn-htp", "quant_transforms": ("rotate",)})
     with pytest.raises(ValueError, match="weight_block"):
         QuantRecipe("w4-per-channel", activation_bits=16, weight_bits=4, weight_rounding="gptq")

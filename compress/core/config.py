@@ -149,6 +149,10 @@ class QuantConfig:
             takes = [p.name for p in PROFILES.values() if "int4" in p.weight_types and not p.weight_only]
             raise ConfigError(f"--quant {self.recipe} stores int4 weights, which --npu-profile {self.npu_profile} does "
                               f"not take; use --npu-profile {' or '.join(takes)}")
+        if recipe is not None and recipe.embedding_bits == 4 and "embed-rows" not in self.transforms:
+            raise ConfigError(f"--quant {self.recipe} stores the embedding table in int4, which needs a scale per row: "
+                              "keep embed-rows in --quant-transforms (one int4 scale for the whole table loses most "
+                              "rows' precision)")
         if profile.weight_only and "embed-rows" in self.transforms:
             raise ConfigError(f"--quant-transforms embed-rows does not fit --npu-profile {self.npu_profile}: its head "
                               "has weights of its own, so the table needs no row scales; leave embed-rows out")
