@@ -150,7 +150,8 @@ TARGETS = (
     Target("task_finetune", ("task_finetune.json", "task_finetune.md"), title="Task fine-tuning with LoRA"),
     # Last: it distills and fine-tunes three students and the teacher (hours on 2 cores).
     Target("settings_agent", ("settings_agent.json", "settings_agent.md"),
-           title="Settings agent: exact match and response time of every student family"),
+           title="Settings agent: exact match and response time of every student family",
+           extra=("settings_agent_mu1m.md",)),
 )
 
 
