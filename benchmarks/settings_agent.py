@@ -108,14 +108,13 @@ def _measure(model_dir: Path, task: Path, args: argparse.Namespace) -> dict[str,
     model = load_model(model_dir, dtype=torch.float32).eval()
     family = family_of(model.config)
     eos = stop_tokens(tokenizer, model.config)
-    grammar = CallGrammar.from_catalog(task / "catalog.json", tokenizer, tokenizer.eos_token_id)
+    grammar = CallGrammar.from_catalog(task / "catalog.json", tokenizer)
+    common = {"max_new_tokens": args.new_tokens, "max_input_tokens": args.prompt_tokens}
 
     def answers(decoder: Any) -> tuple[dict[str, Any], Any]:
         """Free greedy answers, and answers constrained to the catalog's calls (the shipped ones)."""
-        free = evaluate_calls(decoder, tokenizer, pairs[: args.test_pairs], known, max_new_tokens=args.new_tokens,
-                              max_input_tokens=args.prompt_tokens)
-        constrained = evaluate_calls(decoder, tokenizer, pairs[: args.test_pairs], known, max_new_tokens=args.new_tokens,
-                                     max_input_tokens=args.prompt_tokens, grammar=grammar)
+        free = evaluate_calls(decoder, tokenizer, pairs[: args.test_pairs], known, **common)
+        constrained = evaluate_calls(decoder, tokenizer, pairs[: args.test_pairs], known, grammar=grammar, **common)
         print(f"  exact {free.exact_match:.3f}, constrained {constrained.exact_match:.3f}, "
               f"call {constrained.call_ms_p50:.0f} ms", flush=True)
         return {**free.to_dict(), "constrained": constrained.to_dict()}, constrained

@@ -128,7 +128,7 @@ def test_constrained_decoding_answers_only_calls_of_the_catalog(tmp_path, capsys
     calls = set(catalog_calls(catalog_file))
     assert '{"setting": "display.night_light", "value": true}' in calls and '{"setting": "sound.volume", "value": 0}' in calls
     tokenizer = tiny_tokenizer(text=TEXT + "\n".join(sorted(calls)))  # one that can spell every call
-    grammar = CallGrammar.from_catalog(catalog_file, tokenizer, eos=tokenizer.eos_token_id)
+    grammar = CallGrammar.from_catalog(catalog_file, tokenizer)
     assert grammar.calls == len(calls)
     node = grammar.root
     (only,) = node  # every call starts with the same tokens: the step is forced whatever the logits say

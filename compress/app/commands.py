@@ -152,11 +152,7 @@ def _evaluate_pairs(args: argparse.Namespace) -> int:
             model, tokenizer = load_teacher(args.model)
         decoder = CheckpointDecoder(family_of(model.config), model, stop_tokens(tokenizer, model.config))
         what = str(checkpoint)
-    grammar = None
-    if args.constrain:
-        if tokenizer.eos_token_id is None:
-            raise CompressError(f"--constrain: the tokenizer of {checkpoint} has no EOS token to end a call with")
-        grammar = CallGrammar.from_catalog(args.catalog, tokenizer, tokenizer.eos_token_id)
+    grammar = CallGrammar.from_catalog(args.catalog, tokenizer) if args.constrain else None
     report = evaluate_calls(decoder, tokenizer, pairs, known, max_new_tokens=args.max_new_tokens,
                             max_input_tokens=args.max_input_tokens, progress=True, grammar=grammar)
     summary = {"model": args.model, "answered_by": what, "pairs_file": args.pairs, "constrained": args.constrain,

@@ -36,9 +36,13 @@ class CallGrammar:
         self.calls = len(calls)
 
     @classmethod
-    def from_catalog(cls, catalog: str | Path, tokenizer: Any, eos: int) -> CallGrammar:
+    def from_catalog(cls, catalog: str | Path, tokenizer: Any) -> CallGrammar:
         """Every call of a ``catalog.json`` (as ``compress task settings-agent`` writes it), tokenized by
-        ``tokenizer`` and ended by ``eos``."""
+        ``tokenizer`` and ended by its EOS token."""
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise DataError(f"--catalog {catalog}: answers cannot be constrained to its calls with a tokenizer that has "
+                            "no EOS token to end a call with; leave --constrain out")
         texts = list(catalog_calls(catalog))
         ids = tokenizer(texts, add_special_tokens=False).input_ids
         return cls([[*tokens, eos] for tokens in ids])
@@ -49,11 +53,6 @@ class CallGrammar:
         if len(allowed) == 1:
             return allowed[0]
         return allowed[int(np.argmax(np.asarray(logits)[allowed]))]
-
-    @staticmethod
-    def ended(node: dict[int, Any]) -> bool:
-        """Whether a call ends at ``node`` (the EOS token was taken)."""
-        return _END in node
 
 
 def catalog_calls(catalog: str | Path) -> Iterator[str]:
