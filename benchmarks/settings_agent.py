@@ -22,6 +22,7 @@ Writes ``benchmarks/results/<--name>.{json,md,png}`` (default ``settings_agent``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import platform
@@ -69,14 +70,16 @@ def _student(family: str, args: argparse.Namespace) -> Path:
 
 
 def _finetuned(name: str, source: Path, mode: str, task: Path, args: argparse.Namespace) -> Path:
-    """``source`` fine-tuned in ``mode``; an earlier fine-tuning is reused only if it had the same settings and is
-    newer than every file of ``source`` (a student distilled again since is fine-tuned again)."""
+    """``source`` fine-tuned in ``mode``; an earlier fine-tuning is reused only if it had the same settings and the
+    same training pairs, and is newer than every file of ``source`` (a student distilled again since is fine-tuned
+    again)."""
     out = args.runs / f"{name}-{mode}"
     done = out / "finetune.json"
     config = FinetuneConfig(student=str(source), data=str(task / "train.jsonl"), out=str(out), lora_rank=MODES[mode],
                             epochs=args.epochs, lr=args.lr, max_input_tokens=args.prompt_tokens,
                             max_output_tokens=args.new_tokens, bf16=args.bf16)
-    if (done.exists() and read_json(done)["config"] == config.to_dict()
+    data = hashlib.sha256((task / "train.jsonl").read_bytes()).hexdigest()
+    if (done.exists() and read_json(done)["config"] == config.to_dict() and read_json(done).get("data_sha256") == data
             and done.stat().st_mtime > max(f.stat().st_mtime for f in source.iterdir())):
         return out
     finetune(config, progress=False)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from factories import HAND_PAIRS, check_pairs_eval, tiny_llama, write_teacher
@@ -6,15 +7,16 @@ from factories import HAND_PAIRS, check_pairs_eval, tiny_llama, write_teacher
 from compress.app.cli import main
 from compress.errors import DataError
 from compress.evaluation.calls import Answer, CallPair, read_pairs, score
+from compress.sources import settings_agent
 from compress.sources.data import load_pairs, split_pairs
-from compress.sources.settings_agent import build_task, catalog
+from compress.sources.settings_agent import _FRAMES, _TEMPLATES, _TEST_WORDS, build_task, catalog
 
 
 def _call(row: dict) -> dict:
     return json.loads(row["output"])
 
 
-def test_the_settings_task_holds_out_phrasings_words_and_values_and_rebuilds_the_same(tmp_path):
+def test_the_settings_task_holds_out_phrasings_words_and_values_and_rebuilds_the_same(tmp_path, monkeypatch):
     settings = {s.id: s for s in catalog()}
     assert len(settings) >= 150 and {s.kind for s in settings.values()} == {"toggle", "enum", "range", "action"}
     assert main(["task", "settings-agent", "--out", str(tmp_path / "a")]) == 0
@@ -25,6 +27,18 @@ def test_the_settings_task_holds_out_phrasings_words_and_values_and_rebuilds_the
     assert len(splits["train"]) >= 10 * len(settings) and len(splits["test"]) >= 3 * len(settings)
     train_text = {r["input"] for r in splits["train"] + splits["validation"]}
     assert not train_text & {r["input"] for r in splits["test"]}
+    # The test's templates and openings each use a word of its own that no training template or opening uses.
+    def words(*texts: str) -> set[str]:
+        return set(re.findall(r"[a-z']+", " ".join(texts).replace("{name}", " ").replace("{value}", " ")))
+    for templates in _TEMPLATES.values():
+        assert all(words(t) & _TEST_WORDS for t in templates["test"]) and not set(templates["train"]) & set(templates["test"])
+        assert not any(words(t) & _TEST_WORDS for t in templates["train"])
+    assert all(words(*f) & _TEST_WORDS for f in _FRAMES["test"] if any(f))
+    assert not any(words(*f) & _TEST_WORDS for f in _FRAMES["train"])
+    # Growing the training split leaves the test split as it was: each split draws from its own generator.
+    monkeypatch.setitem(settings_agent._PAIRS_PER_SETTING, "train", 25)
+    smaller = build_task()
+    assert smaller["test"] == splits["test"] and len(smaller["train"]) < len(splits["train"])
     for rows in splits.values():  # every call is well formed for its setting's kind
         for row in rows:
             call = _call(row)

@@ -13,6 +13,7 @@ Causal and encoder-decoder (Mu-like) students alike: see :class:`distill.pairs.P
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import shutil
@@ -130,7 +131,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     student.eval()
     after = pair_quality(student, valid, config.batch_size, family.reader)  # the merged model: what is saved
     metrics = {
-        "config": config.to_dict(), "train_pairs": len(train), "validation_pairs": len(valid),
+        "config": config.to_dict(), "data_sha256": _data_digest(Path(config.data)), "train_pairs": len(train), "validation_pairs": len(valid),
         "train_output_tokens": train.output_tokens, "steps": result.steps, "seconds": time.perf_counter() - started,
         "params": total_params, "trainable_params": trainable, "lora_layers": len(adapted),
         "before": before.to_dict(), "after": after.to_dict(), "history": list(result.history),
@@ -166,6 +167,15 @@ def add_adapters(model: Any, rank: int, alpha: float, targets: tuple[str, ...] =
         raise ConfigError(f"--lora-targets {','.join(targets)}: {error}") from error
     _share_adapters_of_shared_layers(model)
     return wrapped
+
+
+def _data_digest(data: Path) -> str:
+    """SHA-256 of the pair files (a file, or a folder's files in name order): what the fine-tuning learned from."""
+    digest = hashlib.sha256()
+    for file in sorted(data.rglob("*")) if data.is_dir() else [data]:
+        if file.is_file():
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _share_adapters_of_shared_layers(model: Any) -> None:

@@ -46,7 +46,8 @@ _STAGE_FIELDS = {
 # The source each stage's output depends on (folders or files under the project root), hashed into its
 # fingerprint: after a code change the stages it touches run again, and every stage after them.
 _STAGE_CODE = {
-    "correct": ("compress/sources", "distill"),
+    # The corpora and teachers, not the task generators beside them (compress task runs no stage).
+    "correct": ("compress/sources/corpora.py", "compress/sources/data.py", "compress/sources/teachers.py", "distill"),
     "score": ("importance", "compress/pruning/scoring.py", "compress/pruning/archspec.py", "compress/evaluation/quality.py"),
     "plan": ("compress/pruning/planner.py", "compress/pruning/vocab.py", "compress/models", "compress/families"),
     "prune": ("compress/pruning/surgery.py", "compress/core"),

@@ -79,49 +79,74 @@ def call_text(setting_id: str, value: Any = None) -> str:
     return json.dumps(call, ensure_ascii=False)
 
 
-# Templates per kind and split: {name} the setting's name, {value} the value's words. Train and test share none.
+# Templates per kind and split: {name} the setting's name, {value} the value's words. Train and test share none, and
+# no training template or opening uses a word of _TEST_WORDS, the test's own word choices.
 _TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
     "on": {
         "train": ("turn on {name}", "enable {name}", "switch {name} on", "please turn {name} on", "can you enable {name}",
-                  "i want {name} on", "activate {name}", "{name} on"),
+                  "i want {name} on", "activate {name}", "{name} on", "turn {name} on", "switch on {name}",
+                  "please enable {name}", "can you turn on {name}", "would you activate {name}", "i need {name} on",
+                  "keep {name} on", "set {name} to on", "{name}: on", "start using {name}", "let me use {name}",
+                  "allow {name}", "{name} on now", "i want to use {name}", "enable {name} now", "{name} needs to be on",
+                  "i want {name} switched on", "{name} back on"),
         "test": ("could you switch on {name} for me", "i'd like {name} enabled", "make sure {name} is turned on",
                  "get {name} going"),
     },
     "off": {
         "train": ("turn off {name}", "disable {name}", "switch {name} off", "please turn {name} off", "can you disable {name}",
-                  "i want {name} off", "deactivate {name}", "{name} off"),
+                  "i want {name} off", "deactivate {name}", "{name} off", "turn {name} off", "switch off {name}",
+                  "please disable {name}", "can you turn off {name}", "would you deactivate {name}", "i need {name} off",
+                  "keep {name} off", "set {name} to off", "{name}: off", "no more {name}", "i don't want {name}",
+                  "get rid of {name}", "{name} off now", "disable {name} now", "{name} needs to be off",
+                  "i want {name} switched off", "shut off {name}", "don't use {name}"),
         "test": ("could you switch off {name} for me", "i'd like {name} disabled", "make sure {name} is turned off",
                  "stop {name}"),
     },
     "set": {
         "train": ("set {name} to {value}", "change {name} to {value}", "switch {name} to {value}", "use {value} for {name}",
-                  "i want {name} set to {value}", "{name} {value}", "please make {name} {value}"),
+                  "i want {name} set to {value}", "{name} {value}", "please make {name} {value}", "make {name} {value}",
+                  "{name} to {value}", "{name}: {value}", "i want {value} for {name}", "can you set {name} to {value}",
+                  "would you change {name} to {value}", "adjust {name} to {value}", "pick {value} for {name}",
+                  "choose {value} as the {name}", "i need {name} at {value}", "let {name} be {value}",
+                  "update {name} to {value}", "{value} for {name} please", "i want {name} to be {value}"),
         "test": ("could you put {name} on {value}", "i'd prefer {value} as my {name}", "{name} should be {value}",
                  "go with {value} for {name}"),
     },
     "increase": {
         "train": ("increase {name}", "turn up {name}", "raise {name} a bit", "more {name}", "make {name} higher",
-                  "{name} up"),
+                  "{name} up", "turn {name} up", "boost {name}", "{name} higher please", "increase {name} slightly",
+                  "i need more {name}", "crank up {name}", "{name} up a notch", "{name} needs to go up",
+                  "can you raise {name}", "a bit more {name}", "{name} is lower than i want"),
         "test": ("bump {name} up a little", "could you give me a bit more {name}", "{name} is too low"),
     },
     "decrease": {
         "train": ("decrease {name}", "turn down {name}", "lower {name} a bit", "less {name}", "make {name} lower",
-                  "{name} down"),
+                  "{name} down", "turn {name} down", "reduce {name}", "{name} lower please", "decrease {name} slightly",
+                  "i need less {name}", "dial down {name}", "{name} down a notch", "{name} needs to go down",
+                  "can you lower {name}", "a bit less {name}", "{name} is higher than i want"),
         "test": ("bring {name} down a little", "could you give me a bit less {name}", "{name} is too high"),
     },
     "action": {
-        "train": ("{name}", "{name} please", "i need {name}", "take me to {name}", "can you do {name}", "start {name}"),
+        "train": ("{name}", "{name} please", "i need {name}", "take me to {name}", "can you do {name}", "start {name}",
+                  "open {name}", "run {name}", "go to {name}", "show me {name}", "i want {name}", "do {name}",
+                  "{name} now", "please {name}", "launch {name}"),
         "test": ("could you help me with {name}", "{name} right now", "i'd like to get {name} done"),
     },
 }
 # Openings and endings that make a request long; the test split has its own.
 _FRAMES = {
     "train": (("", ""), ("", ""), ("", ""), ("hey, ", ""), ("", " please"), ("quick one: ", ""),
-              ("i'm working late tonight, ", ""), ("", " thanks"), ("for my presentation, ", "")),
+              ("i'm working late tonight, ", ""), ("", " thanks"), ("for my presentation, ", ""), ("ok, ", ""),
+              ("", " now"), ("listen, ", ""), ("one more thing: ", ""), ("", " on this laptop"), ("real quick, ", ""),
+              ("", " asap"), ("at home tonight, ", ""), ("", ", cheers")),
     "test": (("", ""), ("", ""), ("hi there, ", ""), ("", " if you can"), ("sorry to bother you, ", ""),
              ("before my meeting starts, ", " thank you")),
 }
-_PAIRS_PER_SETTING = {"train": 20, "test": 4}
+# The test split's own word choices: each of its templates and openings has one, and training's never do.
+_TEST_WORDS = frozenset({"could", "i'd", "enabled", "disabled", "sure", "turned", "going", "stop", "put", "prefer",
+                         "should", "with", "bump", "little", "give", "too", "bring", "help", "right", "done", "hi",
+                         "if", "sorry", "bother", "before", "meeting", "thank"})
+_PAIRS_PER_SETTING = {"train": 40, "test": 4}
 
 
 def _stable(text: str) -> int:
@@ -203,17 +228,19 @@ def _indirect_value(setting: Setting, value: Any) -> Any:
 def build_task(seed: int = 0) -> dict[str, list[dict[str, str]]]:
     """The task's pairs: ``{"train": [...], "validation": [...], "test": [...]}``, rows ``{"input", "output"}``."""
     settings = {s.id: s for s in catalog()}
-    rng = random.Random(seed)
     splits: dict[str, list[dict[str, str]]] = {"train": [], "validation": [], "test": []}
     seen: set[str] = set()
     for setting in settings.values():
         for split in ("train", "test"):
+            # One generator per setting and split: the training split can grow without moving the test split.
+            rng = random.Random(f"{seed}:{setting.id}:{split}")
             made = 0
             for _ in range(_PAIRS_PER_SETTING[split] * 20):  # duplicates are skipped; small settings run out early
                 if made == _PAIRS_PER_SETTING[split]:
                     break
                 text, value = _request(setting, split, rng)
-                if text in seen:
+                if text in seen or (split == "train" and setting.train_names() != setting.names
+                                    and setting.names[-1] in text):  # a name and a value can spell the test's word
                     continue
                 seen.add(text)
                 made += 1
@@ -224,8 +251,8 @@ def build_task(seed: int = 0) -> dict[str, list[dict[str, str]]]:
     for i, (setting_id, text, value) in enumerate(INDIRECT):
         row = {"input": text, "output": call_text(setting_id, _indirect_value(settings[setting_id], value))}
         splits["test" if i % 4 == 3 else "train"].append(row)
-    for rows in splits.values():
-        rng.shuffle(rows)
+    for split, rows in splits.items():
+        random.Random(f"{seed}:{split}:order").shuffle(rows)
     return splits
 
 
