@@ -103,7 +103,7 @@ class KnowledgeDistillationLoss(nn.Module):
         teacher_hidden = None
         if teacher is not None and c.kl_weight:
             with torch.no_grad():
-                teacher_hidden = teacher.base_model(input_ids=ids).last_hidden_state[:, cut - 1 : -1]
+                teacher_hidden = teacher.base_model(input_ids=ids, use_cache=False).last_hidden_state[:, cut - 1 : -1]
         return self._logit_loss(student_hidden, teacher_hidden, ids[:, cut:])
 
     def _pairs(self, batch: Pairs) -> torch.Tensor:
@@ -116,7 +116,9 @@ class KnowledgeDistillationLoss(nn.Module):
         teacher_hidden = None
         if teacher is not None and c.kl_weight:
             with torch.no_grad():
-                states = teacher.base_model(input_ids=batch.ids, attention_mask=batch.attention_mask()).last_hidden_state
+                # No KV cache: built per layer it costs memory and makes compiled layers recompile per layer index.
+                states = teacher.base_model(input_ids=batch.ids, attention_mask=batch.attention_mask(),
+                                            use_cache=False).last_hidden_state
             teacher_hidden = states[:, :-1][scored]  # (output tokens, width), in row-major order
         return self._logit_loss(self.student_io.outputs(self.student, batch), teacher_hidden, batch.ids[:, 1:][scored])
 

@@ -79,8 +79,11 @@ def test_pair_loss_is_cross_entropy_on_the_output_tokens_only(family):
 def test_pair_kl_is_zero_when_the_student_is_the_teacher():
     teacher = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2, initializer_range=0.2)
     loss_module = KnowledgeDistillationLoss(teacher, teacher, DistillConfig(kl_weight=1.0), None)
+    caches = []
+    teacher.model.layers[0].register_forward_pre_hook(lambda m, a, kw: caches.append(kw.get("cache")), with_kwargs=True)
     with torch.no_grad():
         assert float(loss_module(_pairs())) < 1e-5
+    assert len(caches) == 2 and caches == [None, None]  # student and teacher passes, neither building a KV cache
 
 
 def test_lora_starts_as_the_model_trains_only_adapters_and_merges_exactly(tmp_path):

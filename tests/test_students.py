@@ -246,11 +246,14 @@ def test_mu_like_student_distills_from_a_causal_teacher_across_architectures(tmp
     cuts = {split_point(train[i : i + 4]) for i in range(0, 32, 4)}
     assert len(cuts) > 1 and all(6 <= c < 18 for c in cuts), cuts  # varies between a quarter and three quarters
     before = _continuation_kl(student, teacher, held_out, 12)
+    caches = []  # the teacher's forward builds no KV cache (one per layer made compiled layers recompile per layer)
+    teacher.model.layers[0].register_forward_pre_hook(lambda m, a, kw: caches.append(kw.get("cache")), with_kwargs=True)
     config = DistillConfig(steps=40, batch_size=4, lr=3e-3, warmup_steps=2, bf16=False, eval_every=0,
                            checkpoint_every=0)
     result = distill(student, teacher, train, config, progress=False, student_io=EncoderDecoderStudent())
     after = _continuation_kl(student.eval(), teacher, held_out, 12)
     assert result.steps == 40 and after < 0.7 * before, (before, after)
+    assert len(caches) >= 40 and all(c is None for c in caches[:40])  # the 40 steps, before the check after
 
 
 def test_mu_like_student_initialized_from_the_teacher_copies_its_blocks_and_fits_its_outputs():
