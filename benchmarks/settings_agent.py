@@ -22,7 +22,6 @@ Writes ``benchmarks/results/<--name>.{json,md,png}`` (default ``settings_agent``
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import platform
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.plots import provenance
-from compress.app.finetune import FinetuneConfig, finetune
+from compress.app.finetune import FinetuneConfig, data_digest, finetune
 from compress.app.htp_calls import emulated_calls
 from compress.app.pipeline import run
 from compress.core.family import family_of, load_model
@@ -78,8 +77,8 @@ def _finetuned(name: str, source: Path, mode: str, task: Path, args: argparse.Na
     config = FinetuneConfig(student=str(source), data=str(task / "train.jsonl"), out=str(out), lora_rank=MODES[mode],
                             epochs=args.epochs, lr=args.lr, max_input_tokens=args.prompt_tokens,
                             max_output_tokens=args.new_tokens, bf16=args.bf16)
-    data = hashlib.sha256((task / "train.jsonl").read_bytes()).hexdigest()
-    if (done.exists() and read_json(done)["config"] == config.to_dict() and read_json(done).get("data_sha256") == data
+    earlier = read_json(done) if done.exists() else {}
+    if (earlier.get("config") == config.to_dict() and earlier.get("data_sha256") == data_digest(Path(config.data))
             and done.stat().st_mtime > max(f.stat().st_mtime for f in source.iterdir())):
         return out
     finetune(config, progress=False)

@@ -131,8 +131,9 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     student.eval()
     after = pair_quality(student, valid, config.batch_size, family.reader)  # the merged model: what is saved
     metrics = {
-        "config": config.to_dict(), "data_sha256": _data_digest(Path(config.data)), "train_pairs": len(train), "validation_pairs": len(valid),
-        "train_output_tokens": train.output_tokens, "steps": result.steps, "seconds": time.perf_counter() - started,
+        "config": config.to_dict(), "data_sha256": data_digest(Path(config.data)), "train_pairs": len(train),
+        "validation_pairs": len(valid), "train_output_tokens": train.output_tokens, "steps": result.steps,
+        "seconds": time.perf_counter() - started,
         "params": total_params, "trainable_params": trainable, "lora_layers": len(adapted),
         "before": before.to_dict(), "after": after.to_dict(), "history": list(result.history),
     }
@@ -169,7 +170,7 @@ def add_adapters(model: Any, rank: int, alpha: float, targets: tuple[str, ...] =
     return wrapped
 
 
-def _data_digest(data: Path) -> str:
+def data_digest(data: Path) -> str:
     """SHA-256 of the pair files (a file, or a folder's files in name order): what the fine-tuning learned from."""
     digest = hashlib.sha256()
     for file in sorted(data.rglob("*")) if data.is_dir() else [data]:
