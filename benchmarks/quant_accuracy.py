@@ -36,7 +36,8 @@ import torch
 from benchmarks.plots import provenance
 from compress.core.config import DEFAULT_TRANSFORMS, CompressConfig
 from compress.deploy.htp import compile_graphs, emulate
-from compress.deploy.quantization import export_graphs, measure, prepare, quantize_graphs
+from compress.deploy.quantization import QatSettings, export_graphs, measure, prepare, quantize_graphs
+from compress.sources.corpora import GENERAL_EVAL
 from compress.sources.data import load_corpus, token_batches
 from compress.sources.teachers import load_teacher
 from quant import runtime
@@ -49,7 +50,9 @@ RESULTS = Path(__file__).parent / "results"
 # generic-a8w8, 1x1 Convs on qnn-htp; W4A16 is the NPU LLM toolchains' format (qnn-htp); w8 and w4 are the
 # weight-only graphs for a CPU (ort-cpu).
 FINAL_GRAPHS = (("a16w8", "a16w8", "qnn-htp"), ("a8w8", "a8w8", "generic-a8w8"), ("a8w8-qnn-htp", "a8w8", "qnn-htp"),
-                ("w4a16", "w4a16", "qnn-htp"), ("w8", "w8", "ort-cpu"), ("w4", "w4", "ort-cpu"))
+                ("w4a16", "w4a16", "qnn-htp"), ("w4a16-qat", "w4a16", "qnn-htp"), ("w8", "w8", "ort-cpu"),
+                ("w4", "w4", "ort-cpu"))
+QAT_GRAPHS = ("w4a16-qat",)  # the same recipe after quantization-aware training (--qat-tokens of the training split)
 DECODE_SAMPLES = 8  # validation sequences whose second halves score the decode graphs (1,024 tokens at 256)
 
 A16 = QuantRecipe("a16w8", 16)
@@ -99,9 +102,13 @@ def main() -> None:
                         help=f"comma-separated final graphs, of {', '.join(g[0] for g in FINAL_GRAPHS)} (default all)")
     parser.add_argument("--htp-seqs", type=int, default=2, help="validation sequences each final qnn-htp prefill graph "
                         "runs on the HTP emulator (about 30 s each for a 100M-parameter graph)")
+    parser.add_argument("--qat-tokens", type=int, default=393_216, help="training-split tokens the w4a16-qat graph's "
+                        "quantization-aware training runs on (batches of 4 sequences)")
+    parser.add_argument("--qat-lr", type=float, default=1e-4, help="peak learning rate of that training")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("compress.deploy.qat").setLevel(logging.INFO)  # its steps, every ten
     started = time.perf_counter()
     defaults = CompressConfig(teacher=args.model, target_size="1x")
     model, tokenizer = load_teacher(args.model)
@@ -109,6 +116,8 @@ def main() -> None:
     dataset = load_corpus(None)
     valid = token_batches(dataset, tokenizer, "validation", args.seq_len, args.eval_seqs).numpy()
     calib = token_batches(dataset, tokenizer, "calibration", args.seq_len, args.calib_seqs)
+    general = token_batches(load_corpus(GENERAL_EVAL, evaluation=True), tokenizer, "all", args.seq_len,
+                            args.eval_seqs).numpy()
     report: dict = {
         "model": args.model, "seq_len": args.seq_len, "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
         "calibration_sequences": int(calib.shape[0]), **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
@@ -144,8 +153,15 @@ def main() -> None:
                 shutil.rmtree(folder, ignore_errors=True)
             report["methods"].append(row)
         if "all" in wanted or "final" in wanted:
+            keys = args.final.split(",")
+            qat = None
+            if any(k in QAT_GRAPHS for k in keys):
+                sequences = -(-args.qat_tokens // args.seq_len)
+                qat = QatSettings(token_batches(dataset, tokenizer, "train", args.seq_len, sequences).numpy(), args.qat_lr)
+                report.update(qat_tokens=args.qat_tokens, qat_lr=args.qat_lr)
+            report["general_tokens"] = int(general.shape[0] * (general.shape[1] - 1))
             report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1,
-                                            args.htp_seqs, args.final.split(","))
+                                            args.htp_seqs, keys, qat, general)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = time.perf_counter() - started
@@ -188,15 +204,20 @@ def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple
 
 
 def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid: np.ndarray,  # noqa: ANN001
-                  reference_top1: np.ndarray, htp_seqs: int, keys: list[str]) -> dict:
+                  reference_top1: np.ndarray, htp_seqs: int, keys: list[str], qat: QatSettings | None = None,
+                  general: np.ndarray | None = None) -> dict:
     """The graphs ``compress --stop-after quantize`` writes, for each shipped recipe and profile (FINAL_GRAPHS);
     those of a Qualcomm profile compiled by the HTP compiler, and ``htp_seqs`` validation sequences run on its
-    emulator."""
+    emulator; the QAT_GRAPHS after ``qat``. Each is also scored on the ``general`` English sequences."""
     out = {}
     float_dir = folder / "fp32"
     export_graphs(prepare(model, seq_len, ()), float_dir)
+    others = {}
+    if general is not None:
+        _, general_top1 = runtime.quality(runtime.session(float_dir / "model.onnx"), general)
+        others[GENERAL_EVAL] = (general, general_top1)
     out["fp32"], _ = measure(float_dir / "model.onnx", float_dir / "decode.onnx", valid, reference_top1,
-                             decode_samples=DECODE_SAMPLES)
+                             decode_samples=DECODE_SAMPLES, others=others)
     out["fp32"].update(violations=[], transforms=[], profile="-")
     print(f"fp32: {json.dumps(out['fp32'])}", flush=True)
     for key, name, profile_name in (g for g in FINAL_GRAPHS if g[0] in keys):
@@ -205,8 +226,12 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
         lm = prepare(model, seq_len, transforms, calib, conv=PRESETS[name].linears_as_conv(profile),
                      separate_head=profile.weight_only)
         export_graphs(lm, folder / key)
-        graphs = quantize_graphs(lm, folder / key, PRESETS[name], profile, calib.numpy())
-        out[key], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1, decode_samples=DECODE_SAMPLES)
+        graphs = quantize_graphs(lm, folder / key, PRESETS[name], profile, calib.numpy(),
+                                 qat=qat if key in QAT_GRAPHS else None, progress=key in QAT_GRAPHS)
+        out[key], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1, decode_samples=DECODE_SAMPLES,
+                              others=others)
+        if graphs.qat:
+            out[key]["qat"] = graphs.qat
         out[key].update(violations=graphs.violations["prefill"] + graphs.violations["decode"],
                         transforms=list(lm.transforms), profile=profile_name,
                         sixteen_bit_tensors=graphs.reports["prefill"].sixteen_bit_tensors,
@@ -270,6 +295,21 @@ def markdown(report: dict) -> str:
                       "fp32 prefill graph's top-1 at the same positions. Int16 weights: "
                       + ("; ".join(f"{n}: {', '.join(g['sixteen_bit_weights'])}" for n, g in report["final"].items()
                                    if g.get("sixteen_bit_weights")) or "none") + "."]
+    final = report.get("final", {})
+    if any("evals" in g for g in final.values()):
+        base = final["fp32"]["evals"][GENERAL_EVAL]["perplexity"]
+        lines += ["", f"General English held out of every training corpus ({report['general_tokens']:,} tokens), "
+                  "perplexity (vs fp32, top-1 agreement with fp32): " + "; ".join(
+                      f"{n} {g['evals'][GENERAL_EVAL]['perplexity']:.2f} ({g['evals'][GENERAL_EVAL]['perplexity'] / base - 1:+.1%}"
+                      + (f", {g['evals'][GENERAL_EVAL]['agreement']:.3f}" if n != "fp32" else "") + ")"
+                      for n, g in final.items() if "evals" in g) + "."]
+    for n, g in final.items():
+        if g.get("qat"):
+            q = g["qat"]
+            lines += ["", f"{n}: quantization-aware training after GPTQ on {q['tokens']:,} training-split tokens "
+                      f"({q['steps']} steps of 4 sequences, peak learning rate {report.get('qat_lr')}, {q['seconds'] / 60:.0f} "
+                      f"min), KL to the float model {q['first_kl']:.4f} on the first step's sequences, {q['last_kl']:.4f} on "
+                      "the last's."]
     lines += ["", "Notes:", "- CPU latency says little about an NPU: ONNX Runtime has no 16-bit kernels, so every 16-bit tensor runs "
               "as DequantizeLinear → float op → QuantizeLinear, and the decode graphs also pass their whole KV cache "
               "through Q/DQ each step. Compare latencies only within one run of this script.",

@@ -11,10 +11,11 @@ import pytest
 import torch
 from factories import int8_weights, tiny_llama
 from onnx import numpy_helper
+from torch.nn.utils import parametrize
 
 from compress.deploy.gptq import block_op, gptq_, gptq_table_, input_hessians
 from compress.deploy.groups import quantize_graph
-from compress.deploy.quantization import export_graphs, prepare, quantize_graphs
+from compress.deploy.quantization import QatSettings, _rounded, export_graphs, prepare, quantize_graphs
 from quant import runtime
 from quant.gptq import gptq_round
 from quant.profiles import get_profile
@@ -136,3 +137,39 @@ def test_w4a16_graph_holds_the_gptq_lpbq_blocks_and_table_exactly_and_runs_on_cp
     assert np.abs(table - rounded.embed.detach().numpy()).max() <= 1e-6  # rows of max |value| 1: steps of 1/7
     quality, _ = runtime.quality(runtime.session(graphs.prefill), _ids(model, 2, 3).numpy())
     assert np.isfinite(quality.perplexity)
+
+
+def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keeps_its_weights(tmp_path):
+    model = tiny_llama()
+    npu = get_profile("qnn-htp")
+    recipe = PRESETS["w4a16"]
+    calib, train, held_out = _ids(model, 4, 2), _ids(model, 64, 4), _ids(model, 4, 3)
+    lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=False)
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    export_graphs(lm, tmp_path, decode=False)
+    kl = {}
+    for arm, qat in (("gptq", None), ("qat", QatSettings(train.numpy(), lr=5e-4))):
+        rounded = _rounded(lm, recipe, npu, calib, qat)
+        kl[arm] = 0.0
+        for row in held_out:
+            with torch.no_grad():
+                expected = torch.log_softmax(lm.prefill(row[None])[0][0].double(), -1)
+                got = torch.log_softmax(rounded.prefill(row[None])[0][0].double(), -1)
+            kl[arm] += (expected.exp() * (expected - got)).sum(-1).mean().item() / len(held_out)
+        for block in rounded.unique_blocks:  # every block weight back on its grid, a plain parameter again
+            assert not parametrize.is_parametrized(block.q)
+        for name, (weight, scales) in rounded.weight_blocks.items():
+            q = weight.double() / scales.steps()
+            assert torch.allclose(q, q.round(), atol=1e-4) and q.round().abs().max() <= 7, name
+    assert rounded.qat["steps"] == 16 and rounded.qat["tokens"] == 64 * CAPACITY
+    assert kl["qat"] < 0.95 * kl["gptq"], kl  # on sequences it did not train on
+    assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters()), "the float model is the reference, untouched"
+    assert lm.fused_norm and all(b.fused_norm for b in lm.blocks)
+    graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False,
+                             qat=QatSettings(train.numpy(), lr=5e-4))
+    assert graphs.qat["steps"] == 16
+    assert graphs.reports["prefill"].block_weights == 7 * model.config.num_hidden_layers
+    quality, _ = runtime.quality(runtime.session(graphs.prefill), held_out.numpy())
+    assert np.isfinite(quality.perplexity)
+    with pytest.raises(ValueError, match="LPBQ"):
+        _rounded(lm, PRESETS["a16w8"], npu, calib, QatSettings(train.numpy()))

@@ -188,11 +188,15 @@ def measure(prefill: Path, decode: Path | None, valid: np.ndarray, reference_top
     return metrics, top1
 
 
-def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.Tensor) -> StaticLM:
+def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.Tensor,
+             qat: QatSettings | None = None, progress: bool = False) -> StaticLM:
     """A copy of ``lm`` whose block weights GPTQ rounded onto the recipe's grids (LPBQ blocks with
-    ``recipe.weight_block``), and, for an int4 table, whose tied table GPTQ rounded as the head."""
+    ``recipe.weight_block``), and, for an int4 table, whose tied table GPTQ rounded as the head; with ``qat``, then
+    trained on those grids to match ``lm`` (:func:`compress.deploy.qat.qat_`; ``rounded.qat`` says how)."""
     from compress.deploy.gptq import block_op, gptq_, gptq_table_
 
+    if qat is not None and not recipe.weight_block:
+        raise ValueError(f"quantization-aware training trains LPBQ int4 blocks; recipe {recipe.name} has none")
     if recipe.weight_block and block_op(lm) != "MatMul":
         raise ValueError(f"recipe {recipe.name} stores LPBQ blocks, which need MatMul linears: prepare the model with "
                          "conv=recipe.linears_as_conv(profile)")
@@ -203,7 +207,19 @@ def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.
                     sequential=recipe.weight_bits == 4)
     if recipe.embedding_bits == 4 and rounded.tied and rounded.embed_scale is not None:
         gptq_table_(rounded, ids, recipe.embedding_bits)
+    if qat is not None:
+        from compress.deploy.qat import qat_
+
+        rounded.qat = qat_(rounded, lm, torch.as_tensor(qat.ids), lr=qat.lr, progress=progress).as_dict()
     return rounded
+
+
+@dataclass
+class QatSettings:
+    """Quantization-aware training after GPTQ (LPBQ recipes): the training sequences [n, L] and learning rate."""
+
+    ids: np.ndarray
+    lr: float = 1e-4
 
 
 @dataclass
@@ -212,17 +228,19 @@ class QuantizedGraphs:
     decode: Path | None
     reports: dict[str, QuantReport]
     violations: dict[str, list[str]]
+    qat: dict | None = None  # what the quantization-aware training did (QatResult.as_dict), if it ran
 
 
 def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, profile: NpuProfile,
                     calibration_ids: np.ndarray, decode: bool = True, progress: bool = False,
-                    decode_calib_tokens: int = 512) -> QuantizedGraphs:
+                    decode_calib_tokens: int = 512, qat: QatSettings | None = None) -> QuantizedGraphs:
     """Quantize ``model.onnx`` (and ``decode.onnx``) in ``float_dir`` to ``model.<recipe>.onnx`` etc.; the decode
     graph is calibrated on about ``decode_calib_tokens`` decode steps over the same sequences (:class:`DecodeFeeds`).
 
     With ``recipe.weight_rounding == "gptq"`` the graphs quantized are those of a copy of ``lm`` whose block weights
     :func:`compress.deploy.gptq.gptq_` rounded onto their integer grids (Hessians from ``calibration_ids``), exported next to
-    the float ones and removed after; the float graphs in ``float_dir`` stay the reference."""
+    the float ones and removed after; the float graphs in ``float_dir`` stay the reference. With ``qat`` (LPBQ
+    recipes), those weights then train on their grids to match ``lm`` before the export."""
     float_dir = Path(float_dir)
     calibration_ids = np.asarray(calibration_ids)
     # The prefill graph may read fewer tokens than the cache holds (export_graphs' prefill_length): its feeds are
@@ -236,7 +254,7 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
     with tempfile.TemporaryDirectory(dir=float_dir, prefix=".rounded.") as tmp:
         source_dir, source_lm = float_dir, lm
         if recipe.weight_rounding == "gptq":
-            source_lm = _rounded(lm, recipe, profile, torch.as_tensor(calibration_ids))
+            source_lm = _rounded(lm, recipe, profile, torch.as_tensor(calibration_ids), qat, progress)
             source_dir = Path(tmp)
             export_graphs(source_lm, source_dir, decode=decode, prefill_length=length)
         blocks = getattr(source_lm, "weight_blocks", {})
@@ -252,4 +270,4 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
         made("prefill", source_dir / "model.onnx", out, prefill_feeds)
         if decode_out is not None:
             made("decode", source_dir / "decode.onnx", decode_out, DecodeFeeds(source_lm, calibration_ids, decode_calib_tokens))
-    return QuantizedGraphs(out, decode_out, reports, violations)
+    return QuantizedGraphs(out, decode_out, reports, violations, getattr(source_lm, "qat", None))
