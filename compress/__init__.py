@@ -12,6 +12,9 @@ Or the steps one by one on in-memory objects::
     lm = compress.prepare(student, seq_len=256, transforms=("rotate", "embed-rows"), calibration_ids=calib)
     prefill, decode = compress.export_graphs(lm, "onnx/")
     graphs = compress.quantize_graphs(lm, "onnx/", compress.PRESETS["a16w8"], compress.get_profile("qnn-htp"), calib)
+    # int4 weights: GPTQ, then quantization-aware training on training text (w4a16 is for MatMul linears: conv=False)
+    graphs = compress.quantize_graphs(lm, "onnx/", compress.PRESETS["w4a16"], compress.get_profile("qnn-htp"), calib,
+                                      qat=compress.QatSettings(train_ids, lr=1e-4))
     compress.quality(student, valid_ids).perplexity
     compress.finetune(compress.FinetuneConfig(student="runs/demo/student", data="task.jsonl", out="runs/demo/task"))
 """
@@ -45,7 +48,8 @@ from quant.profiles import NpuProfile, get_profile
 from quant.quantize import PRESETS, QuantRecipe
 
 # The export and quantization steps load onnx, onnxscript and onnxruntime (about a second): only on first use.
-_LAZY = {name: "compress.deploy.quantization" for name in ("export_graphs", "measure", "prepare", "quantize_graphs")}
+_LAZY = {name: "compress.deploy.quantization" for name in ("QatSettings", "export_graphs", "measure", "prepare",
+                                                          "quantize_graphs")}
 # The student families' modeling code costs seconds of import; their classes load on first use too.
 _LAZY |= {name: "compress.models.mobilellm" for name in ("MobileLLMConfig", "MobileLLMForCausalLM", "share_blocks",
                                                   "unique_parameters", "unshare")}
@@ -82,6 +86,7 @@ __all__ = [
     "PRESETS",
     "PruningPlan",
     "Quality",
+    "QatSettings",
     "QuantRecipe",
     "RunDirectoryError",
     "Shape",

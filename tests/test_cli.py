@@ -293,6 +293,15 @@ def test_w4a16_writes_lpbq_int4_graphs_the_htp_compiler_takes_whole(inputs, tmp_
 
     if qnn.unavailable() is None:
         assert all(g["whole"] for g in metrics["htp"]["graphs"].values())
+    # Quantization-aware training reruns the quantize stage alone, on training tokens, and says what it did.
+    capsys.readouterr()
+    assert _run(*args, "--target-size", "1x", "--quant-qat-tokens", "64") == 0
+    assert capsys.readouterr().out.count("reused") == 5  # score, plan, prune, distill, export
+    trained = json.loads((out / "quantize.metrics.json").read_text())
+    assert trained["qat"]["tokens"] == 64 and trained["qat"]["steps"] == 1
+    assert trained["reports"]["prefill"]["block_weights"] == 7 * 3 and trained["violations"] == []
+    assert _run(*args[:-6], "--quant", "a16w8", "--target-size", "1x", "--quant-qat-tokens", "64") == 2
+    assert "--quant-qat-tokens trains int4 LPBQ block weights" in _error_of(capsys)
 
 
 def test_the_cpu_profile_writes_weight_only_graphs_that_track_the_float_ones(inputs, tmp_path, capsys):

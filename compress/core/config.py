@@ -120,6 +120,8 @@ class QuantConfig:
     seq_len: int = 256
     soc_model: str = DEFAULT_SOC_MODEL  # the Snapdragon the qnn-htp graphs are compiled for
     htp_eval_samples: int = 4  # validation sequences run on the HTP emulator (about 30 s each); 0: none
+    qat_tokens: int = 0  # quantization-aware training after GPTQ (LPBQ recipes: w4a16), on this many training tokens
+    qat_lr: float = 1e-4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "soc_model", str(self.soc_model))
@@ -153,6 +155,12 @@ class QuantConfig:
             raise ConfigError(f"--quant {self.recipe} stores the embedding table in int4, which needs a scale per row: "
                               "keep embed-rows in --quant-transforms (one int4 scale for the whole table loses most "
                               "rows' precision)")
+        if self.qat_tokens < 0 or self.qat_lr <= 0:
+            raise ConfigError("--quant-qat-tokens must be >= 0 and --quant-qat-lr positive")
+        if self.qat_tokens and (recipe is None or not recipe.weight_block):
+            blocks = [name for name, r in PRESETS.items() if r.weight_block]
+            raise ConfigError(f"--quant-qat-tokens trains int4 LPBQ block weights, which --quant {self.recipe} does not "
+                              f"store: use --quant {' or '.join(blocks)}, or leave --quant-qat-tokens at 0")
         if profile.weight_only and "embed-rows" in self.transforms:
             raise ConfigError(f"--quant-transforms embed-rows does not fit --npu-profile {self.npu_profile}: its head "
                               "has weights of its own, so the table needs no row scales; leave embed-rows out")

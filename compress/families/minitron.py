@@ -230,7 +230,7 @@ class Minitron(StudentFamily):
         from safetensors.numpy import load_file
 
         from compress.deploy.htp import compile_graphs, emulate
-        from compress.deploy.quantization import measure, quantize_graphs
+        from compress.deploy.quantization import QatSettings, measure, quantize_graphs
         from quant.profiles import get_profile
         from quant.quantize import PRESETS
 
@@ -241,9 +241,13 @@ class Minitron(StudentFamily):
         reference = references["validation"]
         float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
         profile = get_profile(c.quant.npu_profile)
+        qat = None
+        if c.quant.qat_tokens:
+            sequences = -(-c.quant.qat_tokens // c.quant.seq_len)
+            qat = QatSettings(state.ids("train", c.quant.seq_len, sequences).numpy(), c.quant.qat_lr)
         graphs = quantize_graphs(lm, folder, PRESETS[c.quant.recipe], profile, calib.numpy(),
                                  decode_calib_tokens=c.quant.decode_calib_tokens,
-                                 progress=state.progress)
+                                 progress=state.progress, qat=qat)
         metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress,
                                 others=_graph_sets(references))
         metrics["agreement_with_float"] = metrics.pop("agreement")
@@ -260,7 +264,8 @@ class Minitron(StudentFamily):
         if htp.get("graphs", {}).get("prefill", {}).get("whole"):
             htp["emulated"] = emulate(graphs.prefill, reference.ids.numpy(), c.quant.soc_model, c.quant.htp_eval_samples)
         return {"quant": c.quant.recipe, "npu_profile": c.quant.npu_profile, c.quant.recipe: metrics, "violations": violations,
-                "reports": {k: v.to_dict() for k, v in graphs.reports.items()}, "htp": htp}
+                "reports": {k: v.to_dict() for k, v in graphs.reports.items()}, "htp": htp,
+                **({"qat": graphs.qat} if graphs.qat else {})}
 
 
 class MobileLLM(Minitron):
