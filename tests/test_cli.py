@@ -300,6 +300,8 @@ def test_w4a16_writes_lpbq_int4_graphs_the_htp_compiler_takes_whole(inputs, tmp_
     trained = json.loads((out / "quantize.metrics.json").read_text())
     assert trained["qat"]["tokens"] == 64 and trained["qat"]["steps"] == 1
     assert trained["reports"]["prefill"]["block_weights"] == 7 * 3 and trained["violations"] == []
+    assert _run("report", out, "--quiet") == 0
+    assert "64 training tokens" in (out / "report.md").read_text()
     assert _run(*args[:-6], "--quant", "a16w8", "--target-size", "1x", "--quant-qat-tokens", "64") == 2
     assert "--quant-qat-tokens trains int4 LPBQ block weights" in _error_of(capsys)
 

@@ -249,6 +249,12 @@ def _markdown(report: dict[str, Any]) -> str:
                          f"{_fmt(r.get('decode_agreement_with_float'), '.3f')} |")
         lines.append("")
     lines += _htp_lines(report["stages"].get("quantize", {}).get("htp"))
+    qat = report["stages"].get("quantize", {}).get("qat")
+    if qat:
+        lines += [f"The {report['stages']['quantize']['quant']} graphs' int4 weights were trained on their grids after GPTQ "
+                  f"(quantization-aware training, `--quant-qat-tokens`): {qat['tokens']:,} training tokens in "
+                  f"{qat['seconds'] / 60:.0f} min, KL to the float model {qat['first_kl']:.4f} on the first step's "
+                  f"sequences, {qat['last_kl']:.4f} on the last's.", ""]
     lines += _distillation_lines(report.get("distillation"))
     p = report.get("plan")
     if p and not p["candidates"]:
