@@ -154,11 +154,7 @@ def main() -> None:
             report["methods"].append(row)
         if "all" in wanted or "final" in wanted:
             keys = args.final.split(",")
-            qat = None
-            if any(k in QAT_GRAPHS for k in keys):
-                sequences = -(-args.qat_tokens // args.seq_len)
-                qat = QatSettings(token_batches(dataset, tokenizer, "train", args.seq_len, sequences).numpy(), args.qat_lr)
-                report.update(qat_tokens=args.qat_tokens, qat_lr=args.qat_lr)
+            qat = _qat_settings(args, dataset, tokenizer, report) if any(k in QAT_GRAPHS for k in keys) else None
             report["general_tokens"] = int(general.shape[0] * (general.shape[1] - 1))
             report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1,
                                             args.htp_seqs, keys, qat, general)
@@ -193,6 +189,13 @@ def _keep_earlier(report: dict, path: Path, wanted: list[str]) -> None:
         report["final_commit"] = earlier.get("final_commit", earlier["commit"])  # the commit that measured them
         if earlier.get("provenance_note"):
             report["provenance_note"] = earlier["provenance_note"]
+
+
+def _qat_settings(args: argparse.Namespace, dataset, tokenizer, report: dict) -> QatSettings:  # noqa: ANN001
+    """The QAT_GRAPHS' training: ``--qat-tokens`` of the training split (recorded in ``report``)."""
+    sequences = -(-args.qat_tokens // args.seq_len)
+    report.update(qat_tokens=args.qat_tokens, qat_lr=args.qat_lr)
+    return QatSettings(token_batches(dataset, tokenizer, "train", args.seq_len, sequences).numpy(), args.qat_lr)
 
 
 def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple[np.ndarray, float]:  # noqa: ANN001
