@@ -113,6 +113,8 @@ def test_int4_npu_recipe_needs_a_profile_that_takes_int4_and_lpbq_blocks():
     assert CompressConfig.from_dict({"quant": "w4a16", "quant_qat_tokens": 4096}).quant.qat_tokens == 4096
     with pytest.raises(ConfigError, match="use --quant w4a16"):
         CompressConfig.from_dict({"quant": "a16w8", "quant_qat_tokens": 4096})
+    with pytest.raises(ConfigError, match="use at least 1024"):
+        CompressConfig.from_dict({"quant": "w4a16", "quant_qat_tokens": 1000})
     with pytest.raises(ConfigError, match="--quant-qat-lr positive"):
         CompressConfig.from_dict({"quant": "w4a16", "quant_qat_lr": 0.0})
     with pytest.raises(ValueError, match="weight_block"):

@@ -157,6 +157,9 @@ class QuantConfig:
                               "rows' precision)")
         if self.qat_tokens < 0 or self.qat_lr <= 0:
             raise ConfigError("--quant-qat-tokens must be >= 0 and --quant-qat-lr positive")
+        if 0 < self.qat_tokens < 4 * self.seq_len:
+            raise ConfigError(f"--quant-qat-tokens {self.qat_tokens}: one training step takes 4 sequences of --seq-len "
+                              f"{self.seq_len}, so use at least {4 * self.seq_len} (or 0: off)")
         if self.qat_tokens and (recipe is None or not recipe.weight_block):
             blocks = [name for name, r in PRESETS.items() if r.weight_block]
             raise ConfigError(f"--quant-qat-tokens trains int4 LPBQ block weights, which --quant {self.recipe} does not "
