@@ -29,6 +29,15 @@ def weight_matrix(layer: nn.Module) -> torch.Tensor:
     return layer.weight
 
 
+def graph_names(lm: StaticLM) -> dict[int, list[str]]:
+    """Every parameter's names in the exported graph (``lm.<path>``) by the parameter's id: a shared block's weight
+    has a name per depth, of which the exporter keeps one."""
+    names: dict[int, list[str]] = {}
+    for n, p in lm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(f"lm.{n}")
+    return names
+
+
 class _Done(Exception):
     """Ends a calibration prefill early: the blocks whose inputs are wanted have all run."""
 
@@ -77,9 +86,7 @@ def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_rang
     already rounded, as the integer graph will feed it); with ``block_size``, onto LPBQ blocks of that many inputs (:func:`block_scales`):
     ``lm.weight_blocks`` then holds each such weight's (out, in) matrix and scales by its graph names."""
     hessians = {} if sequential else input_hessians(lm, ids)
-    names: dict[int, list[str]] = {}  # a shared block's weight has a name per depth; the exporter keeps one of them
-    for n, p in lm.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(f"lm.{n}")
+    names = graph_names(lm)
     lm.weight_blocks = {}
     for block in lm.unique_blocks:
         if sequential:  # this block's inputs as the blocks already rounded make them (one more pass per block)

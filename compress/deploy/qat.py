@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress.deploy.export import LINEARS, MatMulLinear, StaticLM
-from compress.deploy.gptq import weight_matrix
+from compress.deploy.gptq import graph_names, weight_matrix
 from quant.gptq import BlockScales, levels
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,13 @@ class _OnGrid(nn.Module):
         self.register_buffer("steps", steps.float())
         self.top = top
 
+    def nearest(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` on its grid, in steps."""
+        return torch.clamp(torch.round(weight / self.steps), -self.top, self.top)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         x = weight / self.steps
-        return (x + (torch.clamp(torch.round(x), -self.top, self.top) - x).detach()) * self.steps
+        return (x + (self.nearest(weight) - x).detach()) * self.steps
 
 
 @dataclass
@@ -71,32 +75,35 @@ def _grid_steps(layer: nn.Module, scales: BlockScales) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _training(lm: StaticLM) -> Iterator[list[tuple[nn.Module, BlockScales]]]:
-    """``lm``'s block linears on their grids and its norms as plain ops (the fused norm has no gradient); yields the
-    (layer, scales) pairs. On exit every block weight is left on its grid and ``lm.weight_blocks`` points at them."""
-    names: dict[int, list[str]] = {}
-    for n, p in lm.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(f"lm.{n}")
-    layers = []
+def _training(lm: StaticLM) -> Iterator[None]:
+    """``lm``'s block linears on their grids, its norms as plain ops (the fused norm has no gradient), its int4 table
+    (and the tied head) frozen as GPTQ rounded it. On exit every block weight is left on its grid and
+    ``lm.weight_blocks`` points at them."""
+    names = graph_names(lm)
+    grids = []
     for block in lm.unique_blocks:
         for name in LINEARS:
             layer = getattr(block, name)
-            layers.append((layer, names[id(layer.weight)], lm.weight_blocks[names[id(layer.weight)][0]][1]))
+            scales = lm.weight_blocks[names[id(layer.weight)][0]][1]
+            grids.append((layer, names[id(layer.weight)], scales, _OnGrid(_grid_steps(layer, scales), levels(4))))
     fused = [m.fused_norm for m in (lm, *lm.blocks)]
     for m in (lm, *lm.blocks):
         m.fused_norm = False
-    for layer, _, scales in layers:
-        parametrize.register_parametrization(layer, "weight", _OnGrid(_grid_steps(layer, scales), levels(4)))
+    for layer, _, _, grid in grids:
+        parametrize.register_parametrization(layer, "weight", grid)
+    lm.requires_grad_(True)
+    lm.embed.requires_grad_(False)
+    lm.head.requires_grad_(False)
     try:
-        yield [(layer, scales) for layer, _, scales in layers]
+        yield
     finally:
+        lm.requires_grad_(True)
         for m, was in zip((lm, *lm.blocks), fused, strict=True):
             m.fused_norm = was
-        for layer, aliases, scales in layers:
+        for layer, aliases, scales, grid in grids:
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
             with torch.no_grad():
-                steps = _grid_steps(layer, scales)
-                layer.weight.copy_(torch.clamp(torch.round(layer.weight / steps), -levels(4), levels(4)) * steps)
+                layer.weight.copy_(grid.nearest(layer.weight) * grid.steps)
             lm.weight_blocks.update({alias: (weight_matrix(layer).detach(), scales) for alias in aliases})
 
 
@@ -120,10 +127,6 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4,
         raise ValueError(f"quantization-aware training needs at least {batch} sequences, got {len(ids)}")
     started, kls = time.perf_counter(), []
     with _training(lm):
-        lm.requires_grad_(True)
-        lm.embed.requires_grad_(False)  # the int4 table (and the tied head) stays as GPTQ rounded it
-        if lm.head is not lm.embed:
-            lm.head.requires_grad_(False)
         params = [p for p in lm.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         warm = min(warmup, max(1, steps // 4))
@@ -144,6 +147,4 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4,
             if progress and (step % 10 == 0 or step == steps - 1):
                 log.info("QAT step %d/%d: KL %.4f", step + 1, steps, kls[-1])
         lm.eval()
-        lm.embed.requires_grad_(True)
-        lm.head.requires_grad_(True)
     return QatResult(steps * batch * ids.shape[1], steps, time.perf_counter() - started, kls[0], kls[-1])
