@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from benchmarks.plots import provenance
-from compress.core.config import DEFAULT_TRANSFORMS, CompressConfig
+from compress.core.config import DEFAULT_TRANSFORMS, CompressConfig, QuantConfig
 from compress.deploy.htp import compile_graphs, emulate
 from compress.deploy.quantization import QatSettings, export_graphs, measure, prepare, quantize_graphs
 from compress.sources.corpora import GENERAL_EVAL
@@ -90,13 +90,16 @@ METHOD_ROWS = [
 ]
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="teacher alias or Hugging Face checkpoint directory")
     parser.add_argument("--name", default=None, help="results suffix (default: teacher for the alias, else 'student')")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-seqs", type=int, default=16)
     parser.add_argument("--calib-seqs", type=int, default=8)
+    parser.add_argument("--gptq-seqs", type=int, default=QuantConfig.gptq_samples,
+                        help="calibration sequences the final graphs' GPTQ rounding takes its Hessians from "
+                        "(--quant-gptq-samples); method rows use --calib-seqs")
     parser.add_argument("--rows", default="all", help="'all', or comma-separated method row numbers and/or 'final'")
     parser.add_argument("--final", default=",".join(g[0] for g in FINAL_GRAPHS),
                         help=f"comma-separated final graphs, of {', '.join(g[0] for g in FINAL_GRAPHS)} (default all)")
@@ -106,7 +109,11 @@ def main() -> None:
                         "quantization-aware training runs on (batches of 4 sequences)")
     parser.add_argument("--qat-lr", type=float, default=1e-4, help="peak learning rate of that training")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("compress.deploy.qat").setLevel(logging.INFO)  # its steps, every ten
     started = time.perf_counter()
@@ -156,8 +163,10 @@ def main() -> None:
             keys = args.final.split(",")
             qat = _qat_settings(args, dataset, tokenizer, report) if any(k in QAT_GRAPHS for k in keys) else None
             report["general_tokens"] = int(general.shape[0] * (general.shape[1] - 1))
+            report["gptq_sequences"] = args.gptq_seqs
+            gptq = token_batches(dataset, tokenizer, "calibration", args.seq_len, args.gptq_seqs).numpy()
             report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1,
-                                            args.htp_seqs, keys, qat, general)
+                                            args.htp_seqs, keys, qat, general, gptq)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = time.perf_counter() - started
@@ -208,10 +217,11 @@ def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple
 
 def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid: np.ndarray,  # noqa: ANN001
                   reference_top1: np.ndarray, htp_seqs: int, keys: list[str], qat: QatSettings | None = None,
-                  general: np.ndarray | None = None) -> dict:
-    """The graphs ``compress --stop-after quantize`` writes, for each shipped recipe and profile (FINAL_GRAPHS);
-    those of a Qualcomm profile compiled by the HTP compiler, and ``htp_seqs`` validation sequences run on its
-    emulator; the QAT_GRAPHS after ``qat``. Each is also scored on the ``general`` English sequences."""
+                  general: np.ndarray | None = None, gptq: np.ndarray | None = None) -> dict:
+    """The graphs ``compress --stop-after quantize`` writes, for each shipped recipe and profile (FINAL_GRAPHS),
+    GPTQ's Hessians from the ``gptq`` sequences; those of a Qualcomm profile compiled by the HTP compiler, and
+    ``htp_seqs`` validation sequences run on its emulator; the QAT_GRAPHS after ``qat``. Each is also scored on the
+    ``general`` English sequences."""
     out = {}
     float_dir = folder / "fp32"
     export_graphs(prepare(model, seq_len, ()), float_dir)
@@ -230,7 +240,7 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
                      separate_head=profile.weight_only)
         export_graphs(lm, folder / key)
         graphs = quantize_graphs(lm, folder / key, PRESETS[name], profile, calib.numpy(),
-                                 qat=qat if key in QAT_GRAPHS else None, progress=key in QAT_GRAPHS)
+                                 qat=qat if key in QAT_GRAPHS else None, progress=key in QAT_GRAPHS, gptq_ids=gptq)
         out[key], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1, decode_samples=DECODE_SAMPLES,
                               others=others)
         if graphs.qat:
@@ -259,7 +269,8 @@ def markdown(report: dict) -> str:
     lines = [f"# Quantization accuracy: {report['model']}", "",
              f"Prefill graphs of {report['seq_len']} tokens; validation perplexity on {report['validation_tokens']:,} "
              f"tokens of {report['data']}; calibration on {report['calibration_sequences']} sequences of the "
-             f"calibration split. fp32 graph perplexity {report['fp32_perplexity']:.2f}. Agreement = top-1 next-token "
+             f"calibration split" + (f" (the final graphs' GPTQ Hessians: {report['gptq_sequences']})"
+                                     if report.get("gptq_sequences") else "") + ". fp32 graph perplexity {report['fp32_perplexity']:.2f}. Agreement = top-1 next-token "
              f"agreement with the fp32 graph. Measured {report['date']} on {report['machine']}; this file's last run: "
              f"commit `{report['commit'][:7]}`, `{report['command']}` (each row names the commit that measured it)."
              + (f" Note: {report['provenance_note']}" if report.get("provenance_note") else ""), ""]

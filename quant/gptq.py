@@ -45,10 +45,11 @@ class BlockScales:
 
 def block_scales(weight: torch.Tensor, size: int, bits: int = 4, scale_bits: int = 4,
                  weight_range: str = "minmax") -> BlockScales:
-    """The LPBQ scales of ``weight`` (out, in) for blocks of ``size`` inputs: each block's step the smallest
-    multiple of its channel's unit that keeps the block's range on the ``bits``-bit grid, the range max|w|
-    ("minmax": no clipping) or :func:`quant.weight_ranges.mse_range`'s ("mse"), the unit the channel's largest
-    block step / (2**scale_bits - 1)."""
+    """The LPBQ scales of ``weight`` (out, in) for blocks of ``size`` inputs, the unit of each channel its largest
+    block step / (2**scale_bits - 1). "minmax": each block's step the smallest multiple of the unit that keeps the
+    block's max|w| on the ``bits``-bit grid (nothing clipped); "mse": the multiple nearest to the step of
+    :func:`quant.weight_ranges.mse_range`'s range (rounding that step up, as for minmax, coarsened the grid of
+    every small block: SmolLM2-135M's int4 blocks lost more perplexity that way)."""
     rows, cols = weight.shape
     if cols % size:
         raise ValueError(f"blocks of {size} do not tile {cols} inputs")
@@ -60,7 +61,8 @@ def block_scales(weight: torch.Tensor, size: int, bits: int = 4, scale_bits: int
     ideal = limit.reshape(rows, cols // size) / levels(bits)
     most = 2 ** scale_bits - 1
     channel = (ideal.amax(1) / most).clamp(min=1e-12)
-    ints = torch.ceil(ideal / channel[:, None] - 1e-9).clamp(1, most)
+    multiple = ideal / channel[:, None]
+    ints = (torch.round(multiple) if weight_range == "mse" else torch.ceil(multiple - 1e-9)).clamp(1, most)
     return BlockScales(channel.float(), ints.to(torch.uint8), size)
 
 

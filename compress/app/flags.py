@@ -102,8 +102,9 @@ _HELP = {
     "quant_transforms": "comma-separated float rewrites before quantization: rotate (QuaRot-style), smooth "
     "(SmoothQuant), embed-rows (per-row embedding scales); '' for none; default: rotate,embed-rows for a16w8 and "
     "a8w8, none for w8 and w4",
-    "quant_calib_samples": "calibration sequences (of --seq-len tokens) for quantization ranges, smoothing and "
-    "GPTQ's weight rounding",
+    "quant_calib_samples": "calibration sequences (of --seq-len tokens) for quantization ranges and smoothing",
+    "quant_gptq_samples": "calibration sequences (of --seq-len tokens) GPTQ's weight rounding takes its input "
+    "statistics from: more make a slower quantize stage and a better rounding, at 4 bits most",
     "quant_decode_calib_tokens": "decode steps the decode graph's ranges are calibrated on, spread over the positions "
     "of the calibration sequences (one token per run, so it needs many: 16x fewer cost the A16W8 decode graph "
     "+0.3%% perplexity on SmolLM2)",

@@ -39,7 +39,7 @@ _STAGE_FIELDS = {
     "prune": ("eval.samples", "eval.seq_len", "eval.data"),
     "distill": ("distill",),  # the whole section, every default resolved: it is what the trainer takes
     "export": ("quant.seq_len", "quant.transforms", "quant.calib_samples", "quant.npu_profile"),
-    "quantize": ("quant.recipe", "quant.npu_profile", "quant.decode_calib_tokens", "quant.soc_model",
+    "quantize": ("quant.recipe", "quant.npu_profile", "quant.gptq_samples", "quant.decode_calib_tokens", "quant.soc_model",
                  "quant.htp_eval_samples", "quant.qat_tokens", "quant.qat_lr"),
     "report": (),
 }

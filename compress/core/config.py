@@ -116,6 +116,7 @@ class QuantConfig:
     npu_profile: str = "qnn-htp"
     transforms: tuple[str, ...] | None = None  # None: DEFAULT_TRANSFORMS[recipe]
     calib_samples: int = 8
+    gptq_samples: int = 32  # calibration sequences GPTQ's Hessians come from (ranges take the first calib_samples)
     decode_calib_tokens: int = 512
     seq_len: int = 256
     soc_model: str = DEFAULT_SOC_MODEL  # the Snapdragon the qnn-htp graphs are compiled for
@@ -138,7 +139,8 @@ class QuantConfig:
         if bad:
             raise ConfigError(f"--quant-transforms {','.join(self.transforms)!r}: allowed are {', '.join(TRANSFORMS)} "
                               "(comma-separated, or empty for none)")
-        _positive(quant_calib_samples=self.calib_samples, quant_decode_calib_tokens=self.decode_calib_tokens,
+        _positive(quant_calib_samples=self.calib_samples, quant_gptq_samples=self.gptq_samples,
+                  quant_decode_calib_tokens=self.decode_calib_tokens,
                   seq_len=self.seq_len)
         profile = PROFILES[self.npu_profile]
         if self.recipe != "none" and PRESETS[self.recipe].weight_only != profile.weight_only:

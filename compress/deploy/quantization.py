@@ -233,12 +233,14 @@ class QuantizedGraphs:
 
 def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, profile: NpuProfile,
                     calibration_ids: np.ndarray, decode: bool = True, progress: bool = False,
-                    decode_calib_tokens: int = 512, qat: QatSettings | None = None) -> QuantizedGraphs:
+                    decode_calib_tokens: int = 512, qat: QatSettings | None = None,
+                    gptq_ids: np.ndarray | None = None) -> QuantizedGraphs:
     """Quantize ``model.onnx`` (and ``decode.onnx``) in ``float_dir`` to ``model.<recipe>.onnx`` etc.; the decode
     graph is calibrated on about ``decode_calib_tokens`` decode steps over the same sequences (:class:`DecodeFeeds`).
 
     With ``recipe.weight_rounding == "gptq"`` the graphs quantized are those of a copy of ``lm`` whose block weights
-    :func:`compress.deploy.gptq.gptq_` rounded onto their integer grids (Hessians from ``calibration_ids``), exported next to
+    :func:`compress.deploy.gptq.gptq_` rounded onto their integer grids (Hessians from ``gptq_ids``, default
+    ``calibration_ids``: a Hessian of a 1,536-input layer wants more than 8 x 256 tokens), exported next to
     the float ones and removed after; the float graphs in ``float_dir`` stay the reference. With ``qat`` (LPBQ
     recipes), those weights then train on their grids to match ``lm`` before the export."""
     float_dir = Path(float_dir)
@@ -254,7 +256,8 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
     with tempfile.TemporaryDirectory(dir=float_dir, prefix=".rounded.") as tmp:
         source_dir, source_lm = float_dir, lm
         if recipe.weight_rounding == "gptq":
-            source_lm = _rounded(lm, recipe, profile, torch.as_tensor(calibration_ids), qat, progress)
+            hessian_ids = calibration_ids if gptq_ids is None else np.asarray(gptq_ids)
+            source_lm = _rounded(lm, recipe, profile, torch.as_tensor(hessian_ids), qat, progress)
             source_dir = Path(tmp)
             export_graphs(source_lm, source_dir, decode=decode, prefill_length=length)
         blocks = getattr(source_lm, "weight_blocks", {})

@@ -245,9 +245,12 @@ class Minitron(StudentFamily):
         if c.quant.qat_tokens:
             sequences = -(-c.quant.qat_tokens // c.quant.seq_len)
             qat = QatSettings(state.ids("train", c.quant.seq_len, sequences).numpy(), c.quant.qat_lr)
+        gptq_ids = state.ids("calibration", c.quant.seq_len, c.quant.gptq_samples)
+        if state.vocab_map is not None:  # a token the trimmed vocabulary lost is spelled by those it kept
+            gptq_ids = state.vocab_map.convert(gptq_ids).ids
         graphs = quantize_graphs(lm, folder, PRESETS[c.quant.recipe], profile, calib.numpy(),
                                  decode_calib_tokens=c.quant.decode_calib_tokens,
-                                 progress=state.progress, qat=qat)
+                                 progress=state.progress, qat=qat, gptq_ids=gptq_ids.numpy())
         metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress,
                                 others=_graph_sets(references))
         metrics["agreement_with_float"] = metrics.pop("agreement")
