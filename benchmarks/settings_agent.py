@@ -49,7 +49,7 @@ from compress.evaluation.calls import (
 )
 from compress.io import read_json, write_text
 from compress.sources.data import pair_inputs
-from compress.sources.settings_agent import write_task
+from compress.sources.settings_agent import KINDS, TAGS, write_task
 from compress.sources.teachers import resolve_teacher
 from quant import qnn
 
@@ -257,7 +257,25 @@ def markdown(report: dict) -> str:
                   "| same output as CPU |", "|---|---|---|---|---|---|"]
         lines += [f"| {row['model']} | {row['mode']} | {e['pairs']} | {e['exact_match']:.1%} | {e['cpu_exact_match']:.1%} "
                   f"| {e['same_output_as_cpu']:.1%} |" for row, e in emulated]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _by_kind(report)) + "\n"
+
+
+def _by_kind(report: dict) -> list[str]:
+    """Constrained exact match of each fp32 checkpoint by kind of request (the test rows' tags), where measured."""
+    scored = [(row, row["fp32"]["constrained"]["by_tag"]) for row in report["rows"]
+              if row.get("fp32", {}).get("constrained", {}).get("by_tag")]
+    if not scored:
+        return []
+    tags = [t for t in (*KINDS, *TAGS) if any(t in by_tag for _, by_tag in scored)]
+    lines = ["", "Exact match (constrained, fp32 checkpoint) by kind of request: the setting's kind, then requests "
+             "whose only novelty is the test split's phrasing (template and opening), and those that name a setting by "
+             "the word training never used for it, ask for an enum option training never paired with it, change a "
+             "range relatively, carry a typo, or state an indirect need (pairs in brackets):", "",
+             "| model | fine-tuning | " + " | ".join(tags) + " |", "|---|---|" + "---|" * len(tags)]
+    for row, by_tag in scored:
+        cells = [f"{by_tag[t]['exact_match']:.0%} ({by_tag[t]['pairs']})" if t in by_tag else "–" for t in tags]
+        lines.append(f"| {row['model']} | {row['mode']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _missing(report: dict) -> list[str]:

@@ -68,6 +68,19 @@ def test_the_settings_task_holds_out_phrasings_words_and_values_and_rebuilds_the
     words = {w for s in settings.values() for n in s.names for w in n.split()}
     assert any(any(w.isalpha() and len(w) >= 4 and w not in words and w.lower() == w for w in r["input"].split())
                for r in splits["train"])
+    # Each test row says what kind of request it is; the tags match the request and its call.
+    for row in splits["test"]:
+        setting, tags = settings[_call(row)["setting"]], row["tags"]
+        assert tags[0] == setting.kind and tags[1:] and set(tags[1:]) <= set(settings_agent.TAGS)
+        assert ("phrasing only" in tags) == (tags[1:] == ["phrasing only"])
+        if "typo" not in tags and "indirect" not in tags:  # the name it was asked by is in the request
+            names = setting.names[-1:] if "unseen name" in tags else setting.train_names()
+            assert any(n in row["input"] for n in names), row
+        value = _call(row).get("value")
+        assert ("unseen value" in tags) == (setting.kind == "enum" and value == settings_agent._held_out_option(setting))
+        assert ("relative" in tags) == (_call(row).get("value") in ("increase", "decrease"))
+    assert all("tags" not in r for r in splits["train"] + splits["validation"])  # the training file is as it was
+    assert {t for r in splits["test"] for t in r["tags"]} == {*settings_agent.KINDS, *settings_agent.TAGS}
     # compress finetune reads the train file, its split column included.
     pairs = load_pairs(str(tmp_path / "a" / "train.jsonl"))
     assert len(split_pairs(pairs, "validation")) == len(splits["validation"])
@@ -84,6 +97,12 @@ def test_scoring_parses_each_answer_and_counts_exact_setting_invalid_and_unknown
     assert report.call_ms_p50 == pytest.approx(100.0) and report.call_ms_p90 == pytest.approx(150.0)
     unknown = score([Answer("x", '{"setting": "display.warp_drive"}', 3, 0.01, 0.02)], pairs[:1], known={"display.night_light"})
     assert unknown.unknown_setting_rate == 1.0 and unknown.invalid_rate == 0.0
+    assert report.by_tag == {}  # untagged pairs: no breakdown
+    tagged = [CallPair(p.request, p.call, tags) for p, tags in zip(pairs, (("toggle",), ("range", "typo"), ("toggle", "typo")),
+                                                                   strict=True)]
+    by_tag = score(answers, tagged, known={p.call["setting"] for p in pairs}).by_tag
+    assert by_tag == {"toggle": {"pairs": 2, "exact_match": 0.5}, "range": {"pairs": 1, "exact_match": 0.0},
+                      "typo": {"pairs": 2, "exact_match": 0.0}}
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -92,6 +111,7 @@ def test_scoring_parses_each_answer_and_counts_exact_setting_invalid_and_unknown
     ('{"input": "a", "output": "{\\"setting\\": \\"x\\"}"}\n{"request": "b", "output": "{}"}\n', "line 2"),
     ('{"input": "turn on wifi", "output": "wifi on"}\n', 'the "output" must be a call'),
     ("\n\n", "holds no pairs"),
+    ('{"input": "a", "output": "{\\"setting\\": \\"x\\"}", "tags": "typo"}\n', '"tags", when given, must be a list'),
 ])
 def test_a_bad_pairs_file_gets_one_clear_error(tmp_path, capsys, text, message):
     path = tmp_path / "pairs.jsonl"

@@ -10,7 +10,9 @@ any hand-written file of the same shape. :func:`evaluate_calls` decodes every re
 - ``invalid_rate``: the output is not one JSON object with a ``setting``; ``unknown_setting_rate``: it names a
   setting the catalog does not hold;
 - ``first_token_ms`` and ``call_ms`` (median and 90th percentile): the request to its first output token, and to the
-  whole call (EOS or the token limit), one request at a time, on this machine.
+  whole call (EOS or the token limit), one request at a time, on this machine;
+- ``by_tag``: exact match of the pairs that carry each tag, when rows have ``"tags"`` (the settings-agent test split's
+  say what kind of request each is: a name or value training never used, a relative change, a typo, ...).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class CallPair:
 
     request: str
     call: dict[str, Any]
+    tags: tuple[str, ...] = ()  # what kind of request it is (the settings-agent test split's "tags"), if the file says
 
 
 def read_pairs(path: str | Path) -> list[CallPair]:
@@ -59,11 +62,14 @@ def read_pairs(path: str | Path) -> list[CallPair]:
                 raise DataError(f'{where}: each line needs an "input" text and an "output" call, e.g. {{"input": '
                                 '"turn on night light", "output": "{\\"setting\\": \\"display.night_light\\", '
                                 '\\"value\\": true}"}')
+            tags = row.get("tags", [])
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise DataError(f'{where}: "tags", when given, must be a list of texts, e.g. ["toggle", "typo"]')
             call = _parse(row["output"]) if isinstance(row["output"], str) else row["output"]
             if not isinstance(call, dict) or not isinstance(call.get("setting"), str):
                 raise DataError(f'{where}: the "output" must be a call, a JSON object with a "setting" (got '
                                 f"{json.dumps(row['output'])[:80]})")
-            pairs.append(CallPair(row["input"], call))
+            pairs.append(CallPair(row["input"], call, tuple(tags)))
     if not pairs:
         raise DataError(f"--pairs {path}: the file holds no pairs")
     return pairs
@@ -182,6 +188,7 @@ class CallReport:
     call_ms_p50: float
     call_ms_p90: float
     output_tokens_p50: float
+    by_tag: dict[str, dict[str, float]] = field(default_factory=dict)  # tag -> pairs, exact_match (tagged pairs only)
     answers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self, answers: bool = False) -> dict[str, Any]:
@@ -208,14 +215,19 @@ def score(answers: Sequence[Answer], pairs: Sequence[CallPair], known: set[str])
         setting += valid and call["setting"] == pair.call["setting"]
         exact += valid and call == pair.call
         rows.append({"input": pair.request, "expected": pair.call, "output": answer.text, "exact": valid and call == pair.call,
-                     "first_token_ms": answer.first_token_s * 1000, "call_ms": answer.call_s * 1000})
+                     "first_token_ms": answer.first_token_s * 1000, "call_ms": answer.call_s * 1000,
+                     **({"tags": list(pair.tags)} if pair.tags else {})})
+    by_tag: dict[str, dict[str, float]] = {}
+    for tag in sorted({t for p in pairs for t in p.tags}):
+        tagged = [row["exact"] for row, pair in zip(rows, pairs, strict=True) if tag in pair.tags]
+        by_tag[tag] = {"pairs": len(tagged), "exact_match": sum(tagged) / len(tagged)}
     n = len(pairs)
     first = [a.first_token_s * 1000 for a in answers]
     whole = [a.call_s * 1000 for a in answers]
     return CallReport(pairs=n, exact_match=exact / n, setting_accuracy=setting / n, invalid_rate=invalid / n,
                       unknown_setting_rate=unknown / n, first_token_ms_p50=statistics.median(first),
                       first_token_ms_p90=_p90(first), call_ms_p50=statistics.median(whole), call_ms_p90=_p90(whole),
-                      output_tokens_p50=statistics.median(a.tokens for a in answers), answers=rows)
+                      output_tokens_p50=statistics.median(a.tokens for a in answers), by_tag=by_tag, answers=rows)
 
 
 def evaluate_calls(decoder: Decoder, tokenizer: Any, pairs: Sequence[CallPair], known: set[str],

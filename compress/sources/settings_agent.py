@@ -10,7 +10,8 @@ for ranges. The catalog is :mod:`compress.sources.settings_catalog`.
 - ``train`` and ``validation`` (a tenth, same phrasings) in ``train.jsonl``, rows ``{"input", "output", "split"}``,
   the format ``compress finetune --data`` reads;
 - ``test`` in ``test.jsonl``: requests phrased with templates, openings and words for settings that never occur in
-  training, and for some settings values they are never trained with (an enum option, range values).
+  training, and for some settings values they are never trained with (an enum option, range values); each row's
+  ``tags`` say what kind of request it is (the setting's kind and TAGS), so a score can be read by kind.
 
 Requests vary: short and long, with values, relative changes ("a bit brighter"), indirect needs ("i can
 barely see the cursor") and typos.
@@ -29,6 +30,10 @@ from compress.io import write_json, write_text
 from compress.sources.settings_catalog import INDIRECT, ROWS
 
 KINDS = ("toggle", "enum", "range", "action")
+# What a test request's "tags" hold besides its setting's kind: the name training never used for the setting, an
+# enum option training never paired with it, a relative change ("a bit louder"), a typo, an indirect need; or, when
+# none of those, "phrasing only" (only its template and opening are the test split's own, as every test request's are).
+TAGS = ("phrasing only", "unseen name", "unseen value", "relative", "typo", "indirect")
 
 
 @dataclass(frozen=True)
@@ -187,12 +192,13 @@ def _typo(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def _request(setting: Setting, split: str, rng: random.Random) -> tuple[str, Any]:
-    """One (request text, value) for ``setting`` in ``split``."""
+def _request(setting: Setting, split: str, rng: random.Random) -> tuple[str, Any, list[str]]:
+    """One (request text, value, tags) for ``setting`` in ``split``; the tags say what kind of request it is (TAGS)."""
     names = setting.train_names() if split == "train" else setting.names
     if split == "test" and len(setting.names) >= 3 and rng.random() < 0.5:
         names = setting.names[-1:]  # the word training never used for this setting
     name = rng.choice(names)
+    tags = ["unseen name"] if split == "test" and name not in setting.train_names() else []
     value: Any = None
     if setting.kind == "toggle":
         value = rng.random() < 0.5
@@ -205,10 +211,12 @@ def _request(setting: Setting, split: str, rng: random.Random) -> tuple[str, Any
             options = [held_out]
         value = rng.choice(options)
         text = rng.choice(_TEMPLATES["set"][split]).format(name=name, value=value)
+        tags += ["unseen value"] if value == held_out else []
     elif setting.kind == "range":
         if rng.random() < 0.4:
             value = rng.choice(("increase", "decrease"))
             text = rng.choice(_TEMPLATES[value][split]).format(name=name)
+            tags.append("relative")
         else:
             value = _range_value(setting, split, rng)
             text = rng.choice(_TEMPLATES["set"][split]).format(name=name, value=_value_words(setting, value, rng))
@@ -217,8 +225,10 @@ def _request(setting: Setting, split: str, rng: random.Random) -> tuple[str, Any
     start, end = rng.choice(_FRAMES[split])
     text = start + text + end
     if rng.random() < 0.15:
-        text = _typo(text, rng)
-    return text, value
+        typed = _typo(text, rng)
+        tags += ["typo"] if typed != text else []
+        text = typed
+    return text, value, [setting.kind, *(tags or ["phrasing only"])]
 
 
 def _indirect_value(setting: Setting, value: Any) -> Any:
@@ -238,7 +248,7 @@ def build_task(seed: int = 0) -> dict[str, list[dict[str, str]]]:
             for _ in range(_PAIRS_PER_SETTING[split] * 20):  # duplicates are skipped; small settings run out early
                 if made == _PAIRS_PER_SETTING[split]:
                     break
-                text, value = _request(setting, split, rng)
+                text, value, tags = _request(setting, split, rng)
                 if text in seen or (split == "train" and setting.train_names() != setting.names
                                     and setting.names[-1] in text):  # a name and a value can spell the test's word
                     continue
@@ -246,11 +256,15 @@ def build_task(seed: int = 0) -> dict[str, list[dict[str, str]]]:
                 made += 1
                 row = {"input": text, "output": call_text(setting.id, value)}
                 target = split if split == "test" else ("validation" if _stable(text) % 10 == 0 else "train")
-                splits[target].append(row)
+                splits[target].append({**row, "tags": tags} if target == "test" else row)
     # Indirect requests: most train, every fourth held out for the test split.
     for i, (setting_id, text, value) in enumerate(INDIRECT):
         row = {"input": text, "output": call_text(setting_id, _indirect_value(settings[setting_id], value))}
-        splits["test" if i % 4 == 3 else "train"].append(row)
+        if i % 4 == 3:
+            relative = ["relative"] if value in ("increase", "decrease") else []
+            splits["test"].append({**row, "tags": [settings[setting_id].kind, *relative, "indirect"]})
+        else:
+            splits["train"].append(row)
     for split, rows in splits.items():
         random.Random(f"{seed}:{split}:order").shuffle(rows)
     return splits
