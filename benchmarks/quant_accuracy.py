@@ -269,8 +269,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Quantization accuracy: {report['model']}", "",
              f"Prefill graphs of {report['seq_len']} tokens; validation perplexity on {report['validation_tokens']:,} "
              f"tokens of {report['data']}; calibration on {report['calibration_sequences']} sequences of the "
-             f"calibration split" + (f" (the final graphs' GPTQ Hessians: {report['gptq_sequences']})"
-                                     if report.get("gptq_sequences") else "") + ". fp32 graph perplexity {report['fp32_perplexity']:.2f}. Agreement = top-1 next-token "
+             "calibration split" + (f" (the final graphs' GPTQ Hessians: {report['gptq_sequences']})"
+                                    if report.get("gptq_sequences") else "")
+             + f". fp32 graph perplexity {report['fp32_perplexity']:.2f}. Agreement = top-1 next-token "
              f"agreement with the fp32 graph. Measured {report['date']} on {report['machine']}; this file's last run: "
              f"commit `{report['commit'][:7]}`, `{report['command']}` (each row names the commit that measured it)."
              + (f" Note: {report['provenance_note']}" if report.get("provenance_note") else ""), ""]
