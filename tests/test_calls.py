@@ -78,7 +78,7 @@ def test_the_settings_task_holds_out_phrasings_words_and_values_and_rebuilds_the
             assert any(n in row["input"] for n in names), row
         value = _call(row).get("value")
         assert ("unseen value" in tags) == (setting.kind == "enum" and value == settings_agent._held_out_option(setting))
-        assert ("relative" in tags) == (_call(row).get("value") in ("increase", "decrease"))
+        assert ("relative" in tags) == (value in ("increase", "decrease"))
     assert all("tags" not in r for r in splits["train"] + splits["validation"])  # the training file is as it was
     assert {t for r in splits["test"] for t in r["tags"]} == {*settings_agent.KINDS, *settings_agent.TAGS}
     # compress finetune reads the train file, its split column included.

@@ -211,7 +211,8 @@ def _request(setting: Setting, split: str, rng: random.Random) -> tuple[str, Any
             options = [held_out]
         value = rng.choice(options)
         text = rng.choice(_TEMPLATES["set"][split]).format(name=name, value=value)
-        tags += ["unseen value"] if value == held_out else []
+        if value == held_out:
+            tags.append("unseen value")
     elif setting.kind == "range":
         if rng.random() < 0.4:
             value = rng.choice(("increase", "decrease"))
@@ -226,7 +227,8 @@ def _request(setting: Setting, split: str, rng: random.Random) -> tuple[str, Any
     text = start + text + end
     if rng.random() < 0.15:
         typed = _typo(text, rng)
-        tags += ["typo"] if typed != text else []
+        if typed != text:
+            tags.append("typo")
         text = typed
     return text, value, [setting.kind, *(tags or ["phrasing only"])]
 
