@@ -100,3 +100,13 @@ def compiled_layers(models: list[nn.Module | None], enabled: bool) -> Any:
 
 def autocast(bf16: bool, device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX-512 BF16 or AMX, as oneDNN reports it).
+
+    Without them bf16 autocast is emulated: on an AVX2-only EPYC here a distillation step ran ~50x slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

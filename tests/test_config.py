@@ -31,6 +31,16 @@ def test_config_round_trips_through_json():
     assert CompressConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
+def test_bf16_by_default_only_where_the_cpu_computes_it(monkeypatch):
+    import compress.core.config as config_module
+
+    for native in (True, False):  # emulated bf16 made distillation ~50x slower than fp32 on an AVX2-only CPU
+        monkeypatch.setattr(config_module, "cpu_has_bf16", lambda native=native: native)
+        assert CompressConfig().bf16 is native and CompressConfig().distill.bf16 is native
+        assert CompressConfig.from_dict({"bf16": not native}).distill.bf16 is (not native)  # asked for: kept
+        assert CompressConfig.from_dict(CompressConfig().to_dict()).bf16 is native  # a run's config.json: resolved
+
+
 def test_sections_are_what_the_stages_take():
     config = CompressConfig.from_dict({"distill_lr": 1e-3, "distill_attention": "sdpa", "seed": 3, "bf16": False})
     assert isinstance(config.distill, DistillConfig)

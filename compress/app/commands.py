@@ -9,6 +9,7 @@ from pathlib import Path
 from compress.app.flags import add_config_flags, config_from, flag_names
 from compress.core.config import CompressConfig
 from compress.errors import CompressError, ConfigError
+from distill.speed import cpu_has_bf16
 from quant.profiles import PROFILES
 from quant.qnn import DEFAULT_SOC_MODEL
 
@@ -249,7 +250,9 @@ def finetune(argv: list[str]) -> int:
     parser.add_argument("--ce-weight", type=float, default=1.0, help="weight of cross-entropy on the outputs")
     parser.add_argument("--max-input-tokens", type=int, default=256, help="inputs keep their last N tokens")
     parser.add_argument("--max-output-tokens", type=int, default=128, help="outputs keep their first N tokens")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 instead of bf16 autocast")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=cpu_has_bf16(),
+                        help="bf16 autocast (default: where the CPU computes bf16 natively; emulated it is far slower "
+                        "than fp32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--quiet", action="store_true")

@@ -54,7 +54,9 @@ _HELP = {
     "eval_data": "comma-separated extra evaluation sets (text / jsonl / parquet files or folders, or built-in corpus "
     "names), each reported under its file name next to the in-domain validation split and general-english (general "
     "English held out of every training corpus)",
-    "bf16": "bf16 autocast for importance, the planner's loss check and distillation (reported perplexities are fp32)",
+    "bf16": "bf16 autocast for importance, the planner's loss check and distillation (reported perplexities are fp32); "
+    "by default on where the CPU computes bf16 natively (AVX-512 BF16 or AMX), off where it would be emulated, far slower "
+    "than fp32; the default shown is this machine's",
     "distill_tokens": "distillation budget in training tokens",
     "distill_seq_len": "tokens per distillation sequence",
     "distill_batch_size": "sequences per distillation micro-batch (per process under torchrun)",

@@ -26,6 +26,7 @@ from compress.deploy.outliers import TRANSFORMS
 from compress.errors import ConfigError
 from compress.pruning.planner import TargetSize
 from distill import DistillConfig, DistillError
+from distill.speed import cpu_has_bf16
 from quant.profiles import PROFILES
 from quant.qnn import DEFAULT_SOC_MODEL
 from quant.quantize import PRESETS
@@ -212,7 +213,7 @@ class CompressConfig:
     out: str | None = None
     data: str | None = None
     batch_size: int = 8
-    bf16: bool = True
+    bf16: bool | None = None  # None: where the CPU computes bf16 natively (cpu_has_bf16)
     seed: int = 0
     stop_after: str = "report"
     trust_remote_code: bool = False
@@ -228,6 +229,8 @@ class CompressConfig:
         if self.student not in family_names():
             raise ConfigError(f"--student {self.student!r}: choose one of {', '.join(family_names())}")
         _positive(batch_size=self.batch_size)
+        if self.bf16 is None:  # emulated bf16 (an AVX2-only CPU) made a distillation step ~50x slower than fp32
+            object.__setattr__(self, "bf16", cpu_has_bf16())
         d = self.distill
         if d.bf16 != self.bf16 or d.seed != self.seed:  # the run's --bf16 and --seed hold for distillation too
             object.__setattr__(self, "distill", dataclasses.replace(d, bf16=self.bf16, seed=self.seed))
