@@ -167,9 +167,12 @@ def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keep
     lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=False)
     before = {n: p.detach().clone() for n, p in lm.named_parameters()}
     export_graphs(lm, tmp_path, decode=False)
-    kl = {}
-    for arm, qat in (("gptq", None), ("qat", QatSettings(train.numpy(), lr=5e-4))):
+    kl, units = {}, {}
+    arms = (("gptq", None), ("fixed units", QatSettings(train.numpy(), lr=5e-4, unit_lr=0.0)),
+            ("qat", QatSettings(train.numpy(), lr=5e-4, unit_lr=5e-3)))
+    for arm, qat in arms:
         rounded = _rounded(lm, recipe, npu, calib, qat)
+        units[arm] = {name: scales for name, (_, scales) in rounded.weight_blocks.items()}
         kl[arm] = 0.0
         for row in held_out:
             with torch.no_grad():
@@ -183,12 +186,22 @@ def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keep
             assert torch.allclose(q, q.round(), atol=1e-4) and q.round().abs().max() <= 7, name
     assert rounded.qat["steps"] == 16 and rounded.qat["tokens"] == 64 * CAPACITY
     assert kl["qat"] < 0.95 * kl["gptq"], kl  # on sequences it did not train on
+    for name, scales in units["gptq"].items():  # the block integers are GPTQ's; the units train only when asked to
+        assert torch.equal(units["fixed units"][name].channel, scales.channel), name
+        assert torch.equal(units["qat"][name].ints, scales.ints), name
+    assert not all(torch.equal(units["qat"][n].channel, s.channel) for n, s in units["gptq"].items())
     assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters()), "the float model is the reference, untouched"
     assert lm.fused_norm and all(b.fused_norm for b in lm.blocks)
     graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False,
-                             qat=QatSettings(train.numpy(), lr=5e-4))
+                             qat=QatSettings(train.numpy(), lr=5e-4, unit_lr=5e-3))
     assert graphs.qat["steps"] == 16
     assert graphs.reports["prefill"].block_weights == 7 * model.config.num_hidden_layers
+    values = {t.name: numpy_helper.to_array(t) for t in onnx.load(graphs.prefill).graph.initializer}
+    for name, (weight, scales) in rounded.weight_blocks.items():  # the same training: its trained units, exactly
+        assert np.array_equal(values[f"{name}_channel_scale"], scales.channel.numpy()), name
+        steps = values[f"{name}_block_ints"].astype(np.float64) * values[f"{name}_channel_scale"][None, :]
+        restored = values[f"{name}_int4"] * np.repeat(steps, scales.size, axis=0)  # (in, out)
+        assert np.abs(restored - weight.numpy().T).max() <= 1e-6 * np.abs(weight.numpy()).max(), name
     quality, _ = runtime.quality(runtime.session(graphs.prefill), held_out.numpy())
     assert np.isfinite(quality.perplexity)
     with pytest.raises(ValueError, match="LPBQ"):

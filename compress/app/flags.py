@@ -114,6 +114,9 @@ _HELP = {
     "train on their int4 grids to match the float model's next-token distributions, on this many training-split "
     "tokens (0: off; the 0.67x SmolLM2 student trained at about 160 tokens/s on two CPU cores)",
     "quant_qat_lr": "peak learning rate of that training (AdamW, cosine)",
+    "quant_qat_unit_lr": "peak learning rate of each output channel's LPBQ step unit in that training, on its "
+    "logarithm (LSQ-style: the steps train with the weights; the block integers stay GPTQ's; 0: the units stay "
+    "GPTQ's)",
     "soc_model": "Qualcomm SoC the qnn-htp graphs are compiled for by Qualcomm's HTP compiler (onnxruntime-qnn), "
     "which writes onnx/*.qnn.onnx and each graph's op trace: 60 is the Snapdragon X Elite",
     "htp_eval_samples": "validation sequences the compiled prefill graph runs on the HTP emulator, next to ONNX "

@@ -1,13 +1,14 @@
 """Quantization-aware training of a GPTQ-rounded :class:`~compress.deploy.export.StaticLM` on its LPBQ int4 grids.
 
 Post-training rounding does not get a 135M model to 4-bit weights (docs/quantize.md). ``qat_`` goes on from
-GPTQ's rounding: the block linears train with every forward pass on their int4 block grids (the steps GPTQ chose,
-kept fixed, so the graph's LPBQ scales do not change; the rounding's gradient passed straight through, as in
-LLM-QAT and EfficientQAT), on the KL from the float model's next-token distributions (self-distillation: the
-quantized model learns to say what the float model says, on text it never had to fit before). The float
-parameters the graph keeps at 16 bits (norms, per-row table scales, the head mix, biases) train with them; the
-int4 table stays as GPTQ rounded it. At the end every block weight is set to its rounded value, so the exported
-weights lie on their grids as GPTQ's did.
+GPTQ's rounding: the block linears train with every forward pass on their int4 block grids (the rounding's gradient
+passed straight through, as in LLM-QAT and EfficientQAT), on the KL from the float model's next-token distributions
+(self-distillation: the quantized model learns to say what the float model says, on text it never had to fit
+before). Each block's step is its channel's unit times a small integer (LPBQ): the integers stay as GPTQ chose
+them, and the units train too when asked (LSQ-style, on their logarithms), which the graph still stores exactly (a
+float per channel). The float parameters the graph keeps at 16 bits (norms, per-row table scales, the head mix,
+biases) train with them; the int4 table stays as GPTQ rounded it. At the end every block weight is set to its
+rounded value, so the exported weights lie on their grids as GPTQ's did.
 
 Written here rather than taken from a library: the grids are LPBQ blocks that the graph writer
 (:mod:`quant.lpbq`) stores exactly, which torch.ao's fake-quant modules do not express, and the model is the
@@ -17,6 +18,7 @@ export module, not the Hugging Face one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -30,26 +32,54 @@ from torch.nn.utils import parametrize
 
 from compress.deploy.export import LINEARS, MatMulLinear, StaticLM
 from compress.deploy.gptq import graph_names, weight_matrix
+from distill.speed import cpu_has_bf16
 from quant.gptq import BlockScales, levels
 
 log = logging.getLogger(__name__)
 
 
 class _OnGrid(nn.Module):
-    """Parametrization: the weight rounded onto fixed steps, the rounding's gradient passed straight through."""
+    """Parametrization: the weight rounded onto its LPBQ grid, the rounding's gradient passed straight through.
 
-    def __init__(self, steps: torch.Tensor, top: int) -> None:
+    Each step is the channel's unit times its block's integer. The integers stay as GPTQ chose them; with
+    ``learn_units`` the units train too, in log space (LSQ, Esser et al. 2020: a weight clipped at the grid's end
+    pulls its unit up, one inside pulls it towards where its rounding error is smallest). The graph stores the unit
+    as a float per output channel, so a trained unit is written exactly."""
+
+    def __init__(self, scales: BlockScales, shape: torch.Size, transposed: bool, top: int, learn_units: bool) -> None:
         super().__init__()
-        self.register_buffer("steps", steps.float())
-        self.top = top
+        self.register_buffer("ints", scales.ints.float().repeat_interleave(scales.size, 1))  # (out, in)
+        self.register_buffer("unit", scales.channel.float())
+        gain = torch.zeros_like(self.unit)  # log of the trained unit over GPTQ's: 0 leaves GPTQ's unit exactly
+        if learn_units:
+            self.log_gain = nn.Parameter(gain)
+        else:
+            self.register_buffer("log_gain", gain)
+        self.shape, self.transposed, self.top = shape, transposed, top
+
+    def units(self) -> torch.Tensor:
+        """Each output channel's unit, [out]."""
+        return self.unit * self.log_gain.exp()
+
+    @property
+    def steps(self) -> torch.Tensor:
+        """Every weight's step in the layer's own weight layout (a MatMul stores (in, out))."""
+        steps = self.units()[:, None] * self.ints
+        return steps.t() if self.transposed else steps.reshape(self.shape)
 
     def nearest(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` on its grid, in steps."""
         return torch.clamp(torch.round(weight / self.steps), -self.top, self.top)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        x = weight / self.steps
-        return (x + (self.nearest(weight) - x).detach()) * self.steps
+        steps = self.steps
+        x = torch.clamp(weight / steps, -self.top, self.top)
+        return (x + (torch.round(x) - x).detach()) * steps
+
+    def scales(self, size: int) -> BlockScales:
+        """The LPBQ scales this grid stands for now: the trained units, the block integers unchanged."""
+        ints = self.ints[:, ::size].to(torch.uint8)
+        return BlockScales(self.units().detach(), ints, size)
 
 
 @dataclass
@@ -68,24 +98,19 @@ class QatResult:
                 "first_kl": self.first_kl, "last_kl": self.last_kl}
 
 
-def _grid_steps(layer: nn.Module, scales: BlockScales) -> torch.Tensor:
-    """Every weight's step in the layer's own weight layout (a MatMul stores (in, out))."""
-    steps = scales.steps()
-    return steps.t().contiguous() if isinstance(layer, MatMulLinear) else steps.reshape(layer.weight.shape)
-
-
 @contextlib.contextmanager
-def _training(lm: StaticLM) -> Iterator[None]:
-    """``lm``'s block linears on their grids, its norms as plain ops (the fused norm has no gradient), its int4 table
-    (and the tied head) frozen as GPTQ rounded it. On exit every block weight is left on its grid and
-    ``lm.weight_blocks`` points at them."""
+def _training(lm: StaticLM, learn_units: bool) -> Iterator[list[nn.Parameter]]:
+    """``lm``'s block linears on their grids (yields the grids' trainable units, if ``learn_units``), its norms as
+    plain ops (the fused norm has no gradient), its int4 table (and the tied head) frozen as GPTQ rounded it. On exit
+    every block weight is left on its grid and ``lm.weight_blocks`` holds them and their scales."""
     names = graph_names(lm)
     grids = []
     for block in lm.unique_blocks:
         for name in LINEARS:
             layer = getattr(block, name)
             scales = lm.weight_blocks[names[id(layer.weight)][0]][1]
-            grids.append((layer, names[id(layer.weight)], scales, _OnGrid(_grid_steps(layer, scales), levels(4))))
+            grid = _OnGrid(scales, layer.weight.shape, isinstance(layer, MatMulLinear), levels(4), learn_units)
+            grids.append((layer, names[id(layer.weight)], scales.size, grid))
     fused = [m.fused_norm for m in (lm, *lm.blocks)]
     for m in (lm, *lm.blocks):
         m.fused_norm = False
@@ -95,15 +120,16 @@ def _training(lm: StaticLM) -> Iterator[None]:
     lm.embed.requires_grad_(False)
     lm.head.requires_grad_(False)
     try:
-        yield
+        yield [grid.log_gain for *_, grid in grids] if learn_units else []
     finally:
         lm.requires_grad_(True)
         for m, was in zip((lm, *lm.blocks), fused, strict=True):
             m.fused_norm = was
-        for layer, aliases, scales, grid in grids:
+        for layer, aliases, size, grid in grids:
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
             with torch.no_grad():
                 layer.weight.copy_(grid.nearest(layer.weight) * grid.steps)
+            scales = grid.scales(size)
             lm.weight_blocks.update({alias: (weight_matrix(layer).detach(), scales) for alias in aliases})
 
 
@@ -114,11 +140,12 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4, batch: int = 4,
-         warmup: int = 20, progress: bool = False) -> QatResult:
+         warmup: int = 20, unit_lr: float = 0.0, progress: bool = False) -> QatResult:
     """Train ``lm`` (in place; GPTQ-rounded onto LPBQ int4 blocks by :func:`compress.deploy.gptq.gptq_`, which left
     ``lm.weight_blocks``) on its grids to match ``reference`` (its float model, unchanged) on the sequences ``ids``
-    [n, L], ``batch`` of them a step, AdamW at ``lr`` after ``warmup`` steps, cosine to zero; bf16 autocast. Its block
-    weights end on their grids and ``lm.weight_blocks`` holds them."""
+    [n, L], ``batch`` of them a step, AdamW at ``lr`` after ``warmup`` steps, cosine to zero; bf16 autocast where the CPU has bf16. With
+    ``unit_lr`` > 0 each channel's LPBQ unit trains too, at that rate on its logarithm (0: GPTQ's units stay). Its
+    block weights end on their grids and ``lm.weight_blocks`` holds them and their scales."""
     if not getattr(lm, "weight_blocks", None):
         raise ValueError("qat_ trains LPBQ int4 block weights: round the model with gptq_(..., block_size=) first")
     ids = torch.as_tensor(ids)
@@ -126,18 +153,23 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4,
     if steps < 1:
         raise ValueError(f"quantization-aware training needs at least {batch} sequences, got {len(ids)}")
     started, kls = time.perf_counter(), []
-    with _training(lm):
-        params = [p for p in lm.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # bf16 where the CPU has it; emulated, it would cost far more than the fp32 it replaces
+    precision = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if cpu_has_bf16()
+                 else contextlib.nullcontext)
+    with _training(lm, unit_lr > 0) as units:
+        unit_ids = {id(u) for u in units}
+        params = [p for p in lm.parameters() if p.requires_grad and id(p) not in unit_ids]
+        groups = [{"params": params, "lr": lr}] + ([{"params": units, "lr": unit_lr}] if units else [])
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         warm = min(warmup, max(1, steps // 4))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
         lm.train()
         for step in range(steps):
             rows = ids[step * batch:(step + 1) * batch]
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad(), precision():
                 targets = [reference.prefill(row[None])[0][0] for row in rows]
-            with parametrize.cached(), torch.autocast("cpu", dtype=torch.bfloat16):  # each weight rounded once a step
+            with parametrize.cached(), precision():  # each weight rounded once a step
                 loss = sum(_kl(lm.prefill(row[None])[0][0], target) for row, target in zip(rows, targets, strict=True))
                 (loss / len(rows)).backward()
             optimizer.step()

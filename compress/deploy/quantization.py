@@ -210,16 +210,19 @@ def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.
     if qat is not None:
         from compress.deploy.qat import qat_
 
-        rounded.qat = qat_(rounded, lm, torch.as_tensor(qat.ids), lr=qat.lr, progress=progress).as_dict()
+        rounded.qat = qat_(rounded, lm, torch.as_tensor(qat.ids), lr=qat.lr, unit_lr=qat.unit_lr,
+                           progress=progress).as_dict()
     return rounded
 
 
 @dataclass
 class QatSettings:
-    """Quantization-aware training after GPTQ (LPBQ recipes): the training sequences [n, L] and learning rate."""
+    """Quantization-aware training after GPTQ (LPBQ recipes): the training sequences [n, L], the learning rate of
+    the weights and that of the LPBQ channel units' logarithms (0: GPTQ's units stay)."""
 
     ids: np.ndarray
     lr: float = 1e-4
+    unit_lr: float = 1e-3
 
 
 @dataclass
