@@ -124,7 +124,7 @@ class QuantConfig:
     htp_eval_samples: int = 4  # validation sequences run on the HTP emulator (about 30 s each); 0: none
     qat_tokens: int = 0  # quantization-aware training after GPTQ (LPBQ recipes: w4a16), on this many training tokens
     qat_lr: float = 1e-4
-    qat_unit_lr: float = 1e-3  # learning rate of the LPBQ channel units' logarithms in that training (0: fixed)
+    qat_unit_lr: float = 3e-3  # learning rate of the LPBQ channel units' logarithms in that training (0: fixed)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "soc_model", str(self.soc_model))

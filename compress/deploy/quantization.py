@@ -222,7 +222,7 @@ class QatSettings:
 
     ids: np.ndarray
     lr: float = 1e-4
-    unit_lr: float = 1e-3
+    unit_lr: float = 3e-3
 
 
 @dataclass
