@@ -18,7 +18,6 @@ export module, not the Hugging Face one.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import time
@@ -32,7 +31,7 @@ from torch.nn.utils import parametrize
 
 from compress.deploy.export import LINEARS, MatMulLinear, StaticLM
 from compress.deploy.gptq import graph_names, weight_matrix
-from distill.speed import cpu_has_bf16
+from distill.speed import autocast, cpu_has_bf16
 from quant.gptq import BlockScales, levels
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class _OnGrid(nn.Module):
             self.log_gain = nn.Parameter(gain)
         else:
             self.register_buffer("log_gain", gain)
-        self.shape, self.transposed, self.top = shape, transposed, top
+        self.shape, self.transposed, self.top, self.size = shape, transposed, top, scales.size
 
     def units(self) -> torch.Tensor:
         """Each output channel's unit, [out]."""
@@ -76,10 +75,9 @@ class _OnGrid(nn.Module):
         x = torch.clamp(weight / steps, -self.top, self.top)
         return (x + (torch.round(x) - x).detach()) * steps
 
-    def scales(self, size: int) -> BlockScales:
+    def scales(self) -> BlockScales:
         """The LPBQ scales this grid stands for now: the trained units, the block integers unchanged."""
-        ints = self.ints[:, ::size].to(torch.uint8)
-        return BlockScales(self.units().detach(), ints, size)
+        return BlockScales(self.units().detach(), self.ints[:, ::self.size].to(torch.uint8), self.size)
 
 
 @dataclass
@@ -110,11 +108,11 @@ def _training(lm: StaticLM, learn_units: bool) -> Iterator[list[nn.Parameter]]:
             layer = getattr(block, name)
             scales = lm.weight_blocks[names[id(layer.weight)][0]][1]
             grid = _OnGrid(scales, layer.weight.shape, isinstance(layer, MatMulLinear), levels(4), learn_units)
-            grids.append((layer, names[id(layer.weight)], scales.size, grid))
+            grids.append((layer, names[id(layer.weight)], grid))
     fused = [m.fused_norm for m in (lm, *lm.blocks)]
     for m in (lm, *lm.blocks):
         m.fused_norm = False
-    for layer, _, _, grid in grids:
+    for layer, _, grid in grids:
         parametrize.register_parametrization(layer, "weight", grid)
     lm.requires_grad_(True)
     lm.embed.requires_grad_(False)
@@ -125,11 +123,11 @@ def _training(lm: StaticLM, learn_units: bool) -> Iterator[list[nn.Parameter]]:
         lm.requires_grad_(True)
         for m, was in zip((lm, *lm.blocks), fused, strict=True):
             m.fused_norm = was
-        for layer, aliases, size, grid in grids:
+        for layer, aliases, grid in grids:
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
             with torch.no_grad():
                 layer.weight.copy_(grid.nearest(layer.weight) * grid.steps)
-            scales = grid.scales(size)
+            scales = grid.scales()
             lm.weight_blocks.update({alias: (weight_matrix(layer).detach(), scales) for alias in aliases})
 
 
@@ -143,8 +141,8 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4,
          warmup: int = 20, unit_lr: float = 0.0, progress: bool = False) -> QatResult:
     """Train ``lm`` (in place; GPTQ-rounded onto LPBQ int4 blocks by :func:`compress.deploy.gptq.gptq_`, which left
     ``lm.weight_blocks``) on its grids to match ``reference`` (its float model, unchanged) on the sequences ``ids``
-    [n, L], ``batch`` of them a step, AdamW at ``lr`` after ``warmup`` steps, cosine to zero; bf16 autocast where the CPU has bf16. With
-    ``unit_lr`` > 0 each channel's LPBQ unit trains too, at that rate on its logarithm (0: GPTQ's units stay). Its
+    [n, L], ``batch`` of them a step, AdamW at ``lr`` after ``warmup`` steps, cosine to zero; bf16 autocast where the
+    CPU has bf16. With ``unit_lr`` > 0 each channel's LPBQ unit trains too, at that rate on its logarithm (0: GPTQ's units stay). Its
     block weights end on their grids and ``lm.weight_blocks`` holds them and their scales."""
     if not getattr(lm, "weight_blocks", None):
         raise ValueError("qat_ trains LPBQ int4 block weights: round the model with gptq_(..., block_size=) first")
@@ -153,9 +151,7 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4,
     if steps < 1:
         raise ValueError(f"quantization-aware training needs at least {batch} sequences, got {len(ids)}")
     started, kls = time.perf_counter(), []
-    # bf16 where the CPU has it; emulated, it would cost far more than the fp32 it replaces
-    precision = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16) if cpu_has_bf16()
-                 else contextlib.nullcontext)
+    bf16, cpu = cpu_has_bf16(), torch.device("cpu")  # emulated bf16 would cost far more than the fp32 it replaces
     with _training(lm, unit_lr > 0) as units:
         unit_ids = {id(u) for u in units}
         params = [p for p in lm.parameters() if p.requires_grad and id(p) not in unit_ids]
@@ -167,9 +163,9 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4,
         lm.train()
         for step in range(steps):
             rows = ids[step * batch:(step + 1) * batch]
-            with torch.no_grad(), precision():
+            with torch.no_grad(), autocast(bf16, cpu):
                 targets = [reference.prefill(row[None])[0][0] for row in rows]
-            with parametrize.cached(), precision():  # each weight rounded once a step
+            with parametrize.cached(), autocast(bf16, cpu):  # each weight rounded once a step
                 loss = sum(_kl(lm.prefill(row[None])[0][0], target) for row, target in zip(rows, targets, strict=True))
                 (loss / len(rows)).backward()
             optimizer.step()
