@@ -110,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--qat-lr", type=float, default=QuantConfig.qat_lr, help="peak learning rate of that training")
     parser.add_argument("--qat-unit-lr", type=float, default=QuantConfig.qat_unit_lr,
                         help="peak learning rate of the LPBQ channel units' logarithms in that training (0: fixed)")
+    parser.add_argument("--qat-table-lr", type=float, default=QuantConfig.qat_table_lr,
+                        help="peak learning rate of the tied int4 table on its grid in that training (0: frozen)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser
 
@@ -205,9 +207,10 @@ def _keep_earlier(report: dict, path: Path, wanted: list[str]) -> None:
 def _qat_settings(args: argparse.Namespace, dataset, tokenizer, report: dict) -> QatSettings:  # noqa: ANN001
     """The QAT_GRAPHS' training: ``--qat-tokens`` of the training split (recorded in ``report``)."""
     sequences = -(-args.qat_tokens // args.seq_len)
-    report.update(qat_tokens=args.qat_tokens, qat_lr=args.qat_lr, qat_unit_lr=args.qat_unit_lr)
+    report.update(qat_tokens=args.qat_tokens, qat_lr=args.qat_lr, qat_unit_lr=args.qat_unit_lr,
+                  qat_table_lr=args.qat_table_lr)
     return QatSettings(token_batches(dataset, tokenizer, "train", args.seq_len, sequences).numpy(), args.qat_lr,
-                       args.qat_unit_lr)
+                       args.qat_unit_lr, args.qat_table_lr)
 
 
 def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple[np.ndarray, float]:  # noqa: ANN001
@@ -328,6 +331,7 @@ def markdown(report: dict) -> str:
                       f"({q['steps']} steps of 4 sequences, peak learning rate {report.get('qat_lr')}"
                       + (f", the LPBQ channel units' logarithms {report['qat_unit_lr']}" if report.get("qat_unit_lr")
                          else ", the LPBQ steps fixed")
+                      + (f", the int4 table {report['qat_table_lr']}" if report.get("qat_table_lr") else ", the table frozen")
                       + f", {q['seconds'] / 60:.0f} min), KL to the float model {q['first_kl']:.4f} on the first step's sequences, {q['last_kl']:.4f} on "
                       "the last's."]
     lines += ["", "Notes:", "- CPU latency says little about an NPU: ONNX Runtime has no 16-bit kernels, so every 16-bit tensor runs "

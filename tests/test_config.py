@@ -127,9 +127,12 @@ def test_int4_npu_recipe_needs_a_profile_that_takes_int4_and_lpbq_blocks():
         CompressConfig.from_dict({"quant": "w4a16", "quant_qat_tokens": 1000})
     with pytest.raises(ConfigError, match="--quant-qat-lr positive"):
         CompressConfig.from_dict({"quant": "w4a16", "quant_qat_lr": 0.0})
-    with pytest.raises(ConfigError, match="--quant-qat-unit-lr >= 0"):
+    with pytest.raises(ConfigError, match="--quant-qat-unit-lr and --quant-qat-table-lr >= 0"):
         CompressConfig.from_dict({"quant": "w4a16", "quant_qat_unit_lr": -1e-3})
+    with pytest.raises(ConfigError, match="--quant-qat-table-lr >= 0"):
+        CompressConfig.from_dict({"quant": "w4a16", "quant_qat_table_lr": -1e-3})
     assert CompressConfig.from_dict({"quant": "w4a16", "quant_qat_unit_lr": 0}).quant.qat_unit_lr == 0
+    assert CompressConfig.from_dict({"quant": "w4a16", "quant_qat_table_lr": 1e-3}).quant.qat_table_lr == 1e-3
     assert CompressConfig.from_dict({"quant": "w4a16", "quant_gptq_samples": 64}).quant.gptq_samples == 64
     with pytest.raises(ConfigError, match="quant-gptq-samples"):
         CompressConfig.from_dict({"quant": "w4a16", "quant_gptq_samples": 0})

@@ -167,12 +167,17 @@ def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keep
     lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=False)
     before = {n: p.detach().clone() for n, p in lm.named_parameters()}
     export_graphs(lm, tmp_path, decode=False)
-    kl, units = {}, {}
+    kl, units, tables = {}, {}, {}
+    with_table = QatSettings(train.numpy(), lr=5e-4, unit_lr=5e-3, table_lr=5e-3)
     arms = (("gptq", None), ("fixed units", QatSettings(train.numpy(), lr=5e-4, unit_lr=0.0)),
-            ("qat", QatSettings(train.numpy(), lr=5e-4, unit_lr=5e-3)))
+            ("qat", QatSettings(train.numpy(), lr=5e-4, unit_lr=5e-3)), ("table", with_table))
     for arm, qat in arms:
         rounded = _rounded(lm, recipe, npu, calib, qat)
         units[arm] = {name: scales for name, (_, scales) in rounded.weight_blocks.items()}
+        tables[arm] = rounded.embed.detach().clone()
+        assert rounded.tied and rounded.table_grid is None
+        steps = tables[arm].double() * 7  # rows of max |value| 1 on steps of 1/7, one entry still at the end
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max().round() == 7, arm
         kl[arm] = 0.0
         for row in held_out:
             with torch.no_grad():
@@ -185,19 +190,24 @@ def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keep
             q = weight.double() / scales.steps()
             assert torch.allclose(q, q.round(), atol=1e-4) and q.round().abs().max() <= 7, name
     assert rounded.qat["steps"] == 16 and rounded.qat["tokens"] == 64 * CAPACITY
-    assert kl["qat"] < 0.95 * kl["gptq"], kl  # on sequences it did not train on
+    assert kl["qat"] < 0.95 * kl["gptq"] and kl["table"] < 0.95 * kl["gptq"], kl  # on sequences it did not train on
+    assert torch.equal(tables["qat"], tables["gptq"]) and not torch.equal(tables["table"], tables["gptq"])
     for name, scales in units["gptq"].items():  # the block integers are GPTQ's; the units train only when asked to
         assert torch.equal(units["fixed units"][name].channel, scales.channel), name
         assert torch.equal(units["qat"][name].ints, scales.ints), name
     assert not all(torch.equal(units["qat"][n].channel, s.channel) for n, s in units["gptq"].items())
     assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters()), "the float model is the reference, untouched"
     assert lm.fused_norm and all(b.fused_norm for b in lm.blocks)
-    graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False,
-                             qat=QatSettings(train.numpy(), lr=5e-4, unit_lr=5e-3))
+    graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False, qat=with_table)
     assert graphs.qat["steps"] == 16
     assert graphs.reports["prefill"].block_weights == 7 * model.config.num_hidden_layers
-    values = {t.name: numpy_helper.to_array(t) for t in onnx.load(graphs.prefill).graph.initializer}
-    for name, (weight, scales) in rounded.weight_blocks.items():  # the same training: its trained units, exactly
+    graph = onnx.load(graphs.prefill).graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    (gemm,) = [n for n in graph.node if n.op_type == "Gemm"]  # the same training: its trained table, exactly
+    table_dq = producers[gemm.input[1]]
+    assert np.abs(values[table_dq.input[0]] * values[table_dq.input[1]] - tables["table"].numpy()).max() <= 1e-6
+    for name, (weight, scales) in rounded.weight_blocks.items():  # and its trained units, exactly
         assert np.array_equal(values[f"{name}_channel_scale"], scales.channel.numpy()), name
         steps = values[f"{name}_block_ints"].astype(np.float64) * values[f"{name}_channel_scale"][None, :]
         restored = values[f"{name}_int4"] * np.repeat(steps, scales.size, axis=0)  # (in, out)

@@ -40,7 +40,8 @@ _STAGE_FIELDS = {
     "distill": ("distill",),  # the whole section, every default resolved: it is what the trainer takes
     "export": ("quant.seq_len", "quant.transforms", "quant.calib_samples", "quant.npu_profile"),
     "quantize": ("quant.recipe", "quant.npu_profile", "quant.gptq_samples", "quant.decode_calib_tokens", "quant.soc_model",
-                 "quant.htp_eval_samples", "quant.qat_tokens", "quant.qat_lr", "quant.qat_unit_lr"),
+                 "quant.htp_eval_samples", "quant.qat_tokens", "quant.qat_lr", "quant.qat_unit_lr",
+                 "quant.qat_table_lr"),
     "report": (),
 }
 # The source each stage's output depends on (folders or files under the project root), hashed into its

@@ -125,6 +125,7 @@ class QuantConfig:
     qat_tokens: int = 0  # quantization-aware training after GPTQ (LPBQ recipes: w4a16), on this many training tokens
     qat_lr: float = 1e-4
     qat_unit_lr: float = 3e-3  # learning rate of the LPBQ channel units' logarithms in that training (0: fixed)
+    qat_table_lr: float = 0.0  # learning rate of the tied int4 table on its grid in that training (0: frozen)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "soc_model", str(self.soc_model))
@@ -159,8 +160,9 @@ class QuantConfig:
             raise ConfigError(f"--quant {self.recipe} stores the embedding table in int4, which needs a scale per row: "
                               "keep embed-rows in --quant-transforms (one int4 scale for the whole table loses most "
                               "rows' precision)")
-        if self.qat_tokens < 0 or self.qat_lr <= 0 or self.qat_unit_lr < 0:
-            raise ConfigError("--quant-qat-tokens must be >= 0, --quant-qat-lr positive and --quant-qat-unit-lr >= 0")
+        if self.qat_tokens < 0 or self.qat_lr <= 0 or self.qat_unit_lr < 0 or self.qat_table_lr < 0:
+            raise ConfigError("--quant-qat-tokens must be >= 0, --quant-qat-lr positive, --quant-qat-unit-lr and "
+                              "--quant-qat-table-lr >= 0")
         if 0 < self.qat_tokens < 4 * self.seq_len:
             raise ConfigError(f"--quant-qat-tokens {self.qat_tokens}: one training step takes 4 sequences of --seq-len "
                               f"{self.seq_len}, so use at least {4 * self.seq_len} (or 0: off)")

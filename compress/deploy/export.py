@@ -88,9 +88,8 @@ class _Block(nn.Module):
         self.ln1, self.ln2 = norms["attn_norm"], norms["mlp_norm"]
         self.q_norm, self.k_norm = norms["q_norm"], norms["k_norm"]
         self.attn_out_norm, self.mlp_out_norm = norms["attn_out_norm"], norms["mlp_out_norm"]
-        # hidden x hidden matrices after those norms once the residual stream is rotated (compress.deploy.outliers)
-        self.attn_out_mix: nn.Parameter | None = None
-        self.mlp_out_mix: nn.Parameter | None = None
+        # hidden x hidden Parameters after those norms once the residual stream is rotated (compress.deploy.outliers)
+        self.attn_out_mix = self.mlp_out_mix = None
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -126,8 +125,7 @@ class _Block(nn.Module):
         if self.softcap:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         attn = torch.matmul(torch.softmax(scores + bias, dim=-1), v)
-        t = x.shape[1]
-        return self._rest(x, attn.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
+        return self._rest(x, attn.transpose(1, 2).reshape(1, x.shape[1], self.heads * self.head_dim))
 
     def attend_cached(self, x: torch.Tensor, q: torch.Tensor, k_past: torch.Tensor, v_past: torch.Tensor,
                       k_new: torch.Tensor, v_new: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -209,6 +207,7 @@ class StaticLM(nn.Module):
         self.embed_scale: nn.Parameter | None = None
         self.embed_scale_rows: nn.Parameter | None = None  # the same scales as a (vocab, 1) table for the lookup
         self.head_layer: nn.Module | None = None  # set by the layout methods for an untied head
+        self.table_grid: nn.Module | None = None  # set while the table trains on its grid (compress.deploy.qat)
         self._tables(base, capacity)
 
     def _tables(self, base: nn.Module, capacity: int) -> None:
@@ -247,6 +246,10 @@ class StaticLM(nn.Module):
     def tied(self) -> bool:
         return self.head is self.embed
 
+    def table(self) -> torch.Tensor:
+        """The embedding table as the lookup and a tied head read it (through its grid while it trains)."""
+        return self.embed if self.table_grid is None else self.table_grid(self.embed)
+
     def head_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the output head multiplies, [t, hidden], for the blocks' output ``x`` [1, t, hidden]."""
         h = (rms_norm if self.fused_norm else _plain_rms_norm)(x, self.norm, self.eps).reshape(x.shape[1], -1)
@@ -255,7 +258,8 @@ class StaticLM(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         t, h = x.shape[1], self.head_input(x)
         # Tied: the 2-D F.linear, a Gemm(transB=1) storing E once; untied: the blocks' layout (per channel).
-        logits = self.head_layer(h[None])[0] if self.head_layer is not None else F.linear(h, self.head)
+        head = self.table() if self.tied else self.head
+        logits = self.head_layer(h[None])[0] if self.head_layer is not None else F.linear(h, head)
         if self.embed_scale is not None and self.tied:
             logits = logits * self.embed_scale
         if self.final_softcap:
@@ -263,7 +267,7 @@ class StaticLM(nn.Module):
         return logits.reshape(1, t, -1)
 
     def embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed)
+        x = F.embedding(input_ids, self.table())
         if self.embed_scale is not None:
             x = x * F.embedding(input_ids, self.embed_scale_rows)
         return x * self.embed_multiplier if self.embed_multiplier != 1.0 else x
@@ -272,13 +276,10 @@ class StaticLM(nn.Module):
         """RoPE cos and sin of each kind and the causal bias of each window for a prefill of ``length`` tokens."""
         if length > self.capacity:
             raise ValueError(f"prefill takes at most {self.capacity} tokens, got {length}")
-        tables = {}
-        for i in range(self.rope_kinds):
-            tables[f"cos{i}"] = getattr(self, f"cos_prefill{i}")[:, :, :length]
-            tables[f"sin{i}"] = getattr(self, f"sin_prefill{i}")[:, :, :length]
-        for j in range(len(self.windows)):
-            tables[f"bias{j}"] = getattr(self, f"causal_bias{j}")[:, :, :length, :length]
-        return tables
+        tables = {f"{kind}{i}": getattr(self, f"{kind}_prefill{i}")[:, :, :length]
+                  for i in range(self.rope_kinds) for kind in ("cos", "sin")}
+        return tables | {f"bias{j}": getattr(self, f"causal_bias{j}")[:, :, :length, :length]
+                         for j in range(len(self.windows))}
 
     def prefill(self, input_ids: torch.Tensor, tables: dict[str, torch.Tensor] | None = None,
                 norms: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -306,8 +307,7 @@ class StaticLM(nn.Module):
         x = self.embedding(input_ids)
         rope = [(F.embedding(position_ids, getattr(self, f"cos{i}"))[:, None],  # (1, 1, 1, rotary_dim)
                  F.embedding(position_ids, getattr(self, f"sin{i}"))[:, None]) for i in range(self.rope_kinds)]
-        masks = [attention_mask, *(window_masks or [])]
-        biases = [((m - 1.0) * -MASK_VALUE)[:, None, None] for m in masks]  # (1, 1, 1, C)
+        biases = [((m - 1.0) * -MASK_VALUE)[:, None, None] for m in (attention_mask, *(window_masks or []))]  # (1, 1, 1, C)
         presents = []
         for i, block in enumerate(self.blocks):
             q, k, v = block.attention_inputs(x, *rope[block.rope_index])

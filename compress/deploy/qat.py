@@ -7,8 +7,9 @@ passed straight through, as in LLM-QAT and EfficientQAT), on the KL from the flo
 before). Each block's step is its channel's unit times a small integer (LPBQ): the integers stay as GPTQ chose
 them, and the units train too when asked (LSQ-style, on their logarithms), which the graph still stores exactly (a
 float per channel). The float parameters the graph keeps at 16 bits (norms, per-row table scales, the head mix,
-biases) train with them; the int4 table stays as GPTQ rounded it. At the end every block weight is set to its
-rounded value, so the exported weights lie on their grids as GPTQ's did.
+biases) train with them; the tied int4 table stays as GPTQ rounded it, or trains on its own grid when asked. At the
+end every block weight (and the table) is set to its rounded value, so the exported weights lie on their grids as
+GPTQ's did.
 
 Written here rather than taken from a library: the grids are LPBQ blocks that the graph writer
 (:mod:`quant.lpbq`) stores exactly, which torch.ao's fake-quant modules do not express, and the model is the
@@ -80,6 +81,41 @@ class _OnGrid(nn.Module):
         return BlockScales(self.units().detach(), self.ints[:, ::self.size].to(torch.uint8), self.size)
 
 
+class _TableOnGrid(nn.Module):
+    """Parametrization of the tied int4 table: on its per-tensor grid (±7 steps of its largest value; the embed-rows
+    rewrite made every row's largest 1 and the per-row scales float), the rounding's gradient passed straight
+    through. The graph's table scale is its peak over 7 (quant.quantize), so one entry is kept at the grid's end."""
+
+    def __init__(self, table: torch.Tensor, top: int) -> None:
+        super().__init__()
+        self.top, self.step = top, float(table.abs().max()) / top
+        if not torch.allclose(table / self.step, torch.round(table / self.step), atol=1e-3):
+            raise ValueError("the table trains on the int4 grid GPTQ rounded it onto: round it with gptq_table_ first")
+        self.held: torch.Tensor | None = None
+
+    def forward(self, table: torch.Tensor) -> torch.Tensor:
+        if self.held is not None:
+            return self.held
+        x = torch.clamp(table / self.step, -self.top, self.top)
+        return (x + (torch.round(x) - x).detach()) * self.step
+
+    @contextlib.contextmanager
+    def cached(self, table: torch.Tensor) -> Iterator[None]:
+        """Round ``table`` once for every lookup and head inside (one training step), as parametrize.cached does."""
+        self.held = self(table)
+        try:
+            yield
+        finally:
+            self.held = None
+
+    def rounded(self, table: torch.Tensor) -> torch.Tensor:
+        """``table`` on its grid, its largest entry (in magnitude) at the grid's end."""
+        steps = torch.clamp(torch.round(table / self.step), -self.top, self.top)
+        i = table.abs().argmax()
+        steps.view(-1)[i] = torch.sign(table.view(-1)[i]) * self.top
+        return steps * self.step
+
+
 @dataclass
 class QatResult:
     """What a quantization-aware training did: tokens, optimizer steps, seconds, and the KL to the float model
@@ -97,10 +133,13 @@ class QatResult:
 
 
 @contextlib.contextmanager
-def _training(lm: StaticLM, learn_units: bool) -> Iterator[list[nn.Parameter]]:
-    """``lm``'s block linears on their grids (yields the grids' trainable units, if ``learn_units``), its norms as
-    plain ops (the fused norm has no gradient), its int4 table (and the tied head) frozen as GPTQ rounded it. On exit
-    every block weight is left on its grid and ``lm.weight_blocks`` holds them and their scales."""
+def _training(lm: StaticLM, learn_units: bool, learn_table: bool) -> Iterator[dict[str, list[nn.Parameter]]]:
+    """``lm``'s block linears on their grids, its norms as plain ops (the fused norm has no gradient), its int4
+    table (and the tied head) on its grid if ``learn_table``, else frozen as GPTQ rounded it. Yields the parameters
+    that train at their own rates: the grids' ``units`` (if ``learn_units``) and the ``table``. On exit every block
+    weight (and the table) is left on its grid and ``lm.weight_blocks`` holds the blocks and their scales."""
+    if learn_table and (not lm.tied or lm.embed_scale is None):
+        raise ValueError("training the table needs the tied int4 table with per-row scales (w4a16's embed-rows)")
     names = graph_names(lm)
     grids = []
     for block in lm.unique_blocks:
@@ -114,13 +153,20 @@ def _training(lm: StaticLM, learn_units: bool) -> Iterator[list[nn.Parameter]]:
         m.fused_norm = False
     for layer, _, grid in grids:
         parametrize.register_parametrization(layer, "weight", grid)
+    table = _TableOnGrid(lm.embed.detach(), levels(4)) if learn_table else None
+    lm.table_grid = table
     lm.requires_grad_(True)
-    lm.embed.requires_grad_(False)
-    lm.head.requires_grad_(False)
+    lm.embed.requires_grad_(learn_table)
+    lm.head.requires_grad_(learn_table)
     try:
-        yield [grid.log_gain for *_, grid in grids] if learn_units else []
+        yield {"units": [grid.log_gain for *_, grid in grids] if learn_units else [],
+               "table": [lm.embed] if learn_table else []}
     finally:
         lm.requires_grad_(True)
+        lm.table_grid = None
+        if table is not None:
+            with torch.no_grad():
+                lm.embed.copy_(table.rounded(lm.embed))
         for m, was in zip((lm, *lm.blocks), fused, strict=True):
             m.fused_norm = was
         for layer, aliases, grid in grids:
@@ -138,12 +184,13 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4, batch: int = 4,
-         warmup: int = 20, unit_lr: float = 0.0, progress: bool = False) -> QatResult:
+         warmup: int = 20, unit_lr: float = 0.0, table_lr: float = 0.0, progress: bool = False) -> QatResult:
     """Train ``lm`` (in place; GPTQ-rounded onto LPBQ int4 blocks by :func:`compress.deploy.gptq.gptq_`, which left
     ``lm.weight_blocks``) on its grids to match ``reference`` (its float model, unchanged) on the sequences ``ids``
     [n, L], ``batch`` of them a step, AdamW at ``lr`` after ``warmup`` steps, cosine to zero; bf16 autocast where the
-    CPU has bf16. With ``unit_lr`` > 0 each channel's LPBQ unit trains too, at that rate on its logarithm (0: GPTQ's units stay). Its
-    block weights end on their grids and ``lm.weight_blocks`` holds them and their scales."""
+    CPU has bf16. With ``unit_lr`` > 0 each channel's LPBQ unit trains too, at that rate on its logarithm (0: GPTQ's
+    units stay); with ``table_lr`` > 0 the tied int4 table trains on its grid at that rate (0: GPTQ's table stays).
+    Its block weights end on their grids and ``lm.weight_blocks`` holds them and their scales."""
     if not getattr(lm, "weight_blocks", None):
         raise ValueError("qat_ trains LPBQ int4 block weights: round the model with gptq_(..., block_size=) first")
     ids = torch.as_tensor(ids)
@@ -152,10 +199,11 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4,
         raise ValueError(f"quantization-aware training needs at least {batch} sequences, got {len(ids)}")
     started, kls = time.perf_counter(), []
     bf16, cpu = cpu_has_bf16(), torch.device("cpu")  # emulated bf16 would cost far more than the fp32 it replaces
-    with _training(lm, unit_lr > 0) as units:
-        unit_ids = {id(u) for u in units}
-        params = [p for p in lm.parameters() if p.requires_grad and id(p) not in unit_ids]
-        groups = [{"params": params, "lr": lr}] + ([{"params": units, "lr": unit_lr}] if units else [])
+    with _training(lm, unit_lr > 0, table_lr > 0) as own:
+        rates = {"units": unit_lr, "table": table_lr}
+        apart = {id(p) for params in own.values() for p in params}
+        params = [p for p in lm.parameters() if p.requires_grad and id(p) not in apart]
+        groups = [{"params": params, "lr": lr}, *({"params": own[k], "lr": rates[k]} for k in own if own[k])]
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         warm = min(warmup, max(1, steps // 4))
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -165,7 +213,8 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4,
             rows = ids[step * batch:(step + 1) * batch]
             with torch.no_grad(), autocast(bf16, cpu):
                 targets = [reference.prefill(row[None])[0][0] for row in rows]
-            with parametrize.cached(), autocast(bf16, cpu):  # each weight rounded once a step
+            table = lm.table_grid.cached(lm.embed) if lm.table_grid is not None else contextlib.nullcontext()
+            with parametrize.cached(), table, autocast(bf16, cpu):  # each weight rounded once a step
                 loss = sum(_kl(lm.prefill(row[None])[0][0], target) for row, target in zip(rows, targets, strict=True))
                 (loss / len(rows)).backward()
             optimizer.step()

@@ -211,18 +211,20 @@ def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.
         from compress.deploy.qat import qat_
 
         rounded.qat = qat_(rounded, lm, torch.as_tensor(qat.ids), lr=qat.lr, unit_lr=qat.unit_lr,
-                           progress=progress).as_dict()
+                           table_lr=qat.table_lr, progress=progress).as_dict()
     return rounded
 
 
 @dataclass
 class QatSettings:
     """Quantization-aware training after GPTQ (LPBQ recipes): the training sequences [n, L], the learning rate of
-    the weights and that of the LPBQ channel units' logarithms (0: GPTQ's units stay)."""
+    the weights, that of the LPBQ channel units' logarithms (0: GPTQ's units stay) and that of the tied int4 table
+    (0: GPTQ's table stays)."""
 
     ids: np.ndarray
     lr: float = 1e-4
     unit_lr: float = 3e-3
+    table_lr: float = 0.0
 
 
 @dataclass

@@ -245,7 +245,7 @@ class Minitron(StudentFamily):
         if c.quant.qat_tokens:
             sequences = -(-c.quant.qat_tokens // c.quant.seq_len)
             qat = QatSettings(state.ids("train", c.quant.seq_len, sequences).numpy(), c.quant.qat_lr,
-                              c.quant.qat_unit_lr)
+                              c.quant.qat_unit_lr, c.quant.qat_table_lr)
         gptq_ids = state.ids("calibration", c.quant.seq_len, c.quant.gptq_samples)
         if state.vocab_map is not None:  # a token the trimmed vocabulary lost is spelled by those it kept
             gptq_ids = state.vocab_map.convert(gptq_ids).ids
