@@ -38,6 +38,12 @@ from quant.gptq import BlockScales, levels
 log = logging.getLogger(__name__)
 
 
+def _round_through(weight: torch.Tensor, steps: torch.Tensor | float, top: int) -> torch.Tensor:
+    """``weight`` rounded onto ±``top`` multiples of ``steps``, the rounding's gradient passed straight through."""
+    x = torch.clamp(weight / steps, -top, top)
+    return (x + (torch.round(x) - x).detach()) * steps
+
+
 class _OnGrid(nn.Module):
     """Parametrization: the weight rounded onto its LPBQ grid, the rounding's gradient passed straight through.
 
@@ -72,9 +78,7 @@ class _OnGrid(nn.Module):
         return torch.clamp(torch.round(weight / self.steps), -self.top, self.top)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        steps = self.steps
-        x = torch.clamp(weight / steps, -self.top, self.top)
-        return (x + (torch.round(x) - x).detach()) * steps
+        return _round_through(weight, self.steps, self.top)
 
     def scales(self) -> BlockScales:
         """The LPBQ scales this grid stands for now: the trained units, the block integers unchanged."""
@@ -94,10 +98,7 @@ class _TableOnGrid(nn.Module):
         self.held: torch.Tensor | None = None
 
     def forward(self, table: torch.Tensor) -> torch.Tensor:
-        if self.held is not None:
-            return self.held
-        x = torch.clamp(table / self.step, -self.top, self.top)
-        return (x + (torch.round(x) - x).detach()) * self.step
+        return self.held if self.held is not None else _round_through(table, self.step, self.top)
 
     @contextlib.contextmanager
     def cached(self, table: torch.Tensor) -> Iterator[None]:
