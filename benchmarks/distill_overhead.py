@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.plots import provenance
+from benchmarks.plots import machine, provenance
 from compress.io import write_json, write_text
 from compress.pruning.archspec import Shape, resolve
 from compress.pruning.planner import select
@@ -137,7 +136,7 @@ def main() -> None:
         "batch_size": args.batch_size, "seq_len": args.seq_len, "arms": rows, "step_flops": flops,
         "bf16_matmul_ceiling": ceiling, "profile": profile, "issue_baseline_tokens_per_second": ISSUE_BASELINE,
         "seconds": time.perf_counter() - started, "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
     }
     if "trainer" in rows and "bare" in rows:
         report["trainer_overhead"] = rows["trainer"]["step_seconds_median"] / rows["bare"]["step_seconds_median"] - 1

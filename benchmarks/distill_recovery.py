@@ -24,14 +24,13 @@ import copy
 import dataclasses
 import json
 import logging
-import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from benchmarks.plots import provenance
+from benchmarks.plots import machine, provenance
 from compress.app.distillation import TrimmedVocabTeacher
 from compress.core.config import BLOCK_AXES, DISTILL_DEFAULTS, CompressConfig, TargetSize
 from compress.core.state import per_teacher_agreement, per_teacher_token
@@ -249,7 +248,7 @@ def _write(args, teacher_row, chosen, before, arms, sets, base, started, floor) 
         "evaluation_tokens": {k: int(v.shape[0] * (v.shape[1] - 1)) for k, v in sets.items()},
         "curve_sequences": _CURVE_SEQUENCES, "arms": arms,
         "seconds": time.perf_counter() - started, "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     if arms:

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks.plots import provenance
+from benchmarks.plots import machine, provenance
 from compress.io import write_json, write_text
 from quant import qnn
 
@@ -42,7 +41,7 @@ def main() -> None:
     if reason:
         raise SystemExit(f"error: {reason}")
     report = {**provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"), "soc_model": args.soc_model,
-              "compiler": f"onnxruntime-qnn {qnn.version()}", "machine": platform.machine(), "graphs": []}
+              "compiler": f"onnxruntime-qnn {qnn.version()}", "machine": machine(), "graphs": []}
     for run in args.runs:
         config = json.loads((run / "config.json").read_text())
         if config["quant"]["npu_profile"] != "qnn-htp":

@@ -23,7 +23,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks.plots import provenance
+from benchmarks.plots import machine, provenance
 from compress.io import read_json, write_json, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,14 +62,14 @@ def main() -> None:
     start = next(i for i, line in enumerate(lines) if line.startswith("stage "))
     summary = [line for line in lines[start:] if line.strip()]
     report = read_json(run_dir / "report.json")
-    result = {**meta, "command": command, "recorded_by": meta["command"],
+    result = {**meta, "command": command, "recorded_by": meta["command"], "machine": machine(),
               "date": datetime.now(UTC).strftime("%Y-%m-%d"), "wall_seconds": seconds, "summary": summary,
               "report": report}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / f"{stem}.json", result)
     body = "\n".join(("#" + line) if line.startswith("#") else line for line in (run_dir / "report.md").read_text().splitlines())
     write_text(args.out / f"{stem}.md", (
-        f"# {title}\n\n`{command}` on {result['date']} at commit `{meta['commit']}`, "
+        f"# {title}\n\n`{command}` on {result['date']} at commit `{meta['commit']}` ({result['machine']}), "
         f"{'setup not included' if args.no_setup else 'setup included'}, recorded by `{meta['command']}`: wall time {seconds / 60:.1f} min "
         f"({seconds:,.0f} s).\n\n```\n" + "\n".join(summary) + "\n```\n\nIts report.md:\n\n" + body + "\n"))
     print("\n".join(summary))

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from benchmarks.plots import finish_perplexity_plot, provenance
+from benchmarks.plots import finish_perplexity_plot, machine, provenance
 from compress.core.config import CompressConfig, TargetSize
 from compress.evaluation.quality import ENCODER_DECODER, continuation_quality
 from compress.families.mu import student_config
@@ -103,7 +102,7 @@ def main() -> None:
         "mu_params": sum(p.numel() for p in MuForConditionalGeneration(config).parameters()),
         "tokens": args.tokens, "seq_len": int(train.shape[1]), "settings": settings.to_dict(), "cut": cut,
         "arms": arms, "seconds": time.perf_counter() - started, **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mu_init.json").write_text(json.dumps(report, indent=2) + "\n")

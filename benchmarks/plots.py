@@ -26,6 +26,29 @@ def provenance() -> dict[str, str]:
     return dict(_STARTED)
 
 
+def machine() -> str:
+    """What a result's times were measured on: architecture, CPU model, threads, whether bf16 is native, torch.
+
+    Sessions run on different machines (an Intel Xeon with AMX, an AVX2-only EPYC); their times, and how fast a
+    training step runs, are comparable only on the same CPU."""
+    import platform
+
+    import torch
+
+    from distill.speed import cpu_has_bf16
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip() + ", "
+                break
+    except OSError:
+        pass
+    bf16 = "native bf16" if cpu_has_bf16() else "no native bf16"
+    return f"{platform.machine()}, {model}{torch.get_num_threads()} threads, {bf16}, torch {torch.__version__}"
+
+
 def _provenance_now() -> dict[str, str]:
     import shlex
     import subprocess

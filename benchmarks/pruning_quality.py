@@ -17,14 +17,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
-from benchmarks.plots import finish_perplexity_plot, provenance
+from benchmarks.plots import finish_perplexity_plot, machine, provenance
 from compress.core.config import BLOCK_AXES, CompressConfig, TargetSize
 from compress.core.state import per_teacher_token
 from compress.evaluation.quality import mean_nll, perplexity
@@ -126,7 +125,7 @@ def _report(args, spec, teacher_ppl, calib, defaults, vocab_floor, rows, seconds
         "rows": rows,
         "seconds": seconds,
         **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
     }
 
 

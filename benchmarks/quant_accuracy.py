@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import shutil
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.plots import provenance
+from benchmarks.plots import machine, provenance
 from compress.core.config import DEFAULT_TRANSFORMS, CompressConfig, QuantConfig
 from compress.deploy.htp import compile_graphs, emulate
 from compress.deploy.quantization import QatSettings, export_graphs, measure, prepare, quantize_graphs
@@ -132,7 +131,7 @@ def main() -> None:
     report: dict = {
         "model": args.model, "seq_len": args.seq_len, "validation_tokens": int(valid.shape[0] * (valid.shape[1] - 1)),
         "calibration_sequences": int(calib.shape[0]), **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "data": f"the {dataset.name} corpus (validation / calibration splits)", "seed": defaults.seed,
     }
     wanted = args.rows.split(",")

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import shutil
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.plots import provenance
+from benchmarks.plots import machine, provenance
 from compress.core.config import DEFAULT_TRANSFORMS
 from compress.deploy.gptq import block_op, gptq_
 from compress.deploy.groups import quantize_graph
@@ -93,7 +92,7 @@ def main() -> None:
         "model": args.model, "seq_len": args.seq_len, "calibration_sequences": int(calib.shape[0]),
         "tokens": {name: int(ids.shape[0] * (ids.shape[1] - 1)) for name, ids in sets.items()},
         **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "profile": "qnn-htp",
     }
     wanted = range(len(ROWS)) if args.rows == "all" else [int(r) for r in args.rows.split(",")]

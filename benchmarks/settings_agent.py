@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.plots import provenance
+from benchmarks.plots import machine, provenance
 from compress.app.finetune import FinetuneConfig, data_digest, finetune
 from compress.app.htp_calls import emulated_calls
 from compress.app.pipeline import run
@@ -205,7 +204,7 @@ def main() -> None:
                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "epochs": args.epochs,
                       "planned": [f"{n} ({m})" for n in names for m in modes], "rows": rows, **provenance(),
                       "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-                      "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                      "machine": machine(),
                       "seconds": time.perf_counter() - started}
             args.out.mkdir(parents=True, exist_ok=True)
             write_text(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")

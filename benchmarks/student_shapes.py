@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
 import time
 from datetime import UTC, datetime
@@ -37,7 +36,7 @@ import numpy as np
 import onnx
 import torch
 
-from benchmarks.plots import provenance
+from benchmarks.plots import machine, provenance
 from compress.app.pipeline import run
 from compress.core.config import CompressConfig
 from compress.core.family import get_family, load_model
@@ -246,7 +245,7 @@ def main() -> None:
         "validation_seq_len": int(valid.shape[1]), "quant": args.quant, "npu_profile": args.npu_profile, "rounds": args.rounds,
         "students": students, "compare": args.compare, "ratios": _ratios(students, args.compare), "seconds": time.perf_counter() - started,
         **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "student_shapes.json", json.dumps(report, indent=2, default=str) + "\n")

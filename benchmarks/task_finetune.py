@@ -22,16 +22,13 @@ import argparse
 import hashlib
 import json
 import logging
-import platform
 import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from benchmarks.plots import provenance
+from benchmarks.plots import machine, provenance
 from compress.app.finetune import FinetuneConfig, finetune
 from compress.evaluation.quality import pair_quality
 from compress.io import write_json, write_text
@@ -138,7 +135,7 @@ def main() -> None:
               "lora_rank": args.lora_rank, "max_input_tokens": args.max_input_tokens,
               "max_output_tokens": args.max_output_tokens, "runs": runs, "seconds": time.perf_counter() - started,
               **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+              "machine": machine()}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "task_finetune.json", report)
     write_text(args.out / "task_finetune.md", markdown(report))

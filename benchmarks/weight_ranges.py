@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
 from datetime import UTC, datetime
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.plots import provenance
+from benchmarks.plots import machine, provenance
 from compress.deploy.export import LINEARS, StaticLM
 from compress.deploy.gptq import gptq_, gptq_table_, weight_matrix
 from compress.deploy.outliers import normalize_embedding, rotate
@@ -177,7 +176,7 @@ def main() -> None:
     report = {
         "model": args.model, "seq_len": args.seq_len, "validation_tokens": int(ids.shape[0] * (ids.shape[1] - 1)),
         **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "data": f"the {dataset.name} corpus (validation split)", "seeds": seeds,
         "calibration_sequences": int(calib.shape[0]), "bits": args.bits,
         "summary": {arm: {"mean_cost": statistics.mean(c), "sd_cost": statistics.stdev(c) if len(c) > 1 else 0.0,
