@@ -34,6 +34,7 @@ from compress.deploy.decoder import (
     export_family,
     rope_tables,
 )
+from compress.deploy.layouts import Conv1x1, MatMulLinear
 from quant.ops import rms_norm
 
 MAX_TABLE_POSITIONS = 8192  # RoPE positions the decode graph holds (Gemma3's 32k x 256 tables would be 134 MB)
@@ -43,37 +44,6 @@ LINEARS = ("q", "k", "v", "o", "gate", "up", "down")  # every block's linear lay
 
 def _plain_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-class Conv1x1(nn.Module):
-    """A linear layer computed as a 1x1 Conv over [1, in, 1, T]: NPU toolchains that take per-channel
-    weights only on Conv (QNN) then quantize it per output channel."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach()[:, :, None, None].clone())
-        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), self.weight, self.bias)  # (1, out, 1, T)
-        return y.squeeze(2).transpose(1, 2)
-
-
-class MatMulLinear(nn.Module):
-    """A linear layer whose weight is stored transposed, (in, out), and applied as ``x @ weight``.
-
-    The exporter folds ``linear``'s transpose of a weight into the stored tensor only when one node reads
-    the weight; a block applied at several depths (MobileLLM-like sharing) would keep a runtime Transpose of
-    a float weight in the graph, which then stays unquantized."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().t().contiguous())
-        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(x, self.weight)
-        return y + self.bias if self.bias is not None else y
 
 
 class _Block(nn.Module):

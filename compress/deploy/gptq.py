@@ -16,7 +16,8 @@ import contextlib
 import torch
 from torch import nn
 
-from compress.deploy.export import LINEARS, Conv1x1, MatMulLinear, StaticLM
+from compress.deploy.export import LINEARS, StaticLM
+from compress.deploy.layouts import Conv1x1, MatMulLinear
 from quant.gptq import block_scales, gptq_round
 
 

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.deploy.export import LINEARS, MatMulLinear, StaticLM
+from compress.deploy.export import LINEARS, StaticLM
 from compress.deploy.gptq import graph_names, weight_matrix
+from compress.deploy.layouts import MatMulLinear
 from distill.speed import autocast, cpu_has_bf16
 from quant.gptq import BlockScales, levels
 
