@@ -23,6 +23,7 @@ from typing import Any
 
 from compress.core.family import family_names
 from compress.deploy.outliers import TRANSFORMS
+from compress.deploy.qat import QAT_LR, QAT_TABLE_LR, QAT_UNIT_LR
 from compress.errors import ConfigError
 from compress.pruning.planner import TargetSize
 from distill import DistillConfig, DistillError
@@ -123,9 +124,9 @@ class QuantConfig:
     soc_model: str = DEFAULT_SOC_MODEL  # the Snapdragon the qnn-htp graphs are compiled for
     htp_eval_samples: int = 4  # validation sequences run on the HTP emulator (about 30 s each); 0: none
     qat_tokens: int = 0  # quantization-aware training after GPTQ (LPBQ recipes: w4a16), on this many training tokens
-    qat_lr: float = 1e-4
-    qat_unit_lr: float = 3e-3  # learning rate of the LPBQ channel units' logarithms in that training (0: fixed)
-    qat_table_lr: float = 0.0  # learning rate of the tied int4 table on its grid in that training (0: frozen)
+    qat_lr: float = QAT_LR
+    qat_unit_lr: float = QAT_UNIT_LR  # learning rate of the LPBQ channel units' logarithms in that training (0: fixed)
+    qat_table_lr: float = QAT_TABLE_LR  # learning rate of the tied int4 table on its grid in that training (0: frozen)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "soc_model", str(self.soc_model))

@@ -38,6 +38,10 @@ from quant.gptq import BlockScales, levels
 
 log = logging.getLogger(__name__)
 
+# The training's default learning rates (QuantConfig's and QatSettings' too): the weights, the LPBQ channel units'
+# logarithms (0: GPTQ's units stay) and the tied int4 table on its grid (0: GPTQ's table stays).
+QAT_LR, QAT_UNIT_LR, QAT_TABLE_LR = 1e-4, 3e-3, 0.0
+
 
 def _round_through(weight: torch.Tensor, steps: torch.Tensor | float, top: int) -> torch.Tensor:
     """``weight`` rounded onto ±``top`` multiples of ``steps``, the rounding's gradient passed straight through."""
@@ -185,8 +189,8 @@ def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
                     reduction="batchmean")
 
 
-def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = 1e-4, batch: int = 4,
-         warmup: int = 20, unit_lr: float = 0.0, table_lr: float = 0.0, progress: bool = False) -> QatResult:
+def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = QAT_LR, batch: int = 4,
+         warmup: int = 20, unit_lr: float = QAT_UNIT_LR, table_lr: float = QAT_TABLE_LR, progress: bool = False) -> QatResult:
     """Train ``lm`` (in place; GPTQ-rounded onto LPBQ int4 blocks by :func:`compress.deploy.gptq.gptq_`, which left
     ``lm.weight_blocks``) on its grids to match ``reference`` (its float model, unchanged) on the sequences ``ids``
     [n, L], ``batch`` of them a step, AdamW at ``lr`` after ``warmup`` steps, cosine to zero; bf16 autocast where the

@@ -24,6 +24,7 @@ from compress.deploy.decoder import allowed_transforms
 from compress.deploy.export import DecodeStep, Prefill, StaticLM
 from compress.deploy.groups import quantize_graph
 from compress.deploy.outliers import TRANSFORMS, normalize_embedding, rotate, smooth
+from compress.deploy.qat import QAT_LR, QAT_TABLE_LR, QAT_UNIT_LR, qat_
 from quant import runtime
 from quant.export import export
 from quant.lpbq import write_blocks
@@ -208,8 +209,6 @@ def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.
     if recipe.embedding_bits == 4 and rounded.tied and rounded.embed_scale is not None:
         gptq_table_(rounded, ids, recipe.embedding_bits)
     if qat is not None:
-        from compress.deploy.qat import qat_
-
         rounded.qat = qat_(rounded, lm, torch.as_tensor(qat.ids), lr=qat.lr, unit_lr=qat.unit_lr,
                            table_lr=qat.table_lr, progress=progress).as_dict()
     return rounded
@@ -222,9 +221,9 @@ class QatSettings:
     (0: GPTQ's table stays)."""
 
     ids: np.ndarray
-    lr: float = 1e-4
-    unit_lr: float = 3e-3
-    table_lr: float = 0.0
+    lr: float = QAT_LR
+    unit_lr: float = QAT_UNIT_LR
+    table_lr: float = QAT_TABLE_LR
 
 
 @dataclass
