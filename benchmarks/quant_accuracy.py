@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--qat-unit-lr", type=float, default=QuantConfig.qat_unit_lr,
                         help="peak learning rate of the LPBQ channel units' logarithms in that training (0: fixed)")
     parser.add_argument("--qat-table-lr", type=float, default=QuantConfig.qat_table_lr,
-                        help="peak learning rate of the tied int4 table on its grid in that training (0: frozen)")
+                        help="the tied int4 table's largest move per step at that training's peak, on its grid "
+                        "(rows of largest value 1, steps of 1/7; 0: frozen)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser
 

@@ -168,7 +168,7 @@ def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keep
     before = {n: p.detach().clone() for n, p in lm.named_parameters()}
     export_graphs(lm, tmp_path, decode=False)
     kl, units, tables = {}, {}, {}
-    with_table = QatSettings(train.numpy(), lr=5e-4, unit_lr=5e-3, table_lr=5e-3)
+    with_table = QatSettings(train.numpy(), lr=5e-4, unit_lr=5e-3, table_lr=0.2)  # its largest entry: 0.2 a step
     arms = (("gptq", None), ("fixed units", QatSettings(train.numpy(), lr=5e-4, unit_lr=0.0)),
             ("qat", QatSettings(train.numpy(), lr=5e-4, unit_lr=5e-3)), ("table", with_table))
     for arm, qat in arms:
@@ -191,7 +191,9 @@ def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keep
             assert torch.allclose(q, q.round(), atol=1e-4) and q.round().abs().max() <= 7, name
     assert rounded.qat["steps"] == 16 and rounded.qat["tokens"] == 64 * CAPACITY
     assert kl["qat"] < 0.95 * kl["gptq"] and kl["table"] < 0.95 * kl["gptq"], kl  # on sequences it did not train on
-    assert torch.equal(tables["qat"], tables["gptq"]) and not torch.equal(tables["table"], tables["gptq"])
+    assert torch.equal(tables["qat"], tables["gptq"])
+    moved = ((tables["table"] * 7).round() != (tables["gptq"] * 7).round()).sum().item()  # in whole grid steps
+    assert 0 < moved < tables["gptq"].numel() // 10, moved  # gradient steps move the entries that matter, not all
     for name, scales in units["gptq"].items():  # the block integers are GPTQ's; the units train only when asked to
         assert torch.equal(units["fixed units"][name].channel, scales.channel), name
         assert torch.equal(units["qat"][name].ints, scales.ints), name

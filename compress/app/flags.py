@@ -117,8 +117,9 @@ _HELP = {
     "quant_qat_unit_lr": "peak learning rate of each output channel's LPBQ step unit in that training, on its "
     "logarithm (LSQ-style: the steps train with the weights; the block integers stay GPTQ's; 0: the units stay "
     "GPTQ's)",
-    "quant_qat_table_lr": "peak learning rate of the tied int4 embedding table in that training, on its int4 grid "
-    "(the lookup and the output head read it; 0: the table stays as GPTQ rounded it)",
+    "quant_qat_table_lr": "how far the tied int4 embedding table's largest entry moves per step at that training's "
+    "peak, on its int4 grid (rows of largest value 1, steps of 1/7; every other entry moves in proportion to its "
+    "gradient; the lookup and the output head read the table; 0: it stays as GPTQ rounded it)",
     "soc_model": "Qualcomm SoC the qnn-htp graphs are compiled for by Qualcomm's HTP compiler (onnxruntime-qnn), "
     "which writes onnx/*.qnn.onnx and each graph's op trace: 60 is the Snapdragon X Elite",
     "htp_eval_samples": "validation sequences the compiled prefill graph runs on the HTP emulator, next to ONNX "

@@ -126,7 +126,7 @@ class QuantConfig:
     qat_tokens: int = 0  # quantization-aware training after GPTQ (LPBQ recipes: w4a16), on this many training tokens
     qat_lr: float = QAT_LR
     qat_unit_lr: float = QAT_UNIT_LR  # learning rate of the LPBQ channel units' logarithms in that training (0: fixed)
-    qat_table_lr: float = QAT_TABLE_LR  # learning rate of the tied int4 table on its grid in that training (0: frozen)
+    qat_table_lr: float = QAT_TABLE_LR  # the tied int4 table's largest move a step in that training (0: frozen)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "soc_model", str(self.soc_model))

@@ -195,7 +195,9 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = QAT_L
     ``lm.weight_blocks``) on its grids to match ``reference`` (its float model, unchanged) on the sequences ``ids``
     [n, L], ``batch`` of them a step, AdamW at ``lr`` after ``warmup`` steps, cosine to zero; bf16 autocast where the
     CPU has bf16. With ``unit_lr`` > 0 each channel's LPBQ unit trains too, at that rate on its logarithm (0: GPTQ's
-    units stay); with ``table_lr`` > 0 the tied int4 table trains on its grid at that rate (0: GPTQ's table stays).
+    units stay); with ``table_lr`` > 0 the tied int4 table trains on its grid by gradient steps in which its largest
+    entry moves by that rate (each other entry in proportion to its gradient; rows have largest value 1 and a grid
+    step of 1/7; 0: GPTQ's table stays).
     Its block weights end on their grids and ``lm.weight_blocks`` holds them and their scales."""
     if not getattr(lm, "weight_blocks", None):
         raise ValueError("qat_ trains LPBQ int4 block weights: round the model with gptq_(..., block_size=) first")
@@ -206,14 +208,18 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = QAT_L
     started, kls = time.perf_counter(), []
     bf16, cpu = cpu_has_bf16(), torch.device("cpu")  # emulated bf16 would cost far more than the fp32 it replaces
     with _training(lm, unit_lr > 0, table_lr > 0) as own:
-        rates = {"units": unit_lr, "table": table_lr}
         apart = {id(p) for params in own.values() for p in params}
         params = [p for p in lm.parameters() if p.requires_grad and id(p) not in apart]
-        groups = [{"params": params, "lr": lr}, *({"params": own[k], "lr": rates[k]} for k in own if own[k])]
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        groups = [{"params": params, "lr": lr}, *([{"params": own["units"], "lr": unit_lr}] if own["units"] else [])]
+        optimizers = [torch.optim.AdamW(groups, weight_decay=0.0)]
+        if own["table"]:
+            # Gradient steps for the table, scaled so that its largest entry moves by the rate: AdamW would move every
+            # entry by about its rate whatever its gradient, so a rate that changes the roundings of frequent tokens
+            # would change those of tokens the text never shows; plain SGD's rate would depend on the model's scale.
+            optimizers.append(torch.optim.SGD(own["table"], lr=table_lr))
         warm = min(warmup, max(1, steps // 4))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        schedules = [torch.optim.lr_scheduler.LambdaLR(
+            o, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps))) for o in optimizers]
         lm.train()
         for step in range(steps):
             rows = ids[step * batch:(step + 1) * batch]
@@ -223,9 +229,12 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = QAT_L
             with parametrize.cached(), table, autocast(bf16, cpu):  # each weight rounded once a step
                 loss = sum(_kl(lm.prefill(row[None])[0][0], target) for row, target in zip(rows, targets, strict=True))
                 (loss / len(rows)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
+            if own["table"]:
+                lm.embed.grad /= lm.embed.grad.abs().max().clamp_min(1e-30)
+            for optimizer, schedule in zip(optimizers, schedules, strict=True):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
             kls.append(loss.item() / len(rows))
             if progress and (step % 10 == 0 or step == steps - 1):
                 log.info("QAT step %d/%d: KL %.4f", step + 1, steps, kls[-1])
