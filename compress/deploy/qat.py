@@ -38,8 +38,8 @@ from quant.gptq import BlockScales, levels
 
 log = logging.getLogger(__name__)
 
-# The training's default learning rates (QuantConfig's and QatSettings' too): the weights, the LPBQ channel units'
-# logarithms (0: GPTQ's units stay) and the tied int4 table on its grid (0: GPTQ's table stays).
+# The training's default rates (QuantConfig's and QatSettings' too): the weights' and the LPBQ channel units'
+# logarithms' learning rates (0: GPTQ's units stay), and the tied int4 table's largest move a step (0: it stays).
 QAT_LR, QAT_UNIT_LR, QAT_TABLE_LR = 1e-4, 3e-3, 0.0
 
 

@@ -217,8 +217,8 @@ def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.
 @dataclass
 class QatSettings:
     """Quantization-aware training after GPTQ (LPBQ recipes): the training sequences [n, L], the learning rate of
-    the weights, that of the LPBQ channel units' logarithms (0: GPTQ's units stay) and that of the tied int4 table
-    (0: GPTQ's table stays)."""
+    the weights, that of the LPBQ channel units' logarithms (0: GPTQ's units stay) and how far the tied int4 table's
+    largest entry moves a step (0: GPTQ's table stays; :func:`compress.deploy.qat.qat_`)."""
 
     ids: np.ndarray
     lr: float = QAT_LR
