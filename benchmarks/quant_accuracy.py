@@ -35,7 +35,14 @@ import torch
 from benchmarks.plots import machine, provenance
 from compress.core.config import DEFAULT_TRANSFORMS, CompressConfig, QuantConfig
 from compress.deploy.htp import compile_graphs, emulate
-from compress.deploy.quantization import QatSettings, export_graphs, measure, prepare, quantize_graphs
+from compress.deploy.quantization import (
+    FREQUENCY_TOKENS,
+    QatSettings,
+    export_graphs,
+    measure,
+    prepare,
+    quantize_graphs,
+)
 from compress.sources.corpora import GENERAL_EVAL
 from compress.sources.data import load_corpus, token_batches
 from compress.sources.teachers import load_teacher
@@ -169,8 +176,11 @@ def main() -> None:
             report["general_tokens"] = int(general.shape[0] * (general.shape[1] - 1))
             report["gptq_sequences"] = args.gptq_seqs
             gptq = token_batches(dataset, tokenizer, "calibration", args.seq_len, args.gptq_seqs).numpy()
+            # As the pipeline does: the table rows kept int8 (w4a16) are those of the most frequent training tokens.
+            report["frequency_tokens"] = FREQUENCY_TOKENS
+            counted = token_batches(dataset, tokenizer, "train", args.seq_len, FREQUENCY_TOKENS // args.seq_len).numpy()
             report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1,
-                                            args.htp_seqs, keys, qat, general, gptq)
+                                            args.htp_seqs, keys, qat, general, gptq, counted)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = time.perf_counter() - started
@@ -223,7 +233,8 @@ def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple
 
 def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid: np.ndarray,  # noqa: ANN001
                   reference_top1: np.ndarray, htp_seqs: int, keys: list[str], qat: QatSettings | None = None,
-                  general: np.ndarray | None = None, gptq: np.ndarray | None = None) -> dict:
+                  general: np.ndarray | None = None, gptq: np.ndarray | None = None,
+                  counted: np.ndarray | None = None) -> dict:
     """The graphs ``compress --stop-after quantize`` writes, for each shipped recipe and profile (FINAL_GRAPHS),
     GPTQ's Hessians from the ``gptq`` sequences; those of a Qualcomm profile compiled by the HTP compiler, and
     ``htp_seqs`` validation sequences run on its emulator; the QAT_GRAPHS after ``qat``. Each is also scored on the
@@ -246,7 +257,8 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
                      separate_head=profile.weight_only)
         export_graphs(lm, folder / key)
         graphs = quantize_graphs(lm, folder / key, PRESETS[name], profile, calib.numpy(),
-                                 qat=qat if key in QAT_GRAPHS else None, progress=key in QAT_GRAPHS, gptq_ids=gptq)
+                                 qat=qat if key in QAT_GRAPHS else None, progress=key in QAT_GRAPHS, gptq_ids=gptq,
+                                 frequency_ids=counted)
         out[key], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1, decode_samples=DECODE_SAMPLES,
                               others=others)
         if graphs.qat:

@@ -48,6 +48,9 @@ class QuantRecipe:
     # The tied embedding table (the lookup's and the head's): int8, or int4 (per row with the embed-rows rewrite,
     # which scales each row to max |value| 1 and multiplies its scale back in).
     embedding_bits: int = 8
+    # With an int4 table: the rows of this many most frequent tokens stored int8 in a second table (the project's
+    # compress.deploy.split_table; its GPTQ rounds them onto the 8-bit grid). 0: one table.
+    embedding_wide_rows: int = 0
     per_channel: bool = True  # on the operators the profile allows
     calibration: str = "minmax"
     percentile: float = 99.999
@@ -79,6 +82,10 @@ class QuantRecipe:
             raise ValueError("int4 Q/DQ weights go in LPBQ blocks: set weight_block (e.g. 64)")
         if self.weight_block and (self.weight_bits != 4 or self.weight_rounding != "gptq" or self.weight_block % 16):
             raise ValueError("weight_block (LPBQ blocks) takes weight_bits 4, weight_rounding gptq and a multiple of 16")
+        if self.embedding_wide_rows and (self.embedding_wide_rows < 0 or self.embedding_bits != 4
+                                         or self.weight_rounding != "gptq"):
+            raise ValueError("embedding_wide_rows (int8 rows of an int4 table) takes embedding_bits 4 and weight_rounding "
+                             "gptq, which rounds the rows onto their grids")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}")
         if self.weight_range not in WEIGHT_RANGES:
@@ -108,9 +115,10 @@ PRESETS = {
     # weights stream from memory; int8 blocks of 32 read a quarter of fp32's bytes, int4 an eighth.
     # The format NPU LLM toolchains ship (Qualcomm AI Hub, Olive's QNN recipes): int4 weights in LPBQ blocks of 32
     # inputs (each block's range MSE-searched), GPTQ-rounded onto them block after block, 16-bit activations; the
-    # tied table int4 per row, GPTQ-rounded as the head (an int8 table alone would be most of a small model's graph).
+    # tied table int4 per row, GPTQ-rounded as the head (an int8 table alone would be most of a small model's graph),
+    # but the 8,192 most frequent tokens' rows int8 (+2.4 MB on SmolLM2; docs/quantize.md).
     "w4a16": QuantRecipe("w4a16", activation_bits=16, weight_bits=4, embedding_bits=4, sixteen_bit_weights=MIXES,
-                         weight_rounding="gptq", weight_block=32, weight_range="mse"),
+                         weight_rounding="gptq", weight_block=32, weight_range="mse", embedding_wide_rows=8192),
     "w8": QuantRecipe("w8", activation_bits=32, weight_bits=8, per_channel=False, weight_only=True, block_size=128),
     "w4": QuantRecipe("w4", activation_bits=32, weight_bits=4, per_channel=False, weight_only=True, block_size=32),
 }
@@ -198,9 +206,10 @@ def _chosen(model: onnx.ModelProto, names: Sequence[str], finder: GroupFinder | 
 
 
 def _overrides(model: onnx.ModelProto, chosen: dict[str, list[str]], wide: list[str],
-               profile: NpuProfile, embedding_bits: int = 8) -> dict[str, list[dict]]:
+               profile: NpuProfile, embedding_bits: int = 8, wide_rows: int = 0) -> dict[str, list[dict]]:
     """ORT's per-tensor overrides: 16-bit activations of the chosen groups, one symmetric int8 (int4) tensor for a
-    tied embedding (the lookup and the head read it), int16 for the wide weights; on QNN, uint8 LayerNorm scales."""
+    tied embedding (the lookup and the head read it; with ``wide_rows``, the smaller of two such tables, which holds
+    the frequent tokens' rows, stays int8), int16 for the wide weights; on QNN, uint8 LayerNorm scales."""
     from onnxruntime.quantization import QuantType
 
     overrides = {}
@@ -210,8 +219,11 @@ def _overrides(model: onnx.ModelProto, chosen: dict[str, list[str]], wide: list[
         overrides.update({name: [{"quant_type": QuantType.QUInt16, "symmetric": False}] for name in biases})
     overrides.update({name: [{"quant_type": QuantType.QUInt16}] for names in chosen.values() for name in names})
     initializers = {t.name: t for t in model.graph.initializer}
-    for name in shared_weights(model):
-        if embedding_bits == 4:
+    shared = shared_weights(model)
+    # Split in two (at most a quarter of the rows wide): the smaller table is the int8 one.
+    int8_table = min(shared, key=lambda n: initializers[n].dims[0]) if wide_rows and len(shared) == 2 else None
+    for name in shared:
+        if embedding_bits == 4 and name != int8_table:
             # Symmetric on ±7 steps (ORT's own int4 grid is -8..7 steps of max|w| / 7.5): the rows the embed-rows
             # rewrite scaled to max |value| 1, and a GPTQ-rounded table, then keep their values exactly.
             peak = float(np.abs(onnx.numpy_helper.to_array(initializers[name])).max())
@@ -323,7 +335,7 @@ def quantize(
             chosen["int16-weight-io"] = sorted({t for n in model.graph.node if n.op_type in _WEIGHT_AXIS
                                                 and len(n.input) > 1 and n.input[1] in wide
                                                 for t in (n.input[0], n.output[0])})
-        overrides = _overrides(model, chosen, wide, profile, recipe.embedding_bits)
+        overrides = _overrides(model, chosen, wide, profile, recipe.embedding_bits, recipe.embedding_wide_rows)
         sixteen_bit_activations = sum(1 for o in overrides.values() if o[0]["quant_type"] == QuantType.QUInt16)
         source, config = _ort_config(source, Path(tmp), model, _Reader(feeds, bar), recipe, profile, overrides)
         del model

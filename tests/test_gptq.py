@@ -10,12 +10,13 @@ import onnx
 import pytest
 import torch
 from factories import int8_weights, tiny_llama
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 from torch.nn.utils import parametrize
 
 from compress.deploy.gptq import block_op, gptq_, gptq_table_, input_hessians
 from compress.deploy.groups import quantize_graph
 from compress.deploy.quantization import QatSettings, _rounded, export_graphs, prepare, quantize_graphs
+from compress.deploy.split_table import frequent_rows
 from quant import runtime
 from quant.gptq import block_scales, gptq_round
 from quant.profiles import get_profile
@@ -141,8 +142,9 @@ def test_w4a16_graph_holds_the_gptq_lpbq_blocks_and_table_exactly_and_runs_on_cp
     assert graphs.violations["prefill"] == []
     # The same rounding, in torch, its Hessians from gptq_ids (not the range calibration's): the graph must hold
     # exactly these values.
+    wide = frequent_rows(hessian_ids, model.config.vocab_size, recipe.embedding_wide_rows)  # counted in GPTQ's text
     rounded = gptq_table_(gptq_(copy.deepcopy(lm), hessian_ids, bits=4, block_size=recipe.weight_block,
-                                weight_range=recipe.weight_range, sequential=True), hessian_ids, 4)
+                                weight_range=recipe.weight_range, sequential=True), hessian_ids, 4, wide)
     graph = onnx.load(graphs.prefill).graph
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
@@ -150,10 +152,21 @@ def test_w4a16_graph_holds_the_gptq_lpbq_blocks_and_table_exactly_and_runs_on_cp
         steps = values[f"{name}_block_ints"].astype(np.float64) * values[f"{name}_channel_scale"][None, :]
         restored = values[f"{name}_int4"] * np.repeat(steps, scales.size, axis=0)  # (in, out)
         assert np.abs(restored - weight.numpy().T).max() <= 1e-6 * np.abs(weight.numpy()).max(), name
-    (gemm,) = [n for n in graph.node if n.op_type == "Gemm"]
-    table_dq = producers[gemm.input[1]]
-    table = values[table_dq.input[0]] * values[table_dq.input[1]]
-    assert np.abs(table - rounded.embed.detach().numpy()).max() <= 1e-6  # rows of max |value| 1: steps of 1/7
+    # The tied table in two: the frequent tokens' rows int8, the rest int4, each read by the lookup and the head.
+    tables = [producers[n.input[1]] for n in graph.node if n.op_type == "Gemm"]
+    looked_up = {producers[n.input[0]].input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in producers}
+    initializers = {t.name: t for t in graph.initializer}
+    assert [initializers[dq.input[0]].data_type for dq in tables] == [TensorProto.INT8, TensorProto.INT4]
+    assert {dq.input[0] for dq in tables} <= looked_up
+    parts = [values[dq.input[0]].astype(np.float64) * values[dq.input[1]] for dq in tables]
+    assert len(parts[0]) == 64 + 32 and len(wide) == 64  # a quarter of the 256 tokens, zero rows up to 32's multiple
+    (reorder,) = [n for n in graph.node if n.op_type == "Gather" and n.input[1] in values]  # logits back in token order
+    whole = np.concatenate(parts)[values[reorder.input[1]]]
+    assert np.abs(whole - rounded.embed.detach().numpy()).max() <= 1e-6  # rows of max |value| 1
+    for dq, top in zip(tables, (127, 7), strict=True):  # on steps of 1/127 and 1/7
+        assert values[dq.input[1]] == pytest.approx(1 / top)
+    steps = rounded.embed.detach()[wide].double() * 7
+    assert (steps - steps.round()).abs().max() > 0.1  # the wide rows were not rounded to the int4 grid first
     quality, _ = runtime.quality(runtime.session(graphs.prefill), _ids(model, 2, 3).numpy())
     assert np.isfinite(quality.perplexity)
 
@@ -161,10 +174,12 @@ def test_w4a16_graph_holds_the_gptq_lpbq_blocks_and_table_exactly_and_runs_on_cp
 def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keeps_its_weights(tmp_path):
     model = tiny_llama()
     npu = get_profile("qnn-htp")
-    recipe = PRESETS["w4a16"]
+    recipe = dataclasses.replace(PRESETS["w4a16"], embedding_wide_rows=0)  # one int4 table: the grid it trains on
     # GPTQ's Hessians from one sequence: on more, its rounding of so small a model leaves QAT little to mend.
     calib, train, held_out = _ids(model, 1, 2), _ids(model, 64, 4), _ids(model, 4, 3)
     lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=False)
+    with pytest.raises(ValueError, match="two precisions.*--quant-qat-table-lr 0"):
+        _rounded(lm, PRESETS["w4a16"], npu, calib, QatSettings(train.numpy(), table_lr=0.2))
     before = {n: p.detach().clone() for n, p in lm.named_parameters()}
     export_graphs(lm, tmp_path, decode=False)
     kl, units, tables = {}, {}, {}

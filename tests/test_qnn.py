@@ -53,7 +53,7 @@ def test_graphs_with_int16_mixes_compile_whole_in_every_recipe(family_graphs):
             assert result.qnn_ops.get("RmsNorm", 0) > 0 and result.qnn_ops.get("Softmax", 0) > 0
 
 
-def test_w4a16_stores_block_weights_as_lpbq_int4_and_the_table_as_int4_and_the_htp_runs_them(family_graphs):
+def test_w4a16_stores_block_weights_as_lpbq_int4_and_the_table_in_int8_and_int4_rows_and_the_htp_runs_them(family_graphs):
     for family in ("gemma3", "llama"):
         for path in family_graphs[family, "w4a16"]:
             model = onnx.load(path)
@@ -68,10 +68,12 @@ def test_w4a16_stores_block_weights_as_lpbq_int4_and_the_table_as_int4_and_the_h
                 assert initializers[dq.input[0]].data_type == TensorProto.INT4
                 steps = producers[dq.input[1]]  # block steps: uint8 integers times a float per output channel
                 assert steps.op_type == "DequantizeLinear" and initializers[steps.input[0]].data_type == TensorProto.UINT8
-            (table,) = {producers[n.input[1]].input[0] for n in model.graph.node if n.op_type == "Gemm"}
+            tables = [producers[n.input[1]].input[0] for n in model.graph.node if n.op_type == "Gemm"]
             looked_up = {producers[n.input[0]].input[0] for n in model.graph.node if n.op_type == "Gather"
                          and n.input[0] in producers and producers[n.input[0]].op_type == "DequantizeLinear"}
-            assert table in looked_up and initializers[table].data_type == TensorProto.INT4  # tied, stored once, int4
+            # Tied, each part stored once: the frequent tokens' rows int8, the rest int4.
+            assert set(tables) <= looked_up and len(tables) == 2
+            assert [initializers[t].data_type for t in tables] == [TensorProto.INT8, TensorProto.INT4]
     # The HTP runs the blocks' arithmetic as ONNX Runtime's CPU does.
     prefill, _ = family_graphs["llama", "w4a16"]
     ids = _ids(tiny_llama(), 2, seed=5).numpy()

@@ -178,6 +178,7 @@ class StaticLM(nn.Module):
         self.embed_scale_rows: nn.Parameter | None = None  # the same scales as a (vocab, 1) table for the lookup
         self.head_layer: nn.Module | None = None  # set by the layout methods for an untied head
         self.table_grid: nn.Module | None = None  # set while the table trains on its grid (compress.deploy.qat)
+        self.split: nn.Module | None = None  # the tied table in two precisions (compress.deploy.split_table)
         self._tables(base, capacity)
 
     def _tables(self, base: nn.Module, capacity: int) -> None:
@@ -229,7 +230,10 @@ class StaticLM(nn.Module):
         t, h = x.shape[1], self.head_input(x)
         # Tied: the 2-D F.linear, a Gemm(transB=1) storing E once; untied: the blocks' layout (per channel).
         head = self.table() if self.tied else self.head
-        logits = self.head_layer(h[None])[0] if self.head_layer is not None else F.linear(h, head)
+        if self.split is not None:
+            logits = self.split.head(h)
+        else:
+            logits = self.head_layer(h[None])[0] if self.head_layer is not None else F.linear(h, head)
         if self.embed_scale is not None and self.tied:
             logits = logits * self.embed_scale
         if self.final_softcap:
@@ -237,7 +241,7 @@ class StaticLM(nn.Module):
         return logits.reshape(1, t, -1)
 
     def embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.table())
+        x = self.split.lookup(input_ids) if self.split is not None else F.embedding(input_ids, self.table())
         if self.embed_scale is not None:
             x = x * F.embedding(input_ids, self.embed_scale_rows)
         return x * self.embed_multiplier if self.embed_multiplier != 1.0 else x

@@ -103,10 +103,11 @@ def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_rang
 
 
 @torch.no_grad()
-def gptq_table_(lm: StaticLM, ids: torch.Tensor, bits: int) -> StaticLM:
+def gptq_table_(lm: StaticLM, ids: torch.Tensor, bits: int, wide_rows: torch.Tensor | None = None) -> StaticLM:
     """Round the tied embedding table of ``lm`` (rows of max |value| 1: the embed-rows rewrite) onto the per-row
     ``bits``-bit grid the graph stores it on, with GPTQ as the output head: the head's logits move as little as
-    possible, where nearest rounding of a 4-bit table costs far more than the block weights do."""
+    possible, where nearest rounding of a 4-bit table costs far more than the block weights do. The rows of
+    ``wide_rows`` (token ids) go on the 8-bit grid instead (compress.deploy.split_table)."""
     if not lm.tied or lm.embed_scale is None:
         raise ValueError("gptq_table_ rounds a tied table with per-row scales (the embed-rows rewrite)")
     total, count = 0, 0
@@ -123,7 +124,12 @@ def gptq_table_(lm: StaticLM, ids: torch.Tensor, bits: int) -> StaticLM:
             lm.prefill(torch.as_tensor(row)[None])
     finally:
         del lm.logits
-    lm.embed.copy_(gptq_round(lm.embed, total / count, per_channel=True, bits=bits))
+    hessian = total / count
+    narrow = torch.ones(lm.embed.shape[0], dtype=torch.bool)
+    if wide_rows is not None and len(wide_rows):
+        narrow[wide_rows] = False
+        lm.embed[wide_rows] = gptq_round(lm.embed[wide_rows], hessian, per_channel=True, bits=8)
+    lm.embed[narrow] = gptq_round(lm.embed[narrow], hessian, per_channel=True, bits=bits)
     return lm
 
 

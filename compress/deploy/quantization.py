@@ -25,6 +25,7 @@ from compress.deploy.export import DecodeStep, Prefill, StaticLM
 from compress.deploy.groups import quantize_graph
 from compress.deploy.outliers import TRANSFORMS, normalize_embedding, rotate, smooth
 from compress.deploy.qat import QAT_LR, QAT_TABLE_LR, QAT_UNIT_LR, qat_
+from compress.deploy.split_table import SplitTable, frequent_rows
 from quant import runtime
 from quant.export import export
 from quant.lpbq import write_blocks
@@ -190,14 +191,21 @@ def measure(prefill: Path, decode: Path | None, valid: np.ndarray, reference_top
 
 
 def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.Tensor,
-             qat: QatSettings | None = None, progress: bool = False) -> StaticLM:
+             qat: QatSettings | None = None, progress: bool = False, frequency_ids: torch.Tensor | None = None,
+             ) -> StaticLM:
     """A copy of ``lm`` whose block weights GPTQ rounded onto the recipe's grids (LPBQ blocks with
-    ``recipe.weight_block``), and, for an int4 table, whose tied table GPTQ rounded as the head; with ``qat``, then
-    trained on those grids to match ``lm`` (:func:`compress.deploy.qat.qat_`; ``rounded.qat`` says how)."""
+    ``recipe.weight_block``), and, for an int4 table, whose tied table GPTQ rounded as the head (split in two with
+    ``recipe.embedding_wide_rows``: the rows of the tokens most frequent in ``frequency_ids``, default ``ids``, on
+    the int8 grid, :mod:`compress.deploy.split_table`); with ``qat``, then trained on those grids to match ``lm``
+    (:func:`compress.deploy.qat.qat_`; ``rounded.qat`` says how)."""
     from compress.deploy.gptq import block_op, gptq_, gptq_table_
 
     if qat is not None and not recipe.weight_block:
         raise ValueError(f"quantization-aware training trains LPBQ int4 blocks; recipe {recipe.name} has none")
+    split = recipe.embedding_bits == 4 and recipe.embedding_wide_rows > 0 and lm.tied and lm.embed_scale is not None
+    if split and qat is not None and qat.table_lr > 0:
+        raise ValueError(f"recipe {recipe.name} stores the table in two precisions, and the table trains on one int4 "
+                         "grid: leave the table's QAT rate at 0 (--quant-qat-table-lr 0)")
     if recipe.weight_block and block_op(lm) != "MatMul":
         raise ValueError(f"recipe {recipe.name} stores LPBQ blocks, which need MatMul linears: prepare the model with "
                          "conv=recipe.linears_as_conv(profile)")
@@ -206,12 +214,21 @@ def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.
     rounded = gptq_(copy.deepcopy(lm), ids, per_channel=recipe.per_channel and block_op(lm) in profile.per_channel_ops,
                     weight_range=recipe.weight_range, bits=recipe.weight_bits, block_size=recipe.weight_block,
                     sequential=recipe.weight_bits == 4)
+    wide = None
+    if split:
+        wide = frequent_rows(ids if frequency_ids is None else frequency_ids, lm.embed.shape[0],
+                             recipe.embedding_wide_rows)
     if recipe.embedding_bits == 4 and rounded.tied and rounded.embed_scale is not None:
-        gptq_table_(rounded, ids, recipe.embedding_bits)
+        gptq_table_(rounded, ids, recipe.embedding_bits, wide)
     if qat is not None:
         rounded.qat = qat_(rounded, lm, torch.as_tensor(qat.ids), lr=qat.lr, unit_lr=qat.unit_lr,
                            table_lr=qat.table_lr, progress=progress).as_dict()
+    if wide is not None:
+        rounded.split = SplitTable(rounded.embed.detach(), wide)
     return rounded
+
+
+FREQUENCY_TOKENS = 131_072  # training tokens counted to rank the table's rows (a recipe's embedding_wide_rows)
 
 
 @dataclass
@@ -238,7 +255,7 @@ class QuantizedGraphs:
 def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, profile: NpuProfile,
                     calibration_ids: np.ndarray, decode: bool = True, progress: bool = False,
                     decode_calib_tokens: int = 512, qat: QatSettings | None = None,
-                    gptq_ids: np.ndarray | None = None) -> QuantizedGraphs:
+                    gptq_ids: np.ndarray | None = None, frequency_ids: np.ndarray | None = None) -> QuantizedGraphs:
     """Quantize ``model.onnx`` (and ``decode.onnx``) in ``float_dir`` to ``model.<recipe>.onnx`` etc.; the decode
     graph is calibrated on about ``decode_calib_tokens`` decode steps over the same sequences (:class:`DecodeFeeds`).
 
@@ -246,7 +263,9 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
     :func:`compress.deploy.gptq.gptq_` rounded onto their integer grids (Hessians from ``gptq_ids``, default
     ``calibration_ids``: a Hessian of a 1,536-input layer wants more than 8 x 256 tokens), exported next to
     the float ones and removed after; the float graphs in ``float_dir`` stay the reference. With ``qat`` (LPBQ
-    recipes), those weights then train on their grids to match ``lm`` before the export."""
+    recipes), those weights then train on their grids to match ``lm`` before the export. A recipe with
+    ``embedding_wide_rows`` keeps the rows of the tokens most frequent in ``frequency_ids`` (default: QAT's
+    sequences, else GPTQ's) in int8, FREQUENCY_TOKENS of training text being what the pipeline counts."""
     float_dir = Path(float_dir)
     calibration_ids = np.asarray(calibration_ids)
     # The prefill graph may read fewer tokens than the cache holds (export_graphs' prefill_length): its feeds are
@@ -261,7 +280,9 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
         source_dir, source_lm = float_dir, lm
         if recipe.weight_rounding == "gptq":
             hessian_ids = calibration_ids if gptq_ids is None else np.asarray(gptq_ids)
-            source_lm = _rounded(lm, recipe, profile, torch.as_tensor(hessian_ids), qat, progress)
+            counted = frequency_ids if frequency_ids is not None else qat.ids if qat is not None else hessian_ids
+            source_lm = _rounded(lm, recipe, profile, torch.as_tensor(hessian_ids), qat, progress,
+                                 torch.as_tensor(np.asarray(counted)))
             source_dir = Path(tmp)
             export_graphs(source_lm, source_dir, decode=decode, prefill_length=length)
         blocks = getattr(source_lm, "weight_blocks", {})

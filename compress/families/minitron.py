@@ -230,7 +230,7 @@ class Minitron(StudentFamily):
         from safetensors.numpy import load_file
 
         from compress.deploy.htp import compile_graphs, emulate
-        from compress.deploy.quantization import QatSettings, measure, quantize_graphs
+        from compress.deploy.quantization import FREQUENCY_TOKENS, QatSettings, measure, quantize_graphs
         from quant.profiles import get_profile
         from quant.quantize import PRESETS
 
@@ -247,11 +247,15 @@ class Minitron(StudentFamily):
             qat = QatSettings(state.ids("train", c.quant.seq_len, sequences).numpy(), c.quant.qat_lr,
                               c.quant.qat_unit_lr, c.quant.qat_table_lr)
         gptq_ids = state.ids("calibration", c.quant.seq_len, c.quant.gptq_samples)
+        recipe = PRESETS[c.quant.recipe]
+        # The tokens whose table rows stay int8 (a recipe's embedding_wide_rows): the most frequent in training text.
+        counted = state.ids("train", c.quant.seq_len, FREQUENCY_TOKENS // c.quant.seq_len) if recipe.embedding_wide_rows else None
         if state.vocab_map is not None:  # a token the trimmed vocabulary lost is spelled by those it kept
             gptq_ids = state.vocab_map.convert(gptq_ids).ids
-        graphs = quantize_graphs(lm, folder, PRESETS[c.quant.recipe], profile, calib.numpy(),
-                                 decode_calib_tokens=c.quant.decode_calib_tokens,
-                                 progress=state.progress, qat=qat, gptq_ids=gptq_ids.numpy())
+            counted = state.vocab_map.convert(counted).ids if counted is not None else None
+        graphs = quantize_graphs(lm, folder, recipe, profile, calib.numpy(),
+                                 decode_calib_tokens=c.quant.decode_calib_tokens, progress=state.progress, qat=qat,
+                                 gptq_ids=gptq_ids.numpy(), frequency_ids=counted.numpy() if counted is not None else None)
         metrics, top1 = measure(graphs.prefill, graphs.decode, reference.ids.numpy(), float_top1, progress=state.progress,
                                 others=_graph_sets(references))
         metrics["agreement_with_float"] = metrics.pop("agreement")
