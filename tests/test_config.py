@@ -132,7 +132,16 @@ def test_int4_npu_recipe_needs_a_profile_that_takes_int4_and_lpbq_blocks():
     with pytest.raises(ConfigError, match="--quant-qat-table-lr >= 0"):
         CompressConfig.from_dict({"quant": "w4a16", "quant_qat_table_lr": -1e-3})
     assert CompressConfig.from_dict({"quant": "w4a16", "quant_qat_unit_lr": 0}).quant.qat_unit_lr == 0
-    assert CompressConfig.from_dict({"quant": "w4a16", "quant_qat_table_lr": 1e-3}).quant.qat_table_lr == 1e-3
+    # The table trains on one int4 grid: w4a16's int8 rows (8,192 by default) must be given up for it.
+    with pytest.raises(ConfigError, match="keeps 8192 of its rows in int8: add --quant-table-int8-rows 0"):
+        CompressConfig.from_dict({"quant": "w4a16", "quant_qat_table_lr": 1e-3})
+    one_table = CompressConfig.from_dict({"quant": "w4a16", "quant_qat_table_lr": 1e-3, "quant_table_int8_rows": 0})
+    assert one_table.quant.qat_table_lr == 1e-3 and one_table.quant.recipe_used().embedding_wide_rows == 0
+    assert CompressConfig.from_dict({"quant": "w4a16"}).quant.recipe_used() == PRESETS["w4a16"]
+    assert CompressConfig.from_dict({"quant": "w4a16", "quant_table_int8_rows": 2048}).quant.recipe_used().embedding_wide_rows == 2048
+    for bad in ({"quant": "a16w8", "quant_table_int8_rows": 2048}, {"quant": "w4a16", "quant_table_int8_rows": -1}):
+        with pytest.raises(ConfigError, match="rows of an int4 embedding table, which --quant w4a16 stores"):
+            CompressConfig.from_dict(bad)
     assert CompressConfig.from_dict({"quant": "w4a16", "quant_gptq_samples": 64}).quant.gptq_samples == 64
     with pytest.raises(ConfigError, match="quant-gptq-samples"):
         CompressConfig.from_dict({"quant": "w4a16", "quant_gptq_samples": 0})

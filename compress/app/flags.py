@@ -120,6 +120,9 @@ _HELP = {
     "quant_qat_table_lr": "how far the tied int4 embedding table's largest entry moves per step at that training's "
     "peak, on its int4 grid (rows of largest value 1, steps of 1/7; every other entry moves in proportion to its "
     "gradient; the lookup and the output head read the table; 0: it stays as GPTQ rounded it)",
+    "quant_table_int8_rows": "rows of an int4 embedding table (w4a16) kept in int8: those of the most frequent "
+    "tokens of 131,072 training-split tokens, in a second table the lookup and the tied head also read (0: one int4 "
+    "table; default: the recipe's, 8,192 for w4a16)",
     "soc_model": "Qualcomm SoC the qnn-htp graphs are compiled for by Qualcomm's HTP compiler (onnxruntime-qnn), "
     "which writes onnx/*.qnn.onnx and each graph's op trace: 60 is the Snapdragon X Elite",
     "htp_eval_samples": "validation sequences the compiled prefill graph runs on the HTP emulator, next to ONNX "

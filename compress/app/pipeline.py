@@ -41,7 +41,7 @@ _STAGE_FIELDS = {
     "export": ("quant.seq_len", "quant.transforms", "quant.calib_samples", "quant.npu_profile"),
     "quantize": ("quant.recipe", "quant.npu_profile", "quant.gptq_samples", "quant.decode_calib_tokens", "quant.soc_model",
                  "quant.htp_eval_samples", "quant.qat_tokens", "quant.qat_lr", "quant.qat_unit_lr",
-                 "quant.qat_table_lr"),
+                 "quant.qat_table_lr", "quant.table_int8_rows"),
     "report": (),
 }
 # The source each stage's output depends on (folders or files under the project root), hashed into its
@@ -259,7 +259,6 @@ def _resolved(config: CompressConfig, stage: str) -> str:
 
     from quant import qnn
     from quant.profiles import get_profile
-    from quant.quantize import PRESETS
 
     if stage == "plan" and "vocab" in config.prune.axes:
         # The kept vocabulary is chosen from the training and calibration tokens: their amounts are the plan's input.
@@ -269,7 +268,7 @@ def _resolved(config: CompressConfig, stage: str) -> str:
         return json.dumps(asdict(get_profile(config.quant.npu_profile)), sort_keys=True, default=str)
     if stage == "quantize" and config.quant.recipe != "none":
         # The HTP compiler's version too: installing or upgrading onnxruntime-qnn compiles the graphs again.
-        return json.dumps({**PRESETS[config.quant.recipe].to_dict(), "htp_compiler": qnn.version()}, sort_keys=True,
+        return json.dumps({**config.quant.recipe_used().to_dict(), "htp_compiler": qnn.version()}, sort_keys=True,
                           default=str)
     return ""
 

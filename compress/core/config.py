@@ -30,7 +30,7 @@ from distill import DistillConfig, DistillError
 from distill.speed import cpu_has_bf16
 from quant.profiles import PROFILES
 from quant.qnn import DEFAULT_SOC_MODEL
-from quant.quantize import PRESETS
+from quant.quantize import PRESETS, QuantRecipe
 
 # The rewrites each recipe was measured best with (benchmarks/results/quant_accuracy_*.md): both need the
 # rotation (the first position's massive activation sets every residual range) and per-row embedding scales.
@@ -127,6 +127,14 @@ class QuantConfig:
     qat_lr: float = QAT_LR
     qat_unit_lr: float = QAT_UNIT_LR  # learning rate of the LPBQ channel units' logarithms in that training (0: fixed)
     qat_table_lr: float = QAT_TABLE_LR  # the tied int4 table's largest move a step in that training (0: frozen)
+    table_int8_rows: int | None = None  # an int4 table's rows kept int8 (most frequent tokens); None: the recipe's
+
+    def recipe_used(self) -> QuantRecipe | None:
+        """The quant.quantize.PRESETS recipe with this config's overrides (``table_int8_rows``); None for "none"."""
+        recipe = PRESETS.get(self.recipe)
+        if recipe is None or self.table_int8_rows is None or recipe.embedding_bits != 4:
+            return recipe
+        return dataclasses.replace(recipe, embedding_wide_rows=self.table_int8_rows)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "soc_model", str(self.soc_model))
@@ -164,6 +172,15 @@ class QuantConfig:
         if self.qat_tokens < 0 or self.qat_lr <= 0 or self.qat_unit_lr < 0 or self.qat_table_lr < 0:
             raise ConfigError("--quant-qat-tokens must be >= 0, --quant-qat-lr positive, --quant-qat-unit-lr and "
                               "--quant-qat-table-lr >= 0")
+        if self.table_int8_rows is not None and (self.table_int8_rows < 0 or recipe is None
+                                                 or recipe.embedding_bits != 4):
+            four = [name for name, r in PRESETS.items() if r.embedding_bits == 4]
+            raise ConfigError(f"--quant-table-int8-rows {self.table_int8_rows}: 0 or more rows of an int4 embedding "
+                              f"table, which --quant {' or '.join(four)} stores (--quant {self.recipe} does not)")
+        if self.qat_table_lr > 0 and recipe is not None and self.recipe_used().embedding_wide_rows:
+            raise ConfigError(f"--quant-qat-table-lr {self.qat_table_lr}: the table trains on one int4 grid, and --quant "
+                              f"{self.recipe} keeps {self.recipe_used().embedding_wide_rows} of its rows in int8: add "
+                              "--quant-table-int8-rows 0, or leave --quant-qat-table-lr at 0")
         if 0 < self.qat_tokens < 4 * self.seq_len:
             raise ConfigError(f"--quant-qat-tokens {self.qat_tokens}: one training step takes 4 sequences of --seq-len "
                               f"{self.seq_len}, so use at least {4 * self.seq_len} (or 0: off)")

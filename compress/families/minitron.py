@@ -232,7 +232,6 @@ class Minitron(StudentFamily):
         from compress.deploy.htp import compile_graphs, emulate
         from compress.deploy.quantization import FREQUENCY_TOKENS, QatSettings, measure, quantize_graphs
         from quant.profiles import get_profile
-        from quant.quantize import PRESETS
 
         c = state.config
         _, lm, calib = _prepared(state)
@@ -247,7 +246,7 @@ class Minitron(StudentFamily):
             qat = QatSettings(state.ids("train", c.quant.seq_len, sequences).numpy(), c.quant.qat_lr,
                               c.quant.qat_unit_lr, c.quant.qat_table_lr)
         gptq_ids = state.ids("calibration", c.quant.seq_len, c.quant.gptq_samples)
-        recipe = PRESETS[c.quant.recipe]
+        recipe = c.quant.recipe_used()
         # The tokens whose table rows stay int8 (a recipe's embedding_wide_rows): the most frequent in training text.
         counted = state.ids("train", c.quant.seq_len, FREQUENCY_TOKENS // c.quant.seq_len) if recipe.embedding_wide_rows else None
         if state.vocab_map is not None:  # a token the trimmed vocabulary lost is spelled by those it kept
