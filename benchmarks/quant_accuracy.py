@@ -56,8 +56,10 @@ RESULTS = Path(__file__).parent / "results"
 # generic-a8w8, 1x1 Convs on qnn-htp; W4A16 is the NPU LLM toolchains' format (qnn-htp); w8 and w4 are the
 # weight-only graphs for a CPU (ort-cpu).
 FINAL_GRAPHS = (("a16w8", "a16w8", "qnn-htp"), ("a8w8", "a8w8", "generic-a8w8"), ("a8w8-qnn-htp", "a8w8", "qnn-htp"),
-                ("w4a16", "w4a16", "qnn-htp"), ("w4a16-qat", "w4a16", "qnn-htp"), ("w8", "w8", "ort-cpu"),
-                ("w4", "w4", "ort-cpu"))
+                ("w4a16", "w4a16", "qnn-htp"), ("w4a16-int4-table", "w4a16", "qnn-htp"), ("w4a16-qat", "w4a16", "qnn-htp"),
+                ("w8", "w8", "ort-cpu"), ("w4", "w4", "ort-cpu"))
+# w4a16 with one int4 table, next to the recipe's (its most frequent tokens' rows int8), in the same run.
+RECIPE_CHANGES = {"w4a16-int4-table": {"embedding_wide_rows": 0}}
 QAT_GRAPHS = ("w4a16-qat",)  # the same recipe after quantization-aware training (--qat-tokens of the training split)
 DECODE_SAMPLES = 8  # validation sequences whose second halves score the decode graphs (1,024 tokens at 256)
 
@@ -253,16 +255,19 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
     for key, name, profile_name in (g for g in FINAL_GRAPHS if g[0] in keys):
         profile = get_profile(profile_name)
         transforms = DEFAULT_TRANSFORMS[name]
-        lm = prepare(model, seq_len, transforms, calib, conv=PRESETS[name].linears_as_conv(profile),
+        recipe = dataclasses.replace(PRESETS[name], **RECIPE_CHANGES.get(key, {}))
+        lm = prepare(model, seq_len, transforms, calib, conv=recipe.linears_as_conv(profile),
                      separate_head=profile.weight_only)
         export_graphs(lm, folder / key)
-        graphs = quantize_graphs(lm, folder / key, PRESETS[name], profile, calib.numpy(),
+        graphs = quantize_graphs(lm, folder / key, recipe, profile, calib.numpy(),
                                  qat=qat if key in QAT_GRAPHS else None, progress=key in QAT_GRAPHS, gptq_ids=gptq,
                                  frequency_ids=counted)
         out[key], _ = measure(graphs.prefill, graphs.decode, valid, reference_top1, decode_samples=DECODE_SAMPLES,
                               others=others)
         if graphs.qat:
             out[key]["qat"] = graphs.qat
+        if recipe.embedding_bits == 4:
+            out[key]["table_int8_rows"] = recipe.embedding_wide_rows
         out[key].update(violations=graphs.violations["prefill"] + graphs.violations["decode"],
                         transforms=list(lm.transforms), profile=profile_name,
                         sixteen_bit_tensors=graphs.reports["prefill"].sixteen_bit_tensors,
@@ -336,6 +341,11 @@ def markdown(report: dict) -> str:
                       f"{n} {g['evals'][GENERAL_EVAL]['perplexity']:.2f} ({g['evals'][GENERAL_EVAL]['perplexity'] / base - 1:+.1%}"
                       + (f", {g['evals'][GENERAL_EVAL]['agreement']:.3f}" if n != "fp32" else "") + ")"
                       for n, g in final.items() if "evals" in g) + "."]
+    tables = [f"{n} {g['table_int8_rows']:,}" for n, g in final.items() if "table_int8_rows" in g]
+    if tables:
+        lines += ["", "Int4 tables: rows kept in int8 (those of the most frequent of "
+                  f"{report.get('frequency_tokens', 0):,} training-split tokens; 0: one int4 table): "
+                  + "; ".join(tables) + "."]
     for n, g in final.items():
         if g.get("qat"):
             q = g["qat"]
