@@ -139,13 +139,27 @@ TARGETS = (
            args=("--model", str(ROOT / "runs" / "smollm2-135m-0.67x" / "student"), "--rows", "final", "--final", "w4a16",
                  "--htp-seqs", "2", "--name", "smollm2-135m-0.67x-student-w4a16-gptq32"),
            title="Quantization accuracy: the distilled 0.67x student, W4A16, GPTQ Hessians from 32 sequences"),
-    # QAT from that GPTQ with the LPBQ channel units trained too (commit cb781f9), the table frozen.
+    # QAT from that GPTQ with the LPBQ channel units trained too (commit cb781f9), the table frozen; one int4 table
+    # (measured before the split table, commit 7c9e8d1, existed).
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-w4a16-qat-units.json",
                               "quant_accuracy_smollm2-135m-w4a16-qat-units.md"),
            args=("--rows", "final", "--final", "w4a16-qat", "--qat-tokens", "262144", "--qat-table-lr", "0",
-                 "--htp-seqs", "2", "--name", "smollm2-135m-w4a16-qat-units"),
+                 "--table-int8-rows", "0", "--htp-seqs", "2", "--name", "smollm2-135m-w4a16-qat-units"),
            title="Quantization accuracy: the teacher, W4A16 after quantization-aware training of the weights and "
-           "their LPBQ units"),
+           "their LPBQ units, one int4 table"),
+    # The same with w4a16's split table: the 8,192 most frequent tokens' rows int8 (commit 7c9e8d1).
+    Target("quant_accuracy", ("quant_accuracy_smollm2-135m-w4a16-split.json",
+                              "quant_accuracy_smollm2-135m-w4a16-split.md"),
+           args=("--rows", "final", "--final", "w4a16-qat", "--qat-tokens", "262144", "--htp-seqs", "2",
+                 "--name", "smollm2-135m-w4a16-split"),
+           title="Quantization accuracy: the teacher, W4A16 after quantization-aware training, the table's 8,192 most "
+           "frequent tokens' rows in int8"),
+    # GPTQ alone, the split table beside one int4 table in the same run.
+    Target("quant_accuracy", ("quant_accuracy_smollm2-135m-w4a16-split-gptq.json",
+                              "quant_accuracy_smollm2-135m-w4a16-split-gptq.md"),
+           args=("--rows", "final", "--final", "w4a16,w4a16-int4-table", "--htp-seqs", "1",
+                 "--name", "smollm2-135m-w4a16-split-gptq"),
+           title="Quantization accuracy: the teacher, W4A16 by GPTQ alone, the split table against one int4 table"),
     Target("quant_accuracy", ("quant_accuracy_gemma3-270m.json", "quant_accuracy_gemma3-270m.md"),
            args=("--model", "gemma3-270m", "--rows", "3,4,final", "--final", "a16w8,a8w8-qnn-htp", "--htp-seqs", "1"),
            title="Quantization accuracy: the gemma3-270m teacher (per-row embedding scales, final graphs)"),

@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--qat-table-lr", type=float, default=QuantConfig.qat_table_lr,
                         help="the tied int4 table's largest move per step at that training's peak, on its grid "
                         "(rows of largest value 1, steps of 1/7; 0: frozen)")
+    parser.add_argument("--table-int8-rows", type=int, default=None,
+                        help="rows of the w4a16 graphs' int4 table kept in int8 (default: the recipe's; 0: one int4 "
+                        "table, which --qat-table-lr above 0 needs; w4a16-int4-table always has 0)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser
 
@@ -182,7 +185,7 @@ def main() -> None:
             report["frequency_tokens"] = FREQUENCY_TOKENS
             counted = token_batches(dataset, tokenizer, "train", args.seq_len, FREQUENCY_TOKENS // args.seq_len).numpy()
             report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1,
-                                            args.htp_seqs, keys, qat, general, gptq, counted)
+                                            args.htp_seqs, keys, qat, general, gptq, counted, args.table_int8_rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = time.perf_counter() - started
@@ -236,11 +239,12 @@ def _fp32_reference(model, seq_len: int, work: Path, valid: np.ndarray) -> tuple
 def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid: np.ndarray,  # noqa: ANN001
                   reference_top1: np.ndarray, htp_seqs: int, keys: list[str], qat: QatSettings | None = None,
                   general: np.ndarray | None = None, gptq: np.ndarray | None = None,
-                  counted: np.ndarray | None = None) -> dict:
+                  counted: np.ndarray | None = None, table_rows: int | None = None) -> dict:
     """The graphs ``compress --stop-after quantize`` writes, for each shipped recipe and profile (FINAL_GRAPHS),
     GPTQ's Hessians from the ``gptq`` sequences; those of a Qualcomm profile compiled by the HTP compiler, and
     ``htp_seqs`` validation sequences run on its emulator; the QAT_GRAPHS after ``qat``. Each is also scored on the
-    ``general`` English sequences."""
+    ``general`` English sequences. An int4 table keeps ``table_rows`` rows (default: the recipe's) of the tokens
+    most frequent in ``counted`` in int8."""
     out = {}
     float_dir = folder / "fp32"
     export_graphs(prepare(model, seq_len, ()), float_dir)
@@ -255,7 +259,8 @@ def _final_graphs(model, seq_len: int, folder: Path, calib: torch.Tensor, valid:
     for key, name, profile_name in (g for g in FINAL_GRAPHS if g[0] in keys):
         profile = get_profile(profile_name)
         transforms = DEFAULT_TRANSFORMS[name]
-        recipe = dataclasses.replace(PRESETS[name], **RECIPE_CHANGES.get(key, {}))
+        rows = {"embedding_wide_rows": table_rows} if table_rows is not None and PRESETS[name].embedding_bits == 4 else {}
+        recipe = dataclasses.replace(PRESETS[name], **(rows | RECIPE_CHANGES.get(key, {})))
         lm = prepare(model, seq_len, transforms, calib, conv=recipe.linears_as_conv(profile),
                      separate_head=profile.weight_only)
         export_graphs(lm, folder / key)
