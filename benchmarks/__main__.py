@@ -154,12 +154,6 @@ TARGETS = (
                  "--name", "smollm2-135m-w4a16-split"),
            title="Quantization accuracy: the teacher, W4A16 after quantization-aware training, the table's 8,192 most "
            "frequent tokens' rows in int8"),
-    # GPTQ alone, the split table beside one int4 table in the same run.
-    Target("quant_accuracy", ("quant_accuracy_smollm2-135m-w4a16-split-gptq.json",
-                              "quant_accuracy_smollm2-135m-w4a16-split-gptq.md"),
-           args=("--rows", "final", "--final", "w4a16,w4a16-int4-table", "--htp-seqs", "1",
-                 "--name", "smollm2-135m-w4a16-split-gptq"),
-           title="Quantization accuracy: the teacher, W4A16 by GPTQ alone, the split table against one int4 table"),
     Target("quant_accuracy", ("quant_accuracy_gemma3-270m.json", "quant_accuracy_gemma3-270m.md"),
            args=("--model", "gemma3-270m", "--rows", "3,4,final", "--final", "a16w8,a8w8-qnn-htp", "--htp-seqs", "1"),
            title="Quantization accuracy: the gemma3-270m teacher (per-row embedding scales, final graphs)"),
