@@ -182,8 +182,10 @@ def main() -> None:
             report["gptq_sequences"] = args.gptq_seqs
             gptq = token_batches(dataset, tokenizer, "calibration", args.seq_len, args.gptq_seqs).numpy()
             # As the pipeline does: the table rows kept int8 (w4a16) are those of the most frequent training tokens.
-            report["frequency_tokens"] = FREQUENCY_TOKENS
-            counted = token_batches(dataset, tokenizer, "train", args.seq_len, FREQUENCY_TOKENS // args.seq_len).numpy()
+            counted = None
+            if any(PRESETS[g[1]].embedding_bits == 4 for g in FINAL_GRAPHS if g[0] in keys):
+                report["frequency_tokens"] = FREQUENCY_TOKENS
+                counted = token_batches(dataset, tokenizer, "train", args.seq_len, FREQUENCY_TOKENS // args.seq_len).numpy()
             report["final"] = _final_graphs(model, args.seq_len, work / "final", calib, valid, reference_top1,
                                             args.htp_seqs, keys, qat, general, gptq, counted, args.table_int8_rows)
     finally:

@@ -195,14 +195,16 @@ def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.
              ) -> StaticLM:
     """A copy of ``lm`` whose block weights GPTQ rounded onto the recipe's grids (LPBQ blocks with
     ``recipe.weight_block``), and, for an int4 table, whose tied table GPTQ rounded as the head (split in two with
-    ``recipe.embedding_wide_rows``: the rows of the tokens most frequent in ``frequency_ids``, default ``ids``, on
-    the int8 grid, :mod:`compress.deploy.split_table`); with ``qat``, then trained on those grids to match ``lm``
+    ``recipe.embedding_wide_rows``: the rows of the tokens most frequent in ``frequency_ids``, default QAT's sequences,
+    else ``ids``, on the int8 grid, :mod:`compress.deploy.split_table`); with ``qat``, then trained on those grids to
+    match ``lm``
     (:func:`compress.deploy.qat.qat_`; ``rounded.qat`` says how)."""
     from compress.deploy.gptq import block_op, gptq_, gptq_table_
 
     if qat is not None and not recipe.weight_block:
         raise ValueError(f"quantization-aware training trains LPBQ int4 blocks; recipe {recipe.name} has none")
-    split = recipe.embedding_bits == 4 and recipe.embedding_wide_rows > 0 and lm.tied and lm.embed_scale is not None
+    int4_table = recipe.embedding_bits == 4 and lm.tied and lm.embed_scale is not None
+    split = int4_table and recipe.embedding_wide_rows > 0
     if split and qat is not None and qat.table_lr > 0:
         raise ValueError(f"recipe {recipe.name} stores the table in two precisions, and the table trains on one int4 "
                          "grid: leave the table's QAT rate at 0 (--quant-qat-table-lr 0)")
@@ -216,9 +218,9 @@ def _rounded(lm: StaticLM, recipe: QuantRecipe, profile: NpuProfile, ids: torch.
                     sequential=recipe.weight_bits == 4)
     wide = None
     if split:
-        wide = frequent_rows(ids if frequency_ids is None else frequency_ids, lm.embed.shape[0],
-                             recipe.embedding_wide_rows)
-    if recipe.embedding_bits == 4 and rounded.tied and rounded.embed_scale is not None:
+        counted = frequency_ids if frequency_ids is not None else torch.as_tensor(qat.ids) if qat is not None else ids
+        wide = frequent_rows(counted, lm.embed.shape[0], recipe.embedding_wide_rows)
+    if int4_table:
         gptq_table_(rounded, ids, recipe.embedding_bits, wide)
     if qat is not None:
         rounded.qat = qat_(rounded, lm, torch.as_tensor(qat.ids), lr=qat.lr, unit_lr=qat.unit_lr,
@@ -280,9 +282,8 @@ def quantize_graphs(lm: StaticLM, float_dir: str | Path, recipe: QuantRecipe, pr
         source_dir, source_lm = float_dir, lm
         if recipe.weight_rounding == "gptq":
             hessian_ids = calibration_ids if gptq_ids is None else np.asarray(gptq_ids)
-            counted = frequency_ids if frequency_ids is not None else qat.ids if qat is not None else hessian_ids
             source_lm = _rounded(lm, recipe, profile, torch.as_tensor(hessian_ids), qat, progress,
-                                 torch.as_tensor(np.asarray(counted)))
+                                 None if frequency_ids is None else torch.as_tensor(np.asarray(frequency_ids)))
             source_dir = Path(tmp)
             export_graphs(source_lm, source_dir, decode=decode, prefill_length=length)
         blocks = getattr(source_lm, "weight_blocks", {})

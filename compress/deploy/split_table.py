@@ -24,8 +24,8 @@ def frequent_rows(ids: np.ndarray | torch.Tensor, vocab: int, rows: int) -> torc
     """The ``rows`` token ids most frequent in ``ids`` (ties: the lower id first), in increasing order; at most a
     quarter of the vocabulary, so a small vocabulary keeps most of its table narrow."""
     counts = torch.bincount(torch.as_tensor(np.asarray(ids)).reshape(-1).long(), minlength=vocab)[:vocab]
-    order = sorted(range(vocab), key=lambda t: (-int(counts[t]), t))
-    return torch.tensor(sorted(order[: min(rows, vocab // 4)]), dtype=torch.long)
+    order = torch.argsort(counts, descending=True, stable=True)  # stable: equal counts keep id order
+    return torch.sort(order[: min(rows, vocab // 4)]).values
 
 
 class SplitTable(nn.Module):
@@ -72,7 +72,3 @@ class SplitTable(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [t, vocab] in token order for ``h`` [t, hidden]."""
         return torch.cat([F.linear(h, self.wide), F.linear(h, self.narrow)], -1).index_select(-1, self.head_index)
-
-    def table(self) -> torch.Tensor:
-        """The whole table again, [vocab, hidden] in token order."""
-        return torch.cat([self.wide, self.narrow]).index_select(0, self.head_index)
