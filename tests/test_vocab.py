@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compress.app.cli import main
 from compress.core.config import BLOCK_AXES, DISTILL_DEFAULTS, CompressConfig, PruneConfig
+from compress.deploy.quantization import quantize_graphs
 from compress.errors import ConfigError
 from compress.pruning.archspec import resolve
 from compress.pruning.planner import TargetSize, plan
@@ -92,10 +93,13 @@ def test_planner_trims_the_vocabulary_first_where_the_embedding_dominates_and_lo
     assert student.config.eos_token_id == vocab_map.to_student[2]
 
 
-def test_a_run_trims_the_vocabulary_end_to_end_and_reports_per_teacher_token(tmp_path):
+def test_a_run_trims_the_vocabulary_end_to_end_and_reports_per_teacher_token(tmp_path, monkeypatch):
+
     # One layer with a small MLP: the 256-token embedding is half the model, and 0.9x leaves room for 192 tokens of
     # it, fewer than the tokenizer has (its floor here, the corpus's tokens and the alphabet, is 178).
-    teacher = write_teacher(tmp_path, tiny_llama(mlp=32, layers=1), tiny_tokenizer(text=TEXT + " " + ENGLISH))
+    # Its merges learned mostly from English the corpus never uses, so the kept ids are not a prefix of the
+    # teacher's: student and teacher ids differ.
+    teacher = write_teacher(tmp_path, tiny_llama(mlp=32, layers=1), tiny_tokenizer(text=(ENGLISH + " ") * 60 + TEXT))
     out = tmp_path / "run"
     args = ["--teacher", teacher, "--data", write_corpus(tmp_path), "--target-size", "0.9x", "--out", out,
             "--axes", "vocab", "--calib-samples", "8", "--calib-seq-len", "16", "--eval-samples", "4",
@@ -109,6 +113,7 @@ def test_a_run_trims_the_vocabulary_end_to_end_and_reports_per_teacher_token(tmp
     student = AutoModelForCausalLM.from_pretrained(out / "student")
     tokenizer = AutoTokenizer.from_pretrained(out / "student")
     assert student.config.vocab_size == vocab == len(chosen["kept"]["vocab"]) and len(tokenizer) <= vocab
+    assert chosen["kept"]["vocab"] != list(range(vocab))
     metrics = {s: json.loads((out / f"{s}.metrics.json").read_text()) for s in ("prune", "distill", "export", "quantize")}
     general = metrics["prune"]["evals"]["general-english"]
     # General English uses tokens the training data never did: they are spelled in pieces, and the figures are per
@@ -120,6 +125,20 @@ def test_a_run_trims_the_vocabulary_end_to_end_and_reports_per_teacher_token(tmp
     assert metrics["quantize"]["violations"] == []
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"]
+    # Quantization-aware training reads the training split in the student's ids, as the split table's token counts
+    # do (teacher ids would name other tokens): the same split, so its first sequences are the counted ones.
+    seen = {}
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return quantize_graphs(*a, **kw)
+
+    monkeypatch.setattr("compress.deploy.quantization.quantize_graphs", spy)
+    qat = ["--quant", "w4a16", "--quant-decode-calib-tokens", "16", "--quant-qat-tokens", "128"]
+    assert main([str(a) for a in [*args, *qat]]) == 0
+    trained, counted = seen["qat"].ids, seen["frequency_ids"]
+    assert trained.shape == (4, 32) and (trained != counted[:4]).sum() == 0 and counted.max() < vocab
+    assert json.loads((out / "quantize.metrics.json").read_text())["qat"]["tokens"] == 128
 
 
 def test_a_family_that_keeps_the_teachers_vocabulary_refuses_the_vocab_axis(tmp_path, capsys):

@@ -240,18 +240,16 @@ class Minitron(StudentFamily):
         reference = references["validation"]
         float_top1 = load_file(str(folder / "model.top1.safetensors"))["top1"]
         profile = get_profile(c.quant.npu_profile)
-        qat = None
-        if c.quant.qat_tokens:
-            sequences = -(-c.quant.qat_tokens // c.quant.seq_len)
-            qat = QatSettings(state.ids("train", c.quant.seq_len, sequences).numpy(), c.quant.qat_lr,
-                              c.quant.qat_unit_lr, c.quant.qat_table_lr)
         gptq_ids = state.ids("calibration", c.quant.seq_len, c.quant.gptq_samples)
         recipe = c.quant.recipe_used()
         # The tokens whose table rows stay int8 (a recipe's embedding_wide_rows): the most frequent in training text.
         counted = state.ids("train", c.quant.seq_len, FREQUENCY_TOKENS // c.quant.seq_len) if recipe.embedding_wide_rows else None
+        qat_ids = state.ids("train", c.quant.seq_len, -(-c.quant.qat_tokens // c.quant.seq_len)) if c.quant.qat_tokens else None
         if state.vocab_map is not None:  # a token the trimmed vocabulary lost is spelled by those it kept
-            gptq_ids = state.vocab_map.convert(gptq_ids).ids
-            counted = state.vocab_map.convert(counted).ids if counted is not None else None
+            gptq_ids, counted, qat_ids = (None if t is None else state.vocab_map.convert(t).ids
+                                          for t in (gptq_ids, counted, qat_ids))
+        qat = None if qat_ids is None else QatSettings(qat_ids.numpy(), c.quant.qat_lr, c.quant.qat_unit_lr,
+                                                       c.quant.qat_table_lr)
         graphs = quantize_graphs(lm, folder, recipe, profile, calib.numpy(),
                                  decode_calib_tokens=c.quant.decode_calib_tokens, progress=state.progress, qat=qat,
                                  gptq_ids=gptq_ids.numpy(), frequency_ids=counted.numpy() if counted is not None else None)
