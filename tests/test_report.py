@@ -16,3 +16,10 @@ def test_the_verdict_judges_the_decode_graph_too():
     assert "above the bar" not in within
     above = _verdict(_rows(30.6), metrics)  # +2% on the decode graph while the prefill graph is +0.5%
     assert "decode graph +2.0%" in above and "above the bar (+2.0% on 512 tokens)" in above
+
+
+def test_an_a8w8_graph_above_three_percent_is_not_called_shippable():
+    rows = _rows(30.0)
+    rows[1] = {**rows[1], "name": "a8w8 graph (qnn-htp)", "path": "onnx/model.a8w8.onnx", "perplexity": 21.0}
+    verdict = _verdict(rows, {"quantize": {"quant": "a8w8", "npu_profile": "qnn-htp", "htp": {}}})
+    assert not verdict.startswith("Ship") and "costs +5.0% perplexity" in verdict and "above the 3% bar for a8w8" in verdict

@@ -22,7 +22,8 @@ from compress.io import read_json, write_json
 from compress.sources.corpora import CORPORA, DEFAULT_CORPUS, GENERAL_EVAL
 
 # Quality bars the verdict judges an integer graph by (relative perplexity increase over the float graph).
-BARS = {"a16w8": 0.01, "a8w8": 0.10, "w4a16": 0.03, "w8": 0.02, "w4": 0.05}
+# A8W8: 3%, what the distilled student meets with GPTQ (benchmarks/results/quant_accuracy_*-student-a8w8.md).
+BARS = {"a16w8": 0.01, "a8w8": 0.03, "w4a16": 0.03, "w8": 0.02, "w4": 0.05}
 
 
 def _read(run_dir: Path, name: str) -> dict[str, Any]:
