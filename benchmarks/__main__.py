@@ -54,6 +54,10 @@ class Target:
 
 TARGETS = (
     Target("main_command", ("main_command.json", "main_command.md"), title="The README's main command, one run"),
+    # The same command on a machine without native bf16 (AVX2, no AVX-512 BF16 or AMX: training in fp32).
+    Target("main_command", ("main_command_smollm2-135m-epyc.json", "main_command_smollm2-135m-epyc.md"),
+           args=("--name", "main_command_smollm2-135m-epyc"),
+           title="The README's main command on an AVX2 machine without native bf16, one run"),
     Target("main_command", ("main_command_gemma3-270m.json", "main_command_gemma3-270m.md"),
            args=("--teacher", "gemma3-270m", "--no-setup", "--flags", "--distill-tokens 20000 --no-bf16"),
            title="The main command on gemma3-270m (--axes auto: the vocabulary trimmed), one run"),

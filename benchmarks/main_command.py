@@ -48,7 +48,7 @@ def main() -> None:
     run_dir = ROOT / "runs" / (args.name or f"{args.teacher}-{args.target_size}")
     stem = args.name or ("main_command" if args.teacher == DEFAULT_TEACHER else f"main_command_{args.teacher}")
     title = ("The README's main command, one run" if stem == "main_command"
-             else f"The main command on {args.teacher}{' (' + args.flags + ')' if args.name else ''}, one run")
+             else f"The main command on {args.teacher}{' (' + args.flags + ')' if args.flags else ''}, one run")
     if run_dir.exists():
         aside = run_dir.with_name(f"{run_dir.name}.before-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(aside)
