@@ -158,6 +158,15 @@ TARGETS = (
                  "--name", "smollm2-135m-w4a16-split"),
            title="Quantization accuracy: the teacher, W4A16 after quantization-aware training, the table's 8,192 most "
            "frequent tokens' rows in int8"),
+    # The student the AVX2 main-command target above leaves in runs/: GPTQ's w4a16 with the split table and with one
+    # int4 table, in the same run (run that target first).
+    Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student-w4a16-split-gptq.json",
+                              "quant_accuracy_smollm2-135m-0.67x-student-w4a16-split-gptq.md"),
+           args=("--model", str(ROOT / "runs" / "main_command_smollm2-135m-epyc" / "student"), "--rows", "final",
+                 "--final", "w4a16,w4a16-int4-table", "--htp-seqs", "2",
+                 "--name", "smollm2-135m-0.67x-student-w4a16-split-gptq"),
+           title="Quantization accuracy: the distilled 0.67x student, W4A16 from GPTQ, the split table against one "
+           "int4 table"),
     Target("quant_accuracy", ("quant_accuracy_gemma3-270m.json", "quant_accuracy_gemma3-270m.md"),
            args=("--model", "gemma3-270m", "--rows", "3,4,final", "--final", "a16w8,a8w8-qnn-htp", "--htp-seqs", "1"),
            title="Quantization accuracy: the gemma3-270m teacher (per-row embedding scales, final graphs)"),
