@@ -94,7 +94,6 @@ def test_planner_trims_the_vocabulary_first_where_the_embedding_dominates_and_lo
 
 
 def test_a_run_trims_the_vocabulary_end_to_end_and_reports_per_teacher_token(tmp_path, monkeypatch):
-
     # One layer with a small MLP: the 256-token embedding is half the model, and 0.9x leaves room for 192 tokens of
     # it, fewer than the tokenizer has (its floor here, the corpus's tokens and the alphabet, is 178).
     # Its merges learned mostly from English the corpus never uses, so the kept ids are not a prefix of the
