@@ -167,6 +167,15 @@ TARGETS = (
                  "--name", "smollm2-135m-0.67x-student-w4a16-split-gptq"),
            title="Quantization accuracy: the distilled 0.67x student, W4A16 from GPTQ, the split table against one "
            "int4 table"),
+    # The same student and split table after quantization-aware training, the LPBQ units fixed (at the default unit
+    # rate the training's KL rose; the results file's note).
+    Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student-w4a16-split-qat.json",
+                              "quant_accuracy_smollm2-135m-0.67x-student-w4a16-split-qat.md"),
+           args=("--model", str(ROOT / "runs" / "main_command_smollm2-135m-epyc" / "student"), "--rows", "final",
+                 "--final", "w4a16-qat", "--qat-tokens", "262144", "--qat-unit-lr", "0", "--htp-seqs", "2",
+                 "--name", "smollm2-135m-0.67x-student-w4a16-split-qat"),
+           title="Quantization accuracy: the distilled 0.67x student, W4A16 with the split table after "
+           "quantization-aware training (units fixed)"),
     Target("quant_accuracy", ("quant_accuracy_gemma3-270m.json", "quant_accuracy_gemma3-270m.md"),
            args=("--model", "gemma3-270m", "--rows", "3,4,final", "--final", "a16w8,a8w8-qnn-htp", "--htp-seqs", "1"),
            title="Quantization accuracy: the gemma3-270m teacher (per-row embedding scales, final graphs)"),
