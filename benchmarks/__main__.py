@@ -29,6 +29,10 @@ ROOT = HERE.parent
 SAME_ARGS = ("--target-size 60M --calib-samples 16 --proxy mass --eval-samples 8 --eval-seq-len 64 --distill-tokens 4096 "
              "--distill-seq-len 64 --distill-eval-every 4 --no-bf16 --stop-after distill")
 PRUNED_RUN = ROOT / "runs" / "benchmarks-0.67x"  # the 0.67x pruned student the student quantization row uses
+# Distilled 0.67x students the quantization targets read: the one `compress --teacher smollm2-135m --target-size
+# 0.67x` leaves in its default run directory, and the one the AVX2 main-command target below leaves (run it first).
+STUDENT = ROOT / "runs" / "smollm2-135m-0.67x" / "student"
+EPYC_STUDENT = ROOT / "runs" / "main_command_smollm2-135m-epyc" / "student"
 
 
 @dataclass(frozen=True)
@@ -106,17 +110,17 @@ TARGETS = (
            title="Quantization accuracy: the 0.67x pruned student"),
     # The main command's distilled student (the first target leaves it in runs/smollm2-135m-0.67x).
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student.json", "quant_accuracy_smollm2-135m-0.67x-student.md"),
-           args=("--model", str(ROOT / "runs" / "smollm2-135m-0.67x" / "student"), "--rows", "final", "--final",
+           args=("--model", str(STUDENT), "--rows", "final", "--final",
                  "a16w8", "--htp-seqs", "1", "--name", "smollm2-135m-0.67x-student"),
            title="Quantization accuracy: the distilled 0.67x student, A16W8 (qnn-htp)"),
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student-a8w8.json",
                               "quant_accuracy_smollm2-135m-0.67x-student-a8w8.md"),
-           args=("--model", str(ROOT / "runs" / "smollm2-135m-0.67x" / "student"), "--rows", "final", "--final",
+           args=("--model", str(STUDENT), "--rows", "final", "--final",
                  "a8w8,a8w8-qnn-htp", "--htp-seqs", "2", "--name", "smollm2-135m-0.67x-student-a8w8"),
            title="Quantization accuracy: the distilled 0.67x student, A8W8 on both NPU profiles"),
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student-cpu.json",
                               "quant_accuracy_smollm2-135m-0.67x-student-cpu.md"),
-           args=("--model", str(ROOT / "runs" / "smollm2-135m-0.67x" / "student"), "--rows", "final", "--final", "w8,w4",
+           args=("--model", str(STUDENT), "--rows", "final", "--final", "w8,w4",
                  "--name", "smollm2-135m-0.67x-student-cpu"),
            title="Quantization accuracy: the distilled 0.67x student, CPU profile (weight-only)"),
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-w4a16.json", "quant_accuracy_smollm2-135m-w4a16.md"),
@@ -124,13 +128,13 @@ TARGETS = (
            title="Quantization accuracy: the teacher, W4A16 (qnn-htp, LPBQ int4 blocks), GPTQ Hessians from 8 sequences"),
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student-w4a16.json",
                               "quant_accuracy_smollm2-135m-0.67x-student-w4a16.md"),
-           args=("--model", str(ROOT / "runs" / "smollm2-135m-0.67x" / "student"), "--rows", "final", "--final", "w4a16",
+           args=("--model", str(STUDENT), "--rows", "final", "--final", "w4a16",
                  "--htp-seqs", "2", "--name", "smollm2-135m-0.67x-student-w4a16"),
            title="Quantization accuracy: the distilled 0.67x student, W4A16 (qnn-htp, LPBQ int4 blocks), GPTQ Hessians "
            "from 8 sequences"),
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student-w4a16-qat.json",
                               "quant_accuracy_smollm2-135m-0.67x-student-w4a16-qat.md"),
-           args=("--model", str(ROOT / "runs" / "smollm2-135m-0.67x" / "student"), "--rows", "final", "--final",
+           args=("--model", str(STUDENT), "--rows", "final", "--final",
                  "w4a16-qat", "--qat-tokens", "524288", "--htp-seqs", "2", "--name", "smollm2-135m-0.67x-student-w4a16-qat"),
            title="Quantization accuracy: the distilled 0.67x student, W4A16 after quantization-aware training"),
     # The same W4A16 graphs after GPTQ took its Hessians from 32 sequences and LPBQ block steps their nearest
@@ -140,7 +144,7 @@ TARGETS = (
            title="Quantization accuracy: the teacher, W4A16, GPTQ Hessians from 32 sequences"),
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student-w4a16-gptq32.json",
                               "quant_accuracy_smollm2-135m-0.67x-student-w4a16-gptq32.md"),
-           args=("--model", str(ROOT / "runs" / "smollm2-135m-0.67x" / "student"), "--rows", "final", "--final", "w4a16",
+           args=("--model", str(STUDENT), "--rows", "final", "--final", "w4a16",
                  "--htp-seqs", "2", "--name", "smollm2-135m-0.67x-student-w4a16-gptq32"),
            title="Quantization accuracy: the distilled 0.67x student, W4A16, GPTQ Hessians from 32 sequences"),
     # QAT from that GPTQ with the LPBQ channel units trained too (commit cb781f9), the table frozen; one int4 table
@@ -158,11 +162,10 @@ TARGETS = (
                  "--name", "smollm2-135m-w4a16-split"),
            title="Quantization accuracy: the teacher, W4A16 after quantization-aware training, the table's 8,192 most "
            "frequent tokens' rows in int8"),
-    # The student the AVX2 main-command target above leaves in runs/: GPTQ's w4a16 with the split table and with one
-    # int4 table, in the same run (run that target first).
+    # EPYC_STUDENT: GPTQ's w4a16 with the split table and with one int4 table, in the same run.
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student-w4a16-split-gptq.json",
                               "quant_accuracy_smollm2-135m-0.67x-student-w4a16-split-gptq.md"),
-           args=("--model", str(ROOT / "runs" / "main_command_smollm2-135m-epyc" / "student"), "--rows", "final",
+           args=("--model", str(EPYC_STUDENT), "--rows", "final",
                  "--final", "w4a16,w4a16-int4-table", "--htp-seqs", "2",
                  "--name", "smollm2-135m-0.67x-student-w4a16-split-gptq"),
            title="Quantization accuracy: the distilled 0.67x student, W4A16 from GPTQ, the split table against one "
@@ -171,7 +174,7 @@ TARGETS = (
     # rate the training's KL rose; the results file's note).
     Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student-w4a16-split-qat.json",
                               "quant_accuracy_smollm2-135m-0.67x-student-w4a16-split-qat.md"),
-           args=("--model", str(ROOT / "runs" / "main_command_smollm2-135m-epyc" / "student"), "--rows", "final",
+           args=("--model", str(EPYC_STUDENT), "--rows", "final",
                  "--final", "w4a16-qat", "--qat-tokens", "262144", "--qat-unit-lr", "0", "--htp-seqs", "2",
                  "--name", "smollm2-135m-0.67x-student-w4a16-split-qat"),
            title="Quantization accuracy: the distilled 0.67x student, W4A16 with the split table after "
