@@ -1,0 +1,175 @@
+"""Where do W4A16's int4 block weights lose their accuracy? Each group of layers given back its float weights in turn.
+
+For one model (a teacher alias or a student's checkpoint directory), the block weights the ``--quant w4a16`` recipe
+stores: int4 LPBQ blocks of 32 inputs (MSE-searched ranges), GPTQ-rounded block after block on the recipe's
+calibration sequences, the same float rewrites (rotation, per-row table scales). The model is then scored in
+PyTorch with float activations and the float table, so a row's gap is the block weights' alone (the graph's 16-bit
+activations and its table add little to it: ``benchmarks/quant_accuracy.py`` measures the graphs). Rows: every block
+weight int4; then one linear kind (q k v o gate up down) float in every block; five blocks at a time float; each
+block's down projection float. Each row is scored on the same validation and general-English sequences as the
+float model, so the rows' gaps compare within one run. The input RMS of each layer's largest input channel over
+the median channel's says where a massive activation enters a layer.
+
+    python -m benchmarks.w4_layers --model runs/main_command_smollm2-135m-epyc/student --name smollm2-135m-0.67x-student
+
+Writes ``benchmarks/results/w4_layers_<name>.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.plots import machine, provenance
+from compress.core.config import DEFAULT_TRANSFORMS, QuantConfig
+from compress.deploy.export import LINEARS, StaticLM
+from compress.deploy.gptq import gptq_, input_hessians
+from compress.deploy.quantization import prepare
+from compress.io import write_text
+from compress.sources.corpora import GENERAL_EVAL
+from compress.sources.data import load_corpus, token_batches
+from compress.sources.teachers import load_teacher
+from quant.quantize import PRESETS
+
+RESULTS = Path(__file__).parent / "results"
+RECIPE = PRESETS["w4a16"]
+SPAN = 5  # blocks per "blocks a-b float" row
+
+
+@torch.no_grad()
+def perplexity(lm: StaticLM, ids: torch.Tensor) -> float:
+    """Perplexity of ``lm``'s prefill on the sequences ``ids`` [n, L] (every next token but the first)."""
+    nll, count = 0.0, 0
+    for row in ids:
+        logits = lm.prefill(row[None])[0][0].float()
+        nll += F.cross_entropy(logits[:-1], row[1:], reduction="sum").item()
+        count += len(row) - 1
+    return math.exp(nll / count)
+
+
+def with_float(rounded: StaticLM, reference: StaticLM, layers: list[tuple[int, str]]) -> StaticLM:
+    """A copy of ``rounded`` whose ``layers`` (block index, linear name) hold ``reference``'s float weights."""
+    out = copy.deepcopy(rounded)
+    with torch.no_grad():
+        for index, name in layers:
+            getattr(out.blocks[index], name).weight.copy_(getattr(reference.blocks[index], name).weight)
+    return out
+
+
+def input_peaks(lm: StaticLM, ids: torch.Tensor) -> list[dict]:
+    """Each block linear's largest input channel: its RMS over the median channel's, and which channel."""
+    hessians = input_hessians(lm, ids)
+    peaks = []
+    for index, block in enumerate(lm.blocks):
+        for name in LINEARS:
+            rms = torch.diagonal(hessians[getattr(block, name)]).sqrt()
+            channel = int(rms.argmax())
+            peaks.append({"block": index, "layer": name, "channel": channel,
+                          "ratio": float(rms[channel] / rms.median().clamp_min(1e-12))})
+    return peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="teacher alias or Hugging Face checkpoint directory")
+    parser.add_argument("--name", required=True, help="results suffix: w4_layers_<name>.{md,json}")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-seqs", type=int, default=16, help="sequences of each evaluation set")
+    parser.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences of the rotation")
+    parser.add_argument("--gptq-seqs", type=int, default=QuantConfig.gptq_samples,
+                        help="calibration sequences GPTQ's Hessians come from (--quant-gptq-samples)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not Path(args.model).exists() and "/" in args.model:
+        parser.error(f"--model {args.model}: no such directory; make the student first (the README's main command "
+                     "with --stop-after distill writes RUN/student) or pass a teacher alias")
+    started = time.perf_counter()
+    model, tokenizer = load_teacher(args.model)
+    model.eval()
+    corpus = load_corpus(None)
+    sets = {"validation": token_batches(corpus, tokenizer, "validation", args.seq_len, args.eval_seqs),
+            GENERAL_EVAL: token_batches(load_corpus(GENERAL_EVAL, evaluation=True), tokenizer, "all", args.seq_len,
+                                        args.eval_seqs)}
+    calib = token_batches(corpus, tokenizer, "calibration", args.seq_len, args.calib_seqs)
+    gptq_ids = token_batches(corpus, tokenizer, "calibration", args.seq_len, args.gptq_seqs)
+    lm = prepare(model, args.seq_len, DEFAULT_TRANSFORMS["w4a16"], calib, conv=False)
+    report: dict = {
+        "model": args.model, "seq_len": args.seq_len, "gptq_sequences": int(gptq_ids.shape[0]),
+        "tokens": {name: int(ids.shape[0] * (ids.shape[1] - 1)) for name, ids in sets.items()},
+        "transforms": list(lm.transforms), "recipe": RECIPE.to_dict(),
+        **provenance(), "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": machine(),
+    }
+    report["float"] = {name: perplexity(lm, ids) for name, ids in sets.items()}
+    report["input_peaks"] = input_peaks(lm, calib)
+    rounded = gptq_(copy.deepcopy(lm), gptq_ids, bits=RECIPE.weight_bits, block_size=RECIPE.weight_block,
+                    weight_range=RECIPE.weight_range, sequential=True)
+    depth = len(lm.blocks)
+    if len(lm.unique_blocks) != depth:
+        parser.error("a model whose blocks are shared (MobileLLM-like) has no per-depth layers to give back")
+    rows: list[tuple[str, list[tuple[int, str]]]] = [("every block weight int4 (the recipe's GPTQ)", [])]
+    rows += [(f"{name} float in every block", [(i, name) for i in range(depth)]) for name in LINEARS]
+    rows += [(f"blocks {a}-{min(a + SPAN, depth) - 1} float", [(i, n) for i in range(a, min(a + SPAN, depth))
+                                                                 for n in LINEARS]) for a in range(0, depth, SPAN)]
+    rows += [(f"down of block {i} float", [(i, "down")]) for i in range(depth)]
+    report["rows"] = []
+    for label, layers in rows:
+        model_row = with_float(rounded, lm, layers)
+        row = {"variant": label, "float_layers": len(layers)}
+        for name, ids in sets.items():
+            ppl = perplexity(model_row, ids)
+            row[name] = {"perplexity": ppl, "vs_float": ppl / report["float"][name] - 1}
+        report["rows"].append(row)
+        print(f"{label}: " + ", ".join(f"{n} {row[n]['perplexity']:.2f} ({row[n]['vs_float']:+.2%})" for n in sets),
+              flush=True)
+    report["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"w4_layers_{args.name}"
+    write_text(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    write_text(args.out / f"{stem}.md", markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    sets = list(report["float"])
+    whole = report["rows"][0]
+    head = "| variant | " + " | ".join(f"{n} perplexity | vs float | share of the int4 cost" for n in sets) + " |"
+    lines = [
+        f"# W4A16 block weights, layer by layer: {report['model']}", "",
+        f"The `w4a16` recipe's int4 LPBQ block weights (blocks of {report['recipe']['weight_block']} inputs, "
+        f"{report['recipe']['weight_range']} ranges, GPTQ block after block on {report['gptq_sequences']} calibration "
+        f"sequences; rewrites: {', '.join(report['transforms'])}), scored in PyTorch with float activations and the "
+        "float table, each row with one group of layers given back its float weights. Scored on "
+        + ", ".join(f"{report['tokens'][n]:,} tokens of {n}" for n in sets) + "; float model: "
+        + ", ".join(f"{n} {report['float'][n]:.2f}" for n in sets) + ". Share of the int4 cost = how much of the "
+        "first row's gap the row takes back. "
+        f"Measured {report['date']} on {report['machine']}, commit `{report['commit']}`, `{report['command']}`, "
+        f"{report['seconds'] / 60:.0f} min.", "",
+        head, "|" + "---|" * (head.count("|") - 1),
+    ]
+    for row in report["rows"]:
+        cells = []
+        for n in sets:
+            share = 1 - row[n]["vs_float"] / whole[n]["vs_float"] if whole[n]["vs_float"] else 0.0
+            cells.append(f"{row[n]['perplexity']:.2f} | {row[n]['vs_float']:+.2%} | "
+                         + ("–" if row is whole else f"{share:.0%}"))
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
+    peaks = sorted(report["input_peaks"], key=lambda p: -p["ratio"])[:8]
+    lines += ["", "Layers whose largest input channel's RMS is furthest above the median channel's (massive "
+              "activations), on the calibration sequences:", "",
+              "| block | layer | channel | RMS / median |", "|---|---|---|---|"]
+    lines += [f"| {p['block']} | {p['layer']} | {p['channel']} | {p['ratio']:.0f} |" for p in peaks]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
