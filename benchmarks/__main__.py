@@ -179,6 +179,9 @@ TARGETS = (
                  "--name", "smollm2-135m-0.67x-student-w4a16-split-qat"),
            title="Quantization accuracy: the distilled 0.67x student, W4A16 with the split table after "
            "quantization-aware training (units fixed)"),
+    Target("w4_layers", ("w4_layers_smollm2-135m-0.67x-student.json", "w4_layers_smollm2-135m-0.67x-student.md"),
+           args=("--model", str(EPYC_STUDENT), "--name", "smollm2-135m-0.67x-student"),
+           title="Where W4A16's int4 block weights lose accuracy: the distilled 0.67x student, layer by layer"),
     Target("quant_accuracy", ("quant_accuracy_gemma3-270m.json", "quant_accuracy_gemma3-270m.md"),
            args=("--model", "gemma3-270m", "--rows", "3,4,final", "--final", "a16w8,a8w8-qnn-htp", "--htp-seqs", "1"),
            title="Quantization accuracy: the gemma3-270m teacher (per-row embedding scales, final graphs)"),
