@@ -17,7 +17,6 @@ Writes ``benchmarks/results/quant_sensitivity_<name>.{md,json}``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -30,20 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.plots import machine, provenance
+from benchmarks.plots import evaluation_sets, load_model, machine, model_parser, provenance, write_results
 from compress.core.config import DEFAULT_TRANSFORMS
 from compress.deploy.gptq import block_op, gptq_
 from compress.deploy.groups import quantize_graph
 from compress.deploy.quantization import export_graphs, prepare
-from compress.io import write_text
-from compress.sources.corpora import GENERAL_EVAL
 from compress.sources.data import load_corpus, token_batches
-from compress.sources.teachers import load_teacher
 from quant import runtime
 from quant.profiles import get_profile
 from quant.quantize import MIXES, PRESETS
 
-RESULTS = Path(__file__).parent / "results"
 PRESET = PRESETS["a16w8"]
 NEAREST = dataclasses.replace(PRESET, weight_rounding="nearest")
 ALL_WEIGHTS = (*MIXES, "embedding", "attention-weights", "mlp-weights")
@@ -67,26 +62,13 @@ ROWS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="teacher alias or Hugging Face checkpoint directory")
-    parser.add_argument("--name", required=True, help="results suffix: quant_sensitivity_<name>.{md,json}")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-seqs", type=int, default=32, help="sequences of each evaluation set")
-    parser.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences (compress's default: 8)")
+    parser = model_parser(__doc__, "quant_sensitivity", eval_seqs=32)
     parser.add_argument("--rows", default="all", help="'all' or comma-separated row numbers")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if not Path(args.model).exists() and "/" in args.model:
-        parser.error(f"--model {args.model}: no such directory; make the student first (e.g. the README's main "
-                     "command with --stop-after distill writes RUN/student) or pass a teacher alias")
     started = time.perf_counter()
-    model, tokenizer = load_teacher(args.model)
-    model.eval()
-    sets = {"validation": token_batches(load_corpus(None), tokenizer, "validation", args.seq_len, args.eval_seqs),
-            GENERAL_EVAL: token_batches(load_corpus(GENERAL_EVAL, evaluation=True), tokenizer, "all", args.seq_len,
-                                        args.eval_seqs)}
-    sets = {name: ids.numpy() for name, ids in sets.items()}
+    model, tokenizer = load_model(parser, args.model)
+    sets = {name: ids.numpy() for name, ids in evaluation_sets(tokenizer, args.seq_len, args.eval_seqs).items()}
     calib = token_batches(load_corpus(None), tokenizer, "calibration", args.seq_len, args.calib_seqs)
     report: dict = {
         "model": args.model, "seq_len": args.seq_len, "calibration_sequences": int(calib.shape[0]),
@@ -102,11 +84,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"quant_sensitivity_{args.name}"
-    write_text(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
-    write_text(args.out / f"{stem}.md", markdown(report))
-    print(markdown(report))
+    write_results(args.out, f"quant_sensitivity_{args.name}", report, markdown(report))
 
 
 def _measure(model, seq_len: int, calib: torch.Tensor, sets: dict[str, np.ndarray], work: Path,  # noqa: ANN001

@@ -17,30 +17,23 @@ Writes ``benchmarks/results/w4_layers_<name>.{md,json}``.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import logging
 import math
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.plots import machine, provenance
+from benchmarks.plots import evaluation_sets, load_model, machine, model_parser, provenance, write_results
 from compress.core.config import DEFAULT_TRANSFORMS, QuantConfig
 from compress.deploy.export import LINEARS, StaticLM
 from compress.deploy.gptq import gptq_, input_hessians
 from compress.deploy.quantization import prepare
-from compress.io import write_text
-from compress.sources.corpora import GENERAL_EVAL
 from compress.sources.data import load_corpus, token_batches
-from compress.sources.teachers import load_teacher
 from quant.quantize import PRESETS
 
-RESULTS = Path(__file__).parent / "results"
 RECIPE = PRESETS["w4a16"]
 SPAN = 5  # blocks per "blocks a-b float" row
 
@@ -79,27 +72,15 @@ def input_peaks(lm: StaticLM, ids: torch.Tensor) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="teacher alias or Hugging Face checkpoint directory")
-    parser.add_argument("--name", required=True, help="results suffix: w4_layers_<name>.{md,json}")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--eval-seqs", type=int, default=16, help="sequences of each evaluation set")
-    parser.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences of the rotation")
+    parser = model_parser(__doc__, "w4_layers", eval_seqs=16)
     parser.add_argument("--gptq-seqs", type=int, default=QuantConfig.gptq_samples,
                         help="calibration sequences GPTQ's Hessians come from (--quant-gptq-samples)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if not Path(args.model).exists() and "/" in args.model:
-        parser.error(f"--model {args.model}: no such directory; make the student first (the README's main command "
-                     "with --stop-after distill writes RUN/student) or pass a teacher alias")
     started = time.perf_counter()
-    model, tokenizer = load_teacher(args.model)
-    model.eval()
+    model, tokenizer = load_model(parser, args.model)
     corpus = load_corpus(None)
-    sets = {"validation": token_batches(corpus, tokenizer, "validation", args.seq_len, args.eval_seqs),
-            GENERAL_EVAL: token_batches(load_corpus(GENERAL_EVAL, evaluation=True), tokenizer, "all", args.seq_len,
-                                        args.eval_seqs)}
+    sets = evaluation_sets(tokenizer, args.seq_len, args.eval_seqs)
     calib = token_batches(corpus, tokenizer, "calibration", args.seq_len, args.calib_seqs)
     gptq_ids = token_batches(corpus, tokenizer, "calibration", args.seq_len, args.gptq_seqs)
     lm = prepare(model, args.seq_len, DEFAULT_TRANSFORMS["w4a16"], calib, conv=False)
@@ -132,11 +113,7 @@ def main() -> None:
         print(f"{label}: " + ", ".join(f"{n} {row[n]['perplexity']:.2f} ({row[n]['vs_float']:+.2%})" for n in sets),
               flush=True)
     report["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"w4_layers_{args.name}"
-    write_text(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
-    write_text(args.out / f"{stem}.md", markdown(report))
-    print(markdown(report))
+    write_results(args.out, f"w4_layers_{args.name}", report, markdown(report))
 
 
 def markdown(report: dict) -> str:
