@@ -84,6 +84,9 @@ def main() -> None:
     calib = token_batches(corpus, tokenizer, "calibration", args.seq_len, args.calib_seqs)
     gptq_ids = token_batches(corpus, tokenizer, "calibration", args.seq_len, args.gptq_seqs)
     lm = prepare(model, args.seq_len, DEFAULT_TRANSFORMS["w4a16"], calib, conv=False)
+    depth = len(lm.blocks)
+    if len(lm.unique_blocks) != depth:
+        parser.error("a model whose blocks are shared (MobileLLM-like) has no per-depth layers to give back")
     report: dict = {
         "model": args.model, "seq_len": args.seq_len, "gptq_sequences": int(gptq_ids.shape[0]),
         "tokens": {name: int(ids.shape[0] * (ids.shape[1] - 1)) for name, ids in sets.items()},
@@ -94,9 +97,6 @@ def main() -> None:
     report["input_peaks"] = input_peaks(lm, calib)
     rounded = gptq_(copy.deepcopy(lm), gptq_ids, bits=RECIPE.weight_bits, block_size=RECIPE.weight_block,
                     weight_range=RECIPE.weight_range, sequential=True)
-    depth = len(lm.blocks)
-    if len(lm.unique_blocks) != depth:
-        parser.error("a model whose blocks are shared (MobileLLM-like) has no per-depth layers to give back")
     rows: list[tuple[str, list[tuple[int, str]]]] = [("every block weight int4 (the recipe's GPTQ)", [])]
     rows += [(f"{name} float in every block", [(i, name) for i in range(depth)]) for name in LINEARS]
     rows += [(f"blocks {a}-{min(a + SPAN, depth) - 1} float", [(i, n) for i in range(a, min(a + SPAN, depth))
