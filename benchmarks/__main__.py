@@ -179,6 +179,12 @@ TARGETS = (
                  "--name", "smollm2-135m-0.67x-student-w4a16-split-qat"),
            title="Quantization accuracy: the distilled 0.67x student, W4A16 with the split table after "
            "quantization-aware training (units fixed)"),
+    # W4A8: the same int4 weights and split table under A8W8's 8-bit activations (a benchmark graph, not a preset).
+    Target("quant_accuracy", ("quant_accuracy_smollm2-135m-0.67x-student-w4a8.json",
+                              "quant_accuracy_smollm2-135m-0.67x-student-w4a8.md"),
+           args=("--model", str(EPYC_STUDENT), "--rows", "final", "--final", "w4a8", "--htp-seqs", "2",
+                 "--name", "smollm2-135m-0.67x-student-w4a8"),
+           title="Quantization accuracy: the distilled 0.67x student, W4A8 (W4A16's int4 weights, A8W8's activations)"),
     Target("w4_layers", ("w4_layers_smollm2-135m-0.67x-student.json", "w4_layers_smollm2-135m-0.67x-student.md"),
            args=("--model", str(EPYC_STUDENT), "--name", "smollm2-135m-0.67x-student"),
            title="Where W4A16's int4 block weights lose accuracy: the distilled 0.67x student, layer by layer"),

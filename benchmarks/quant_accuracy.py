@@ -52,17 +52,14 @@ from quant.qnn import DEFAULT_SOC_MODEL
 from quant.quantize import PRESETS, QuantRecipe
 
 RESULTS = Path(__file__).parent / "results"
-# The final graphs: (key, recipe, profile). A8W8 is measured for both NPU profiles: per-channel MatMul weights on
-# generic-a8w8, 1x1 Convs on qnn-htp; W4A16 is the NPU LLM toolchains' format (qnn-htp), W4A8 the same weights
-# under A8W8's activations; w8 and w4 are the weight-only graphs for a CPU (ort-cpu).
+# The final graphs: (key, recipe, profile). A8W8 on both NPU profiles (per-channel MatMul weights on generic-a8w8, 1x1
+# Convs on qnn-htp); W4A16 (the NPU LLM toolchains' format) and W4A8 on qnn-htp; w8 and w4 weight-only, for a CPU.
 FINAL_GRAPHS = (("a16w8", "a16w8", "qnn-htp"), ("a8w8", "a8w8", "generic-a8w8"), ("a8w8-qnn-htp", "a8w8", "qnn-htp"),
                 ("w4a16", "w4a16", "qnn-htp"), ("w4a16-int4-table", "w4a16", "qnn-htp"), ("w4a16-qat", "w4a16", "qnn-htp"),
                 ("w4a8", "w4a16", "qnn-htp"), ("w8", "w8", "ort-cpu"), ("w4", "w4", "ort-cpu"))
-# w4a16 with one int4 table, next to the recipe's (its most frequent tokens' rows int8), in the same run.
-# w4a8: w4a16's int4 blocks and table with 8-bit activations wherever a8w8 has them (half the activation bytes);
-# measured here, and not a --quant preset unless it holds.
-RECIPE_CHANGES = {"w4a16-int4-table": {"embedding_wide_rows": 0},
-                  "w4a8": {"name": "w4a8", "activation_bits": 8, "sixteen_bit": PRESETS["a8w8"].sixteen_bit}}
+# w4a16 with one int4 table, beside the split one; w4a8: w4a16's weights under a8w8's activations (not a preset).
+RECIPE_CHANGES = {"w4a16-int4-table": {"embedding_wide_rows": 0}, "w4a8": {"name": "w4a8", "activation_bits": 8,
+                                                                          "sixteen_bit": PRESETS["a8w8"].sixteen_bit}}
 QAT_GRAPHS = ("w4a16-qat",)  # the same recipe after quantization-aware training (--qat-tokens of the training split)
 DECODE_SAMPLES = 8  # validation sequences whose second halves score the decode graphs (1,024 tokens at 256)
 
