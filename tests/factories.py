@@ -34,6 +34,12 @@ def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def token_ids(model, n: int, length: int, seed: int) -> torch.Tensor:  # noqa: ANN001 - any causal LM
+    """``n`` random sequences of ``length`` ids from ``model``'s vocabulary (none of the first three), the same for
+    the same seed."""
+    return torch.randint(3, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
 def tiny_llama(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, mlp: int = 128, seed: int = 0,
                vocab_size: int = VOCAB, **kw):
     _seeded(seed)

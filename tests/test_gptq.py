@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from factories import int8_weights, tiny_llama
+from factories import int8_weights, tiny_llama, token_ids
 from onnx import TensorProto, numpy_helper
 from torch.nn.utils import parametrize
 
@@ -24,10 +24,6 @@ from quant.quantize import PRESETS
 from quant.weight_ranges import mse_range
 
 CAPACITY = 32
-
-
-def _ids(model, n: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, model.config.vocab_size, (n, CAPACITY), generator=torch.Generator().manual_seed(seed))
 
 
 def _nearest(weight: torch.Tensor, step: torch.Tensor, top: int = 127) -> torch.Tensor:
@@ -75,7 +71,7 @@ def test_lpbq_block_steps_keep_minmax_blocks_whole_and_sit_nearest_the_mse_step(
 def test_input_hessians_are_one_per_input_symmetric_and_positive():
     model = tiny_llama()
     lm = prepare(model, CAPACITY, ())
-    ids = _ids(model, 2, 1)
+    ids = token_ids(model, 2, CAPACITY, 1)
     hessians = input_hessians(lm, ids)
     block = lm.unique_blocks[0]
     assert torch.allclose(hessians[block.q], hessians[block.k]) and torch.allclose(hessians[block.gate], hessians[block.up])
@@ -93,7 +89,7 @@ def test_input_hessians_are_one_per_input_symmetric_and_positive():
 def test_the_quantized_graph_keeps_gptq_weights_exactly(tmp_path, profile, weight_range):
     model = tiny_llama()
     npu = get_profile(profile)
-    calib = _ids(model, 4, 2)
+    calib = token_ids(model, 4, CAPACITY, 2)
     lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=npu.linear_as_conv)
     rounded = gptq_(copy.deepcopy(lm), calib, per_channel=block_op(lm) in npu.per_channel_ops, weight_range=weight_range)
     export_graphs(rounded, tmp_path, decode=False)
@@ -113,7 +109,7 @@ def test_the_quantized_graph_keeps_gptq_weights_exactly(tmp_path, profile, weigh
 def test_gptq_recipe_tracks_the_float_model_closer_than_nearest_rounding(tmp_path):
     model = tiny_llama()
     npu = get_profile("qnn-htp")
-    calib, held_out = _ids(model, 8, 2), _ids(model, 4, 3)
+    calib, held_out = token_ids(model, 8, CAPACITY, 2), token_ids(model, 4, CAPACITY, 3)
     lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=True)
     export_graphs(lm, tmp_path, decode=False)
     with torch.no_grad():
@@ -134,7 +130,7 @@ def test_w4a16_graph_holds_the_gptq_lpbq_blocks_and_table_exactly_and_runs_on_cp
     model = tiny_llama()
     npu = get_profile("qnn-htp")
     recipe = PRESETS["w4a16"]
-    calib, hessian_ids = _ids(model, 4, 2), _ids(model, 8, 5)
+    calib, hessian_ids = token_ids(model, 4, CAPACITY, 2), token_ids(model, 8, CAPACITY, 5)
     lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=recipe.linears_as_conv(npu))
     export_graphs(lm, tmp_path, decode=False)
     graphs = quantize_graphs(lm, tmp_path, recipe, npu, calib.numpy(), decode=False, gptq_ids=hessian_ids.numpy())
@@ -167,7 +163,7 @@ def test_w4a16_graph_holds_the_gptq_lpbq_blocks_and_table_exactly_and_runs_on_cp
         assert values[dq.input[1]] == pytest.approx(1 / top)
     steps = rounded.embed.detach()[wide].double() * 7
     assert (steps - steps.round()).abs().max() > 0.1  # the wide rows were not rounded to the int4 grid first
-    quality, _ = runtime.quality(runtime.session(graphs.prefill), _ids(model, 2, 3).numpy())
+    quality, _ = runtime.quality(runtime.session(graphs.prefill), token_ids(model, 2, CAPACITY, 3).numpy())
     assert np.isfinite(quality.perplexity)
 
 
@@ -176,7 +172,8 @@ def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keep
     npu = get_profile("qnn-htp")
     recipe = dataclasses.replace(PRESETS["w4a16"], embedding_wide_rows=0)  # one int4 table: the grid it trains on
     # GPTQ's Hessians from one sequence: on more, its rounding of so small a model leaves QAT little to mend.
-    calib, train, held_out = _ids(model, 1, 2), _ids(model, 64, 4), _ids(model, 4, 3)
+    calib, train = token_ids(model, 1, CAPACITY, 2), token_ids(model, 64, CAPACITY, 4)
+    held_out = token_ids(model, 4, CAPACITY, 3)
     lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=False)
     with pytest.raises(ValueError, match="two precisions.*--quant-qat-table-lr 0"):
         _rounded(lm, PRESETS["w4a16"], npu, calib, QatSettings(train.numpy(), table_lr=0.2))

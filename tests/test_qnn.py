@@ -5,8 +5,7 @@ against what the compiler takes, a refused node is reported, and the compiled mo
 import numpy as np
 import onnx
 import pytest
-import torch
-from factories import DECODER_FAMILIES, tiny_llama
+from factories import DECODER_FAMILIES, tiny_llama, token_ids
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.app.cli import main
@@ -19,10 +18,6 @@ pytestmark = pytest.mark.skipif(qnn.unavailable() is not None, reason=f"no HTP c
 CAPACITY = 24
 
 
-def _ids(model, n: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, model.config.vocab_size, (n, CAPACITY), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
 def family_graphs(tmp_path_factory):
     """{(family, recipe): (prefill, decode)}: qnn-htp graphs in every Q/DQ recipe of the families whose rotated graphs
@@ -33,7 +28,7 @@ def family_graphs(tmp_path_factory):
     for family in ("gemma3", "llama"):
         make = DECODER_FAMILIES[family]
         model = make()
-        calib = _ids(model, 4, seed=2)
+        calib = token_ids(model, 4, CAPACITY, 2)
         for recipe in ("a16w8", "a8w8", "w4a16"):
             lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), calib, conv=PRESETS[recipe].linears_as_conv(profile))
             folder = tmp_path_factory.mktemp(f"{family}-{recipe}")
@@ -76,7 +71,7 @@ def test_w4a16_stores_block_weights_as_lpbq_int4_and_the_table_in_int8_and_int4_
             assert [initializers[t].data_type for t in tables] == [TensorProto.INT8, TensorProto.INT4]
     # The HTP runs the blocks' arithmetic as ONNX Runtime's CPU does.
     prefill, _ = family_graphs["llama", "w4a16"]
-    ids = _ids(tiny_llama(), 2, seed=5).numpy()
+    ids = token_ids(tiny_llama(), 2, CAPACITY, 5).numpy()
     emulated = qnn.emulated_quality(prefill, ids)
     assert emulated.perplexity == pytest.approx(emulated.cpu_perplexity, rel=0.02)
     assert emulated.agreement_with_cpu >= 0.9
@@ -123,7 +118,7 @@ def test_a_whole_graph_is_written_as_a_compiled_model_that_runs_like_the_qdq_gra
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.qnn.onnx", "model.qnn_qnn.bin", "trace.json"]
     assert [n.op_type for n in onnx.load(tmp_path / "model.qnn.onnx").graph.node] == ["EPContext"]
     # The emulator runs the compiled arithmetic; on the same sequences it lands next to ONNX Runtime's CPU.
-    ids = _ids(tiny_llama(), 2, seed=5).numpy()
+    ids = token_ids(tiny_llama(), 2, CAPACITY, 5).numpy()
     emulated = qnn.emulated_quality(prefill, ids)
     cpu, _ = runtime.quality(runtime.session(prefill), ids)
     assert emulated.cpu_perplexity == pytest.approx(cpu.perplexity, rel=1e-4)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from factories import int8_weights, tiny_gemma3, tiny_llama, tiny_qwen2
+from factories import int8_weights, tiny_gemma3, tiny_llama, tiny_qwen2, token_ids
 from onnx import TensorProto, helper
 
 from compress.deploy.export import StaticLM
@@ -22,7 +22,7 @@ CAPACITY = 32
 
 
 def _ids(model, n: int = 6, length: int = CAPACITY, seed: int = 1) -> torch.Tensor:
-    return torch.randint(3, model.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(seed))
+    return token_ids(model, n, length, seed)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from factories import tiny_llama
+from factories import tiny_llama, token_ids
 
 from benchmarks.w4_layers import input_peaks, perplexity, with_float
 from compress.deploy.export import LINEARS
@@ -16,13 +16,9 @@ from compress.deploy.quantization import prepare
 CAPACITY = 24
 
 
-def _ids(model, n: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, model.config.vocab_size, (n, CAPACITY), generator=torch.Generator().manual_seed(seed))
-
-
 def test_layers_given_back_hold_the_float_weights_and_all_of_them_score_as_the_float_model():
     model = tiny_llama()
-    ids = _ids(model, 4, seed=1)
+    ids = token_ids(model, 4, CAPACITY, 1)
     lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), ids, conv=False)
     rounded = gptq_(copy.deepcopy(lm), ids, bits=4, block_size=32, weight_range="mse", sequential=True)
     row = with_float(rounded, lm, [(0, "down")])
@@ -41,6 +37,6 @@ def test_input_peaks_name_the_channel_that_carries_a_massive_activation():
     channel = 7
     with torch.no_grad():  # one of block 1's MLP channels made a hundred times larger: the down projection reads it
         lm.blocks[1].up.weight[:, channel] *= 100.0  # MatMul layout: (in, out)
-    peaks = {(p["block"], p["layer"]): p for p in input_peaks(lm, _ids(model, 2, seed=3))}
+    peaks = {(p["block"], p["layer"]): p for p in input_peaks(lm, token_ids(model, 2, CAPACITY, 3))}
     assert peaks[1, "down"]["channel"] == channel
     assert peaks[1, "down"]["ratio"] > 10 * max(p["ratio"] for key, p in peaks.items() if key != (1, "down"))
