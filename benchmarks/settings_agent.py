@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--no-teacher-row", dest="teacher_row", action="store_false")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--train-per-setting", type=int, default=40, help="training requests drawn per setting "
+                        "(compress task --train-per-setting; the test split is the same whatever it is)")
     parser.add_argument("--lr", type=float, help="fine-tuning learning rate (default: compress finetune's, 1e-3 for "
                         "LoRA, 5e-5 for every weight)")
     parser.add_argument("--test-pairs", type=int, default=200, help="test pairs each model and graph answers")
@@ -185,7 +187,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     started = time.perf_counter()
     task = args.runs / "task"
-    counts = write_task(task)
+    counts = write_task(task, train_per_setting=args.train_per_setting)
     names = [f for f in args.families.split(",") if f] + (["teacher"] if args.teacher_row else [])
     modes = [m for m in args.modes.split(",") if m]
     rows: list[dict[str, Any]] = []
@@ -202,6 +204,7 @@ def main() -> None:
             report = {"teacher": args.teacher, "target_size": args.target_size, "distill_tokens": args.distill_tokens,
                       "task": counts, "test_pairs": min(args.test_pairs, counts["test"]),
                       "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "epochs": args.epochs,
+                      "train_per_setting": args.train_per_setting,
                       "planned": [f"{n} ({m})" for n in names for m in modes], "rows": rows, **provenance(),
                       "date": datetime.now(UTC).strftime("%Y-%m-%d"),
                       "machine": machine(),

@@ -16,7 +16,7 @@ def _call(row: dict) -> dict:
     return json.loads(row["output"])
 
 
-def test_the_settings_task_holds_out_phrasings_words_and_values_and_rebuilds_the_same(tmp_path, monkeypatch):
+def test_the_settings_task_holds_out_phrasings_words_and_values_and_rebuilds_the_same(tmp_path):
     settings = {s.id: s for s in catalog()}
     assert len(settings) >= 150 and {s.kind for s in settings.values()} == {"toggle", "enum", "range", "action"}
     assert main(["task", "settings-agent", "--out", str(tmp_path / "a")]) == 0
@@ -36,9 +36,13 @@ def test_the_settings_task_holds_out_phrasings_words_and_values_and_rebuilds_the
     assert all(words(*f) & _TEST_WORDS for f in _FRAMES["test"] if any(f))
     assert not any(words(*f) & _TEST_WORDS for f in _FRAMES["train"])
     # Growing the training split leaves the test split as it was: each split draws from its own generator.
-    monkeypatch.setitem(settings_agent._PAIRS_PER_SETTING, "train", 25)
-    smaller = build_task()
-    assert smaller["test"] == splits["test"] and len(smaller["train"]) < len(splits["train"])
+    smaller, larger = build_task(train_per_setting=25), build_task(train_per_setting=60)
+    assert smaller["test"] == splits["test"] == larger["test"]
+    assert len(smaller["train"]) < len(splits["train"]) < len(larger["train"])
+    assert main(["task", "settings-agent", "--out", str(tmp_path / "c"), "--train-per-setting", "60"]) == 0
+    written = (tmp_path / "c" / "train.jsonl").read_text().splitlines()
+    assert len(written) == len(larger["train"]) + len(larger["validation"])
+    assert (tmp_path / "c" / "test.jsonl").read_bytes() == (tmp_path / "a" / "test.jsonl").read_bytes()
     for rows in splits.values():  # every call is well formed for its setting's kind
         for row in rows:
             call = _call(row)

@@ -151,7 +151,7 @@ _FRAMES = {
 _TEST_WORDS = frozenset({"could", "i'd", "enabled", "disabled", "sure", "turned", "going", "stop", "put", "prefer",
                          "should", "with", "bump", "little", "give", "too", "bring", "help", "right", "done", "hi",
                          "if", "sorry", "bother", "before", "meeting", "thank"})
-_PAIRS_PER_SETTING = {"train": 40, "test": 4}
+_PAIRS_PER_SETTING = {"train": 40, "test": 4}  # the defaults; the training split's can be asked for
 
 
 def _stable(text: str) -> int:
@@ -237,8 +237,12 @@ def _indirect_value(setting: Setting, value: Any) -> Any:
     return {"on": True, "off": False}.get(value, value) if setting.kind == "toggle" else value
 
 
-def build_task(seed: int = 0) -> dict[str, list[dict[str, str]]]:
-    """The task's pairs: ``{"train": [...], "validation": [...], "test": [...]}``, rows ``{"input", "output"}``."""
+def build_task(seed: int = 0, train_per_setting: int | None = None) -> dict[str, list[dict[str, str]]]:
+    """The task's pairs: ``{"train": [...], "validation": [...], "test": [...]}``, rows ``{"input", "output"}``.
+
+    ``train_per_setting`` requests drawn per setting for training and validation (default 40; settings with few
+    phrasings run out sooner); the test split is the same whatever it is."""
+    per_setting = {**_PAIRS_PER_SETTING, **({"train": train_per_setting} if train_per_setting else {})}
     settings = {s.id: s for s in catalog()}
     splits: dict[str, list[dict[str, str]]] = {"train": [], "validation": [], "test": []}
     seen: set[str] = set()
@@ -247,8 +251,8 @@ def build_task(seed: int = 0) -> dict[str, list[dict[str, str]]]:
             # One generator per setting and split: the training split can grow without moving the test split.
             rng = random.Random(f"{seed}:{setting.id}:{split}")
             made = 0
-            for _ in range(_PAIRS_PER_SETTING[split] * 20):  # duplicates are skipped; small settings run out early
-                if made == _PAIRS_PER_SETTING[split]:
+            for _ in range(per_setting[split] * 20):  # duplicates are skipped; small settings run out early
+                if made == per_setting[split]:
                     break
                 text, value, tags = _request(setting, split, rng)
                 if text in seen or (split == "train" and setting.train_names() != setting.names
@@ -272,11 +276,11 @@ def build_task(seed: int = 0) -> dict[str, list[dict[str, str]]]:
     return splits
 
 
-def write_task(out: str | Path, seed: int = 0) -> dict[str, Any]:
+def write_task(out: str | Path, seed: int = 0, train_per_setting: int | None = None) -> dict[str, Any]:
     """Write ``train.jsonl`` (train and validation rows, with a ``split`` column), ``test.jsonl`` and
-    ``catalog.json`` into ``out``; returns the counts."""
+    ``catalog.json`` into ``out``; returns the counts (see :func:`build_task` for ``train_per_setting``)."""
     out = Path(out)
-    splits = build_task(seed)
+    splits = build_task(seed, train_per_setting)
     train = [{**row, "split": split} for split in ("train", "validation") for row in splits[split]]
     write_text(out / "train.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train))
     write_text(out / "test.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in splits["test"]))
