@@ -48,7 +48,7 @@ from compress.evaluation.calls import (
 )
 from compress.io import read_json, write_text
 from compress.sources.data import pair_inputs
-from compress.sources.settings_agent import KINDS, TAGS, write_task
+from compress.sources.settings_agent import KINDS, TAGS, TRAIN_PER_SETTING, write_task
 from compress.sources.teachers import resolve_teacher
 from quant import qnn
 
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--no-teacher-row", dest="teacher_row", action="store_false")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--train-per-setting", type=int, default=40, help="training requests drawn per setting "
+    parser.add_argument("--train-per-setting", type=int, default=TRAIN_PER_SETTING, help="training requests drawn per setting "
                         "(compress task --train-per-setting; the test split is the same whatever it is)")
     parser.add_argument("--lr", type=float, help="fine-tuning learning rate (default: compress finetune's, 1e-3 for "
                         "LoRA, 5e-5 for every weight)")

@@ -43,6 +43,8 @@ def test_the_settings_task_holds_out_phrasings_words_and_values_and_rebuilds_the
     written = (tmp_path / "c" / "train.jsonl").read_text().splitlines()
     assert len(written) == len(larger["train"]) + len(larger["validation"])
     assert (tmp_path / "c" / "test.jsonl").read_bytes() == (tmp_path / "a" / "test.jsonl").read_bytes()
+    assert main(["task", "settings-agent", "--out", str(tmp_path / "d"), "--train-per-setting", "0"]) == 2
+    assert not (tmp_path / "d").exists()
     for rows in splits.values():  # every call is well formed for its setting's kind
         for row in rows:
             call = _call(row)

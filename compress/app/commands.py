@@ -165,7 +165,7 @@ def _evaluate_pairs(args: argparse.Namespace) -> int:
 
 
 def task(argv: list[str]) -> int:
-    from compress.sources.settings_agent import write_task
+    from compress.sources.settings_agent import TRAIN_PER_SETTING, write_task
 
     parser = argparse.ArgumentParser(
         prog="compress task",
@@ -175,12 +175,10 @@ def task(argv: list[str]) -> int:
     parser.add_argument("name", choices=("settings-agent",), help="the task")
     parser.add_argument("--out", required=True, help="folder for the files")
     parser.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default 0)")
-    parser.add_argument("--train-per-setting", type=int, default=40, metavar="N",
-                        help="requests drawn per setting for train.jsonl (default 40; about a tenth become validation rows); "
-                        "test.jsonl is the same whatever N is")
+    parser.add_argument("--train-per-setting", type=int, default=TRAIN_PER_SETTING, metavar="N",
+                        help=f"requests drawn per setting for train.jsonl (default {TRAIN_PER_SETTING}; about a tenth "
+                        "become validation rows); test.jsonl is the same whatever N is")
     args = parser.parse_args(argv)
-    if args.train_per_setting < 1:
-        parser.error("--train-per-setting must be at least 1")
     counts = write_task(args.out, args.seed, args.train_per_setting)
     print(f"{args.out}: {counts['settings']} settings; {counts['train']} train, {counts['validation']} validation, "
           f"{counts['test']} test pairs")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compress.errors import ConfigError
 from compress.io import write_json, write_text
 from compress.sources.settings_catalog import INDIRECT, ROWS
 
@@ -151,7 +152,8 @@ _FRAMES = {
 _TEST_WORDS = frozenset({"could", "i'd", "enabled", "disabled", "sure", "turned", "going", "stop", "put", "prefer",
                          "should", "with", "bump", "little", "give", "too", "bring", "help", "right", "done", "hi",
                          "if", "sorry", "bother", "before", "meeting", "thank"})
-_PAIRS_PER_SETTING = {"train": 40, "test": 4}  # the defaults; the training split's can be asked for
+TRAIN_PER_SETTING = 40  # training requests drawn per setting unless asked for more or fewer
+_TEST_PER_SETTING = 4
 
 
 def _stable(text: str) -> int:
@@ -237,12 +239,14 @@ def _indirect_value(setting: Setting, value: Any) -> Any:
     return {"on": True, "off": False}.get(value, value) if setting.kind == "toggle" else value
 
 
-def build_task(seed: int = 0, train_per_setting: int | None = None) -> dict[str, list[dict[str, str]]]:
+def build_task(seed: int = 0, train_per_setting: int = TRAIN_PER_SETTING) -> dict[str, list[dict[str, str]]]:
     """The task's pairs: ``{"train": [...], "validation": [...], "test": [...]}``, rows ``{"input", "output"}``.
 
-    ``train_per_setting`` requests drawn per setting for training and validation (default 40; settings with few
-    phrasings run out sooner); the test split is the same whatever it is."""
-    per_setting = {**_PAIRS_PER_SETTING, **({"train": train_per_setting} if train_per_setting else {})}
+    ``train_per_setting`` requests drawn per setting for training and validation (settings with few phrasings run
+    out sooner); the test split is the same whatever it is."""
+    if train_per_setting < 1:
+        raise ConfigError(f"--train-per-setting must be at least 1, not {train_per_setting}")
+    per_setting = {"train": train_per_setting, "test": _TEST_PER_SETTING}
     settings = {s.id: s for s in catalog()}
     splits: dict[str, list[dict[str, str]]] = {"train": [], "validation": [], "test": []}
     seen: set[str] = set()
@@ -276,7 +280,7 @@ def build_task(seed: int = 0, train_per_setting: int | None = None) -> dict[str,
     return splits
 
 
-def write_task(out: str | Path, seed: int = 0, train_per_setting: int | None = None) -> dict[str, Any]:
+def write_task(out: str | Path, seed: int = 0, train_per_setting: int = TRAIN_PER_SETTING) -> dict[str, Any]:
     """Write ``train.jsonl`` (train and validation rows, with a ``split`` column), ``test.jsonl`` and
     ``catalog.json`` into ``out``; returns the counts (see :func:`build_task` for ``train_per_setting``)."""
     out = Path(out)
