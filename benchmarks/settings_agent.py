@@ -291,6 +291,7 @@ def _plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"fp32": "o", "a16w8-qnn-htp": "s", "w8-ort-cpu": "^"}
@@ -303,8 +304,11 @@ def _plot(report: dict, path: Path) -> None:
                             fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axvline(500, color="grey", linestyle=":", label="500 ms")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.margins(x=0.2, y=0.1)  # room for the point labels
     ax.set_xlabel("time to the whole call, median (ms, this CPU)")
-    ax.set_ylabel("exact match on the test split (%, constrained where measured)")
+    ax.set_ylabel("exact match on the test split\n(%, constrained where measured)")
     ax.set_title("Settings agent: accuracy against response time")
     ax.legend(loc="lower right")
     fig.tight_layout()
