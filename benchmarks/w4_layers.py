@@ -6,8 +6,11 @@ calibration sequences, the same float rewrites (rotation, per-row table scales).
 PyTorch with float activations and the float table, so a row's gap is the block weights' alone (the graph's 16-bit
 activations and its table add little to it: ``benchmarks/quant_accuracy.py`` measures the graphs). Rows: every block
 weight int4; then one linear kind (q k v o gate up down) float in every block; five blocks at a time float; each
-block's down projection float. Each row is scored on the same validation and general-English sequences as the
-float model, so the rows' gaps compare within one run. The input RMS of each layer's largest input channel over
+block's down projection float; and two rows that keep only ``--owq-columns`` input columns of each down
+projection (of each linear) float, the ones whose rounding costs most (OWQ), with GPTQ rounding the rest around
+them: what storing those few columns apart from the int4 grid would buy (``--rows owq``: only those and the first).
+Each row is scored on the same validation and general-English sequences as the float model, so the rows' gaps
+compare within one run. The input RMS of each layer's largest input channel over
 the median channel's says where a massive activation enters a layer.
 
     python -m benchmarks.w4_layers --model runs/main_command_smollm2-135m-epyc/student --name smollm2-135m-0.67x-student
@@ -71,11 +74,26 @@ def input_peaks(lm: StaticLM, ids: torch.Tensor) -> list[dict]:
     return peaks
 
 
+def _layer_rows(depth: int) -> list[tuple[str, list[tuple[int, str]], None]]:
+    """One linear kind float in every block; five blocks at a time float; each block's down projection float."""
+    rows: list[tuple[str, list[tuple[int, str]], None]] = [
+        (f"{name} float in every block", [(i, name) for i in range(depth)], None) for name in LINEARS]
+    rows += [(f"blocks {a}-{min(a + SPAN, depth) - 1} float",
+              [(i, n) for i in range(a, min(a + SPAN, depth)) for n in LINEARS], None) for a in range(0, depth, SPAN)]
+    return rows + [(f"down of block {i} float", [(i, "down")], None) for i in range(depth)]
+
+
 def main() -> None:
     parser = model_parser(__doc__, "w4_layers", eval_seqs=16)
     parser.add_argument("--gptq-seqs", type=int, default=QuantConfig.gptq_samples,
                         help="calibration sequences GPTQ's Hessians come from (--quant-gptq-samples)")
+    parser.add_argument("--owq-columns", type=int, default=8,
+                        help="float input columns per layer in the two OWQ rows (0: no such rows)")
+    parser.add_argument("--rows", choices=("all", "owq"), default="all",
+                        help="owq: only the every-weight-int4 row and the OWQ rows (a few minutes, not 20)")
     args = parser.parse_args()
+    if args.rows == "owq" and args.owq_columns < 1:
+        parser.error("--rows owq needs --owq-columns of at least 1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     started = time.perf_counter()
     model, tokenizer = load_model(parser, args.model)
@@ -95,17 +113,23 @@ def main() -> None:
     }
     report["float"] = {name: perplexity(lm, ids) for name, ids in sets.items()}
     report["input_peaks"] = input_peaks(lm, calib)
-    rounded = gptq_(copy.deepcopy(lm), gptq_ids, bits=RECIPE.weight_bits, block_size=RECIPE.weight_block,
-                    weight_range=RECIPE.weight_range, sequential=True)
-    rows: list[tuple[str, list[tuple[int, str]]]] = [("every block weight int4 (the recipe's GPTQ)", [])]
-    rows += [(f"{name} float in every block", [(i, name) for i in range(depth)]) for name in LINEARS]
-    rows += [(f"blocks {a}-{min(a + SPAN, depth) - 1} float", [(i, n) for i in range(a, min(a + SPAN, depth))
-                                                                 for n in LINEARS]) for a in range(0, depth, SPAN)]
-    rows += [(f"down of block {i} float", [(i, "down")]) for i in range(depth)]
+
+    def rounded_with(keep: dict[str, int] | None = None) -> StaticLM:
+        return gptq_(copy.deepcopy(lm), gptq_ids, bits=RECIPE.weight_bits, block_size=RECIPE.weight_block,
+                     weight_range=RECIPE.weight_range, sequential=True, keep_columns=keep)
+
+    rounded = rounded_with()
+    rows: list[tuple[str, list[tuple[int, str]], dict[str, int] | None]] = [
+        ("every block weight int4 (the recipe's GPTQ)", [], None)]
+    if k := args.owq_columns:  # OWQ: a few float input columns per layer, GPTQ rounding the rest around them
+        rows += [(f"down's {k} most sensitive input columns float (OWQ), GPTQ around them", [], {"down": k}),
+                 (f"every linear's {k} most sensitive input columns float (OWQ)", [], dict.fromkeys(LINEARS, k))]
+    if args.rows == "all":
+        rows += _layer_rows(depth)
     report["rows"] = []
-    for label, layers in rows:
-        model_row = with_float(rounded, lm, layers)
-        row = {"variant": label, "float_layers": len(layers)}
+    for label, layers, keep in rows:
+        model_row = with_float(rounded if keep is None else rounded_with(keep), lm, layers)
+        row = {"variant": label, "float_layers": len(layers), "float_columns": keep or {}}
         for name, ids in sets.items():
             ppl = perplexity(model_row, ids)
             row[name] = {"perplexity": ppl, "vs_float": ppl / report["float"][name] - 1}

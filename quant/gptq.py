@@ -68,16 +68,20 @@ def block_scales(weight: torch.Tensor, size: int, bits: int = 4, scale_bits: int
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax",
                damping: float = 0.01, block: int = 128, bits: int = 8, scales: BlockScales | None = None,
-               ) -> torch.Tensor:
+               keep: torch.Tensor | None = None) -> torch.Tensor:
     """``weight`` (out, in) rounded onto symmetric ``bits``-bit grids (per output channel, or one for the tensor;
     each grid's range by ``weight_range``, "mse" or "minmax"; or per block, on the steps of ``scales``) with GPTQ's
     error feedback under ``hessian`` (in, in); returns the rounded float weight, on its grid. Per channel (tensor),
-    each channel's (the tensor's) largest |value| lands at exactly the last step."""
+    each channel's (the tensor's) largest |value| lands at exactly the last step. With ``keep`` (only with
+    ``scales``), those input columns stay float and go last, taking up the other columns' error (OWQ, Lee et al.,
+    2024); the caller stores them apart from the grid."""
     top = levels(bits)
     w = weight.detach().double().clone()
     rows, cols = w.shape
+    if keep is not None and scales is None:
+        raise ValueError("kept float columns need block scales (scales=) computed without them")
     if scales is not None:
-        return _gptq_loop(w, hessian, scales.steps(), top, damping, block).to(weight.dtype)
+        return _gptq_loop(w, hessian, scales.steps(), top, damping, block, keep=keep).to(weight.dtype)
     axis = 0 if per_channel else None
     if weight_range == "mse":
         limit = torch.from_numpy(mse_range(w.numpy().astype(np.float32), axis, top)).double()
@@ -100,15 +104,23 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, per_channel: bool = 
 
 
 def _gptq_loop(w: torch.Tensor, hessian: torch.Tensor, steps: torch.Tensor, top: int, damping: float, block: int,
-               pins: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               pins: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
     """GPTQ on ``w`` (out, in, float64, modified) with every weight's step in ``steps`` (out, in); ``pins`` (rows,
-    columns, signs) are weights set to ±top steps whatever the error feedback made of them."""
+    columns, signs) are weights set to ±top steps whatever the error feedback made of them; ``keep`` columns are
+    not rounded and come last (they absorb the error feedback of all the others)."""
     rows, cols = w.shape
     h = hessian.double().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    order = torch.argsort(torch.diagonal(h), descending=True)  # GPTQ's act-order: large inputs first
+    priority = torch.diagonal(h).clone()
+    kept = torch.zeros(cols, dtype=torch.bool)
+    if keep is not None:
+        kept[keep] = True
+        priority[kept] = -1.0  # after every rounded column (diagonals are >= 0)
+    order = torch.argsort(priority, descending=True)  # GPTQ's act-order: large inputs first
+    kept = kept[order]
     inverse_order = torch.argsort(order)
     w, h, steps = w[:, order], h[order][:, order], steps[:, order]
     position = inverse_order[pins[1]] if pins is not None else None  # where each pin's column went
@@ -123,7 +135,7 @@ def _gptq_loop(w: torch.Tensor, hessian: torch.Tensor, steps: torch.Tensor, top:
         for i in range(end - start):
             column = chunk[:, i]
             step = steps[:, start + i]
-            rounded = torch.clamp(torch.round(column / step), -top, top) * step
+            rounded = column.clone() if kept[start + i] else torch.clamp(torch.round(column / step), -top, top) * step
             if position is not None and (pinned := position == start + i).any():
                 r = pins[0][pinned]
                 rounded[r] = pins[2][pinned] * top * step[r]
@@ -134,3 +146,15 @@ def _gptq_loop(w: torch.Tensor, hessian: torch.Tensor, steps: torch.Tensor, top:
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
     return q[:, inverse_order]
+
+
+def owq_columns(weight: torch.Tensor, hessian: torch.Tensor, scales: BlockScales, bits: int, count: int) -> torch.Tensor:
+    """The ``count`` input columns of ``weight`` (out, in) whose nearest rounding onto the steps of ``scales`` costs
+    the layer's output most, H_jj · Σ_i (w_ij - round(w_ij))² (OWQ's sensitivity): a massive input channel makes its
+    column's error count that many times more."""
+    steps = scales.steps()
+    w = weight.detach().double()
+    top = levels(bits)
+    error = w - torch.clamp(torch.round(w / steps), -top, top) * steps
+    sensitivity = torch.diagonal(hessian.double()) * error.pow(2).sum(0)
+    return torch.argsort(sensitivity, descending=True)[:count]

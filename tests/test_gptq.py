@@ -18,7 +18,7 @@ from compress.deploy.groups import quantize_graph
 from compress.deploy.quantization import QatSettings, _rounded, export_graphs, prepare, quantize_graphs
 from compress.deploy.split_table import frequent_rows
 from quant import runtime
-from quant.gptq import block_scales, gptq_round
+from quant.gptq import block_scales, gptq_round, owq_columns
 from quant.profiles import get_profile
 from quant.quantize import PRESETS
 from quant.weight_ranges import mse_range
@@ -49,6 +49,32 @@ def test_gptq_rounds_onto_the_grid_with_less_output_error_than_nearest(per_chann
     assert torch.allclose(q.abs().amax(1) if per_channel else q.abs().max(), peak.squeeze(), rtol=1e-6)
     error = lambda w: ((held_out @ (w.double() - weight.double()).T) ** 2).sum().item()  # noqa: E731
     assert error(q) < 0.7 * error(_nearest(weight.double(), step, top))
+
+
+def test_owq_keeps_the_massive_input_columns_float_and_rounds_the_rest_closer_than_gptq_alone():
+    g = torch.Generator().manual_seed(1)
+    massive = torch.tensor([5, 70])
+    x = torch.randn(4096, 128, generator=g, dtype=torch.float64)
+    x[:, massive] *= 200.0  # two input channels far above the others, as a down projection's input has
+    calib, held_out = x[:2048], x[2048:]
+    hessian = calib.T @ calib / len(calib)
+    weight = torch.randn(32, 128, generator=g)
+    scales = block_scales(weight, 32, bits=4)
+    keep = owq_columns(weight, hessian, scales, bits=4, count=2)
+    assert sorted(keep.tolist()) == massive.tolist()
+    rest = weight.clone()
+    rest[:, keep] = 0.0
+    kept_scales = block_scales(rest, 32, bits=4)
+    q = gptq_round(weight, hessian, bits=4, scales=kept_scales, keep=keep)
+    grid = torch.ones(128, dtype=torch.bool)
+    grid[keep] = False
+    on_grid = q.double()[:, grid] / kept_scales.steps()[:, grid]
+    assert torch.allclose(on_grid, on_grid.round(), atol=1e-3), "every column but the kept ones lies on its grid"
+    assert not torch.equal(q[:, keep], weight[:, keep]), "the kept columns take up the others' error"
+    error = lambda w: ((held_out @ (w.double() - weight.double()).T) ** 2).sum().item()  # noqa: E731
+    assert error(q) < 0.5 * error(gptq_round(weight, hessian, bits=4, scales=scales))
+    with pytest.raises(ValueError, match="block scales"):
+        gptq_round(weight, hessian, bits=4, keep=keep)
 
 
 @pytest.mark.parametrize("weight_range", ["minmax", "mse"])

@@ -40,3 +40,21 @@ def test_input_peaks_name_the_channel_that_carries_a_massive_activation():
     peaks = {(p["block"], p["layer"]): p for p in input_peaks(lm, token_ids(model, 2, CAPACITY, 3))}
     assert peaks[1, "down"]["channel"] == channel
     assert peaks[1, "down"]["ratio"] > 10 * max(p["ratio"] for key, p in peaks.items() if key != (1, "down"))
+
+
+def test_owq_rows_keep_the_named_columns_of_each_down_projection_float_and_the_rest_on_the_int4_grid():
+    model = tiny_llama()
+    ids = token_ids(model, 4, CAPACITY, 1)
+    lm = prepare(model, CAPACITY, ("rotate", "embed-rows"), ids, conv=False)
+    rounded = gptq_(copy.deepcopy(lm), ids, bits=4, block_size=32, weight_range="mse", sequential=True,
+                    keep_columns={"down": 2})
+    name = next(n for n in rounded.kept_columns if ".down." in n)
+    assert all(".down." in n for n in rounded.kept_columns)
+    matrix, scales = rounded.weight_blocks[name]
+    keep = rounded.kept_columns[name]
+    grid = torch.ones(matrix.shape[1], dtype=torch.bool)
+    grid[keep] = False
+    steps = matrix.double()[:, grid] / scales.steps()[:, grid]
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+    off = matrix.double()[:, keep] / scales.steps()[:, keep]
+    assert not torch.allclose(off, off.round(), atol=1e-3), "the kept columns are float, off the grid"

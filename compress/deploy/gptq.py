@@ -18,7 +18,7 @@ from torch import nn
 
 from compress.deploy.export import LINEARS, StaticLM
 from compress.deploy.layouts import Conv1x1, MatMulLinear
-from quant.gptq import block_scales, gptq_round
+from quant.gptq import block_scales, gptq_round, owq_columns
 
 
 def weight_matrix(layer: nn.Module) -> torch.Tensor:
@@ -81,14 +81,20 @@ def input_hessians(lm: StaticLM, ids: torch.Tensor, blocks: list[nn.Module] | No
 
 @torch.no_grad()
 def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_range: str = "minmax",
-          bits: int = 8, block_size: int = 0, sequential: bool = False) -> StaticLM:
+          bits: int = 8, block_size: int = 0, sequential: bool = False,
+          keep_columns: dict[str, int] | None = None) -> StaticLM:
     """Round every block linear of ``lm`` onto its ``bits``-bit grid with :func:`gptq_round` (in place), Hessians
     from prefills of ``ids`` of the float model (``sequential``: each block's from the model whose earlier blocks are
     already rounded, as the integer graph will feed it); with ``block_size``, onto LPBQ blocks of that many inputs (:func:`block_scales`):
-    ``lm.weight_blocks`` then holds each such weight's (out, in) matrix and scales by its graph names."""
+    ``lm.weight_blocks`` then holds each such weight's (out, in) matrix and scales by its graph names.
+    ``keep_columns`` (LPBQ only; linear name -> count) leaves that many input columns of each such linear float, the
+    ones :func:`owq_columns` names, with GPTQ rounding the rest around them; ``lm.kept_columns`` holds their indices by
+    graph name. No exporter stores such columns yet: the quantizer refuses a weight off its grid."""
+    if keep_columns and not block_size:
+        raise ValueError("keep_columns needs LPBQ blocks (block_size)")
     hessians = {} if sequential else input_hessians(lm, ids)
     names = graph_names(lm)
-    lm.weight_blocks = {}
+    lm.weight_blocks, lm.kept_columns = {}, {}
     for block in lm.unique_blocks:
         if sequential:  # this block's inputs as the blocks already rounded make them (one more pass per block)
             hessians = input_hessians(lm, ids, [block])
@@ -96,7 +102,15 @@ def gptq_(lm: StaticLM, ids: torch.Tensor, per_channel: bool = True, weight_rang
             layer = getattr(block, name)
             matrix = weight_matrix(layer)
             scales = block_scales(matrix, block_size, bits, weight_range=weight_range) if block_size else None
-            matrix.copy_(gptq_round(matrix, hessians[layer], per_channel, weight_range, bits=bits, scales=scales))
+            keep = None
+            if scales is not None and (count := (keep_columns or {}).get(name, 0)):
+                keep = owq_columns(matrix, hessians[layer], scales, bits, count)
+                rest = matrix.detach().clone()
+                rest[:, keep] = 0.0  # the grid is fitted to the columns it holds
+                scales = block_scales(rest, block_size, bits, weight_range=weight_range)
+                lm.kept_columns.update({alias: keep for alias in names[id(layer.weight)]})
+            matrix.copy_(gptq_round(matrix, hessians[layer], per_channel, weight_range, bits=bits, scales=scales,
+                                    keep=keep))
             if scales is not None:
                 lm.weight_blocks.update({alias: (matrix.detach(), scales) for alias in names[id(layer.weight)]})
     return lm
