@@ -216,7 +216,8 @@ TARGETS = (
     # Last: it distills and fine-tunes three students and the teacher (hours on 2 cores).
     Target("settings_agent", ("settings_agent.json", "settings_agent.md"),
            title="Settings agent: exact match and response time of every student family",
-           extra=("settings_agent_mu1m.md", "settings_agent_mu_v2.md", "settings_agent_mu_v3.md")),
+           extra=("settings_agent_mu1m.md", "settings_agent_mu_v2.md", "settings_agent_mu_v3.md",
+                  "settings_agent_minitron_v3.md")),
 )
 
 
