@@ -8,7 +8,9 @@ activations and its table add little to it: ``benchmarks/quant_accuracy.py`` mea
 weight int4; then one linear kind (q k v o gate up down) float in every block; five blocks at a time float; each
 block's down projection float; and two rows that keep only ``--owq-columns`` input columns of each down
 projection (of each linear) float, the ones whose rounding costs most (OWQ), with GPTQ rounding the rest around
-them: what storing those few columns apart from the int4 grid would buy (``--rows owq``: only those and the first).
+them: what storing those few columns apart from the int4 grid would buy (``--rows owq``: only those and the first);
+and one row of GPTQ followed by block-wise reconstruction (:func:`compress.deploy.qat.blockwise_`: each block's
+weights trained on their grids to its float output, ``--recon-seqs`` training sequences; ``--rows recon``).
 Each row is scored on the same validation and general-English sequences as the float model, so the rows' gaps
 compare within one run. The input RMS of each layer's largest input channel over
 the median channel's says where a massive activation enters a layer.
@@ -24,6 +26,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import torch
@@ -33,6 +36,7 @@ from benchmarks.plots import evaluation_sets, load_model, machine, model_parser,
 from compress.core.config import DEFAULT_TRANSFORMS, QuantConfig
 from compress.deploy.export import LINEARS, StaticLM
 from compress.deploy.gptq import gptq_, input_hessians
+from compress.deploy.qat import blockwise_
 from compress.deploy.quantization import prepare
 from compress.sources.data import load_corpus, token_batches
 from quant.quantize import PRESETS
@@ -74,13 +78,12 @@ def input_peaks(lm: StaticLM, ids: torch.Tensor) -> list[dict]:
     return peaks
 
 
-def _layer_rows(depth: int) -> list[tuple[str, list[tuple[int, str]], None]]:
+def _layer_rows(depth: int) -> list[tuple[str, list[tuple[int, str]]]]:
     """One linear kind float in every block; five blocks at a time float; each block's down projection float."""
-    rows: list[tuple[str, list[tuple[int, str]], None]] = [
-        (f"{name} float in every block", [(i, name) for i in range(depth)], None) for name in LINEARS]
+    rows = [(f"{name} float in every block", [(i, name) for i in range(depth)]) for name in LINEARS]
     rows += [(f"blocks {a}-{min(a + SPAN, depth) - 1} float",
-              [(i, n) for i in range(a, min(a + SPAN, depth)) for n in LINEARS], None) for a in range(0, depth, SPAN)]
-    return rows + [(f"down of block {i} float", [(i, "down")], None) for i in range(depth)]
+              [(i, n) for i in range(a, min(a + SPAN, depth)) for n in LINEARS]) for a in range(0, depth, SPAN)]
+    return rows + [(f"down of block {i} float", [(i, "down")]) for i in range(depth)]
 
 
 def main() -> None:
@@ -89,11 +92,17 @@ def main() -> None:
                         help="calibration sequences GPTQ's Hessians come from (--quant-gptq-samples)")
     parser.add_argument("--owq-columns", type=int, default=8,
                         help="float input columns per layer in the two OWQ rows (0: no such rows)")
-    parser.add_argument("--rows", choices=("all", "owq"), default="all",
-                        help="owq: only the every-weight-int4 row and the OWQ rows (a few minutes, not 20)")
+    parser.add_argument("--recon-seqs", type=int, default=128,
+                        help="training-split sequences of the block-wise reconstruction row (0: no such row)")
+    parser.add_argument("--recon-epochs", type=int, default=2, help="passes of each block over them")
+    parser.add_argument("--recon-lr", type=float, default=2e-5, help="its AdamW rate (weights on their grids)")
+    parser.add_argument("--rows", choices=("all", "owq", "recon"), default="all",
+                        help="owq / recon: only the every-weight-int4 row and the OWQ / block-wise rows (not 20 min)")
     args = parser.parse_args()
     if args.rows == "owq" and args.owq_columns < 1:
         parser.error("--rows owq needs --owq-columns of at least 1")
+    if args.rows == "recon" and args.recon_seqs < 4:
+        parser.error("--rows recon needs --recon-seqs of at least 4")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     started = time.perf_counter()
     model, tokenizer = load_model(parser, args.model)
@@ -119,17 +128,30 @@ def main() -> None:
                      weight_range=RECIPE.weight_range, sequential=True, keep_columns=keep)
 
     rounded = rounded_with()
-    rows: list[tuple[str, list[tuple[int, str]], dict[str, int] | None]] = [
-        ("every block weight int4 (the recipe's GPTQ)", [], None)]
-    if k := args.owq_columns:  # OWQ: a few float input columns per layer, GPTQ rounding the rest around them
-        rows += [(f"down's {k} most sensitive input columns float (OWQ), GPTQ around them", [], {"down": k}),
-                 (f"every linear's {k} most sensitive input columns float (OWQ)", [], dict.fromkeys(LINEARS, k))]
+
+    def reconstructed() -> StaticLM:
+        ids = token_batches(corpus, tokenizer, "train", args.seq_len, args.recon_seqs)
+        trained = copy.deepcopy(rounded)
+        result = blockwise_(trained, lm, ids, args.recon_epochs, lr=args.recon_lr)
+        report["reconstruction"] = {"sequences": int(ids.shape[0]), "lr": args.recon_lr, **result.as_dict()}
+        return trained
+
+    # (label, layers given back their float weights, the rounded model, float input columns per linear kind)
+    rows: list[tuple[str, list[tuple[int, str]], Callable[[], StaticLM], dict[str, int]]] = [
+        ("every block weight int4 (the recipe's GPTQ)", [], lambda: rounded, {})]
+    if (k := args.owq_columns) and args.rows in ("all", "owq"):  # OWQ: a few float input columns per layer
+        for label, keep in ((f"down's {k} most sensitive input columns float (OWQ), GPTQ around them", {"down": k}),
+                            (f"every linear's {k} most sensitive input columns float (OWQ)", dict.fromkeys(LINEARS, k))):
+            rows.append((label, [], lambda keep=keep: rounded_with(keep), keep))
+    if args.recon_seqs and args.rows in ("all", "recon"):
+        rows.append((f"GPTQ, then block-wise reconstruction ({args.recon_seqs} training sequences, "
+                     f"{args.recon_epochs} epochs a block)", [], reconstructed, {}))
     if args.rows == "all":
-        rows += _layer_rows(depth)
+        rows += [(label, layers, lambda: rounded, {}) for label, layers in _layer_rows(depth)]
     report["rows"] = []
-    for label, layers, keep in rows:
-        model_row = with_float(rounded if keep is None else rounded_with(keep), lm, layers)
-        row = {"variant": label, "float_layers": len(layers), "float_columns": keep or {}}
+    for label, layers, make, keep in rows:
+        model_row = with_float(make(), lm, layers)
+        row = {"variant": label, "float_layers": len(layers), "float_columns": keep}
         for name, ids in sets.items():
             ppl = perplexity(model_row, ids)
             row[name] = {"perplexity": ppl, "vs_float": ppl / report["float"][name] - 1}
@@ -155,8 +177,14 @@ def markdown(report: dict) -> str:
         "first row's gap the row takes back. "
         f"Measured {report['date']} on {report['machine']}, commit `{report['commit']}`, `{report['command']}`, "
         f"{report['seconds'] / 60:.0f} min.", "",
-        head, "|" + "---|" * (head.count("|") - 1),
     ]
+    if r := report.get("reconstruction"):
+        lines += [f"Block-wise reconstruction (`compress.deploy.qat.blockwise_`): each block trained on its int4 grids to "
+                  f"its float block's output, {r['sequences']} training-split sequences ({r['tokens']:,} tokens a block), AdamW at "
+                  f"{r['lr']:g} (units as GPTQ chose them), "
+                  f"{r['steps']:,} steps in all, {r['seconds'] / 60:.1f} min; relative error of the first block's output "
+                  f"{r['first_kl']:.5f}, of the last's {r['last_kl']:.5f}.", ""]
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for row in report["rows"]:
         cells = []
         for n in sets:

@@ -240,3 +240,75 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = QAT_L
                 log.info("QAT step %d/%d: KL %.4f", step + 1, steps, kls[-1])
         lm.eval()
     return QatResult(steps * batch * ids.shape[1], steps, time.perf_counter() - started, kls[0], kls[-1])
+
+
+def _through(block: nn.Module, x: torch.Tensor, tables: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One block's prefill of the residual stream ``x`` [1, t, d], as :meth:`StaticLM.prefill` runs it."""
+    r = block.rope_index
+    q, k, v = block.attention_inputs(x, tables[f"cos{r}"], tables[f"sin{r}"])
+    return block.attend(x, q, k, v, tables[f"bias{block.mask_index}"])
+
+
+def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ‖out − target‖² / ‖target‖²: the error the next block's RMS norm sees, in which a token
+    whose stream carries a massive activation counts no more than any other."""
+    out, target = out.float().reshape(-1, out.shape[-1]), target.float().reshape(-1, target.shape[-1])
+    return ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+def blockwise_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, epochs: int = 2, lr: float = 2e-5,
+               batch: int = 4, unit_lr: float = 0.0, progress: bool = False) -> QatResult:
+    """Block-wise reconstruction of ``lm`` (in place; GPTQ-rounded onto LPBQ int4 blocks by
+    :func:`compress.deploy.gptq.gptq_`): each block in turn trains on its grids (and its norms) to give the output
+    the ``reference`` (float) block gives, from the input the blocks before it, already trained, give it: the
+    relative squared error per token (:func:`_relative_error`), ``epochs`` passes over the sequences ``ids`` [n, L],
+    ``batch`` a step, AdamW at ``lr`` (the units' logarithms at ``unit_lr``; 0: GPTQ's stay), cosine to zero. As
+    EfficientQAT's Block-AP: one block's pass a step, not the whole model's, so far more text than :func:`qat_`
+    for the same time. The table stays as GPTQ rounded it. The result counts the tokens each block trained on and
+    every block's steps; its ``first_kl`` and ``last_kl`` hold the first and the last block's relative error after
+    training, not KLs."""
+    if not getattr(lm, "weight_blocks", None):
+        raise ValueError("blockwise_ trains LPBQ int4 block weights: round the model with gptq_(..., block_size=) first")
+    if len(lm.unique_blocks) != len(lm.blocks):
+        raise ValueError("block-wise reconstruction trains one depth at a time; a model with shared blocks "
+                         "(MobileLLM-like) needs qat_, which trains them at every depth at once")
+    ids = torch.as_tensor(ids)
+    steps_per_epoch = len(ids) // batch
+    if steps_per_epoch < 1 or epochs < 1:
+        raise ValueError(f"block-wise reconstruction needs at least {batch} sequences and one epoch, "
+                         f"got {len(ids)} and {epochs}")
+    started, errors, steps = time.perf_counter(), [], epochs * steps_per_epoch
+    bf16, cpu = cpu_has_bf16(), torch.device("cpu")
+    tables, ref_tables = lm.prefill_tables(ids.shape[1]), reference.prefill_tables(ids.shape[1])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        x_q = torch.cat([lm.embedding(row[None]) for row in ids])  # [n, L, d]: the int4 table's stream
+        x_f = torch.cat([reference.embedding(row[None]) for row in ids])
+    with _training(lm, unit_lr > 0, False) as own:
+        units = {id(p) for p in own["units"]}
+        for depth, (block, ref) in enumerate(zip(lm.blocks, reference.blocks, strict=True)):
+            with torch.no_grad(), autocast(bf16, cpu):
+                y_f = torch.cat([_through(ref, x[None], ref_tables).float() for x in x_f])
+            params = [p for p in block.parameters() if p.requires_grad]
+            groups = [{"params": [p for p in params if id(p) not in units], "lr": lr},
+                      *([{"params": [p for p in params if id(p) in units], "lr": unit_lr}] if units else [])]
+            optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+            for step in range(steps):
+                if step % steps_per_epoch == 0:
+                    order = torch.randperm(len(ids), generator=generator)
+                rows = order[(step % steps_per_epoch) * batch:(step % steps_per_epoch + 1) * batch]
+                with parametrize.cached(), autocast(bf16, cpu):
+                    loss = sum(_relative_error(_through(block, x_q[j][None], tables), y_f[j]) for j in rows) / len(rows)
+                    loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+            with torch.no_grad(), parametrize.cached(), autocast(bf16, cpu):
+                x_q = torch.cat([_through(block, x[None], tables).float() for x in x_q])
+                errors.append(float(_relative_error(x_q, y_f)))
+            x_f = y_f
+            if progress:
+                log.info("block %d/%d reconstructed: relative error %.5f", depth + 1, len(lm.blocks), errors[-1])
+    return QatResult(steps * batch * ids.shape[1], steps * len(lm.blocks), time.perf_counter() - started,
+                     errors[0], errors[-1])
