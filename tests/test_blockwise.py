@@ -13,7 +13,7 @@ from factories import tiny_llama, token_ids
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.deploy.qat import _relative_error, _through, blockwise_
+from compress.deploy.qat import _relative_error, blockwise_
 from compress.deploy.quantization import _rounded, prepare
 from quant.profiles import get_profile
 from quant.quantize import PRESETS
@@ -45,8 +45,8 @@ def test_blockwise_reconstruction_brings_the_int4_model_closer_to_its_float_mode
     assert result.steps == 4 * (32 // 4) * len(lm.blocks) and result.tokens == 4 * 32 * CAPACITY
     tables = lm.prefill_tables(CAPACITY)
     with torch.no_grad():  # the first block's error on the training sequences: GPTQ's, against the trained one's
-        gptq_error = sum(float(_relative_error(_through(rounded.blocks[0], rounded.embedding(row[None]), tables),
-                                               _through(lm.blocks[0], lm.embedding(row[None]), tables)))
+        gptq_error = sum(float(_relative_error(rounded.blocks[0].prefill(rounded.embedding(row[None]), tables)[0],
+                                               lm.blocks[0].prefill(lm.embedding(row[None]), tables)[0]))
                          for row in train) / len(train)
     assert result.first_kl < gptq_error
     # most of this tiny model's KL is its int4 table's, which the blocks after it learn to make up for in part

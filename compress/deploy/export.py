@@ -84,6 +84,12 @@ class _Block(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         return _rope(q, cos, sin), _rope(k, cos, sin), v
 
+    def prefill(self, x: torch.Tensor, tables: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The new residual stream for ``x`` [1, t, d], and this block's keys and values; ``tables`` are
+        :meth:`StaticLM.prefill_tables`' (RoPE and causal bias of each kind)."""
+        q, k, v = self.attention_inputs(x, tables[f"cos{self.rope_index}"], tables[f"sin{self.rope_index}"])
+        return self.attend(x, q, k, v, tables[f"bias{self.mask_index}"]), k, v
+
     def attend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Attention of q over (k, v) with an additive ``bias``, then the MLP; returns the new residual."""
         groups = self.heads // self.kv_heads
@@ -264,11 +270,9 @@ class StaticLM(nn.Module):
         tables = tables if tables is not None else self.prefill_tables(input_ids.shape[1])
         keys, values = [], []
         for block in self.blocks:
-            r = block.rope_index
-            q, k, v = block.attention_inputs(x, tables[f"cos{r}"], tables[f"sin{r}"])
+            x, k, v = block.prefill(x, tables)
             keys.append(k)
             values.append(v)
-            x = block.attend(x, q, k, v, tables[f"bias{block.mask_index}"])
             if norms is not None:
                 norms.append(x[0].float().pow(2).mean(-1).sqrt())
         return self.logits(x), keys, values

@@ -242,13 +242,6 @@ def qat_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, lr: float = QAT_L
     return QatResult(steps * batch * ids.shape[1], steps, time.perf_counter() - started, kls[0], kls[-1])
 
 
-def _through(block: nn.Module, x: torch.Tensor, tables: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One block's prefill of the residual stream ``x`` [1, t, d], as :meth:`StaticLM.prefill` runs it."""
-    r = block.rope_index
-    q, k, v = block.attention_inputs(x, tables[f"cos{r}"], tables[f"sin{r}"])
-    return block.attend(x, q, k, v, tables[f"bias{block.mask_index}"])
-
-
 def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of ‖out − target‖² / ‖target‖²: the error the next block's RMS norm sees, in which a token
     whose stream carries a massive activation counts no more than any other."""
@@ -288,7 +281,7 @@ def blockwise_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, epochs: int
         units = {id(p) for p in own["units"]}
         for depth, (block, ref) in enumerate(zip(lm.blocks, reference.blocks, strict=True)):
             with torch.no_grad(), autocast(bf16, cpu):
-                y_f = torch.cat([_through(ref, x[None], ref_tables).float() for x in x_f])
+                y_f = torch.cat([ref.prefill(x[None], ref_tables)[0].float() for x in x_f])
             params = [p for p in block.parameters() if p.requires_grad]
             groups = [{"params": [p for p in params if id(p) not in units], "lr": lr},
                       *([{"params": [p for p in params if id(p) in units], "lr": unit_lr}] if units else [])]
@@ -299,13 +292,13 @@ def blockwise_(lm: StaticLM, reference: StaticLM, ids: torch.Tensor, epochs: int
                     order = torch.randperm(len(ids), generator=generator)
                 rows = order[(step % steps_per_epoch) * batch:(step % steps_per_epoch + 1) * batch]
                 with parametrize.cached(), autocast(bf16, cpu):
-                    loss = sum(_relative_error(_through(block, x_q[j][None], tables), y_f[j]) for j in rows) / len(rows)
+                    loss = sum(_relative_error(block.prefill(x_q[j][None], tables)[0], y_f[j]) for j in rows) / len(rows)
                     loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
             with torch.no_grad(), parametrize.cached(), autocast(bf16, cpu):
-                x_q = torch.cat([_through(block, x[None], tables).float() for x in x_q])
+                x_q = torch.cat([block.prefill(x[None], tables)[0].float() for x in x_q])
                 errors.append(float(_relative_error(x_q, y_f)))
             x_f = y_f
             if progress:
