@@ -3,7 +3,8 @@
 From one teacher, at one parameter budget and one distillation budget, the Minitron-like, MobileLLM-like and
 Mu-like students (each built and distilled by the pipeline, ``compress.run(..., stop_after="distill")``, one run
 folder per family, reused when present) and the teacher itself are fine-tuned on the settings-agent task's
-training split (``compress finetune``: LoRA, and every weight), then answer the test split, whose phrasings, some
+training split (``compress finetune``: LoRA, and every weight; a stopped run resumes both the distillation and the
+fine-tuning from their checkpoints when rerun with the same arguments), then answer the test split, whose phrasings, some
 words and some values never occur in training (:mod:`compress.sources.settings_agent`):
 
 - in fp32, from the fine-tuned checkpoint;
@@ -200,6 +201,7 @@ def main() -> None:
             tuned = _finetuned(name, source, mode, task, args)
             tuning = read_json(tuned / "finetune.json")
             rows.append({"model": name, "mode": mode, "finetune_seconds": tuning["seconds"],
+                         "finetune_resumed_from_step": tuning.get("resumed_from_step", 0),
                          "trainable_params": tuning["trainable_params"], **_measure(tuned, task, args)})
             report = {"teacher": args.teacher, "target_size": args.target_size, "distill_tokens": args.distill_tokens,
                       "task": counts, "test_pairs": min(args.test_pairs, counts["test"]),

@@ -224,3 +224,47 @@ def test_finetune_trains_a_mu_like_student_on_pairs_with_teacher_kl(tmp_path):
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "o")
     assert isinstance(reloaded, MuForConditionalGeneration)
     assert reloaded.lm_head.weight is reloaded.model.shared.weight, "one shared table, still tied after merging"
+
+
+@pytest.mark.parametrize("rank", [4, 0], ids=["lora", "every-weight"])
+def test_an_interrupted_finetuning_resumes_to_the_same_weights_and_other_settings_start_over(tmp_path, monkeypatch, rank):
+    import dataclasses
+
+    import distill.trainer
+    from compress.app.finetune import FinetuneConfig, finetune
+
+    student = write_teacher(tmp_path, tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2), tiny_tokenizer())
+    config = FinetuneConfig(student=str(student), data=str(_write_pairs(tmp_path / "task.jsonl")),
+                            out=str(tmp_path / "straight"), lora_rank=rank, epochs=2, lr=1e-2)
+    straight = finetune(config, progress=False)
+    assert straight["resumed_from_step"] == 0 and not (tmp_path / "straight.checkpoints").exists()
+    saved = distill.trainer.save_checkpoint
+
+    def interrupted(out: str, **changes):
+        """Fine-tune into ``out`` and stop it as a kill would, right after step 5's checkpoint."""
+
+        def killed_after_step_5(folder, step, *args, **kwargs):
+            saved(folder, step, *args, **kwargs)
+            if step == 5:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(distill.trainer, "save_checkpoint", killed_after_step_5)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(dataclasses.replace(config, out=str(tmp_path / out), **changes), progress=False)
+        monkeypatch.setattr(distill.trainer, "save_checkpoint", saved)
+        assert not (tmp_path / out).exists() and (tmp_path / f"{out}.checkpoints").is_dir()
+
+    interrupted("resumed")
+    resumed = finetune(dataclasses.replace(config, out=str(tmp_path / "resumed")), progress=False)
+    assert resumed["resumed_from_step"] == 5 and resumed["steps"] == straight["steps"] > 5
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not (tmp_path / "resumed.checkpoints").exists(), "checkpoints go once the model is written"
+    # Another learning rate does not continue the interrupted run's state, nor does --no-resume.
+    interrupted("changed")
+    assert finetune(dataclasses.replace(config, out=str(tmp_path / "changed"), lr=5e-3), progress=False)["resumed_from_step"] == 0
+    interrupted("again")
+    args = ["finetune", "--student", student, "--data", config.data, "--out", tmp_path / "again", "--lora-rank", rank,
+            "--epochs", "2", "--lr", "1e-2", "--no-resume", "--quiet"]
+    assert main([str(a) for a in args]) == 0
+    assert json.loads((tmp_path / "again" / "finetune.json").read_text())["resumed_from_step"] == 0

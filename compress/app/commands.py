@@ -258,11 +258,13 @@ def finetune(argv: list[str]) -> int:
                         "than fp32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--no-resume", action="store_true", help="start over instead of resuming an interrupted run "
+                        "from OUT.checkpoints/ (kept beside --out until the fine-tuned model is written)")
     parser.add_argument("--quiet", action="store_true")
     args = vars(parser.parse_args(argv))
-    quiet = args.pop("quiet")
+    quiet, resume = args.pop("quiet"), not args.pop("no_resume")
     args["lora_targets"] = tuple(t for t in args["lora_targets"].split(",") if t)
-    metrics = finetune(FinetuneConfig(**args), progress=not quiet)
+    metrics = finetune(FinetuneConfig(**args), progress=not quiet, resume=resume)
     before, after = metrics["before"], metrics["after"]
     print(f"{args['out']}: held-out output perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f}, "
           f"token accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} on {after['tokens']:,} tokens of "

@@ -6,7 +6,8 @@ KL from the teacher's predictions of the same tokens), then writes ``out/`` atom
 checkpoint (adapters merged, so it is the student's own architecture and exports like any student), the
 adapters alone in ``out/adapter/`` (peft's ``adapter_config.json`` + ``adapter_model.safetensors``, loadable with
 ``peft.PeftModel.from_pretrained`` on the student) and ``out/finetune.json``
-(the settings and the held-out output-token perplexity and accuracy before and after).
+(the settings and the held-out output-token perplexity and accuracy before and after). An interrupted run resumes
+from the checkpoints it keeps in ``OUT.checkpoints/`` until it finishes.
 Causal and encoder-decoder (Mu-like) students alike: see :class:`distill.pairs.Pairs`.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import shutil
@@ -79,8 +81,12 @@ class FinetuneConfig:
         return values
 
 
-def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``config.student`` on the pairs of ``config.data``; write ``config.out``; return its metrics."""
+def finetune(config: FinetuneConfig, progress: bool = True, resume: bool = True) -> dict[str, Any]:
+    """Fine-tune ``config.student`` on the pairs of ``config.data``; write ``config.out``; return its metrics.
+
+    Training state is checkpointed in ``OUT.checkpoints/`` beside ``out`` about every twentieth of the run; an
+    interrupted fine-tuning run again with the same settings, pairs and student continues from its latest checkpoint
+    (``resume=False`` starts over). The checkpoints are removed once ``out`` is written."""
     from transformers import AutoTokenizer
 
     from compress.core.family import family_of, load_model
@@ -95,6 +101,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "finetune.json").exists())):
         raise CompressError(f"--out {out} exists and holds no earlier fine-tuning; choose a new or empty folder")
     dataset = load_pairs(config.data)
+    checkpoints = _checkpoint_folder(config, student_dir, out, resume)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     train = pair_batches(dataset, tokenizer, "train", config.max_input_tokens, config.max_output_tokens)
     valid = pair_batches(dataset, tokenizer, "validation", config.max_input_tokens, config.max_output_tokens)
@@ -115,12 +122,12 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     steps = max(1, math.ceil(config.epochs * len(train) / config.batch_size))
     settings = DistillConfig(tokens=None, steps=steps, batch_size=config.batch_size, lr=config.learning_rate,
                              warmup_steps=max(1, min(10, steps // 10)), schedule="cosine", kl_weight=config.kl_weight,
-                             ce_weight=config.ce_weight, eval_every=max(1, steps // 5), checkpoint_every=0,
+                             ce_weight=config.ce_weight, eval_every=max(1, steps // 5), checkpoint_every=max(1, steps // 20),
                              bf16=config.bf16, seed=config.seed)
     started = time.perf_counter()
     try:
         result = distill(student, teacher, train, settings, progress=progress, student_io=family.student_io,
-                         evaluate=lambda model: pair_quality(model, valid, config.batch_size, family.reader).perplexity)
+                         checkpoint_dir=checkpoints, evaluate=lambda model: pair_quality(model, valid, config.batch_size, family.reader).perplexity)
     except DistillError as error:
         raise CompressError(str(error)) from error
     adapter_dir = None
@@ -133,7 +140,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     metrics = {
         "config": config.to_dict(), "data_sha256": data_digest(Path(config.data)), "train_pairs": len(train),
         "validation_pairs": len(valid), "train_output_tokens": train.output_tokens, "steps": result.steps,
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started, "resumed_from_step": result.resumed_from_step,
         "params": total_params, "trainable_params": trainable, "lora_layers": len(adapted),
         "before": before.to_dict(), "after": after.to_dict(), "history": list(result.history),
     }
@@ -147,8 +154,22 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     finally:
         if adapter_dir is not None:
             shutil.rmtree(adapter_dir, ignore_errors=True)
+    shutil.rmtree(checkpoints.parent, ignore_errors=True)
     log.info("held-out outputs after fine-tuning: perplexity %.2f, accuracy %.3f", after.perplexity, after.accuracy)
     return metrics
+
+
+def _checkpoint_folder(config: FinetuneConfig, student_dir: Path, out: Path, resume: bool) -> Path:
+    """``OUT.checkpoints/<fingerprint>``: named after the settings, the pairs and the student's files, so a run
+    resumes only what the same fine-tuning wrote; checkpoints of other settings (or all, without ``resume``) are
+    removed."""
+    blob = json.dumps({"config": config.to_dict(), "data": data_digest(Path(config.data)),
+                       "student": data_digest(student_dir)}, sort_keys=True)
+    folder = out.with_name(out.name + ".checkpoints") / hashlib.sha256(blob.encode()).hexdigest()[:16]
+    for other in folder.parent.glob("*") if folder.parent.is_dir() else []:
+        if other != folder or not resume:
+            shutil.rmtree(other, ignore_errors=True)
+    return folder
 
 
 def add_adapters(model: Any, rank: int, alpha: float, targets: tuple[str, ...] = (), base: str | None = None) -> Any:
@@ -175,7 +196,9 @@ def data_digest(data: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(data.rglob("*")) if data.is_dir() else [data]:
         if file.is_file():
-            digest.update(file.read_bytes())
+            with file.open("rb") as handle:  # a student's weights are hundreds of MB: never all in memory
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
     return digest.hexdigest()
 
 
