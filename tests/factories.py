@@ -150,6 +150,17 @@ def tiny_tokenizer(add_bos: bool = False, text: str = TEXT) -> PreTrainedTokeniz
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
+def static_kl(reference, model, ids: torch.Tensor) -> float:  # noqa: ANN001 - two compress.deploy.export.StaticLMs
+    """Mean KL (per position) from ``reference``'s next-token distribution to ``model``'s, over the rows of ``ids``."""
+    total = 0.0
+    for row in ids:
+        with torch.no_grad():
+            expected = torch.log_softmax(reference.prefill(row[None])[0][0].double(), -1)
+            got = torch.log_softmax(model.prefill(row[None])[0][0].double(), -1)
+        total += (expected.exp() * (expected - got)).sum(-1).mean().item() / len(ids)
+    return total
+
+
 def write_teacher(tmp: Path, model=None, tokenizer=None) -> Path:
     """A tiny teacher checkpoint folder (config + safetensors + tokenizer)."""
     folder = tmp / "teacher"

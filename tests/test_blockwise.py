@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from factories import tiny_llama, token_ids
+from factories import static_kl, tiny_llama, token_ids
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -19,16 +19,6 @@ from quant.profiles import get_profile
 from quant.quantize import PRESETS
 
 CAPACITY = 32
-
-
-def _kl(reference, model, ids: torch.Tensor) -> float:  # noqa: ANN001 - two StaticLMs
-    total = 0.0
-    for row in ids:
-        with torch.no_grad():
-            expected = torch.log_softmax(reference.prefill(row[None])[0][0].double(), -1)
-            got = torch.log_softmax(model.prefill(row[None])[0][0].double(), -1)
-        total += (expected.exp() * (expected - got)).sum(-1).mean().item() / len(ids)
-    return total
 
 
 def test_blockwise_reconstruction_brings_the_int4_model_closer_to_its_float_model_on_its_grids():
@@ -50,7 +40,7 @@ def test_blockwise_reconstruction_brings_the_int4_model_closer_to_its_float_mode
                          for row in train) / len(train)
     assert result.first_kl < gptq_error
     # most of this tiny model's KL is its int4 table's, which the blocks after it learn to make up for in part
-    assert _kl(lm, trained, held_out) < 0.85 * _kl(lm, rounded, held_out)
+    assert static_kl(lm, trained, held_out) < 0.85 * static_kl(lm, rounded, held_out)
     for block in trained.unique_blocks:
         assert not any(parametrize.is_parametrized(getattr(block, n)) for n in ("q", "down"))
     for name, (weight, scales) in trained.weight_blocks.items():  # on the grids the graph writer stores exactly

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from factories import int8_weights, tiny_llama, token_ids
+from factories import int8_weights, static_kl, tiny_llama, token_ids
 from onnx import TensorProto, numpy_helper
 from torch.nn.utils import parametrize
 
@@ -216,12 +216,7 @@ def test_qat_brings_the_w4a16_model_closer_to_its_float_model_and_the_graph_keep
         assert rounded.tied and rounded.table_grid is None
         steps = tables[arm].double() * 7  # rows of max |value| 1 on steps of 1/7, one entry still at the end
         assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max().round() == 7, arm
-        kl[arm] = 0.0
-        for row in held_out:
-            with torch.no_grad():
-                expected = torch.log_softmax(lm.prefill(row[None])[0][0].double(), -1)
-                got = torch.log_softmax(rounded.prefill(row[None])[0][0].double(), -1)
-            kl[arm] += (expected.exp() * (expected - got)).sum(-1).mean().item() / len(held_out)
+        kl[arm] = static_kl(lm, rounded, held_out)
         for block in rounded.unique_blocks:  # every block weight back on its grid, a plain parameter again
             assert not parametrize.is_parametrized(block.q)
         for name, (weight, scales) in rounded.weight_blocks.items():
