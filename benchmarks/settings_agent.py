@@ -122,7 +122,10 @@ def _measure(model_dir: Path, task: Path, args: argparse.Namespace) -> dict[str,
         return {**free.to_dict(), "constrained": constrained.to_dict()}, constrained
 
     out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
-    out["fp32"], _ = answers(CheckpointDecoder(family, model, eos))
+    out["fp32"], checkpoint = answers(CheckpointDecoder(family, model, eos))
+    # What the shipped (constrained) model gets wrong, for reading where a family fails, not only how often.
+    out["fp32"]["constrained"]["misses"] = [{k: row[k] for k in ("input", "expected", "output", "tags") if k in row}
+                                            for row in checkpoint.answers if not row["exact"]]
     calib = _calibration(tokenizer, task, args.prompt_tokens + args.new_tokens, args.calib_samples)
     precisions = [("a16w8", "qnn-htp")]
     if family.weight_only_graphs:
@@ -261,7 +264,7 @@ def markdown(report: dict) -> str:
                   "| same output as CPU |", "|---|---|---|---|---|---|"]
         lines += [f"| {row['model']} | {row['mode']} | {e['pairs']} | {e['exact_match']:.1%} | {e['cpu_exact_match']:.1%} "
                   f"| {e['same_output_as_cpu']:.1%} |" for row, e in emulated]
-    return "\n".join(lines + _by_kind(report)) + "\n"
+    return "\n".join(lines + _by_kind(report) + _misses(report)) + "\n"
 
 
 def _by_kind(report: dict) -> list[str]:
@@ -279,6 +282,22 @@ def _by_kind(report: dict) -> list[str]:
     for row, by_tag in scored:
         cells = [f"{by_tag[t]['exact_match']:.0%} ({by_tag[t]['pairs']})" if t in by_tag else "–" for t in tags]
         lines.append(f"| {row['model']} | {row['mode']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _misses(report: dict, shown: int = 8) -> list[str]:
+    """The first requests each fp32 checkpoint answered wrong (constrained), where recorded."""
+    lines = []
+    for row in report["rows"]:
+        misses = row.get("fp32", {}).get("constrained", {}).get("misses")
+        if not misses:
+            continue
+        lines += ["", f"{row['model']} ({row['mode']}), fp32 checkpoint, constrained: the first {min(shown, len(misses))} "
+                  f"of its {len(misses)} wrong answers (all are in the JSON):", "",
+                  "| request | expected | answered | kind |", "|---|---|---|---|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in (
+                      m["input"], f"`{json.dumps(m['expected'])}`", f"`{m['output']}`", ", ".join(m.get("tags", [])))) + " |"
+                  for m in misses[:shown]]
     return lines
 
 
