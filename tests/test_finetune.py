@@ -227,7 +227,8 @@ def test_finetune_trains_a_mu_like_student_on_pairs_with_teacher_kl(tmp_path):
 
 
 @pytest.mark.parametrize("rank", [4, 0], ids=["lora", "every-weight"])
-def test_an_interrupted_finetuning_resumes_to_the_same_weights_and_other_settings_start_over(tmp_path, monkeypatch, rank):
+def test_an_interrupted_finetuning_resumes_to_the_same_weights_and_other_settings_start_over(tmp_path, monkeypatch, caplog,
+                                                                                            rank):
     import dataclasses
 
     import distill.trainer
@@ -255,7 +256,9 @@ def test_an_interrupted_finetuning_resumes_to_the_same_weights_and_other_setting
         assert not (tmp_path / out).exists() and (tmp_path / f"{out}.checkpoints").is_dir()
 
     interrupted("resumed")
-    resumed = finetune(dataclasses.replace(config, out=str(tmp_path / "resumed")), progress=False)
+    with caplog.at_level("INFO", logger="compress.app.finetune"):
+        resumed = finetune(dataclasses.replace(config, out=str(tmp_path / "resumed")), progress=False)
+    assert "resuming the fine-tuning from" in caplog.text and "step-0000005" in caplog.text
     assert resumed["resumed_from_step"] == 5 and resumed["steps"] == straight["steps"] > 5
     a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

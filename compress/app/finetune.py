@@ -29,7 +29,7 @@ import torch
 
 from compress.errors import CompressError, ConfigError
 from compress.io import atomic_dir, write_json
-from distill import DistillConfig, DistillError, distill
+from distill import DistillConfig, DistillError, distill, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,9 @@ def finetune(config: FinetuneConfig, progress: bool = True, resume: bool = True)
                              warmup_steps=max(1, min(10, steps // 10)), schedule="cosine", kl_weight=config.kl_weight,
                              ce_weight=config.ce_weight, eval_every=max(1, steps // 5), checkpoint_every=max(1, steps // 20),
                              bf16=config.bf16, seed=config.seed)
+    if (found := latest_checkpoint(checkpoints)) is not None:
+        log.info("resuming the fine-tuning from %s (remove %s, or pass --no-resume, to start over)", found,
+                 checkpoints.parent)
     started = time.perf_counter()
     try:
         result = distill(student, teacher, train, settings, progress=progress, student_io=family.student_io,
