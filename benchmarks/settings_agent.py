@@ -85,6 +85,17 @@ def _finetuned(name: str, source: Path, mode: str, task: Path, args: argparse.Na
     return out
 
 
+def _distillation(run: Path, name: str) -> dict[str, Any]:
+    """A student's distillation as its run recorded it (tokens, time, perplexities after it); nothing for the
+    teacher."""
+    if name == "teacher" or not (run / "distill.metrics.json").exists():
+        return {}
+    d = read_json(run / "distill.metrics.json")
+    return {"distillation": {"tokens": d["tokens"], "seconds": d["seconds"], "resumed_from_step": d.get("resumed_from_step", 0),
+                             "perplexity": {k: v["perplexity"] for k, v in d.get("evals", {}).items()},
+                             "validation_tokens": d.get("validation_tokens")}}
+
+
 def _calibration(tokenizer: Any, task: Path, length: int, rows: int) -> np.ndarray:
     """``rows`` sequences of ``length`` tokens packed from training pairs (request, call, EOS, ...)."""
     pairs = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines()][: rows * 8]
@@ -203,7 +214,8 @@ def main() -> None:
             print(f"{name} ({mode})", flush=True)
             tuned = _finetuned(name, source, mode, task, args)
             tuning = read_json(tuned / "finetune.json")
-            rows.append({"model": name, "mode": mode, "finetune_seconds": tuning["seconds"],
+            rows.append({"model": name, "mode": mode, **_distillation(args.runs / name, name),
+                         "finetune_seconds": tuning["seconds"],
                          "finetune_resumed_from_step": tuning.get("resumed_from_step", 0),
                          "trainable_params": tuning["trainable_params"], **_measure(tuned, task, args)})
             report = {"teacher": args.teacher, "target_size": args.target_size, "distill_tokens": args.distill_tokens,
@@ -264,6 +276,16 @@ def markdown(report: dict) -> str:
                   "| same output as CPU |", "|---|---|---|---|---|---|"]
         lines += [f"| {row['model']} | {row['mode']} | {e['pairs']} | {e['exact_match']:.1%} | {e['cpu_exact_match']:.1%} "
                   f"| {e['same_output_as_cpu']:.1%} |" for row, e in emulated]
+    # One line per student: its LoRA and full rows share the distillation.
+    distilled = list({row["model"]: (row, row["distillation"]) for row in report["rows"] if "distillation" in row}.values())
+    if distilled:
+        lines += ["", "The students' distillation, as their run folders recorded it (perplexity after it, "
+                  f"{distilled[0][1]['validation_tokens'] or 0:,} tokens of each set):", "",
+                  "| model | tokens | minutes | " + " | ".join(f"{k} perplexity" for k in distilled[0][1]["perplexity"])
+                  + " |", "|---|---|---|" + "---|" * len(distilled[0][1]["perplexity"])]
+        lines += [f"| {row['model']} | {d['tokens']:,} | {d['seconds'] / 60:.0f} | "
+                  + " | ".join(f"{v:.1f}" for v in d["perplexity"].values()) + " |"
+                  for row, d in distilled]
     return "\n".join(lines + _by_kind(report) + _misses(report)) + "\n"
 
 
