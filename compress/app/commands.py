@@ -222,6 +222,13 @@ def distill(argv: list[str]) -> int:
         summary = {k: v for k, v in metrics.items() if k != "history"}
         print(json.dumps(summary, indent=2))
     if dist.is_initialized():
+        # Every collective finished and the sharded model's references to it gone before the group is destroyed:
+        # gloo work still alive at interpreter exit aborts the process ("terminate called without an active
+        # exception") after a finished run, now and then on a loaded machine.
+        import gc
+
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
     return 0
 
