@@ -101,7 +101,8 @@ def finetune(config: FinetuneConfig, progress: bool = True, resume: bool = True)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "finetune.json").exists())):
         raise CompressError(f"--out {out} exists and holds no earlier fine-tuning; choose a new or empty folder")
     dataset = load_pairs(config.data)
-    checkpoints = _checkpoint_folder(config, student_dir, out, resume)
+    data_sha256 = data_digest(Path(config.data))
+    checkpoints = _checkpoint_folder(config, data_sha256, student_dir, out, resume)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     train = pair_batches(dataset, tokenizer, "train", config.max_input_tokens, config.max_output_tokens)
     valid = pair_batches(dataset, tokenizer, "validation", config.max_input_tokens, config.max_output_tokens)
@@ -141,7 +142,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, resume: bool = True)
     student.eval()
     after = pair_quality(student, valid, config.batch_size, family.reader)  # the merged model: what is saved
     metrics = {
-        "config": config.to_dict(), "data_sha256": data_digest(Path(config.data)), "train_pairs": len(train),
+        "config": config.to_dict(), "data_sha256": data_sha256, "train_pairs": len(train),
         "validation_pairs": len(valid), "train_output_tokens": train.output_tokens, "steps": result.steps,
         "seconds": time.perf_counter() - started, "resumed_from_step": result.resumed_from_step,
         "params": total_params, "trainable_params": trainable, "lora_layers": len(adapted),
@@ -162,11 +163,11 @@ def finetune(config: FinetuneConfig, progress: bool = True, resume: bool = True)
     return metrics
 
 
-def _checkpoint_folder(config: FinetuneConfig, student_dir: Path, out: Path, resume: bool) -> Path:
+def _checkpoint_folder(config: FinetuneConfig, data_sha256: str, student_dir: Path, out: Path, resume: bool) -> Path:
     """``OUT.checkpoints/<fingerprint>``: named after the settings, the pairs and the student's files, so a run
     resumes only what the same fine-tuning wrote; checkpoints of other settings (or all, without ``resume``) are
     removed."""
-    blob = json.dumps({"config": config.to_dict(), "data": data_digest(Path(config.data)),
+    blob = json.dumps({"config": config.to_dict(), "data": data_sha256,
                        "student": data_digest(student_dir)}, sort_keys=True)
     folder = out.with_name(out.name + ".checkpoints") / hashlib.sha256(blob.encode()).hexdigest()[:16]
     for other in folder.parent.glob("*") if folder.parent.is_dir() else []:
