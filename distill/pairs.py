@@ -7,14 +7,19 @@ from dataclasses import dataclass
 
 import torch
 
+# A batch is cut to its own longest row, rounded up to a multiple of this: compiled layers (torch.compile with
+# static shapes) then see a handful of widths instead of one per batch.
+WIDTH_MULTIPLE = 8
+
 
 @dataclass(frozen=True)
 class Pairs:
     """Rows of input tokens followed by their output tokens, right-padded to one length.
 
     ``ids[i, :cuts[i]]`` is input ``i``, ``ids[i, cuts[i]:lengths[i]]`` its output, the rest ``pad_id``.
-    Indexing with a tensor of rows gives a smaller ``Pairs``, so the trainer batches it as it batches a
-    token tensor. The loss is taken on output tokens only: a causal student reads input and output as one
+    Indexing with a tensor of rows gives a smaller ``Pairs``, cut to the width its own rows need (rounded up to
+    a multiple of ``WIDTH_MULTIPLE``), so the trainer batches it as it batches a token tensor and a batch of short
+    pairs costs what it holds, not what the longest pair of the whole set would. The loss is taken on output tokens only: a causal student reads input and output as one
     sequence, an encoder-decoder student encodes the input and decodes the output.
     """
 
@@ -50,7 +55,10 @@ class Pairs:
         return self.ids.shape[0]
 
     def __getitem__(self, rows: torch.Tensor | slice) -> Pairs:
-        return Pairs(self.ids[rows], self.cuts[rows], self.lengths[rows], self.pad_id)
+        lengths = self.lengths[rows]
+        need = int(lengths.max()) if len(lengths) else 1
+        width = min(self.ids.shape[1], -(-need // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
+        return Pairs(self.ids[rows][:, :width], self.cuts[rows], lengths, self.pad_id)
 
     def to(self, device: torch.device | str) -> Pairs:
         return Pairs(self.ids.to(device), self.cuts.to(device), self.lengths.to(device), self.pad_id)

@@ -251,13 +251,15 @@ def _gather_into(student: nn.Module, loss_module: nn.Module) -> None:
 
 
 def _backward(module: nn.Module, train_ids: torch.Tensor | Pairs, mine: torch.Tensor, stored: TeacherTopK | None,
-              config: DistillConfig, device: torch.device, world: int, sharded: bool) -> float:
-    """Forward and backward of one optimizer step's micro-batches ``mine`` of this process; the step's loss,
-    averaged over the processes."""
-    step_loss = 0.0
+              config: DistillConfig, device: torch.device, world: int, sharded: bool) -> tuple[float, int]:
+    """Forward and backward of one optimizer step's micro-batches ``mine`` of this process: the step's loss,
+    averaged over the processes, and the token positions all processes read (pair batches are cut to their own
+    width, so this is not always rows x the set's width)."""
+    step_loss, positions = 0.0, 0
     for micro in range(config.grad_accum):
         rows = mine[micro * config.batch_size : (micro + 1) * config.batch_size]
         batch = train_ids[rows].to(device)
+        positions += batch.shape[0] * batch.shape[1]
         topk = None if stored is None else tuple(t.to(device) for t in stored.batch(rows))
         # DDP and FSDP reduce gradients only on the last micro-batch of a step.
         accumulate = world > 1 and micro < config.grad_accum - 1
@@ -269,10 +271,10 @@ def _backward(module: nn.Module, train_ids: torch.Tensor | Pairs, mine: torch.Te
             loss.backward()
         step_loss += float(loss.detach())
     if world > 1:
-        reduced = torch.tensor([step_loss], device=device)
+        reduced = torch.tensor([step_loss, positions], dtype=torch.float64, device=device)
         dist.all_reduce(reduced)
-        step_loss = float(reduced) / world
-    return step_loss
+        step_loss, positions = float(reduced[0]) / world, int(reduced[1])
+    return step_loss, positions
 
 
 def _loop(
@@ -316,14 +318,14 @@ def _loop(
             group["lr"] = guard.lr(step)
         indices = order.take(step * per_step, per_step)
         mine = indices[rank * config.batch_size * config.grad_accum : (rank + 1) * config.batch_size * config.grad_accum]
-        step_loss = _backward(module, train_ids, mine, stored, config, device, world, sharded)
+        step_loss, positions = _backward(module, train_ids, mine, stored, config, device, world, sharded)
         _finite(step_loss, step, folder)
         torch.nn.utils.clip_grad_norm_(params, config.clip)
         for group_optimizer in optimizers:
             group_optimizer.step()
             group_optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens += per_step * seq_len
+        tokens += positions
         record: dict[str, Any] = {
             "step": step, "tokens": tokens, "loss": step_loss, "lr": guard.lr(step - 1),
             "seconds": time.perf_counter() - started - evaluating,  # training time of this process so far

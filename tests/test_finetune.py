@@ -76,6 +76,23 @@ def test_pair_loss_is_cross_entropy_on_the_output_tokens_only(family):
         assert float(loss_module(padded)) == pytest.approx(loss, rel=1e-5)
 
 
+@pytest.mark.parametrize("family", ["causal", "mu"])
+def test_a_batch_of_short_pairs_is_cut_to_its_own_width_with_the_same_loss(family):
+    short = [([5 + i, 6], [7, 8 + i]) for i in range(3)]  # 4 tokens each
+    pairs = Pairs.from_lists([a for a, _ in short] + [list(range(3, 30))], [b for _, b in short] + [[9, 10, 11]])
+    assert pairs.shape[1] == 30
+    rows = torch.tensor([0, 1, 2])
+    batch = pairs[rows]
+    assert batch.shape == (3, 8)  # 4 tokens, rounded up to a multiple of 8
+    assert pairs[torch.tensor([0, 3])].shape == (2, 30)  # never wider than the set
+    full = Pairs(pairs.ids[rows], pairs.cuts[rows], pairs.lengths[rows], pairs.pad_id)
+    model = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2) if family == "causal" else _tiny_mu()
+    student_io = CausalStudent() if family == "causal" else EncoderDecoderStudent()
+    loss_module = KnowledgeDistillationLoss(model, None, DistillConfig(kl_weight=0.0, ce_weight=1.0), None, student_io)
+    with torch.no_grad():
+        assert float(loss_module(batch)) == pytest.approx(float(loss_module(full)), rel=1e-5)
+
+
 def test_pair_kl_is_zero_when_the_student_is_the_teacher():
     teacher = tiny_llama(hidden=64, heads=4, kv_heads=2, mlp=128, layers=2, initializer_range=0.2)
     loss_module = KnowledgeDistillationLoss(teacher, teacher, DistillConfig(kl_weight=1.0), None)
