@@ -219,6 +219,8 @@ TARGETS = (
            title="Student families at one budget: Minitron-like, MobileLLM-like, Mu-like"),
     # After student_shapes: it fine-tunes that benchmark's students.
     Target("task_finetune", ("task_finetune.json", "task_finetune.md"), title="Task fine-tuning with LoRA"),
+    Target("pair_widths", ("pair_widths.json", "pair_widths.md"),
+           title="Fine-tuning on pairs: batches at their own width against the set's width"),
     # Last: it distills and fine-tunes three students and the teacher (hours on 2 cores).
     Target("settings_agent", ("settings_agent.json", "settings_agent.md"),
            title="Settings agent: exact match and response time of every student family",
