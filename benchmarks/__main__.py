@@ -225,7 +225,8 @@ TARGETS = (
     Target("settings_agent", ("settings_agent.json", "settings_agent.md"),
            title="Settings agent: exact match and response time of every student family",
            extra=("settings_agent_mu1m.md", "settings_agent_mu_v2.md", "settings_agent_mu_v3.md",
-                  "settings_agent_minitron_v3.md", "settings_agent_teacher_v3.md")),
+                  "settings_agent_minitron_v3.md", "settings_agent_teacher_v3.md",
+                  "settings_agent_mobilellm_v3.md")),
 )
 
 
