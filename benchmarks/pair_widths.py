@@ -103,6 +103,7 @@ def main() -> None:
     config = DistillConfig(tokens=None, steps=args.steps, batch_size=args.batch_size, lr=5e-5, warmup_steps=10,
                            schedule="cosine", kl_weight=0.0, ce_weight=1.0, bf16=cpu_has_bf16(), seed=0)
     student_io = family_of(model.config).student_io
+    params = sum(p.numel() for p in model.parameters())
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     started = time.perf_counter()
     for block in range(args.blocks):
@@ -114,9 +115,9 @@ def main() -> None:
                      "sum_step_seconds": sum(sum(r["step_seconds"]) for r in runs[arm]),
                      "positions_per_step": statistics.mean(r["positions"] / args.steps for r in runs[arm]),
                      "first_loss": runs[arm][0]["first_loss"]} for arm in ARMS}
-    report = {"model": args.model, "params": sum(p.numel() for p in model.parameters()), "pairs": len(own),
+    report = {"model": args.model, "params": params, "pairs": len(own),
               "set_width": int(own.shape[1]), "steps": args.steps, "blocks": args.blocks, "batch_size": args.batch_size,
-              "bf16": config.bf16, "compiled": config.compile_for("cpu", sum(p.numel() for p in model.parameters()), args.steps),
+              "bf16": config.bf16, "compiled": config.compile_for("cpu", params, args.steps),
               "recompile_limit_hit": watcher.hit,
               "compiled_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]), "summary": summary, "runs": runs,
               "speedup": summary["set-width"]["median_step_seconds"] / summary["own-width"]["median_step_seconds"],

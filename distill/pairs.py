@@ -19,8 +19,9 @@ class Pairs:
     ``ids[i, :cuts[i]]`` is input ``i``, ``ids[i, cuts[i]:lengths[i]]`` its output, the rest ``pad_id``.
     Indexing with a tensor of rows gives a smaller ``Pairs``, cut to the width its own rows need (rounded up to
     a multiple of ``WIDTH_MULTIPLE``), so the trainer batches it as it batches a token tensor and a batch of short
-    pairs costs what it holds, not what the longest pair of the whole set would. The loss is taken on output tokens only: a causal student reads input and output as one
-    sequence, an encoder-decoder student encodes the input and decodes the output.
+    pairs costs what it holds, not what the longest pair of the whole set would. The loss is taken on output
+    tokens only: a causal student reads input and output as one sequence, an encoder-decoder student encodes the
+    input and decodes the output.
     """
 
     ids: torch.Tensor  # (pairs, length) int64
